@@ -1,0 +1,3 @@
+from parallama.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Wire formats of the APIs parallama speaks: Ollama's native API and the OpenAI dialect."""

@@ -1,0 +1,63 @@
+"""Ollama's native wire format: error bodies, timestamps, statistics, fixed texts.
+
+Shared by the emulator (which speaks it) and the gateway (which relays and sometimes writes it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+import orjson
+
+NDJSON = "application/x-ndjson"
+ROOT_TEXT = "Ollama is running"
+SERVER_BUSY = "server busy, please try again.  maximum pending requests exceeded"
+NOT_FOUND_TEXT = "404 page not found"
+METHOD_NOT_ALLOWED_TEXT = "405 method not allowed"
+# Go's time.Duration maximum: what Ollama stores for "keep forever", shown in /api/ps.
+_FOREVER_NS = 2**63 - 1
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def model_not_found(name: str) -> str:
+    return f"model '{name}' not found"
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as Go marshals `time.Time`: RFC 3339, no trailing zeros in the fraction."""
+    if math.isinf(timestamp):
+        timestamp = _FOREVER_NS / 1e9
+    moment = dt.datetime.fromtimestamp(timestamp, tz=dt.UTC)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{moment.microsecond:06d}".rstrip("0")
+    return f"{text}.{fraction}Z" if fraction else f"{text}Z"
+
+
+def nanoseconds(seconds: float) -> int:
+    return max(round(seconds * 1e9), 0)
+
+
+def final_statistics(
+    *,
+    total: float,
+    load: float,
+    prompt_eval_count: int,
+    prompt_eval: float,
+    eval_count: int,
+    eval_: float,
+) -> dict[str, Any]:
+    """The timing fields of a final chunk, in nanoseconds; zero values omitted as Ollama does."""
+    fields = {
+        "total_duration": nanoseconds(total),
+        "load_duration": nanoseconds(load),
+        "prompt_eval_count": prompt_eval_count,
+        "prompt_eval_duration": nanoseconds(prompt_eval),
+        "eval_count": eval_count,
+        "eval_duration": nanoseconds(eval_),
+    }
+    return {k: v for k, v in fields.items() if v}

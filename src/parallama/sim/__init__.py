@@ -1,0 +1,1 @@
+"""The Ollama emulator: `parallama sim`."""

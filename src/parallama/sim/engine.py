@@ -1,0 +1,140 @@
+"""Drives the sans-I/O scheduler and timing model in real time on an asyncio loop.
+
+The scheduler decides *who* may run; this module turns its decisions into awaited futures and
+turns the timing model into sleeps. A cancelled coroutine (the client went away) cancels its
+ticket, which frees the slot or drops the queued request at once, as Ollama does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from parallama.sim.scheduler import Scheduler, SchedulerSettings, Ticket, TicketState
+from parallama.sim.timing import TimingModel
+
+
+@dataclass
+class Generation:
+    """What one request cost, for the final chunk's statistics (seconds)."""
+
+    load: float = 0.0
+    prompt_eval: float = 0.0
+    eval: float = 0.0
+
+
+class Engine:
+    """One emulated server's compute: scheduler, slots and token timing."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        timing: TimingModel,
+        slots_for: dict[str, int],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.timing = timing
+        # time.monotonic, not loop.time: uvloop's clock ticks in whole milliseconds.
+        self.now = time.monotonic
+        self.scheduler = Scheduler(
+            settings,
+            clock=self.now,
+            load_seconds=lambda _model: timing.load_seconds,
+            slots_for=lambda model: slots_for.get(model, settings.num_parallel),
+        )
+        self._waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._wall_offset = time.time() - self.now()
+
+    def wall_time(self, loop_time: float) -> float:
+        """Convert the scheduler's monotonic clock to Unix time (for `expires_at`)."""
+        return loop_time + self._wall_offset
+
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self,
+        model: str,
+        *,
+        keep_alive: float | None,
+        num_ctx: int | None,
+        needs_slot: bool = True,
+    ) -> AsyncIterator[Ticket]:
+        """Hold a slot of `model` for the body of the `async with` (or raise ServerBusyError)."""
+        ticket = self.scheduler.submit(
+            model, keep_alive=keep_alive, num_ctx=num_ctx, needs_slot=needs_slot
+        )
+        done = False
+        try:
+            if ticket.state is not TicketState.RUNNING:
+                future = self._loop.create_future()
+                self._waiters[ticket] = future
+                self._changed()
+                await future
+            yield ticket
+            done = True
+        finally:
+            self._waiters.pop(ticket, None)
+            if done:
+                self.scheduler.finish(ticket)
+            else:
+                self.scheduler.cancel(ticket)
+            self._changed()
+
+    def unload(self, model: str) -> None:
+        self.scheduler.unload(model)
+        self._changed()
+
+    async def generate(
+        self, ticket: Ticket, prompt_tokens: int, tokens: Sequence[str], stats: Generation
+    ) -> AsyncIterator[str]:
+        """Yield `tokens` at the pace of the timing model, after the prompt's prefill."""
+        now = self.now
+        stats.load = (ticket.ready_at or ticket.arrived_at) - ticket.arrived_at
+        start = now()
+        busy = self.scheduler.busy_slots(ticket.model)
+        deadline = start + self.timing.prefill_seconds(prompt_tokens, busy)
+        await _sleep_until(now, deadline)
+        stats.prompt_eval = now() - start
+        decode_start = deadline = now()
+        for token in tokens:
+            deadline += self.timing.token_seconds(self.scheduler.busy_slots(ticket.model))
+            await _sleep_until(now, deadline)
+            yield token
+        stats.eval = now() - decode_start
+
+    async def prefill(self, ticket: Ticket, prompt_tokens: int, stats: Generation) -> None:
+        """Spend the time an embedding (prefill only) takes."""
+        async for _ in self.generate(ticket, prompt_tokens, (), stats):
+            pass
+
+    def _changed(self) -> None:
+        """After any scheduler call: wake started tickets and re-arm the timer."""
+        for ticket in self.scheduler.take_started():
+            future = self._waiters.get(ticket)
+            if future is not None and not future.done():
+                future.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        wakeup = self.scheduler.next_wakeup()
+        if wakeup is not None:
+            self._timer = self._loop.call_later(max(wakeup - self.now(), 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.scheduler.tick()
+        self._changed()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def _sleep_until(now: Callable[[], float], deadline: float) -> None:
+    delay = deadline - now()
+    if delay > 0:
+        await asyncio.sleep(delay)

@@ -1,0 +1,97 @@
+"""Reading and validating request bodies, with Ollama's status codes and error texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+
+from parallama.protocol.durations import DurationError, keep_alive_seconds
+
+T = TypeVar("T")
+
+_JSON_TYPES: dict[type, str] = {
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "bool",
+    list: "array",
+    dict: "object",
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status and message, rendered in the route's own dialect."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; 400 with Ollama's texts when empty or not JSON."""
+    if not raw.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        kind = _JSON_TYPES.get(type(value), "value")
+        raise ApiError(400, f"json: cannot unmarshal {kind} into Go value of type api.Request")
+    return value
+
+
+@dataclass(frozen=True)
+class Body:
+    """Typed access to a request object; a wrong type is a 400 naming the field."""
+
+    data: dict[str, Any]
+    struct: str  # Go struct name, for messages that read like Ollama's
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+        if not ok:
+            got = _JSON_TYPES.get(type(value), "value")
+            want = _JSON_TYPES.get(kinds[0], "value")
+            field_name = f"{self.struct}.{name}"
+            message = (
+                f"json: cannot unmarshal {got} into Go struct field {field_name} of type {want}"
+            )
+            raise ApiError(400, message)
+        return value  # type: ignore[return-value]
+
+    def model(self) -> str:
+        name = self.get("model", str, "")
+        if not name:
+            raise ApiError(400, "model is required")
+        return name
+
+    def keep_alive(self) -> float | None:
+        raw = self.data.get("keep_alive")
+        if raw is None:
+            return None
+        try:
+            return keep_alive_seconds(raw)
+        except DurationError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def options(self) -> dict[str, Any]:
+        return self.get("options", dict, {})
+
+
+def option_int(options: dict[str, Any], name: str) -> int | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ApiError(400, f"option {name!r} must be a number")
+    return int(value)

@@ -1,0 +1,128 @@
+"""Real emulated Ollama servers on loopback for tests, each in its own thread and event loop.
+
+A thread (rather than the test's own loop) lets synchronous clients such as the official
+`ollama` and `openai` packages talk to the server, exactly as a user's program would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import httpx
+
+from parallama.sim.catalog import spec_for
+from parallama.sim.config import SimConfig
+from parallama.sim.run import running_servers
+from parallama.sim.scheduler import SchedulerSettings
+from parallama.sim.server import SimServer
+from parallama.sim.timing import TimingModel
+
+CHAT_MODEL = "qwen2.5:7b"
+OTHER_MODEL = "llama3.2:3b"
+EMBED_MODEL = "nomic-embed-text:latest"
+
+
+def make_config(
+    *,
+    num_parallel: int = 1,
+    max_queue: int = 512,
+    max_loaded_models: int = 3,
+    keep_alive: float = 300.0,
+    models: tuple[str, ...] = (CHAT_MODEL, OTHER_MODEL, EMBED_MODEL),
+    prefill_tps: float = 50_000.0,
+    decode_tps: float = 1_000.0,
+    batch_slowdown: float = 0.0,
+    load_seconds: float = 0.0,
+    output_tokens: tuple[int, int] = (8, 16),
+    eviction: str = "ollama",
+    ports: int = 1,
+) -> SimConfig:
+    """A fast emulator configuration; tests slow down only what they measure."""
+    return SimConfig(
+        host="127.0.0.1",
+        ports=(0,) * ports,
+        models=tuple(spec_for(m) for m in models),
+        scheduler=SchedulerSettings(
+            num_parallel=num_parallel,
+            max_queue=max_queue,
+            max_loaded_models=max_loaded_models,
+            default_keep_alive=keep_alive,
+            eviction="lru" if eviction == "lru" else "ollama",
+        ),
+        timing=TimingModel(prefill_tps, decode_tps, batch_slowdown, load_seconds),
+        output_tokens=output_tokens,
+    )
+
+
+@contextmanager
+def sim_servers(config: SimConfig) -> Iterator[list[SimServer]]:
+    """Run the configured servers in a background thread until the block ends."""
+    ready = threading.Event()
+    servers: list[SimServer] = []
+    failure: list[BaseException] = []
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        try:
+            async with running_servers(config) as started:
+                servers.extend(started)
+                ready.set()
+                await stop.wait()
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    if failure:
+        raise failure[0]
+    try:
+        yield servers
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+@contextmanager
+def sim_server(**overrides: Any) -> Iterator[SimServer]:
+    with sim_servers(make_config(**overrides)) as servers:
+        yield servers[0]
+
+
+def with_ports(config: SimConfig, count: int) -> SimConfig:
+    return replace(config, ports=(0,) * count)
+
+
+def state(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/_sim/state", timeout=5)
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def wait_for_state(url: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll the emulator's state until `predicate(state)` holds (the state is only observable
+    over HTTP, so this is waiting for an event, not sleeping for time to pass)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = state(url)
+        if predicate(current):
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"state never satisfied the condition: {current}")
+        time.sleep(0.01)
+
+
+def model_state(current: dict[str, Any], name: str) -> dict[str, Any]:
+    """One model's row of the emulator state; an unloaded model has no busy or waiting slots."""
+    absent = {"name": name, "state": "unloaded", "busy": 0, "waiting": 0}
+    return next((m for m in current["models"] if m["name"] == name), absent)
