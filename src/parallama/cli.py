@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             config = sim_config.from_args(args)
         except sim_config.ConfigError as exc:
-            parser.error(str(exc))
+            parser.exit(2, f"parallama sim: error: {exc}\n")
         try:
             _run(serve_until_stopped(config))
         except OSError as exc:

@@ -49,18 +49,16 @@ def parse_ports(values: list[str]) -> tuple[int, ...]:
     """`--port 11434 --port 11435` or `--port 11434-11436`; 0 asks the OS for a free port."""
     ports: list[int] = []
     for value in values:
+        first, sep, last = value.partition("-")
         try:
-            if "-" in value:
-                first, last = (int(v) for v in value.split("-", 1))
-                if last < first:
-                    raise ConfigError(f"port range {value!r} runs backwards")
-                ports.extend(range(first, last + 1))
-            else:
-                ports.append(int(value))
+            low, high = int(first), int(last if sep else first)
         except ValueError:
             raise ConfigError(
                 f"--port {value!r}: expected a port number or a range like 11434-11436"
             ) from None
+        if high < low:
+            raise ConfigError(f"port range {value!r} runs backwards")
+        ports.extend(range(low, high + 1))
     for port in ports:
         if not 0 <= port <= 65535:
             raise ConfigError(f"port {port} is out of range 0-65535")
@@ -190,7 +188,9 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     env = os.environ if env is None else env
     env_host, env_port = parse_host(env["OLLAMA_HOST"]) if env.get("OLLAMA_HOST") else (None, None)
     host = args.host or env_host or DEFAULT_HOST
-    ports = parse_ports(args.port) if args.port else (env_port or DEFAULT_PORT,)
+    ports = (
+        parse_ports(args.port) if args.port else (DEFAULT_PORT if env_port is None else env_port,)
+    )
 
     def pick(flag: int | None, name: str, default: int) -> int:
         value = flag if flag is not None else _env_int(env, name)

@@ -1,0 +1,146 @@
+"""`parallama sim` as a user runs it: a real process, real ports, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from parallama.cli import build_parser
+
+
+@contextmanager
+def sim_process(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Start `parallama sim`, wait for it to print its addresses, stop it at the end."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parallama", "sim", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    urls: list[str] = []
+    try:
+        for line in process.stdout:
+            found = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+            if found:
+                urls.append(found.group(1))
+            if "Ctrl-C" in line:
+                break
+        else:
+            raise AssertionError(f"parallama sim exited early with {process.wait()}")
+        yield process, urls
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_several_servers_in_one_process_stop_cleanly_on_ctrl_c() -> None:
+    with sim_process("--port", "0", "--port", "0", "--profile", "fast") as (process, urls):
+        assert len(urls) == 2
+        assert len(set(urls)) == 2
+        for url in urls:
+            assert httpx.get(url).text == "Ollama is running"
+        # Each is its own Ollama: loading a model on one leaves the other empty.
+        httpx.post(f"{urls[0]}/api/generate", json={"model": "qwen2.5:7b"}, timeout=10)
+        assert [m["name"] for m in httpx.get(f"{urls[0]}/api/ps").json()["models"]] == [
+            "qwen2.5:7b"
+        ]
+        assert httpx.get(f"{urls[1]}/api/ps").json()["models"] == []
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+
+
+def test_ollama_environment_variables_configure_it() -> None:
+    env = {"OLLAMA_NUM_PARALLEL": "3", "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_HOST": "127.0.0.1:0"}
+    with sim_process("--profile", "fast", env=env) as (process, urls):
+        url = urls[0]
+        httpx.post(f"{url}/api/generate", json={"model": "qwen2.5:7b"}, timeout=10)
+        slots = httpx.get(f"{url}/_sim/state").json()["models"][0]["slots"]
+        assert slots == 3
+        expires = httpx.get(f"{url}/api/ps").json()["models"][0]["expires_at"]
+        assert int(expires[:4]) > 2200  # kept forever
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+def test_flags_override_the_environment() -> None:
+    env = {"OLLAMA_NUM_PARALLEL": "3"}
+    with sim_process("--port", "0", "--num-parallel", "2", "--profile", "fast", env=env) as (
+        process,
+        urls,
+    ):
+        httpx.post(f"{urls[0]}/api/generate", json={"model": "qwen2.5:7b"}, timeout=10)
+        assert httpx.get(f"{urls[0]}/_sim/state").json()["models"][0]["slots"] == 2
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_help_documents_every_option() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "parallama", "sim", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    parser = build_parser()
+    sim = next(
+        choice
+        for action in parser._subparsers._group_actions  # type: ignore[union-attr]
+        for name, choice in action.choices.items()  # type: ignore[union-attr]
+        if name == "sim"
+    )
+    for action in sim._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout
+        if action.option_strings and action.help:
+            assert action.help.split()[0] in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "99999"], "out of range"),
+        (["--port", "11436-11434"], "backwards"),
+        (["--keep-alive", "soon"], "invalid duration"),
+        (["--output-tokens", "9-3"], "MIN <= MAX"),
+        (["--num-parallel", "0"], "must be positive"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "parallama", "sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with sim_process("--port", "0", "--profile", "fast") as (process, urls):
+        port = urls[0].rsplit(":", 1)[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "parallama", "sim", "--port", port],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 1
+        assert "address already in use" in result.stderr.lower()
+        assert "Traceback" not in result.stderr
+        process.terminate()
+        process.wait(timeout=10)
