@@ -124,6 +124,7 @@ def test_bad_settings_are_refused_clearly(args: list[str], message: str) -> None
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert message in result.stderr
@@ -138,6 +139,7 @@ def test_port_in_use_is_a_clear_error() -> None:
             capture_output=True,
             text=True,
             timeout=30,
+            check=False,
         )
         assert result.returncode == 1
         assert "address already in use" in result.stderr.lower()
