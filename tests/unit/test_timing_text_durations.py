@@ -140,7 +140,6 @@ def test_model_names_resolve_like_ollama() -> None:
 def test_wire_helpers() -> None:
     assert rfc3339(0) == "1970-01-01T00:00:00Z"
     assert rfc3339(1.5) == "1970-01-01T00:00:01.5Z"
-    assert rfc3339(math.inf).startswith("2262-")
     stats = final_statistics(
         total=1.0, load=0.0, prompt_eval_count=3, prompt_eval=0.1, eval_count=5, eval_=0.5
     )

@@ -6,7 +6,6 @@ Shared by the emulator (which speaks it) and the gateway (which relays and somet
 from __future__ import annotations
 
 import datetime as dt
-import math
 from typing import Any
 
 import orjson
@@ -16,8 +15,8 @@ ROOT_TEXT = "Ollama is running"
 SERVER_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 NOT_FOUND_TEXT = "404 page not found"
 METHOD_NOT_ALLOWED_TEXT = "405 method not allowed"
-# Go's time.Duration maximum: what Ollama stores for "keep forever", shown in /api/ps.
-_FOREVER_NS = 2**63 - 1
+# Go's time.Duration maximum: Ollama's "keep forever", so /api/ps shows an expiry ~292 years out.
+FOREVER_SECONDS = (2**63 - 1) / 1e9
 
 
 def error_body(message: str) -> bytes:
@@ -30,8 +29,6 @@ def model_not_found(name: str) -> str:
 
 def rfc3339(timestamp: float) -> str:
     """A Unix time as Go marshals `time.Time`: RFC 3339, no trailing zeros in the fraction."""
-    if math.isinf(timestamp):
-        timestamp = _FOREVER_NS / 1e9
     moment = dt.datetime.fromtimestamp(timestamp, tz=dt.UTC)
     text = moment.strftime("%Y-%m-%dT%H:%M:%S")
     fraction = f"{moment.microsecond:06d}".rstrip("0")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -248,8 +247,8 @@ class SimServer:
         for runner in runner_rows(self.engine.scheduler.loaded()):
             spec = self.models[runner.model]
             expires = runner.expires_at
-            if expires is None:  # busy: Ollama shows now + keep-alive; forever: far future
-                expires = self.engine.now() + runner.keep_alive
+            if expires is None:  # busy, or kept forever: Ollama shows now + keep-alive
+                expires = self.engine.now() + min(runner.keep_alive, ollama.FOREVER_SECONDS)
             rows.append(
                 {
                     "name": spec.name,
@@ -257,9 +256,7 @@ class SimServer:
                     "size": spec.size,
                     "digest": spec.digest,
                     "details": self.model_details(spec),
-                    "expires_at": ollama.rfc3339(
-                        math.inf if math.isinf(expires) else self.engine.wall_time(expires)
-                    ),
+                    "expires_at": ollama.rfc3339(self.engine.wall_time(expires)),
                     "size_vram": spec.size,
                     "context_length": runner.num_ctx,
                 }
