@@ -32,7 +32,7 @@ def sim_process(
     urls: list[str] = []
     try:
         for line in process.stdout:
-            found = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+            found = re.fullmatch(r"\s+(http://127\.0\.0\.1:\d+)\s*", line)
             if found:
                 urls.append(found.group(1))
             if "Ctrl-C" in line:
