@@ -77,6 +77,17 @@ def test_embedding_model_cannot_generate(http: httpx.Client) -> None:
     assert response.json() == {"error": f'"{EMBED_MODEL}" does not support generate'}
 
 
+def test_raw_mode_and_thinking_are_refused_as_ollama_does(http: httpx.Client) -> None:
+    raw = http.post(
+        "/api/generate", json={"model": CHAT_MODEL, "prompt": "x", "raw": True, "system": "s"}
+    )
+    assert raw.status_code == 400
+    assert raw.json() == {"error": "raw mode does not support template, system, or context"}
+    think = http.post("/api/chat", json={"model": CHAT_MODEL, "messages": [], "think": True})
+    assert think.status_code == 400
+    assert think.json() == {"error": f'"{CHAT_MODEL}" does not support thinking'}
+
+
 def test_unknown_path_and_wrong_method_are_plain_text(http: httpx.Client) -> None:
     missing = http.get("/api/nothing")
     assert (missing.status_code, missing.text) == (404, "404 page not found")

@@ -11,11 +11,11 @@ EVENT_STREAM = "text/event-stream"
 
 
 def error_type(status: int) -> str:
-    """Ollama's mapping from HTTP status to the OpenAI error `type`."""
+    """Ollama's mapping from HTTP status to the OpenAI error `type` (`openai.NewError`)."""
+    if status == 400:
+        return "invalid_request_error"
     if status == 404:
         return "not_found_error"
-    if 400 <= status < 500:
-        return "invalid_request_error"
     return "api_error"
 
 

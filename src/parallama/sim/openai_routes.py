@@ -92,11 +92,7 @@ class OpenAIRoutes:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self.server.read_body(request, "CompletionRequest")
         spec = self.server.find_model(body.model())
-        raw_prompt = body.data.get("prompt")
-        if isinstance(raw_prompt, list) and len(raw_prompt) == 1 and isinstance(raw_prompt[0], str):
-            raw_prompt = raw_prompt[0]
-        if not isinstance(raw_prompt, str):
-            raise ApiError(400, "invalid type for 'prompt' field: expected a string")
+        raw_prompt = body.get("prompt", str, "")  # Ollama takes a string only (its issue #5259)
         if spec.is_embedding:
             raise ApiError(400, f'"{body.model()}" does not support generate')
         job = self.server.job(

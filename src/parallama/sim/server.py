@@ -52,6 +52,12 @@ class Job:
     answer: Answer
 
 
+def refuse_thinking(body: Body) -> None:
+    """The emulated models have no thinking capability; Ollama refuses `think: true` for them."""
+    if body.data.get("think") is True:
+        raise ApiError(400, f'"{body.model()}" does not support thinking')
+
+
 def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
 
@@ -190,9 +196,8 @@ class SimServer:
         num_ctx = option_int(options, "num_ctx")
         if num_ctx:
             prompt_tokens = min(prompt_tokens, num_ctx)
-        if openai:
-            limit = body.get("max_completion_tokens", int, -1)
-            num_predict = limit if limit >= 0 else body.get("max_tokens", int, -1)
+        if openai:  # Ollama maps `max_tokens` (only) to num_predict
+            num_predict = body.get("max_tokens", int, -1)
         else:
             requested = option_int(options, "num_predict")
             num_predict = -1 if requested is None else requested
@@ -301,6 +306,10 @@ class SimServer:
             return await self.load_or_unload(spec, body, {"response": ""})
         context = body.get("context", list, [])
         system, raw = body.get("system", str, ""), body.get("raw", bool, False)
+        template = body.get("template", str, "")
+        if raw and (system or context or template):
+            raise ApiError(400, "raw mode does not support template, system, or context")
+        refuse_thinking(body)
         job = self.job(spec, body, *generate_prompt(prompt_text, system, context, raw))
 
         def chunk(token: str) -> dict[str, Any]:
@@ -324,6 +333,7 @@ class SimServer:
         if spec.is_embedding:
             raise ApiError(400, f'"{body.model()}" does not support chat')
         messages = body.get("messages", list, [])
+        refuse_thinking(body)
         if not all(isinstance(message, dict) for message in messages):
             raise ApiError(400, "json: cannot unmarshal messages: each must be an object")
         if not messages:
