@@ -95,6 +95,13 @@ def test_unknown_path_and_wrong_method_are_plain_text(http: httpx.Client) -> Non
     assert (wrong.status_code, wrong.text) == (405, "405 method not allowed")
 
 
+def test_foreign_host_header_is_refused_like_ollama(http: httpx.Client) -> None:
+    """Ollama on loopback answers 403 with an empty body to a non-local Host (DNS rebinding)."""
+    refused = http.get("/api/tags", headers={"Host": "attacker.example.com"})
+    assert (refused.status_code, refused.content) == (403, b"")
+    assert http.get("/api/tags", headers={"Host": "localhost:11434"}).status_code == 200
+
+
 def test_head_and_root(http: httpx.Client) -> None:
     assert http.get("/").text == "Ollama is running"
     head = http.head("/")

@@ -17,6 +17,7 @@ from parallama.protocol.durations import (
 from parallama.protocol.ollama import final_statistics, rfc3339
 from parallama.sim.answers import chat_prompt, plan_answer
 from parallama.sim.catalog import normalize_name, spec_for
+from parallama.sim.hosts import host_allowed
 from parallama.sim.text import count_tokens, embedding, generate_tokens
 from parallama.sim.timing import PROFILES, TimingModel
 
@@ -150,3 +151,21 @@ def test_wire_helpers() -> None:
         "eval_count": 5,
         "eval_duration": 500_000_000,
     }
+
+
+@pytest.mark.parametrize(
+    ("bound", "header", "allowed"),
+    [
+        ("127.0.0.1", "127.0.0.1:11434", True),
+        ("127.0.0.1", "localhost:11434", True),
+        ("127.0.0.1", "[::1]:11434", True),
+        ("127.0.0.1", "192.168.1.5:11434", True),
+        ("127.0.0.1", "gpu-box.local", True),
+        ("127.0.0.1", "myhost", True),
+        ("127.0.0.1", "evil.example.com", False),
+        ("127.0.0.1", "8.8.8.8", False),
+        ("0.0.0.0", "evil.example.com", True),
+    ],
+)
+def test_ollama_host_guard(bound: str, header: str, allowed: bool) -> None:
+    assert host_allowed(bound, header, hostname="myhost") is allowed

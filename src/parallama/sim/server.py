@@ -30,6 +30,7 @@ from parallama.sim.answers import (
 from parallama.sim.catalog import ModelSpec, normalize_name
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
+from parallama.sim.hosts import host_allowed
 from parallama.sim.requests import ApiError, Body, option_int, parse_json_object
 from parallama.sim.scheduler import RunnerState, ServerBusyError, Ticket, runner_rows
 from parallama.sim.text import count_tokens, embedding, normalise
@@ -140,7 +141,10 @@ class SimServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Render errors as Ollama does: JSON in the route's dialect, Go's texts for 404/405."""
+        """Refuse foreign Host headers; render errors as Ollama does (JSON in the route's
+        dialect, Go's plain texts for 404/405)."""
+        if not host_allowed(self.config.host, request.headers.get("Host", "")):
+            return web.Response(status=403)
         try:
             return await handler(request)
         except ApiError as exc:
