@@ -42,7 +42,7 @@ async def timed_generate(session: aiohttp.ClientSession, url: str, **body: Any) 
 
 
 async def test_one_slot_serializes_two_requests() -> None:
-    with sim_server(num_parallel=1, decode_tps=100, output_tokens=(20, 20)) as server:
+    with sim_server(num_parallel=1, decode_tps=50, output_tokens=(20, 20)) as server:
         async with aiohttp.ClientSession() as session:
             a, b = await asyncio.gather(
                 timed_generate(session, server.url), timed_generate(session, server.url)
@@ -58,7 +58,7 @@ async def test_one_slot_serializes_two_requests() -> None:
 
 
 async def test_two_slots_overlap_two_requests() -> None:
-    with sim_server(num_parallel=2, decode_tps=100, output_tokens=(20, 20)) as server:
+    with sim_server(num_parallel=2, decode_tps=50, output_tokens=(20, 20)) as server:
         async with aiohttp.ClientSession() as session:
             a, b = await asyncio.gather(
                 timed_generate(session, server.url), timed_generate(session, server.url)
