@@ -398,11 +398,9 @@ class SimServer:
         await response.write_eof()
         return response
 
-    async def load_or_unload(
-        self, spec: ModelSpec, body: Body, empty: dict[str, Any]
-    ) -> web.Response:
-        """Empty prompt or messages: load the model (`done_reason: load`), or with
-        `keep_alive: 0` unload it (`done_reason: unload`), as Ollama does."""
+    async def preload_or_unload(self, spec: ModelSpec, body: Body) -> str:
+        """An empty prompt, messages or input: load the model, or with `keep_alive: 0` unload
+        it, as Ollama does. Returns the `done_reason` ("load" or "unload")."""
         if body.keep_alive() == 0:
             self.engine.unload(spec.name)
             reason = "unload"
@@ -411,6 +409,12 @@ class SimServer:
                 pass
             reason = "load"
         self.outcomes["completed"] += 1
+        return reason
+
+    async def load_or_unload(
+        self, spec: ModelSpec, body: Body, empty: dict[str, Any]
+    ) -> web.Response:
+        reason = await self.preload_or_unload(spec, body)
         return json_response(
             {
                 "model": spec.name,
@@ -462,7 +466,8 @@ class SimServer:
         else:
             raise ApiError(400, "invalid input type")
         if not inputs:
-            return await self.load_or_unload_embed(spec, body)
+            await self.preload_or_unload(spec, body)
+            return json_response({"model": spec.name, "embeddings": []})
         vectors, prompt_tokens, stats, total = await self.embed_vectors(spec, body, inputs)
         return json_response(
             {
@@ -479,22 +484,13 @@ class SimServer:
             }
         )
 
-    async def load_or_unload_embed(self, spec: ModelSpec, body: Body) -> web.Response:
-        if body.keep_alive() == 0:
-            self.engine.unload(spec.name)
-        else:
-            async with self.admitted(spec, body, needs_slot=False):
-                pass
-        self.outcomes["completed"] += 1
-        return json_response({"model": spec.name, "embeddings": []})
-
     async def embeddings(self, request: web.Request) -> web.Response:
-        """Legacy `/api/embeddings`: one prompt, one unnormalised-looking `embedding`."""
+        """Legacy `/api/embeddings`: one `prompt` in, one `embedding` out."""
         body = await self.read_body(request, "EmbeddingRequest")
         spec = self.find_model(body.model())
         prompt = body.get("prompt", str, "")
         if not prompt:
-            await self.load_or_unload_embed(spec, body)
+            await self.preload_or_unload(spec, body)
             return json_response({"embedding": []})
         vectors, _, _, _ = await self.embed_vectors(spec, body, [prompt])
         return json_response({"embedding": vectors[0]})
