@@ -1,0 +1,317 @@
+"""The gateway's scheduler: waiting queues, admission and late-binding dispatch (sans-I/O).
+
+A request waits in the gateway, in its model's queue, and is bound to a backend only when one of
+that backend's slots for the model is free (late binding): a slow backend never collects a
+private queue, so one slow GPU does not inflate everyone's p99. Among the free candidates the
+least loaded wins, relative to its capacity and weight, preferring backends that already have the
+model loaded (no load time).
+
+Every request ends in exactly one outcome, and at any moment
+`total == completed + rejected + timed_out + cancelled + failed + in_flight + queued`.
+
+Nothing here does I/O or reads a clock of its own: the driver calls `submit`, `cancel`,
+`release` and `tick`, then collects `take_dispatched()` and `take_timed_out()`, and calls `tick`
+again at `next_wakeup()`.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+Clock = Callable[[], float]
+Discipline = Literal["fifo", "fair"]
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class QueueFullError(Exception):
+    """Admission refused: the queue (global or the model's) is full."""
+
+    def __init__(self, scope: str, retry_after: float) -> None:
+        super().__init__(f"{scope} queue is full")
+        self.scope = scope
+        self.retry_after = retry_after
+
+
+class NoBackendError(Exception):
+    """No configured backend serves the model: waiting would never end."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    model: str
+    client: str
+    priority: int
+    arrived_at: float
+    seq: int
+    backend: Backend | None = None
+    dispatched_at: float | None = None
+    outcome: Outcome | None = None
+
+    @property
+    def queued(self) -> bool:
+        return self.backend is None and self.outcome is None
+
+
+@dataclass(eq=False)
+class Backend:
+    """What the scheduler knows of one backend: capacity, health, load, loaded models."""
+
+    name: str
+    slots: int = 1  # per model, like OLLAMA_NUM_PARALLEL
+    weight: float = 1.0
+    models: frozenset[str] | None = None  # None: whatever it is asked for
+    healthy: bool = True
+    loaded: set[str] = field(default_factory=set)
+    in_flight: Counter[str] = field(default_factory=Counter)
+
+    def serves(self, model: str) -> bool:
+        return self.healthy and (self.models is None or model in self.models)
+
+    def has_free_slot(self, model: str) -> bool:
+        return self.in_flight[model] < self.slots
+
+    def load(self) -> float:
+        """Busy share of its capacity, scaled by weight: lower is better."""
+        return sum(self.in_flight.values()) / (self.slots * self.weight)
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    max_queue: int = 1024  # all models together
+    max_queue_per_model: int = 512
+    queue_timeout: float = 60.0
+    discipline: Discipline = "fifo"
+
+
+class _ModelQueue:
+    """One model's waiting requests: by priority, then FIFO, or round-robin over clients."""
+
+    def __init__(self, discipline: Discipline) -> None:
+        self._fair = discipline == "fair"
+        self._heap: list[tuple[int, int, Ticket]] = []  # (-priority, seq, ticket)
+        self._by_client: OrderedDict[str, list[tuple[int, int, Ticket]]] = OrderedDict()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def push(self, ticket: Ticket) -> None:
+        entry = (-ticket.priority, ticket.seq, ticket)
+        heap = self._by_client.setdefault(ticket.client, []) if self._fair else self._heap
+        heapq.heappush(heap, entry)
+        self._len += 1
+
+    def pop(self) -> Ticket:
+        if not self._fair:
+            self._len -= 1
+            return heapq.heappop(self._heap)[2]
+        # Fair: the client whose turn it is gives its best request, then goes to the back.
+        client, heap = next(iter(self._by_client.items()))
+        ticket = heapq.heappop(heap)[2]
+        del self._by_client[client]
+        if heap:
+            self._by_client[client] = heap
+        self._len -= 1
+        return ticket
+
+    def remove(self, ticket: Ticket) -> None:
+        heap = self._by_client[ticket.client] if self._fair else self._heap
+        heap.remove((-ticket.priority, ticket.seq, ticket))
+        heapq.heapify(heap)
+        if self._fair and not heap:
+            del self._by_client[ticket.client]
+        self._len -= 1
+
+    def tickets(self) -> Iterable[Ticket]:
+        heaps = self._by_client.values() if self._fair else [self._heap]
+        return (entry[2] for heap in heaps for entry in heap)
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings, clock: Clock) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.backends: dict[str, Backend] = {}
+        self._queues: dict[str, _ModelQueue] = {}
+        self._waiting: list[tuple[float, int, Ticket]] = []  # heap by arrival, for timeouts
+        self._seq = itertools.count()
+        self._dispatched: list[Ticket] = []
+        self._timed_out: list[Ticket] = []
+        self._service_seconds: dict[str, float] = {}  # EWMA per model, for Retry-After
+        self.outcomes: Counter[Outcome] = Counter()
+        self.total = 0
+
+    # -- backends -------------------------------------------------------------------------------
+
+    def add_backend(self, backend: Backend) -> None:
+        self.backends[backend.name] = backend
+        self._dispatch_all()
+
+    def set_health(self, name: str, healthy: bool) -> None:
+        self.backends[name].healthy = healthy
+        self._dispatch_all()
+
+    def set_loaded(self, name: str, models: Iterable[str]) -> None:
+        self.backends[name].loaded = set(models)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return sum(sum(b.in_flight.values()) for b in self.backends.values())
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def queue_depth(self, model: str) -> int:
+        queue = self._queues.get(model)
+        return len(queue) if queue else 0
+
+    def submit(self, model: str, *, client: str = "", priority: int = 0) -> Ticket:
+        """Admit a request, or raise `QueueFullError` / `NoBackendError` (counted as rejected).
+
+        The queue bounds apply only to requests that would have to wait."""
+        self.total += 1
+        ticket = Ticket(model, client, priority, self._clock(), next(self._seq))
+        if not any(b.models is None or model in b.models for b in self.backends.values()):
+            self._end(ticket, Outcome.REJECTED)
+            raise NoBackendError(model)
+        must_wait = self.queue_depth(model) > 0 or self._choose(model) is None
+        if must_wait and self.queued >= self.settings.max_queue:
+            self._end(ticket, Outcome.REJECTED)
+            raise QueueFullError("gateway", self.retry_after(model))
+        if must_wait and self.queue_depth(model) >= self.settings.max_queue_per_model:
+            self._end(ticket, Outcome.REJECTED)
+            raise QueueFullError(f"model '{model}'", self.retry_after(model))
+        queue = self._queues.setdefault(model, _ModelQueue(self.settings.discipline))
+        queue.push(ticket)
+        heapq.heappush(self._waiting, (ticket.arrived_at, ticket.seq, ticket))
+        self._dispatch(model)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client went away: leave the queue, or free the backend slot it held."""
+        if ticket.outcome is not None:
+            return
+        if ticket.backend is None:
+            self._queues[ticket.model].remove(ticket)
+            self._end(ticket, Outcome.CANCELLED)
+        else:
+            self._free(ticket)
+            self._end(ticket, Outcome.CANCELLED)
+            self._dispatch(ticket.model)
+
+    def release(self, ticket: Ticket, outcome: Outcome = Outcome.COMPLETED) -> None:
+        """The backend finished with the request (answered, or failed): free its slot."""
+        if ticket.outcome is not None or ticket.backend is None:
+            return
+        if outcome is Outcome.COMPLETED and ticket.dispatched_at is not None:
+            took = self._clock() - ticket.dispatched_at
+            previous = self._service_seconds.get(ticket.model, took)
+            self._service_seconds[ticket.model] = 0.8 * previous + 0.2 * took
+        self._free(ticket)
+        self._end(ticket, outcome)
+        self._dispatch(ticket.model)
+
+    def requeue(self, ticket: Ticket) -> None:
+        """Failover before the first byte: give back the slot and wait again, keeping its place."""
+        if ticket.outcome is not None or ticket.backend is None:
+            return
+        model = ticket.model
+        self._free(ticket)
+        ticket.backend = None
+        ticket.dispatched_at = None
+        self._queues[model].push(ticket)
+        # A fresh tie-breaker: its first timeout entry may still be in the heap.
+        heapq.heappush(self._waiting, (ticket.arrived_at, next(self._seq), ticket))
+        self._dispatch(model)
+
+    def tick(self) -> None:
+        """Time out requests that waited longer than `queue_timeout`."""
+        limit = self._clock() - self.settings.queue_timeout
+        while self._waiting and self._waiting[0][0] <= limit:
+            ticket = heapq.heappop(self._waiting)[2]
+            if ticket.queued:
+                self._queues[ticket.model].remove(ticket)
+                self._end(ticket, Outcome.TIMED_OUT)
+                self._timed_out.append(ticket)
+
+    def next_wakeup(self) -> float | None:
+        while self._waiting and not self._waiting[0][2].queued:
+            heapq.heappop(self._waiting)
+        if not self._waiting:
+            return None
+        return self._waiting[0][0] + self.settings.queue_timeout
+
+    def take_dispatched(self) -> list[Ticket]:
+        dispatched, self._dispatched = self._dispatched, []
+        return dispatched
+
+    def take_timed_out(self) -> list[Ticket]:
+        timed_out, self._timed_out = self._timed_out, []
+        return timed_out
+
+    def retry_after(self, model: str) -> float:
+        """Seconds until the model's queue has likely drained: what `Retry-After` says."""
+        capacity = sum(b.slots for b in self.backends.values() if b.serves(model))
+        per_request = self._service_seconds.get(model, 1.0)
+        if capacity == 0:
+            return self.settings.queue_timeout
+        return max(1.0, math.ceil(self.queue_depth(model) * per_request / capacity))
+
+    # -- the machine ----------------------------------------------------------------------------
+
+    def _end(self, ticket: Ticket, outcome: Outcome) -> None:
+        ticket.outcome = outcome
+        self.outcomes[outcome] += 1
+
+    def _free(self, ticket: Ticket) -> None:
+        backend = ticket.backend
+        assert backend is not None
+        backend.in_flight[ticket.model] -= 1
+        if backend.in_flight[ticket.model] <= 0:
+            del backend.in_flight[ticket.model]
+
+    def _choose(self, model: str) -> Backend | None:
+        candidates = [
+            b for b in self.backends.values() if b.serves(model) and b.has_free_slot(model)
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda b: (model not in b.loaded, b.load(), b.name))
+
+    def _dispatch(self, model: str) -> None:
+        queue = self._queues.get(model)
+        while queue:
+            backend = self._choose(model)
+            if backend is None:
+                return
+            ticket = queue.pop()
+            ticket.backend = backend
+            ticket.dispatched_at = self._clock()
+            backend.in_flight[model] += 1
+            self._dispatched.append(ticket)
+
+    def _dispatch_all(self) -> None:
+        for model in list(self._queues):
+            self._dispatch(model)
+
+    def accounting(self) -> dict[str, int]:
+        """The counters, which always add up to `total`."""
+        counts = {o.value: self.outcomes[o] for o in Outcome}
+        return {"total": self.total, **counts, "in_flight": self.in_flight, "queued": self.queued}

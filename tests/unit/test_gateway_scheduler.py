@@ -1,0 +1,211 @@
+"""The gateway's queueing and late-binding dispatch, with a fake clock and no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from parallama.core.scheduler import (
+    Backend,
+    NoBackendError,
+    Outcome,
+    QueueFullError,
+    Scheduler,
+    SchedulerSettings,
+    Ticket,
+)
+
+M = "qwen2.5:7b"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(*backends: Backend, clock: FakeClock | None = None, **settings: object) -> Scheduler:
+    scheduler = Scheduler(SchedulerSettings(**settings), clock or FakeClock())  # type: ignore[arg-type]
+    for backend in backends:
+        scheduler.add_backend(backend)
+    return scheduler
+
+
+def adds_up(s: Scheduler) -> bool:
+    counts = s.accounting()
+    return counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def names(tickets: list[Ticket]) -> list[str]:
+    return [t.backend.name if t.backend else "-" for t in tickets]
+
+
+def test_requests_wait_in_the_gateway_until_a_slot_frees() -> None:
+    s = make(Backend("a"))
+    first, second = s.submit(M), s.submit(M)
+    assert s.take_dispatched() == [first]
+    assert second.queued
+    s.release(first)
+    assert s.take_dispatched() == [second]
+    assert adds_up(s)
+
+
+def test_late_binding_sends_work_to_whichever_backend_frees_first() -> None:
+    """Round-robin would have queued the third request behind the slow backend `a`."""
+    a, b = Backend("a"), Backend("b")
+    s = make(a, b)
+    on_a, on_b, third = s.submit(M), s.submit(M), s.submit(M)
+    assert sorted(names([on_a, on_b])) == ["a", "b"]
+    fast = on_b if on_b.backend is b else on_a
+    s.release(fast)
+    assert third.backend is fast.backend
+
+
+def test_least_loaded_relative_to_capacity_and_weight() -> None:
+    big, small = Backend("big", slots=4), Backend("small", slots=1)
+    s = make(big, small)
+    tickets = [s.submit(M) for _ in range(5)]
+    assert sorted(names(tickets)) == ["big"] * 4 + ["small"]
+    weighted = make(Backend("x", weight=3.0, slots=4), Backend("y", weight=1.0, slots=4))
+    spread = names([weighted.submit(M) for _ in range(5)])
+    assert spread.count("x") == 4  # weight 3 against 1: x takes four of the five
+
+
+def test_prefers_a_backend_with_the_model_loaded() -> None:
+    s = make(Backend("cold"), Backend("warm"))
+    s.set_loaded("warm", [M])
+    assert s.submit(M).backend is s.backends["warm"]
+
+
+def test_only_backends_that_serve_the_model() -> None:
+    s = make(Backend("chat", models=frozenset({M})), Backend("embed", models=frozenset({"nomic"})))
+    assert s.submit("nomic").backend is s.backends["embed"]
+    assert s.submit(M).backend is s.backends["chat"]
+    with pytest.raises(NoBackendError):
+        s.submit("unknown")
+    assert s.outcomes[Outcome.REJECTED] == 1
+    assert adds_up(s)
+
+
+def test_unhealthy_backends_get_no_work_until_they_recover() -> None:
+    s = make(Backend("a"))
+    s.set_health("a", False)
+    ticket = s.submit(M)
+    assert ticket.queued
+    s.set_health("a", True)
+    assert s.take_dispatched() == [ticket]
+
+
+def test_queue_bounds_reject_with_retry_after() -> None:
+    only_m = Backend("a", models=frozenset({M, "other"}))
+    s = make(only_m, max_queue_per_model=2, max_queue=3)
+    s.submit(M)  # running
+    s.submit(M)
+    s.submit(M)
+    with pytest.raises(QueueFullError) as per_model:
+        s.submit(M)
+    assert per_model.value.scope == f"model '{M}'"
+    assert per_model.value.retry_after >= 1
+    s.submit("other")  # runs at once: a free slot is never refused
+    s.submit("other")  # waits: the gateway queue now holds 3
+    with pytest.raises(QueueFullError) as overall:
+        s.submit("other")
+    assert overall.value.scope == "gateway"
+    assert s.outcomes[Outcome.REJECTED] == 2
+    assert adds_up(s)
+
+
+def test_retry_after_follows_observed_service_time() -> None:
+    clock = FakeClock()
+    s = make(Backend("a"), clock=clock, max_queue_per_model=3)
+    for _ in range(5):
+        t = s.submit(M)
+        clock.now += 10
+        s.release(t)
+    s.submit(M)
+    for _ in range(3):
+        s.submit(M)
+    with pytest.raises(QueueFullError) as full:
+        s.submit(M)
+    assert full.value.retry_after == 30  # 3 waiting x 10 s each, one slot
+
+
+def test_queue_timeout() -> None:
+    clock = FakeClock()
+    s = make(Backend("a"), clock=clock, queue_timeout=60)
+    running, waiting = s.submit(M), s.submit(M)
+    assert s.next_wakeup() == 60
+    clock.now = 59.9
+    s.tick()
+    assert waiting.queued
+    clock.now = 60
+    s.tick()
+    assert s.take_timed_out() == [waiting]
+    assert waiting.outcome is Outcome.TIMED_OUT
+    assert running.outcome is None
+    assert s.next_wakeup() is None
+    assert adds_up(s)
+
+
+def test_cancel_queued_and_in_flight() -> None:
+    s = make(Backend("a"))
+    running, queued, behind = s.submit(M), s.submit(M), s.submit(M)
+    s.take_dispatched()
+    s.cancel(queued)
+    assert queued.outcome is Outcome.CANCELLED
+    s.cancel(running)  # frees the slot at once
+    assert s.take_dispatched() == [behind]
+    assert s.accounting() == {
+        "total": 3,
+        "completed": 0,
+        "rejected": 0,
+        "timed_out": 0,
+        "cancelled": 2,
+        "failed": 0,
+        "in_flight": 1,
+        "queued": 0,
+    }
+
+
+def serve_in_turn(s: Scheduler, running: Ticket, count: int) -> list[Ticket]:
+    """Release the running request `count` times and list who got the slot each time."""
+    s.take_dispatched()
+    order = []
+    for _ in range(count):
+        s.release(running)
+        (running,) = s.take_dispatched()
+        order.append(running)
+    return order
+
+
+def test_priority_then_arrival_order() -> None:
+    s = make(Backend("a"))
+    running = s.submit(M)
+    low = s.submit(M, priority=0)
+    high = s.submit(M, priority=5)
+    later_low = s.submit(M, priority=0)
+    assert serve_in_turn(s, running, 3) == [high, low, later_low]
+
+
+def test_fifo_lets_one_heavy_client_starve_others_and_fair_does_not() -> None:
+    for discipline, light_turn in (("fifo", 4), ("fair", 1)):
+        s = make(Backend("a"), discipline=discipline)
+        running = s.submit(M, client="heavy")
+        heavy = [s.submit(M, client="heavy") for _ in range(4)]
+        light = s.submit(M, client="light")
+        order = serve_in_turn(s, running, 5)
+        assert order.index(light) == light_turn, discipline
+        assert [t for t in order if t is not light] == heavy  # each client's own order kept
+
+
+def test_requeue_keeps_its_place_and_moves_to_another_backend() -> None:
+    s = make(Backend("a"), Backend("b"))
+    first = s.submit(M)
+    failed_on = first.backend
+    assert failed_on is not None
+    s.set_health(failed_on.name, False)
+    s.requeue(first)
+    assert first.backend is not None
+    assert first.backend is not failed_on
+    assert adds_up(s)
