@@ -136,10 +136,6 @@ class _ModelQueue:
             del self._by_client[ticket.client]
         self._len -= 1
 
-    def tickets(self) -> Iterable[Ticket]:
-        heaps = self._by_client.values() if self._fair else [self._heap]
-        return (entry[2] for heap in heaps for entry in heap)
-
 
 class Scheduler:
     def __init__(self, settings: SchedulerSettings, clock: Clock) -> None:
