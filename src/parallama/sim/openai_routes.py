@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from parallama.errors import ApiError
 from parallama.protocol import openai
 from parallama.sim.answers import chat_prompt, generate_prompt
 from parallama.sim.engine import Generation
-from parallama.sim.requests import ApiError
 
 if TYPE_CHECKING:
     from parallama.sim.server import Job, SimServer

@@ -1,12 +1,11 @@
-"""Reading and validating request bodies, with Ollama's status codes and error texts."""
+"""Typed access to request fields, with Ollama's status codes and error texts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import orjson
-
+from parallama.errors import ApiError
 from parallama.protocol.durations import DurationError, keep_alive_seconds
 
 T = TypeVar("T")
@@ -19,29 +18,6 @@ _JSON_TYPES: dict[type, str] = {
     list: "array",
     dict: "object",
 }
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status and message, rendered in the route's own dialect."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object; 400 with Ollama's texts when empty or not JSON."""
-    if not raw.strip():
-        raise ApiError(400, "missing request body")
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
-    if not isinstance(value, dict):
-        kind = _JSON_TYPES.get(type(value), "value")
-        raise ApiError(400, f"json: cannot unmarshal {kind} into Go value of type api.Request")
-    return value
 
 
 @dataclass(frozen=True)

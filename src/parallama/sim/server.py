@@ -19,7 +19,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from parallama.errors import ApiError
 from parallama.protocol import ollama, openai
+from parallama.protocol.inspect import parse_json_object
 from parallama.sim.answers import (
     Answer,
     chat_prompt,
@@ -31,7 +33,7 @@ from parallama.sim.catalog import ModelSpec, normalize_name
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
 from parallama.sim.hosts import host_allowed
-from parallama.sim.requests import ApiError, Body, option_int, parse_json_object
+from parallama.sim.requests import Body, option_int
 from parallama.sim.scheduler import RunnerState, ServerBusyError, Ticket, runner_rows
 from parallama.sim.text import count_tokens, embedding, normalise
 

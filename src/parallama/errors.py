@@ -1,0 +1,14 @@
+"""The one error every parallama server answers with: an HTTP status and a message.
+
+Each route renders it in its own dialect (`{"error": ...}` for Ollama routes, the OpenAI error
+object for `/v1`), so code that finds a problem does not need to know who is asking.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

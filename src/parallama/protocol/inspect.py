@@ -1,0 +1,114 @@
+"""What the gateway must know of a request before it can queue it (sans-I/O).
+
+Only the fields that routing needs are read: the model, whether the answer streams, who the
+client is (for fair queueing) and its priority. The body itself is passed on untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from parallama.errors import ApiError
+from parallama.protocol import ollama, openai
+
+Dialect = Literal["ollama", "openai"]
+
+# Routes that carry a model, and whether each streams when the body does not say.
+STREAM_DEFAULTS: dict[str, tuple[Dialect, bool]] = {
+    "/api/generate": ("ollama", True),
+    "/api/chat": ("ollama", True),
+    "/api/embed": ("ollama", False),
+    "/api/embeddings": ("ollama", False),
+    "/api/show": ("ollama", False),
+    "/v1/chat/completions": ("openai", False),
+    "/v1/completions": ("openai", False),
+    "/v1/embeddings": ("openai", False),
+}
+PRIORITY_RANGE = range(-10, 11)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    dialect: Dialect
+    model: str
+    stream: bool
+    client: str
+    priority: int
+
+
+def dialect_of(path: str) -> Dialect:
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+def client_identity(headers: Mapping[str, str], remote: str) -> str:
+    """Who is asking, for fairness: API key (as a short hash, never the key), else
+    `X-Client-Id`, else the remote address."""
+    authorization = headers.get("Authorization", "")
+    if authorization.lower().startswith("bearer ") and authorization[7:].strip():
+        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()[:16]
+        return f"key:{digest}"
+    client_id = headers.get("X-Client-Id", "").strip()
+    if client_id:
+        return f"id:{client_id[:128]}"
+    return f"addr:{remote}"
+
+
+def parse_priority(headers: Mapping[str, str]) -> int:
+    raw = headers.get("X-Priority", "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"X-Priority must be a whole number, not {raw[:32]!r}") from None
+    if value not in PRIORITY_RANGE:
+        raise ApiError(400, "X-Priority must be between -10 and 10")
+    return value
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 `ApiError` saying what is wrong with it."""
+    if not raw.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return value
+
+
+def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: str) -> RequestInfo:
+    """Read model, stream, client and priority; raise `ApiError` for what cannot be sent."""
+    dialect, stream_default = STREAM_DEFAULTS[path]
+    data = parse_json_object(body)
+    model = data.get("model")
+    if path == "/api/show" and not model:
+        model = data.get("name")  # /api/show still accepts the old field
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "model is required")
+    stream = data.get("stream", stream_default)
+    if stream is None:
+        stream = stream_default
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false")
+    return RequestInfo(
+        dialect=dialect,
+        model=model,
+        stream=stream,
+        client=client_identity(headers, remote),
+        priority=parse_priority(headers),
+    )
+
+
+def error_body(dialect: Dialect, status: int, message: str) -> bytes:
+    """An error in the dialect's own format."""
+    if dialect == "openai":
+        return openai.error_body(status, message)
+    return ollama.error_body(message)

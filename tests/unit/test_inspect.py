@@ -1,0 +1,87 @@
+"""What the gateway reads from a request before queueing it."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from parallama.errors import ApiError
+from parallama.protocol.inspect import RequestInfo, error_body, inspect_request
+
+
+def info(
+    path: str, body: object, headers: dict[str, str] | None = None, remote: str = "10.0.0.9"
+) -> RequestInfo:
+    return inspect_request(path, orjson.dumps(body), headers or {}, remote)
+
+
+@pytest.mark.parametrize(
+    ("path", "dialect", "stream"),
+    [
+        ("/api/chat", "ollama", True),
+        ("/api/generate", "ollama", True),
+        ("/api/embed", "ollama", False),
+        ("/v1/chat/completions", "openai", False),
+        ("/v1/completions", "openai", False),
+        ("/v1/embeddings", "openai", False),
+    ],
+)
+def test_stream_defaults_per_dialect(path: str, dialect: str, stream: bool) -> None:
+    seen = info(path, {"model": "m"})
+    assert (seen.dialect, seen.model, seen.stream) == (dialect, "m", stream)
+    assert info(path, {"model": "m", "stream": not stream}).stream is (not stream)
+    assert info(path, {"model": "m", "stream": None}).stream is stream
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "missing request body"),
+        (b"{", "invalid JSON"),
+        (b"[1]", "must be a JSON object"),
+        (b'{"prompt": "x"}', "model is required"),
+        (b'{"model": ""}', "model is required"),
+        (b'{"model": 3}', "model is required"),
+        (b'{"model": "m", "stream": "yes"}', "stream must be true or false"),
+    ],
+)
+def test_bad_bodies(body: bytes, message: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        inspect_request("/api/chat", body, {}, "127.0.0.1")
+    assert caught.value.status == 400
+    assert message in caught.value.message
+
+
+def test_show_accepts_the_old_name_field() -> None:
+    assert info("/api/show", {"name": "m"}).model == "m"
+
+
+def test_client_identity_never_holds_the_key() -> None:
+    keyed = info(
+        "/api/chat", {"model": "m"}, {"Authorization": "Bearer sk-secret", "X-Client-Id": "x"}
+    )
+    assert keyed.client.startswith("key:")
+    assert "sk-secret" not in keyed.client
+    assert (
+        keyed.client
+        == info("/api/chat", {"model": "m"}, {"Authorization": "Bearer sk-secret"}).client
+    )
+    assert info("/api/chat", {"model": "m"}, {"X-Client-Id": "team-a"}).client == "id:team-a"
+    assert info("/api/chat", {"model": "m"}).client == "addr:10.0.0.9"
+
+
+def test_priority_header() -> None:
+    assert info("/api/chat", {"model": "m"}, {"X-Priority": "5"}).priority == 5
+    assert info("/api/chat", {"model": "m"}).priority == 0
+    for bad in ("high", "11"):
+        with pytest.raises(ApiError):
+            info("/api/chat", {"model": "m"}, {"X-Priority": bad})
+
+
+def test_errors_in_each_dialect() -> None:
+    assert orjson.loads(error_body("ollama", 400, "model is required")) == {
+        "error": "model is required"
+    }
+    openai_error = orjson.loads(error_body("openai", 400, "model is required"))["error"]
+    assert openai_error["type"] == "invalid_request_error"
+    assert openai_error["message"] == "model is required"
