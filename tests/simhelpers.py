@@ -9,13 +9,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
+from parallama.core.scheduler import SchedulerSettings as GatewaySchedulerSettings
+from parallama.gateway.app import BackendConfig, Gateway, GatewayConfig
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig
 from parallama.sim.run import running_servers
@@ -23,6 +30,7 @@ from parallama.sim.scheduler import SchedulerSettings
 from parallama.sim.server import SimServer
 from parallama.sim.timing import TimingModel
 
+T = TypeVar("T")
 CHAT_MODEL = "qwen2.5:7b"
 OTHER_MODEL = "llama3.2:3b"
 EMBED_MODEL = "nomic-embed-text:latest"
@@ -61,18 +69,18 @@ def make_config(
 
 
 @contextmanager
-def sim_servers(config: SimConfig) -> Iterator[list[SimServer]]:
-    """Run the configured servers in a background thread until the block ends."""
+def in_thread(start: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T]:
+    """Enter an async context manager on its own event loop in a background thread."""
     ready = threading.Event()
-    servers: list[SimServer] = []
+    result: list[T] = []
     failure: list[BaseException] = []
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
 
     async def main() -> None:
         try:
-            async with running_servers(config) as started:
-                servers.extend(started)
+            async with start() as value:
+                result.append(value)
                 ready.set()
                 await stop.wait()
         except BaseException as exc:
@@ -85,11 +93,38 @@ def sim_servers(config: SimConfig) -> Iterator[list[SimServer]]:
     if failure:
         raise failure[0]
     try:
-        yield servers
+        yield result[0]
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()
+
+
+def sim_servers(config: SimConfig) -> AbstractContextManager[list[SimServer]]:
+    """Run the configured emulated servers in a background thread until the block ends."""
+    return in_thread(lambda: running_servers(config))
+
+
+@asynccontextmanager
+async def running_gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+def gateway_for(
+    servers: list[SimServer], *, slots: int = 1, **settings: Any
+) -> AbstractContextManager[Gateway]:
+    """A gateway on a free loopback port in front of the given emulated servers."""
+    config = GatewayConfig(
+        backends=tuple(BackendConfig(s.url, slots=slots) for s in servers),
+        port=0,
+        scheduler=GatewaySchedulerSettings(**settings),
+    )
+    return in_thread(lambda: running_gateway(config))
 
 
 @contextmanager

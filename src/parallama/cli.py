@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from parallama import __version__
+from parallama.gateway import cli as gateway_cli
 from parallama.sim import config as sim_config
 
 
@@ -30,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         "connections accepted).",
     )
     sim_config.add_arguments(sim)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway in front of Ollama servers",
+        description="A gateway speaking the Ollama and OpenAI APIs on one address: requests wait "
+        "in its queue and are sent to whichever backend frees a slot first. "
+        "GET /parallama/status shows the counters.",
+    )
+    gateway_cli.add_arguments(serve)
     return parser
 
 
@@ -57,5 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(serve_until_stopped(config))
         except OSError as exc:
             print(f"parallama sim: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "serve":
+        try:
+            gateway_config = gateway_cli.config_from(args)
+        except ValueError as exc:
+            parser.exit(2, f"parallama serve: error: {exc}\n")
+        try:
+            _run(gateway_cli.serve(gateway_config))
+        except OSError as exc:
+            print(f"parallama serve: {exc}", file=sys.stderr)
             return 1
     return 0

@@ -18,11 +18,12 @@ from parallama.cli import build_parser
 
 @contextmanager
 def sim_process(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, command: str = "sim"
 ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """Start `parallama sim`, wait for it to print its addresses, stop it at the end."""
+    """Start `parallama sim` (or another command), wait until it has printed its addresses and
+    "Ctrl-C", stop it at the end."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "parallama", "sim", *args],
+        [sys.executable, "-m", "parallama", command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -32,7 +33,7 @@ def sim_process(
     urls: list[str] = []
     try:
         for line in process.stdout:
-            found = re.fullmatch(r"\s+(http://127\.0\.0\.1:\d+)\s*", line)
+            found = re.match(r"(?:\s+|parallama serve: )(http://127\.0\.0\.1:\d+)", line)
             if found:
                 urls.append(found.group(1))
             if "Ctrl-C" in line:
@@ -60,6 +61,20 @@ def test_several_servers_in_one_process_stop_cleanly_on_ctrl_c() -> None:
         assert httpx.get(f"{urls[1]}/api/ps").json()["models"] == []
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
+
+
+def test_serve_puts_a_gateway_in_front_of_emulated_servers() -> None:
+    with sim_process("--port", "0", "--port", "0", "--profile", "fast") as (sim, backends):
+        args = [arg for url in backends for arg in ("--backend", url)]
+        with sim_process(*args, "--port", "0", command="serve") as (gateway, urls):
+            url = urls[0]
+            body = {"model": "qwen2.5:7b", "prompt": "hi", "stream": False}
+            assert httpx.post(f"{url}/api/generate", json=body, timeout=10).json()["done"] is True
+            assert httpx.get(f"{url}/parallama/status").json()["completed"] == 1
+            gateway.send_signal(signal.SIGINT)
+            assert gateway.wait(timeout=10) == 0
+        sim.terminate()
+        sim.wait(timeout=10)
 
 
 def test_ollama_environment_variables_configure_it() -> None:
