@@ -13,13 +13,15 @@ import ollama
 import openai
 import pytest
 
-from parallama.gateway.app import Gateway
+from parallama.gateway.app import BackendConfig, Gateway, GatewayConfig
 from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
     gateway_for,
+    in_thread,
     make_config,
     model_state,
+    running_gateway,
     sim_servers,
     state,
     wait_for_state,
@@ -151,3 +153,23 @@ async def test_pooled_connections_are_reused() -> None:
                     assert response.status == 200
         accepted = state(servers[0].url)["connections_accepted"] - 1  # minus this probe
     assert accepted == 1
+
+
+def test_model_lists_are_the_union_over_backends() -> None:
+    chat_only = make_config(models=(CHAT_MODEL,))
+    embed_only = make_config(models=(EMBED_MODEL,))
+    with sim_servers(chat_only) as first, sim_servers(embed_only) as second:
+        backends = (
+            BackendConfig(first[0].url, models=frozenset({CHAT_MODEL})),
+            BackendConfig(second[0].url, models=frozenset({EMBED_MODEL})),
+        )
+        config = GatewayConfig(backends=backends, port=0)
+        with in_thread(lambda: running_gateway(config)) as gateway:
+            tags = httpx.get(f"{gateway.url}/api/tags").json()["models"]
+            assert sorted(m["name"] for m in tags) == sorted([CHAT_MODEL, EMBED_MODEL])
+            listed = httpx.get(f"{gateway.url}/v1/models").json()
+            assert listed["object"] == "list"
+            assert sorted(m["id"] for m in listed["data"]) == sorted([CHAT_MODEL, EMBED_MODEL])
+            ollama.Client(host=gateway.url).embed(model=EMBED_MODEL, input="warm")
+            loaded = ollama.Client(host=gateway.url).ps().models
+            assert [m.model for m in loaded] == [EMBED_MODEL]

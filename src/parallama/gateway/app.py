@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
@@ -76,6 +77,27 @@ def _error(
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
+def _json(payload: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+def _union(
+    answers: list[dict[str, Any]], list_key: str, id_key: str, *, latest: str | None = None
+) -> list[dict[str, Any]]:
+    """Merge the lists under `list_key`, one row per `id_key`; with `latest`, keep the row
+    whose `latest` field is greatest (e.g. the latest `expires_at`)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for answer in answers:
+        entries = answer.get(list_key)
+        for row in entries if isinstance(entries, list) else []:
+            if not isinstance(row, dict) or not isinstance(row.get(id_key), str):
+                continue
+            kept = rows.get(row[id_key])
+            if kept is None or (latest and str(row.get(latest, "")) > str(kept.get(latest, ""))):
+                rows[row[id_key]] = row
+    return list(rows.values())
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -107,6 +129,9 @@ class Gateway:
             app.router.add_post(path, self.proxy)
         app.router.add_get("/", self.root)
         app.router.add_get("/api/version", self.version)
+        app.router.add_get("/api/tags", self.tags)
+        app.router.add_get("/api/ps", self.ps)
+        app.router.add_get("/v1/models", self.models)
         app.router.add_get("/parallama/status", self.status)
         return app
 
@@ -180,6 +205,39 @@ class Gateway:
             "backends": backends,
         }
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    async def tags(self, request: web.Request) -> web.Response:
+        """Installed models: the union over healthy backends, first answer wins per name."""
+        rows = _union(await self._ask_all("/api/tags"), "models", "name")
+        return _json({"models": rows})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        """Loaded models over all backends, latest expiry first as Ollama sorts them."""
+        rows = _union(await self._ask_all("/api/ps"), "models", "name", latest="expires_at")
+        rows.sort(key=lambda row: str(row.get("expires_at", "")), reverse=True)
+        return _json({"models": rows})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(
+            {"object": "list", "data": _union(await self._ask_all("/v1/models"), "data", "id")}
+        )
+
+    async def _ask_all(self, path: str) -> list[dict[str, Any]]:
+        """GET `path` from every healthy backend at once; a backend that fails is left out."""
+        assert self._session is not None
+        session = self._session
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout)
+
+        async def ask(base: str) -> Any:
+            try:
+                async with session.get(base + path, timeout=timeout) as reply:
+                    return await reply.json(content_type=None) if reply.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+
+        healthy = [self.urls[b.name] for b in self.scheduler.backends.values() if b.healthy]
+        answers = await asyncio.gather(*(ask(base) for base in healthy))
+        return [answer for answer in answers if isinstance(answer, dict)]
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
