@@ -19,6 +19,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from parallama import __version__
+from parallama.alarm import Alarm
 from parallama.core.scheduler import (
     Backend,
     NoBackendError,
@@ -110,7 +112,7 @@ class Gateway:
                 Backend(name, slots=backend.slots, weight=backend.weight, models=backend.models)
             )
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._alarm = Alarm(self._on_alarm)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.port = config.port
@@ -154,8 +156,7 @@ class Gateway:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
-        if self._timer is not None:
-            self._timer.cancel()
+        self._alarm.cancel()
 
     # -- middleware -----------------------------------------------------------------------------
 
@@ -180,9 +181,7 @@ class Gateway:
         return web.Response(text=ollama.ROOT_TEXT)
 
     async def version(self, request: web.Request) -> web.Response:
-        from parallama import __version__
-
-        return web.json_response({"version": __version__})
+        return _json({"version": __version__})
 
     async def status(self, request: web.Request) -> web.Response:
         s = self.scheduler
@@ -204,7 +203,7 @@ class Gateway:
             "active": counts["in_flight"],
             "backends": backends,
         }
-        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+        return _json(payload)
 
     async def tags(self, request: web.Request) -> web.Response:
         """Installed models: the union over healthy backends, first answer wins per name."""
@@ -320,15 +319,8 @@ class Gateway:
             future = self._waiters.get(ticket)
             if future is not None and not future.done():
                 future.set_result(None)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        wakeup = s.next_wakeup()
-        if wakeup is not None:
-            delay = max(wakeup - time.monotonic(), 0.0)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._alarm.set(s.next_wakeup())
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_alarm(self) -> None:
         self.scheduler.tick()
         self._changed()

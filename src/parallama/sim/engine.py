@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from parallama.alarm import Alarm
 from parallama.sim.scheduler import Scheduler, SchedulerSettings, Ticket, TicketState
 from parallama.sim.timing import TimingModel
 
@@ -46,7 +47,7 @@ class Engine:
             slots_for=lambda model: slots_for.get(model, settings.num_parallel),
         )
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._alarm = Alarm(self._on_alarm)
         self._wall_offset = time.time() - self.now()
 
     def wall_time(self, loop_time: float) -> float:
@@ -116,22 +117,14 @@ class Engine:
             future = self._waiters.get(ticket)
             if future is not None and not future.done():
                 future.set_result(None)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        wakeup = self.scheduler.next_wakeup()
-        if wakeup is not None:
-            self._timer = self._loop.call_later(max(wakeup - self.now(), 0.0), self._on_timer)
+        self._alarm.set(self.scheduler.next_wakeup())
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_alarm(self) -> None:
         self.scheduler.tick()
         self._changed()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._alarm.cancel()
 
 
 async def _sleep_until(now: Callable[[], float], deadline: float) -> None:

@@ -1,0 +1,30 @@
+"""One re-armable timer at a `time.monotonic()` deadline, for the drivers of sans-I/O state
+machines: after each change they ask the machine for its next wakeup and set the alarm to it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class Alarm:
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        self._handle: asyncio.TimerHandle | None = None
+
+    def set(self, deadline: float | None) -> None:
+        """Ring at `deadline` (monotonic seconds) instead of any earlier setting; None: never."""
+        self.cancel()
+        if deadline is not None:
+            delay = max(deadline - time.monotonic(), 0.0)
+            self._handle = asyncio.get_running_loop().call_later(delay, self._ring)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _ring(self) -> None:
+        self._handle = None
+        self._callback()
