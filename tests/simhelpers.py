@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
-    asynccontextmanager,
     contextmanager,
 )
 from dataclasses import replace
@@ -21,8 +20,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-from parallama.core.scheduler import SchedulerSettings as GatewaySchedulerSettings
-from parallama.gateway.app import BackendConfig, Gateway, GatewayConfig
+from parallama.config import BackendSettings, GatewaySettings
+from parallama.gateway.app import Gateway
+from parallama.gateway.run import running_gateway
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig
 from parallama.sim.run import running_servers
@@ -105,25 +105,15 @@ def sim_servers(config: SimConfig) -> AbstractContextManager[list[SimServer]]:
     return in_thread(lambda: running_servers(config))
 
 
-@asynccontextmanager
-async def running_gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
-    gateway = Gateway(config)
-    await gateway.start()
-    try:
-        yield gateway
-    finally:
-        await gateway.stop()
-
-
-def gateway_for(
-    servers: list[SimServer], *, slots: int = 1, **settings: Any
-) -> AbstractContextManager[Gateway]:
+def gateway_for(servers: list[SimServer], **settings: Any) -> AbstractContextManager[Gateway]:
     """A gateway on a free loopback port in front of the given emulated servers."""
-    config = GatewayConfig(
-        backends=tuple(BackendConfig(s.url, slots=slots) for s in servers),
-        port=0,
-        scheduler=GatewaySchedulerSettings(**settings),
-    )
+    return gateway_with(tuple(BackendSettings(url=s.url) for s in servers), **settings)
+
+
+def gateway_with(
+    backends: tuple[BackendSettings, ...], **settings: Any
+) -> AbstractContextManager[Gateway]:
+    config = GatewaySettings.model_validate({"port": 0, **settings, "backends": backends})
     return in_thread(lambda: running_gateway(config))
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from parallama import __version__
-from parallama.gateway import cli as gateway_cli
+from parallama import __version__, config, logs
+from parallama.runtime import run
 from parallama.sim import config as sim_config
+from parallama.sim.timing import PROFILES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,45 +35,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway in front of Ollama servers",
         description="A gateway speaking the Ollama and OpenAI APIs on one address: requests wait "
         "in its queue and are sent to whichever backend frees a slot first. "
-        "GET /parallama/status shows the counters.",
+        "GET /parallama/status shows the counters, GET /metrics the Prometheus metrics. "
+        "Each setting comes from its flag, else PARALLAMA_<SETTING>, else the --config file, "
+        "else its default.",
     )
-    gateway_cli.add_arguments(serve)
+    config.add_arguments(serve)
+    demo = commands.add_parser(
+        "demo",
+        help="try the gateway with emulated backends (no GPU, no Ollama)",
+        description="Two emulated Ollama servers and the gateway in front of them, in one "
+        "process; prints where to send requests. Ctrl-C stops everything.",
+    )
+    demo.add_argument(
+        "--port", type=int, default=11500, help="the gateway's port (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--backends", type=int, default=2, help="emulated servers (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="rtx4090",
+        help="the emulated hardware (default: %(default)s)",
+    )
     return parser
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (it is on Linux and macOS), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "sim":
-        from parallama.sim.run import serve_until_stopped
+    try:
+        if args.command == "sim":
+            from parallama.sim.run import serve_until_stopped
 
-        try:
-            config = sim_config.from_args(args)
-        except sim_config.ConfigError as exc:
-            parser.exit(2, f"parallama sim: error: {exc}\n")
-        try:
-            _run(serve_until_stopped(config))
-        except OSError as exc:
-            print(f"parallama sim: {exc}", file=sys.stderr)
-            return 1
-    if args.command == "serve":
-        try:
-            gateway_config = gateway_cli.config_from(args)
-        except ValueError as exc:
-            parser.exit(2, f"parallama serve: error: {exc}\n")
-        try:
-            _run(gateway_cli.serve(gateway_config))
-        except OSError as exc:
-            print(f"parallama serve: {exc}", file=sys.stderr)
-            return 1
+            try:
+                sim = sim_config.from_args(args)
+            except sim_config.ConfigError as exc:
+                parser.exit(2, f"parallama sim: error: {exc}\n")
+            run(serve_until_stopped(sim))
+        elif args.command == "serve":
+            from parallama.gateway.run import serve
+
+            try:
+                settings = config.from_args(args)
+            except config.ConfigError as exc:
+                parser.exit(2, f"parallama serve: error: {exc}\n")
+            logs.setup(settings.log_format, settings.log_level)
+            run(serve(settings))
+        elif args.command == "demo":
+            from parallama.demo import run_demo
+
+            if args.backends < 1 or not 0 <= args.port <= 65535:
+                parser.exit(
+                    2,
+                    "parallama demo: error: --backends must be positive and --port a port number\n",
+                )
+            logs.setup()
+            run(run_demo(args.port, args.backends, args.profile))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"parallama {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 0

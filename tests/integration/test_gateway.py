@@ -13,15 +13,15 @@ import ollama
 import openai
 import pytest
 
-from parallama.gateway.app import BackendConfig, Gateway, GatewayConfig
+from parallama.config import BackendSettings
+from parallama.gateway.app import Gateway
 from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
     gateway_for,
-    in_thread,
+    gateway_with,
     make_config,
     model_state,
-    running_gateway,
     sim_servers,
     state,
     wait_for_state,
@@ -160,11 +160,10 @@ def test_model_lists_are_the_union_over_backends() -> None:
     embed_only = make_config(models=(EMBED_MODEL,))
     with sim_servers(chat_only) as first, sim_servers(embed_only) as second:
         backends = (
-            BackendConfig(first[0].url, models=frozenset({CHAT_MODEL})),
-            BackendConfig(second[0].url, models=frozenset({EMBED_MODEL})),
+            BackendSettings(url=first[0].url, models=frozenset({CHAT_MODEL})),
+            BackendSettings(url=second[0].url, models=frozenset({EMBED_MODEL})),
         )
-        config = GatewayConfig(backends=backends, port=0)
-        with in_thread(lambda: running_gateway(config)) as gateway:
+        with gateway_with(backends) as gateway:
             tags = httpx.get(f"{gateway.url}/api/tags").json()["models"]
             assert sorted(m["name"] for m in tags) == sorted([CHAT_MODEL, EMBED_MODEL])
             listed = httpx.get(f"{gateway.url}/v1/models").json()

@@ -178,6 +178,15 @@ class Scheduler:
         queue = self._queues.get(model)
         return len(queue) if queue else 0
 
+    def queue_depths(self) -> dict[str, int]:
+        """Waiting requests of each model that has any."""
+        return {model: len(queue) for model, queue in self._queues.items() if queue}
+
+    def refuse(self) -> None:
+        """Count a request turned away before it could be queued (bad input) as rejected."""
+        self.total += 1
+        self.outcomes[Outcome.REJECTED] += 1
+
     def submit(self, model: str, *, client: str = "", priority: int = 0) -> Ticket:
         """Admit a request, or raise `QueueFullError` / `NoBackendError` (counted as rejected).
 
@@ -205,7 +214,7 @@ class Scheduler:
         if ticket.outcome is not None:
             return
         if ticket.backend is None:
-            self._queues[ticket.model].remove(ticket)
+            self._leave_queue(ticket)
             self._end(ticket, Outcome.CANCELLED)
         else:
             self._free(ticket)
@@ -232,7 +241,7 @@ class Scheduler:
         self._free(ticket)
         ticket.backend = None
         ticket.dispatched_at = None
-        self._queues[model].push(ticket)
+        self._queues.setdefault(model, _ModelQueue(self.settings.discipline)).push(ticket)
         # A fresh tie-breaker: its first timeout entry may still be in the heap.
         heapq.heappush(self._waiting, (ticket.arrived_at, next(self._seq), ticket))
         self._dispatch(model)
@@ -243,7 +252,7 @@ class Scheduler:
         while self._waiting and self._waiting[0][0] <= limit:
             ticket = heapq.heappop(self._waiting)[2]
             if ticket.queued:
-                self._queues[ticket.model].remove(ticket)
+                self._leave_queue(ticket)
                 self._end(ticket, Outcome.TIMED_OUT)
                 self._timed_out.append(ticket)
 
@@ -276,6 +285,12 @@ class Scheduler:
         ticket.outcome = outcome
         self.outcomes[outcome] += 1
 
+    def _leave_queue(self, ticket: Ticket) -> None:
+        queue = self._queues[ticket.model]
+        queue.remove(ticket)
+        if not queue:  # model names come from clients: keep no empty queue around
+            del self._queues[ticket.model]
+
     def _free(self, ticket: Ticket) -> None:
         backend = ticket.backend
         assert backend is not None
@@ -293,6 +308,8 @@ class Scheduler:
 
     def _dispatch(self, model: str) -> None:
         queue = self._queues.get(model)
+        if queue is None:
+            return
         while queue:
             backend = self._choose(model)
             if backend is None:
@@ -302,6 +319,7 @@ class Scheduler:
             ticket.dispatched_at = self._clock()
             backend.in_flight[model] += 1
             self._dispatched.append(ticket)
+        del self._queues[model]
 
     def _dispatch_all(self) -> None:
         for model in list(self._queues):

@@ -2,17 +2,18 @@
 
 Requests are read, inspected (model, stream, client, priority), queued in the scheduler, and
 forwarded to the backend it binds them to over that backend's pooled keep-alive connections.
-Answers are relayed as they arrive, chunk by chunk, without being parsed. A client that goes
-away leaves the queue or, mid-answer, closes the upstream request so the backend's slot frees.
+Answers are relayed as they arrive, chunk by chunk, without being parsed; only the last few
+kilobytes are kept, for the token counts at their end. A client that goes away leaves the queue
+or, mid-answer, closes the upstream request so the backend's slot frees.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -21,20 +22,33 @@ from aiohttp import web
 
 from parallama import __version__
 from parallama.alarm import Alarm
+from parallama.config import GatewaySettings
 from parallama.core.scheduler import (
     Backend,
     NoBackendError,
     Outcome,
     QueueFullError,
     Scheduler,
-    SchedulerSettings,
     Ticket,
 )
 from parallama.errors import ApiError
-from parallama.protocol import ollama
-from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of, error_body, inspect_request
+from parallama.gateway.exchange import Exchange
+from parallama.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from parallama.protocol import ollama, openai
+from parallama.protocol.inspect import (
+    STREAM_DEFAULTS,
+    Dialect,
+    RequestInfo,
+    dialect_of,
+    error_body,
+    inspect_request,
+)
+from parallama.protocol.usage import keep_tail, usage_from_tail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+EXCHANGE = web.RequestKey("exchange", Exchange)
+access_log = logging.getLogger("parallama.access")
+log = logging.getLogger("parallama.gateway")
 # Headers a proxy must not pass on (hop-by-hop), plus those aiohttp sets itself.
 _HOP_HEADERS = frozenset(
     h.lower()
@@ -53,29 +67,14 @@ _HOP_HEADERS = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class BackendConfig:
-    url: str
-    slots: int = 1
-    weight: float = 1.0
-    models: frozenset[str] | None = None
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    backends: tuple[BackendConfig, ...]
-    host: str = "127.0.0.1"
-    port: int = 11500
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    request_timeout: float = 300.0
-    connect_timeout: float = 10.0
-    max_body_bytes: int = 16 * 1024 * 1024
+def _passable(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
 
 
 def _error(
-    dialect: str, status: int, message: str, headers: Mapping[str, str] | None = None
+    dialect: Dialect, status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    body = error_body("openai" if dialect == "openai" else "ollama", status, message)
+    body = error_body(dialect, status, message)
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
@@ -100,32 +99,45 @@ def _union(
     return list(rows.values())
 
 
+def _error_chunk(content_type: str, message: str) -> bytes | None:
+    """How a stream that already began says it failed: Ollama's `{"error": ...}` line (which
+    its clients raise), or an SSE event with the OpenAI error object."""
+    if content_type.startswith(ollama.NDJSON):
+        return ollama.error_body(message) + b"\n"
+    if content_type.startswith(openai.EVENT_STREAM):
+        return b"data: " + openai.error_body(502, message) + b"\n\n"
+    return None
+
+
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
-        self.config = config
-        self.scheduler = Scheduler(config.scheduler, time.monotonic)
-        self.urls: dict[str, str] = {}
-        for backend in config.backends:
-            name = backend.url.rstrip("/")
-            self.urls[name] = name
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.scheduler = Scheduler(settings.scheduler, time.monotonic)
+        for backend in settings.backends:
             self.scheduler.add_backend(
-                Backend(name, slots=backend.slots, weight=backend.weight, models=backend.models)
+                Backend(
+                    backend.url,
+                    slots=settings.slots_of(backend),
+                    weight=backend.weight,
+                    models=backend.models,
+                )
             )
+        self.metrics = GatewayMetrics(self.scheduler)
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
         self._alarm = Alarm(self._on_alarm)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self.port = config.port
+        self.port = settings.port
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        return f"http://{self.settings.host}:{self.port}"
 
     def make_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.config.max_body_bytes, middlewares=[self._errors]
+            client_max_size=self.settings.max_body_bytes, middlewares=[self._edge]
         )
         for path in STREAM_DEFAULTS:
             app.router.add_post(path, self.proxy)
@@ -134,20 +146,25 @@ class Gateway:
         app.router.add_get("/api/tags", self.tags)
         app.router.add_get("/api/ps", self.ps)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/parallama/status", self.status)
         return app
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # Like nginx's proxy_read_timeout: a backend may be silent this long, before its first
+        # byte or between two chunks; a stream that keeps flowing may take as long as it needs.
         timeout = aiohttp.ClientTimeout(
-            total=self.config.request_timeout, sock_connect=self.config.connect_timeout
+            total=None,
+            sock_connect=self.settings.connect_timeout,
+            sock_read=self.settings.request_timeout,
         )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         )
         self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port, when 0 was asked for
 
@@ -161,19 +178,48 @@ class Gateway:
     # -- middleware -----------------------------------------------------------------------------
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _edge(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every answer in the API's own dialect, and one record per request."""
+        exchange = Exchange(
+            request.method, request.path, f"addr:{request.remote}", time.monotonic()
+        )
+        request[EXCHANGE] = exchange
+        try:
+            response = await self._answer(request, handler, exchange)
+            exchange.status = exchange.status or response.status
+            return response
+        except BaseException as exc:
+            # 499, as nginx logs it: the client closed the connection before the answer ended.
+            exchange.status = exchange.status or (
+                499 if isinstance(exc, asyncio.CancelledError) else 500
+            )
+            raise
+        finally:
+            exchange.finished_at = time.monotonic()
+            self._record(exchange)
+
+    async def _answer(
+        self, request: web.Request, handler: Handler, exchange: Exchange
+    ) -> web.StreamResponse:
         dialect = dialect_of(request.path)
         try:
             return await handler(request)
         except ApiError as exc:
+            exchange.error = exc.message
             return _error(dialect, exc.status, exc.message, exc.headers)
-        except web.HTTPRequestEntityTooLarge:
-            limit = self.config.max_body_bytes
-            return _error(dialect, 413, f"request body is larger than {limit} bytes")
         except web.HTTPNotFound:
             return _error(dialect, 404, f"no route {request.method} {request.path}")
         except web.HTTPMethodNotAllowed:
             return _error(dialect, 405, f"method {request.method} not allowed on {request.path}")
+
+    def _record(self, exchange: Exchange) -> None:
+        self.metrics.observe(exchange)
+        if not self.settings.log_requests:
+            return
+        # Model routes are the traffic; scrapes and listings would drown them at info level.
+        level = logging.INFO if exchange.model is not None else logging.DEBUG
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "request", extra={"fields": exchange.log_fields()})
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -183,7 +229,12 @@ class Gateway:
     async def version(self, request: web.Request) -> web.Response:
         return _json({"version": __version__})
 
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
     async def status(self, request: web.Request) -> web.Response:
+        """The seed's `get_stats` (total, completed, rejected, timeout, queue_size, active),
+        every outcome, and each backend's state."""
         s = self.scheduler
         counts = s.accounting()
         backends = [
@@ -191,6 +242,8 @@ class Gateway:
                 "url": b.name,
                 "healthy": b.healthy,
                 "slots": b.slots,
+                "weight": b.weight,
+                "models": sorted(b.models) if b.models is not None else None,
                 "active": sum(b.in_flight.values()),
                 "in_flight": dict(b.in_flight),
             }
@@ -201,6 +254,7 @@ class Gateway:
             "timeout": counts["timed_out"],
             "queue_size": counts["queued"],
             "active": counts["in_flight"],
+            "queues": s.queue_depths(),
             "backends": backends,
         }
         return _json(payload)
@@ -225,7 +279,7 @@ class Gateway:
         """GET `path` from every healthy backend at once; a backend that fails is left out."""
         assert self._session is not None
         session = self._session
-        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout)
+        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout)
 
         async def ask(base: str) -> Any:
             try:
@@ -234,31 +288,46 @@ class Gateway:
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 return None
 
-        healthy = [self.urls[b.name] for b in self.scheduler.backends.values() if b.healthy]
+        healthy = [b.name for b in self.scheduler.backends.values() if b.healthy]
         answers = await asyncio.gather(*(ask(base) for base in healthy))
         return [answer for answer in answers if isinstance(answer, dict)]
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        info = inspect_request(request.path, body, request.headers, request.remote or "")
-        async with self._admitted(info.model, info.client, info.priority) as ticket:
-            backend = ticket.backend
-            assert backend is not None
-            return await self._forward(request, body, self.urls[backend.name], ticket)
+        exchange = request[EXCHANGE]
+        exchange.outcome = Outcome.REJECTED.value  # until the scheduler admits it
+        body, info = await self._read(request)
+        exchange.model, exchange.stream, exchange.client = info.model, info.stream, info.client
+        async with self._admitted(info, exchange) as ticket:
+            return await self._forward(request, body, info, ticket, exchange)
 
     # -- the pieces -----------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, model: str, client: str, priority: int) -> AsyncIterator[Ticket]:
-        """Wait in the gateway's queue until the scheduler binds the request to a backend."""
+    async def _read(self, request: web.Request) -> tuple[bytes, RequestInfo]:
+        """The body and what routing needs of it; bad input is counted as rejected."""
         try:
-            ticket = self.scheduler.submit(model, client=client, priority=priority)
+            body = await request.read()
+            info = inspect_request(request.path, body, request.headers, request.remote or "")
+        except web.HTTPRequestEntityTooLarge:
+            self.scheduler.refuse()
+            limit = self.settings.max_body_bytes
+            raise ApiError(413, f"request body is larger than {limit} bytes") from None
+        except ApiError:
+            self.scheduler.refuse()
+            raise
+        return body, info
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, info: RequestInfo, exchange: Exchange) -> AsyncIterator[Ticket]:
+        """Wait in the gateway's queue until the scheduler binds the request to a backend."""
+        model = info.model
+        try:
+            ticket = self.scheduler.submit(model, client=info.client, priority=info.priority)
         except QueueFullError as full:
             retry = str(int(full.retry_after))
             message = f"{full}: try again in {retry} s"
             raise ApiError(503, message, {"Retry-After": retry}) from None
         except NoBackendError:
-            raise ApiError(404, f"model '{model}' not found") from None
+            raise ApiError(404, ollama.model_not_found(model)) from None
         try:
             if ticket.backend is None:
                 future = asyncio.get_running_loop().create_future()
@@ -267,7 +336,7 @@ class Gateway:
                 await future
             if ticket.outcome is Outcome.TIMED_OUT:
                 retry = str(int(self.scheduler.retry_after(model)))
-                waited = self.config.scheduler.queue_timeout
+                waited = self.settings.queue_timeout
                 message = f"timed out after {waited:g} s waiting in the queue"
                 raise ApiError(503, message, {"Retry-After": retry})
             yield ticket
@@ -276,37 +345,57 @@ class Gateway:
             if ticket.outcome is None:  # cancelled, or an error escaped
                 self.scheduler.cancel(ticket)
             self._changed()
+            assert ticket.outcome is not None
+            exchange.outcome = ticket.outcome.value
+            waited_until = ticket.dispatched_at or time.monotonic()
+            exchange.queue_seconds = waited_until - ticket.arrived_at
 
     async def _forward(
-        self, request: web.Request, body: bytes, base: str, ticket: Ticket
+        self,
+        request: web.Request,
+        body: bytes,
+        info: RequestInfo,
+        ticket: Ticket,
+        exchange: Exchange,
     ) -> web.StreamResponse:
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        dialect = dialect_of(request.path)
+        assert self._session is not None and ticket.backend is not None
+        base = exchange.backend = ticket.backend.name
         response: web.StreamResponse | None = None
+        tail = b""
         try:
             async with self._session.post(
-                base + request.path, data=body, headers=headers
+                base + request.path, data=body, headers=_passable(request.headers)
             ) as upstream:
-                reply_headers = {
-                    k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS
-                }
-                response = web.StreamResponse(status=upstream.status, headers=reply_headers)
+                response = web.StreamResponse(
+                    status=upstream.status, headers=_passable(upstream.headers)
+                )
                 await response.prepare(request)
+                exchange.status = upstream.status
                 async for chunk in upstream.content.iter_any():
+                    if exchange.first_byte_at is None:
+                        exchange.first_byte_at = time.monotonic()
+                    tail = keep_tail(tail, chunk)
                     await response.write(chunk)
                 await response.write_eof()
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.scheduler.release(ticket, Outcome.FAILED)
-            if response is not None:
-                raise  # mid-answer: the client sees the stream cut; nothing can be added
-            return _error(dialect, 502, f"backend {base} failed: {exc}")
-        except TimeoutError:
-            self.scheduler.release(ticket, Outcome.FAILED)
-            if response is not None:
-                raise
-            limit = self.config.request_timeout
-            return _error(dialect, 504, f"backend {base} did not answer within {limit:g} s")
+            if isinstance(exc, TimeoutError):
+                limit = self.settings.request_timeout
+                status, reason = 504, f"backend {base} did not answer within {limit:g} s"
+            else:
+                status, reason = 502, f"backend {base} failed: {exc or type(exc).__name__}"
+            exchange.error = reason
+            log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
+            if response is None:
+                return _error(info.dialect, status, reason)
+            last_words = _error_chunk(response.content_type, reason)
+            if last_words is None:
+                raise  # a whole answer cut in the middle: only closing the connection says so
+            await response.write(last_words)
+            await response.write_eof()
+            return response
+        if upstream.status == 200:
+            exchange.usage = usage_from_tail(tail)
         self.scheduler.release(
             ticket, Outcome.COMPLETED if upstream.status < 500 else Outcome.FAILED
         )

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 from collections.abc import AsyncIterator
 
 from parallama.protocol.durations import format_duration
+from parallama.runtime import stop_requested
 from parallama.sim.config import SimConfig
 from parallama.sim.server import SimServer
 
@@ -26,14 +25,10 @@ async def running_servers(config: SimConfig) -> AsyncIterator[list[SimServer]]:
 
 
 async def serve_until_stopped(config: SimConfig, announce: bool = True) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     async with running_servers(config) as servers:
         if announce:
             describe(config, servers)
-        await stop.wait()
+        await stop_requested()
 
 
 def describe(config: SimConfig, servers: list[SimServer]) -> None:

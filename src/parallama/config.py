@@ -1,0 +1,218 @@
+"""Settings of `parallama serve`: one validated object from three sources.
+
+A TOML file (`--config`), `PARALLAMA_*` environment variables and flags, each overriding the one
+before. Every setting is declared once, below, with its default and description: the flags, their
+help and the environment names are derived from it, so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from parallama.core.scheduler import SchedulerSettings
+
+ENV_PREFIX = "PARALLAMA_"
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names the setting, its source and the fault."""
+
+
+class BackendSettings(BaseModel):
+    """One engine the gateway sends work to (an `[[backends]]` table in the file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(description="base URL of an Ollama server, e.g. http://127.0.0.1:11434")
+    slots: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="parallel requests per model: its OLLAMA_NUM_PARALLEL"
+    )
+    weight: float = Field(1.0, gt=0, description="relative capacity when comparing load")
+    models: frozenset[str] | None = Field(
+        None, description="the only models sent here; absent: any model"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: a backend URL has no query or fragment")
+        try:
+            parts.port  # noqa: B018 -- raises on a malformed port
+        except ValueError:
+            raise ValueError(f"{url!r} has an invalid port") from None
+        return url.strip().rstrip("/")
+
+
+class GatewaySettings(BaseModel):
+    """Everything `parallama serve` can be told; the top level of the TOML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backends: tuple[BackendSettings, ...] = Field(
+        min_length=1, description="the engines behind the gateway"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(11500, ge=0, le=65535, description="port to listen on (0: any free port)")
+    slots: int = Field(
+        1, ge=1, description="default slots per model for backends that do not set their own"
+    )
+    max_queue: int = Field(1024, ge=1, description="waiting requests, all models together")
+    max_queue_per_model: int = Field(
+        512, ge=1, description="waiting requests per model before 503 + Retry-After"
+    )
+    queue_timeout: float = Field(
+        60.0, gt=0, description="seconds a request may wait for a slot before 503"
+    )
+    discipline: Literal["fifo", "fair"] = Field(
+        "fifo",
+        description="queue order: fifo (with X-Priority), or fair round-robin over clients "
+        "(API key, X-Client-Id, else address)",
+    )
+    request_timeout: float = Field(
+        300.0, gt=0, description="seconds a backend may take for one answer before 504"
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to open a backend connection")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as logfmt text or as JSON objects"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="least severe log level written"
+    )
+    log_requests: bool = Field(True, description="one log line per request (never its prompt)")
+
+    def slots_of(self, backend: BackendSettings) -> int:
+        return backend.slots if backend.slots is not None else self.slots
+
+    @property
+    def scheduler(self) -> SchedulerSettings:
+        return SchedulerSettings(
+            max_queue=self.max_queue,
+            max_queue_per_model=self.max_queue_per_model,
+            queue_timeout=self.queue_timeout,
+            discipline=self.discipline,
+        )
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def _scalar_settings() -> dict[str, Any]:
+    return {n: f for n, f in GatewaySettings.model_fields.items() if n != "backends"}
+
+
+def _urls(text: str) -> list[dict[str, str]]:
+    return [{"url": url.strip()} for url in text.split(",") if url.strip()]
+
+
+def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as `PARALLAMA_<SETTING>`; `PARALLAMA_BACKENDS` is a list of URLs
+    separated by commas."""
+    found: dict[str, Any] = {}
+    for name in _scalar_settings():
+        raw = env.get(env_name(name), "").strip()
+        if raw:
+            found[name] = raw
+    backends = _urls(env.get(env_name("backends"), ""))
+    if backends:
+        found["backends"] = backends
+    return found
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, sources: str) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{where}: {message}")
+    return f"invalid settings ({sources}):\n  " + "\n  ".join(lines)
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> GatewaySettings:
+    """File, then environment, then flags: each given setting replaces the one before."""
+    env = os.environ if env is None else env
+    if path is None and env.get(env_name("config"), "").strip():
+        path = Path(env[env_name("config")].strip())
+    merged: dict[str, Any] = read_file(path) if path is not None else {}
+    merged.update(from_environment(env))
+    merged.update(flags or {})
+    sources = ", ".join([*([str(path)] if path else []), f"{ENV_PREFIX}* environment", "flags"])
+    try:
+        return GatewaySettings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None
+
+
+# -- flags -------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (`max_queue` is `--max-queue`); only flags given override."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with the settings below and [[backends]] tables "
+        f"(env {env_name('config')})",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        dest="backends",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="an Ollama (or emulated) server, e.g. http://127.0.0.1:11434; repeat for several; "
+        f"replaces the file's backends (env {env_name('backends')}, comma-separated)",
+    )
+    for name, info in _scalar_settings().items():
+        flag = "--" + name.replace("_", "-")
+        default = info.default
+        shown = str(default).lower() if isinstance(default, bool) else default
+        help_text = f"{info.description} (default: {shown}; env {env_name(name)})"
+        help_text = help_text.replace("%", "%%")
+        kind = info.annotation
+        options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is Literal:
+            options["choices"] = typing.get_args(kind)
+        parser.add_argument(flag, **options)
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> GatewaySettings:
+    flags = {k: v for k, v in vars(args).items() if k in GatewaySettings.model_fields}
+    if "backends" in flags:
+        flags["backends"] = [{"url": url} for url in flags["backends"]]
+    return load(args.config, env, flags)

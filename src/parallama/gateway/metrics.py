@@ -1,0 +1,157 @@
+"""`GET /metrics`: the gateway in Prometheus' text format, one registry per gateway.
+
+Counters and histograms are updated once per request from its `Exchange`; queue depths, in-flight
+counts and slots are read from the scheduler when Prometheus scrapes, so they cost nothing on the
+hot path. Model names come from clients, so only the first `MODEL_LABELS` distinct names get a
+label of their own; later ones are counted as `_other` and the series stay bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from parallama.core.scheduler import Scheduler
+from parallama.gateway.exchange import Exchange
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+MODEL_LABELS = 100
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+
+class ModelLabels:
+    """Model names as label values, at most `limit` of them."""
+
+    OTHER = "_other"
+
+    def __init__(self, limit: int = MODEL_LABELS) -> None:
+        self._limit = limit
+        self.seen: dict[str, None] = {}  # insertion-ordered set
+
+    def __call__(self, model: str) -> str:
+        if model in self.seen:
+            return model
+        if len(self.seen) < self._limit:
+            self.seen[model] = None
+            return model
+        return self.OTHER
+
+
+class _SchedulerCollector(Collector):
+    """The scheduler's live state, read at scrape time."""
+
+    def __init__(self, scheduler: Scheduler, labels: ModelLabels) -> None:
+        self._scheduler = scheduler
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._scheduler
+        depth = GaugeMetricFamily(
+            "parallama_queue_depth", "Requests waiting for a slot, per model", labels=["model"]
+        )
+        depths: dict[str, int] = dict.fromkeys(self._labels.seen, 0)
+        for model, waiting in s.queue_depths().items():
+            label = self._labels(model)
+            depths[label] = depths.get(label, 0) + waiting
+        for model, waiting in depths.items():
+            depth.add_metric([model], waiting)
+        yield depth
+        in_flight = GaugeMetricFamily(
+            "parallama_backend_in_flight", "Requests a backend is answering", labels=["backend"]
+        )
+        slots = GaugeMetricFamily(
+            "parallama_backend_slots", "A backend's parallel slots per model", labels=["backend"]
+        )
+        healthy = GaugeMetricFamily(
+            "parallama_backend_healthy", "1 if the backend gets new work", labels=["backend"]
+        )
+        for backend in s.backends.values():
+            in_flight.add_metric([backend.name], sum(backend.in_flight.values()))
+            slots.add_metric([backend.name], backend.slots)
+            healthy.add_metric([backend.name], 1 if backend.healthy else 0)
+        yield from (in_flight, slots, healthy)
+
+
+class GatewayMetrics:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._models = ModelLabels()
+        self._requests = Counter(
+            "parallama_requests",
+            "Requests to model routes, by how they ended",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self._backend_requests = Counter(
+            "parallama_backend_requests",
+            "Requests sent to each backend, by how they ended",
+            ["backend", "outcome"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "parallama_request_duration_seconds",
+            "Arrival to last byte of completed requests, queueing included",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._queue_wait = Histogram(
+            "parallama_queue_wait_seconds",
+            "Time waiting in the gateway for a backend slot",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._ttft = Histogram(
+            "parallama_time_to_first_token_seconds",
+            "Arrival to first streamed byte, queueing included",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self._speed = Histogram(
+            "parallama_generation_tokens_per_second",
+            "Decode speed of each completed generation",
+            ["model"],
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=registry,
+        )
+        self._prompt_tokens = Counter(
+            "parallama_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry
+        )
+        self._generated_tokens = Counter(
+            "parallama_generated_tokens", "Tokens generated", ["model"], registry=registry
+        )
+        registry.register(_SchedulerCollector(scheduler, self._models))
+
+    def observe(self, exchange: Exchange) -> None:
+        """Count a finished request of a model route."""
+        if exchange.model is None or exchange.outcome is None:
+            return
+        model = self._models(exchange.model)
+        self._requests.labels(model, exchange.outcome).inc()
+        if exchange.backend is not None:
+            self._backend_requests.labels(exchange.backend, exchange.outcome).inc()
+        if exchange.queue_seconds is not None:
+            self._queue_wait.labels(model).observe(exchange.queue_seconds)
+        if exchange.outcome != "completed":
+            return
+        if exchange.seconds is not None:
+            self._duration.labels(model).observe(exchange.seconds)
+        if (ttft := exchange.first_token_seconds) is not None:
+            self._ttft.labels(model).observe(ttft)
+        if (speed := exchange.tokens_per_second) is not None:
+            self._speed.labels(model).observe(speed)
+        usage = exchange.usage
+        if usage is not None:
+            self._prompt_tokens.labels(model).inc(usage.prompt_tokens or 0)
+            self._generated_tokens.labels(model).inc(usage.generated_tokens or 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,44 @@
+"""Token counts from the end of an answer, without parsing the answer (sans-I/O).
+
+The relay keeps only the last few kilobytes of each answer. Both dialects put their counts at the
+very end: Ollama's final object (`prompt_eval_count`, `eval_count`, `eval_duration` in ns) and
+OpenAI's `usage` object (`prompt_tokens`, `completion_tokens`), which a stream carries only when
+the client asked for `stream_options.include_usage`. A count quoted inside generated text is
+JSON-escaped (`\\"eval_count\\"`), so it cannot match.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TAIL_BYTES = 4096
+_COUNT = re.compile(
+    rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|completion_tokens)"\s*:\s*(\d+)'
+)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    generation_seconds: float | None = None  # the engine's own decode time, when it says
+
+
+def keep_tail(tail: bytes, chunk: bytes) -> bytes:
+    """The last `TAIL_BYTES` of everything seen so far."""
+    if len(chunk) >= TAIL_BYTES:
+        return chunk[-TAIL_BYTES:]
+    return (tail + chunk)[-TAIL_BYTES:]
+
+
+def usage_from_tail(tail: bytes) -> Usage | None:
+    counts = {name.decode(): int(value) for name, value in _COUNT.findall(tail)}  # last wins
+    if not counts:
+        return None
+    duration = counts.get("eval_duration")
+    return Usage(
+        prompt_tokens=counts.get("prompt_eval_count", counts.get("prompt_tokens")),
+        generated_tokens=counts.get("eval_count", counts.get("completion_tokens")),
+        generation_seconds=duration / 1e9 if duration else None,
+    )
