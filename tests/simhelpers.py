@@ -134,17 +134,36 @@ def state(url: str) -> dict[str, Any]:
     return result
 
 
-def wait_for_state(url: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
-    """Poll the emulator's state until `predicate(state)` holds (the state is only observable
+def gateway_status(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/parallama/status", timeout=5)
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def _poll(
+    read: Callable[[str], dict[str, Any]], url: str, predicate: Any, timeout: float
+) -> dict[str, Any]:
+    """Read a server's state until `predicate(state)` holds (the state is only observable
     over HTTP, so this is waiting for an event, not sleeping for time to pass)."""
     deadline = time.monotonic() + timeout
     while True:
-        current = state(url)
+        current = read(url)
         if predicate(current):
             return current
         if time.monotonic() > deadline:
             raise AssertionError(f"state never satisfied the condition: {current}")
         time.sleep(0.01)
+
+
+def wait_for_state(url: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The emulator's `/_sim/state`, once `predicate` holds."""
+    return _poll(state, url, predicate, timeout)
+
+
+def wait_for_gateway(url: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The gateway's `/parallama/status`, once `predicate` holds."""
+    return _poll(gateway_status, url, predicate, timeout)
 
 
 def model_state(current: dict[str, Any], name: str) -> dict[str, Any]:

@@ -49,10 +49,10 @@ async def run_demo(port: int, backends: int, profile: str) -> None:
         )
         async with running_gateway(settings) as gateway:
             curl, python = examples(gateway.url)
+            models = ", ".join(m.name for m in sim.models)
             print(
-                f"parallama demo: the gateway in front of {backends} emulated Ollama servers "
-                f"(profile {profile}, models: {', '.join(m.name for m in sim.models)})\n"
-                f"{describe_gateway(gateway)}\n\n"
+                f"{describe_gateway(gateway, 'demo')}\n"
+                f"  the backends are emulated Ollama servers (profile {profile}): {models}\n\n"
                 f"Try it with curl:\n  {curl}\n\n"
                 "or from Python (pip install ollama):\n"
                 + "\n".join(f"  {line}" for line in python.splitlines())

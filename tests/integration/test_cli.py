@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,10 +20,14 @@ from parallama.cli import build_parser
 
 @contextmanager
 def sim_process(
-    *args: str, env: dict[str, str] | None = None, command: str = "sim"
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: str = "sim",
+    printed: list[str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     """Start `parallama sim` (or another command), wait until it has printed its addresses and
-    "Ctrl-C", stop it at the end."""
+    "Ctrl-C", stop it at the end. The gateway's address comes first; `printed` collects the
+    lines read."""
     process = subprocess.Popen(
         [sys.executable, "-m", "parallama", command, *args],
         stdout=subprocess.PIPE,
@@ -33,7 +39,9 @@ def sim_process(
     urls: list[str] = []
     try:
         for line in process.stdout:
-            found = re.match(r"(?:\s+|parallama serve: )(http://127\.0\.0\.1:\d+)", line)
+            if printed is not None:
+                printed.append(line.rstrip("\n"))
+            found = re.match(r"(?:\s+|parallama \w+: gateway on )(http://127\.0\.0\.1:\d+)", line)
             if found:
                 urls.append(found.group(1))
             if "Ctrl-C" in line:
@@ -75,6 +83,59 @@ def test_serve_puts_a_gateway_in_front_of_emulated_servers() -> None:
             assert gateway.wait(timeout=10) == 0
         sim.terminate()
         sim.wait(timeout=10)
+
+
+def test_serve_reads_a_config_file_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    with sim_process("--port", "0", "--profile", "fast") as (sim, backends):
+        good = tmp_path / "parallama.toml"
+        good.write_text(
+            f'port = 0\nmax_queue = 7\n[[backends]]\nurl = "{backends[0]}"\nslots = 3\n'
+        )
+        with sim_process("--config", str(good), command="serve") as (gateway, urls):
+            status = httpx.get(f"{urls[0]}/parallama/status").json()
+            assert [(b["url"], b["slots"]) for b in status["backends"]] == [(backends[0], 3)]
+            gateway.terminate()
+            assert gateway.wait(timeout=10) == 0
+        sim.terminate()
+        sim.wait(timeout=10)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[backends]]\nurl = "http://127.0.0.1:1"\nslot = 2\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "parallama", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "backends.0.slot: unknown setting" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_and_the_examples_it_prints_work() -> None:
+    printed: list[str] = []
+    with sim_process("--port", "0", "--profile", "fast", command="demo", printed=printed) as (
+        demo,
+        urls,
+    ):
+        gateway = urls[0]
+        curl = next(line.strip() for line in printed if line.strip().startswith("curl "))
+        _, _, url, _, body = shlex.split(curl)
+        assert url == f"{gateway}/api/chat"
+        reply = httpx.post(url, content=body, timeout=10)
+        assert reply.status_code == 200
+        assert reply.json()["message"]["content"]
+        start = printed.index("or from Python (pip install ollama):") + 1
+        snippet = "\n".join(line.strip() for line in printed[start:] if line.startswith("  "))
+        ran = subprocess.run(
+            [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=30, check=True
+        )
+        assert ran.stdout.strip()
+        status = httpx.get(f"{gateway}/parallama/status").json()
+        assert status["completed"] == 2
+        assert len(status["backends"]) == 2
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=10) == 0
 
 
 def test_ollama_environment_variables_configure_it() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.simhelpers import (
     model_state,
     sim_servers,
     state,
+    wait_for_gateway,
     wait_for_state,
     with_ports,
 )
@@ -104,24 +104,13 @@ async def test_full_queue_is_503_with_retry_after() -> None:
             body = {"model": CHAT_MODEL, "prompt": "slow"}
             running = await session.post(f"{gateway.url}/api/generate", json=body)
             queued = asyncio.create_task(session.post(f"{gateway.url}/api/generate", json=body))
-            await asyncio.to_thread(_wait_gateway, gateway.url, lambda s: s["queue_size"] == 1)
+            await asyncio.to_thread(wait_for_gateway, gateway.url, lambda s: s["queue_size"] == 1)
             async with session.post(f"{gateway.url}/api/generate", json=body) as refused:
                 assert refused.status == 503
                 assert int(refused.headers["Retry-After"]) >= 1
                 assert "queue is full" in (await refused.json())["error"]
             running.close()
             (await queued).close()
-
-
-def _wait_gateway(url: str, predicate: Any) -> dict[str, Any]:
-    """Poll the gateway's status until `predicate` holds (an event seen only over HTTP)."""
-    deadline = time.monotonic() + 10
-    while True:
-        current: dict[str, Any] = httpx.get(f"{url}/parallama/status").json()
-        if predicate(current):
-            return current
-        assert time.monotonic() < deadline, current
-        time.sleep(0.01)
 
 
 async def test_client_disconnect_mid_stream_frees_the_backend_slot() -> None:

@@ -131,10 +131,10 @@ class GatewayMetrics:
         registry.register(_SchedulerCollector(scheduler, self._models))
 
     def observe(self, exchange: Exchange) -> None:
-        """Count a finished request of a model route."""
-        if exchange.model is None or exchange.outcome is None:
+        """Count a finished request of a model route (model "" when its body had none)."""
+        if exchange.outcome is None:
             return
-        model = self._models(exchange.model)
+        model = self._models(exchange.model or "")
         self._requests.labels(model, exchange.outcome).inc()
         if exchange.backend is not None:
             self._backend_requests.labels(exchange.backend, exchange.outcome).inc()

@@ -10,16 +10,14 @@ from parallama.gateway.app import Gateway
 from parallama.runtime import stop_requested
 
 
-def describe(gateway: Gateway) -> str:
-    """What runs where, and how to try it."""
-    lines = [f"parallama serve: {gateway.url}"]
+def describe(gateway: Gateway, command: str = "serve") -> str:
+    """What runs where: the gateway's address first, then each backend."""
+    lines = [f"parallama {command}: gateway on {gateway.url}"]
     for backend in gateway.settings.backends:
         models = ", ".join(sorted(backend.models)) if backend.models is not None else "any model"
         slots = gateway.settings.slots_of(backend)
-        lines.append(f"  -> {backend.url}  slots={slots} weight={backend.weight:g}  {models}")
-    lines += [
-        f"  status: {gateway.url}/parallama/status   metrics: {gateway.url}/metrics",
-    ]
+        lines.append(f"  backend {backend.url}  slots={slots} weight={backend.weight:g}  {models}")
+    lines.append(f"  status {gateway.url}/parallama/status   metrics {gateway.url}/metrics")
     return "\n".join(lines)
 
 
