@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 from aiohttp import web
 
 from parallama import __version__
@@ -43,7 +44,7 @@ from parallama.protocol.inspect import (
     error_body,
     inspect_request,
 )
-from parallama.protocol.usage import keep_tail, usage_from_tail
+from parallama.protocol.usage import TAIL_BYTES, keep_tail, usage_from_tail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -109,6 +110,17 @@ def _error_chunk(content_type: str, message: str) -> bytes | None:
     return None
 
 
+class _ClientGone(Exception):
+    """Writing to the client failed: it left, and the backend is not to blame."""
+
+
+async def _to_client(write: Awaitable[object]) -> None:
+    try:
+        await write
+    except ConnectionError as exc:
+        raise _ClientGone from exc
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -124,6 +136,7 @@ class Gateway:
             )
         self.metrics = GatewayMetrics(self.scheduler)
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self._urls: dict[tuple[str, str], yarl.URL] = {}
         self._alarm = Alarm(self._on_alarm)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -160,7 +173,11 @@ class Gateway:
             sock_read=self.settings.request_timeout,
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,  # pass bytes through as the backend sent them
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
         self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -364,19 +381,30 @@ class Gateway:
         tail = b""
         try:
             async with self._session.post(
-                base + request.path, data=body, headers=_passable(request.headers)
+                self._upstream_url(base, request.path),
+                data=body,
+                headers=_passable(request.headers),
             ) as upstream:
-                response = web.StreamResponse(
-                    status=upstream.status, headers=_passable(upstream.headers)
-                )
-                await response.prepare(request)
                 exchange.status = upstream.status
-                async for chunk in upstream.content.iter_any():
-                    if exchange.first_byte_at is None:
-                        exchange.first_byte_at = time.monotonic()
-                    tail = keep_tail(tail, chunk)
-                    await response.write(chunk)
-                await response.write_eof()
+                headers = _passable(upstream.headers)
+                if not info.stream:  # one answer: relay it whole, with its length
+                    whole = await upstream.read()
+                    tail = whole[-TAIL_BYTES:]
+                    response = web.Response(body=whole, status=upstream.status, headers=headers)
+                else:
+                    response = web.StreamResponse(status=upstream.status, headers=headers)
+                    await _to_client(response.prepare(request))
+                    async for chunk in upstream.content.iter_any():
+                        if exchange.first_byte_at is None:
+                            exchange.first_byte_at = time.monotonic()
+                        tail = keep_tail(tail, chunk)
+                        await _to_client(response.write(chunk))
+                    await _to_client(response.write_eof())
+        except _ClientGone:
+            assert response is not None
+            self.scheduler.cancel(ticket)  # frees the slot; closing upstream stops the work
+            exchange.status = 499
+            return response  # aiohttp closes the broken connection quietly
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.scheduler.release(ticket, Outcome.FAILED)
             if isinstance(exc, TimeoutError):
@@ -400,6 +428,14 @@ class Gateway:
             ticket, Outcome.COMPLETED if upstream.status < 500 else Outcome.FAILED
         )
         return response
+
+    def _upstream_url(self, base: str, path: str) -> yarl.URL:
+        """Parsed once per backend and route: building URLs is a visible cost per request."""
+        key = (base, path)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = yarl.URL(base + path)
+        return url
 
     def _changed(self) -> None:
         """After any scheduler call: wake dispatched and timed-out waiters, re-arm the timer."""

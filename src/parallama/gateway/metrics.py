@@ -9,6 +9,7 @@ label of their own; later ones are counted as `_other` and the series stay bound
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.exchange import Exchange
 
+M = TypeVar("M", Counter, Histogram)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MODEL_LABELS = 100
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -81,6 +83,7 @@ class _SchedulerCollector(Collector):
 class GatewayMetrics:
     def __init__(self, scheduler: Scheduler) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
         self._models = ModelLabels()
         self._requests = Counter(
             "parallama_requests",
@@ -135,23 +138,32 @@ class GatewayMetrics:
         if exchange.outcome is None:
             return
         model = self._models(exchange.model or "")
-        self._requests.labels(model, exchange.outcome).inc()
+        series = self._series
+        series(self._requests, model, exchange.outcome).inc()
         if exchange.backend is not None:
-            self._backend_requests.labels(exchange.backend, exchange.outcome).inc()
+            series(self._backend_requests, exchange.backend, exchange.outcome).inc()
         if exchange.queue_seconds is not None:
-            self._queue_wait.labels(model).observe(exchange.queue_seconds)
+            series(self._queue_wait, model).observe(exchange.queue_seconds)
         if exchange.outcome != "completed":
             return
         if exchange.seconds is not None:
-            self._duration.labels(model).observe(exchange.seconds)
+            series(self._duration, model).observe(exchange.seconds)
         if (ttft := exchange.first_token_seconds) is not None:
-            self._ttft.labels(model).observe(ttft)
+            series(self._ttft, model).observe(ttft)
         if (speed := exchange.tokens_per_second) is not None:
-            self._speed.labels(model).observe(speed)
+            series(self._speed, model).observe(speed)
         usage = exchange.usage
         if usage is not None:
-            self._prompt_tokens.labels(model).inc(usage.prompt_tokens or 0)
-            self._generated_tokens.labels(model).inc(usage.generated_tokens or 0)
+            series(self._prompt_tokens, model).inc(usage.prompt_tokens or 0)
+            series(self._generated_tokens, model).inc(usage.generated_tokens or 0)
+
+    def _series(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, remembered: the lookup costs more than the update."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(M, found)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
