@@ -196,11 +196,15 @@ class Scheduler:
         if not any(b.models is None or model in b.models for b in self.backends.values()):
             self._end(ticket, Outcome.REJECTED)
             raise NoBackendError(model)
-        must_wait = self.queue_depth(model) > 0 or self._choose(model) is None
-        if must_wait and self.queued >= self.settings.max_queue:
+        if self.queue_depth(model) == 0:
+            backend = self._choose(model)
+            if backend is not None:  # a free slot and nobody ahead: bind at once
+                self._bind(ticket, backend)
+                return ticket
+        if self.queued >= self.settings.max_queue:
             self._end(ticket, Outcome.REJECTED)
             raise QueueFullError("gateway", self.retry_after(model))
-        if must_wait and self.queue_depth(model) >= self.settings.max_queue_per_model:
+        if self.queue_depth(model) >= self.settings.max_queue_per_model:
             self._end(ticket, Outcome.REJECTED)
             raise QueueFullError(f"model '{model}'", self.retry_after(model))
         queue = self._queues.setdefault(model, _ModelQueue(self.settings.discipline))
@@ -314,12 +318,14 @@ class Scheduler:
             backend = self._choose(model)
             if backend is None:
                 return
-            ticket = queue.pop()
-            ticket.backend = backend
-            ticket.dispatched_at = self._clock()
-            backend.in_flight[model] += 1
-            self._dispatched.append(ticket)
+            self._bind(queue.pop(), backend)
         del self._queues[model]
+
+    def _bind(self, ticket: Ticket, backend: Backend) -> None:
+        ticket.backend = backend
+        ticket.dispatched_at = self._clock()
+        backend.in_flight[ticket.model] += 1
+        self._dispatched.append(ticket)
 
     def _dispatch_all(self) -> None:
         for model in list(self._queues):
