@@ -25,6 +25,7 @@ from tests.simhelpers import (
     make_config,
     model_state,
     sim_servers,
+    state,
     wait_for_gateway,
     wait_for_state,
     with_ports,
@@ -243,3 +244,18 @@ async def test_stream_cut_by_the_backend_ends_with_an_error_chunk(dialect: str) 
         assert last.startswith(b"data: ")
         assert orjson.loads(last.removeprefix(b"data: "))["error"]["type"] == "api_error"
     assert (status["failed"], status["active"]) == (1, 0)
+
+
+def test_oversized_body_is_413_and_counted_as_rejected() -> None:
+    with (
+        sim_servers(make_config()) as servers,
+        gateway_for(servers, max_body_bytes=2048) as gateway,
+    ):
+        big = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}
+        reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=big)
+        status = gateway_status(gateway.url)
+        backend = state(servers[0].url)
+    assert reply.status_code == 413
+    assert reply.json()["error"]["message"] == "request body is larger than 2048 bytes"
+    assert (status["total"], status["rejected"]) == (1, 1)
+    assert backend["connections_accepted"] == 1  # only this probe: nothing was forwarded

@@ -311,26 +311,25 @@ class Gateway:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         exchange = request[EXCHANGE]
-        exchange.outcome = Outcome.REJECTED.value  # until the scheduler admits it
-        body, info = await self._read(request)
+        body, info = await self._read(request, exchange)
         exchange.model, exchange.stream, exchange.client = info.model, info.stream, info.client
         async with self._admitted(info, exchange) as ticket:
             return await self._forward(request, body, info, ticket, exchange)
 
     # -- the pieces -----------------------------------------------------------------------------
 
-    async def _read(self, request: web.Request) -> tuple[bytes, RequestInfo]:
+    async def _read(self, request: web.Request, exchange: Exchange) -> tuple[bytes, RequestInfo]:
         """The body and what routing needs of it; bad input is counted as rejected."""
         try:
             body = await request.read()
             info = inspect_request(request.path, body, request.headers, request.remote or "")
-        except web.HTTPRequestEntityTooLarge:
+        except (web.HTTPRequestEntityTooLarge, ApiError) as exc:
             self.scheduler.refuse()
+            exchange.outcome = Outcome.REJECTED.value
+            if isinstance(exc, ApiError):
+                raise
             limit = self.settings.max_body_bytes
             raise ApiError(413, f"request body is larger than {limit} bytes") from None
-        except ApiError:
-            self.scheduler.refuse()
-            raise
         return body, info
 
     @contextlib.asynccontextmanager
@@ -340,10 +339,12 @@ class Gateway:
         try:
             ticket = self.scheduler.submit(model, client=info.client, priority=info.priority)
         except QueueFullError as full:
+            exchange.outcome = Outcome.REJECTED.value
             retry = str(int(full.retry_after))
             message = f"{full}: try again in {retry} s"
             raise ApiError(503, message, {"Retry-After": retry}) from None
         except NoBackendError:
+            exchange.outcome = Outcome.REJECTED.value
             raise ApiError(404, ollama.model_not_found(model)) from None
         try:
             if ticket.backend is None:
