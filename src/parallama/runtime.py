@@ -1,4 +1,4 @@
-"""Running a command's servers until Ctrl-C or SIGTERM."""
+"""Running a command's servers: their address, and until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import asyncio
 import signal
 from collections.abc import Coroutine
 from typing import Any
+
+
+def http_url(host: str, port: int) -> str:
+    """The base URL of a server listening on `host:port` (an IPv6 host goes in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def stop_requested() -> None:

@@ -45,6 +45,7 @@ from parallama.protocol.inspect import (
     inspect_request,
 )
 from parallama.protocol.usage import TAIL_BYTES, keep_tail, usage_from_tail
+from parallama.runtime import http_url
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -146,7 +147,7 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.port}"
+        return http_url(self.settings.host, self.port)
 
     def make_app(self) -> web.Application:
         app = web.Application(

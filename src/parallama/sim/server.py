@@ -20,8 +20,9 @@ import orjson
 from aiohttp import web
 
 from parallama.errors import ApiError
-from parallama.protocol import ollama, openai
-from parallama.protocol.inspect import parse_json_object
+from parallama.protocol import ollama
+from parallama.protocol.inspect import dialect_of, error_body, parse_json_object
+from parallama.runtime import http_url
 from parallama.sim.answers import (
     Answer,
     chat_prompt,
@@ -89,8 +90,7 @@ class SimServer:
 
     @property
     def url(self) -> str:
-        host = self.config.host
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return http_url(self.config.host, self.port)
 
     def make_app(self) -> web.Application:
         from parallama.sim.openai_routes import add_openai_routes
@@ -163,10 +163,7 @@ class SimServer:
 
     def error_response(self, request: web.Request, exc: ApiError) -> web.Response:
         self.outcomes["rejected_busy" if exc.status == 503 else "error"] += 1
-        if request.path.startswith("/v1/"):
-            body = openai.error_body(exc.status, exc.message)
-        else:
-            body = ollama.error_body(exc.message)
+        body = error_body(dialect_of(request.path), exc.status, exc.message)
         return web.Response(body=body, status=exc.status, content_type="application/json")
 
     # -- shared pieces --------------------------------------------------------------------------
