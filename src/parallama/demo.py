@@ -8,7 +8,6 @@ shows the gateway queueing and spreading work.
 from __future__ import annotations
 
 import shlex
-from dataclasses import replace
 
 from parallama.config import BackendSettings, GatewaySettings
 from parallama.gateway.run import describe as describe_gateway
@@ -38,9 +37,7 @@ def examples(url: str, model: str = DEMO_MODEL) -> tuple[str, str]:
 
 
 async def run_demo(port: int, backends: int, profile: str) -> None:
-    sim = replace(
-        SimConfig(), host="127.0.0.1", ports=(0,) * backends, timing=PROFILES[profile].timing
-    )
+    sim = SimConfig(host="127.0.0.1", ports=(0,) * backends, timing=PROFILES[profile].timing)
     async with running_servers(sim) as servers:
         settings = GatewaySettings(
             backends=tuple(BackendSettings(url=server.url) for server in servers),
