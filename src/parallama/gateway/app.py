@@ -1,7 +1,8 @@
 """`parallama serve`: the gateway's HTTP side around the sans-I/O scheduler.
 
 Requests are read, inspected (model, stream, client, priority), queued in the scheduler, and
-forwarded to the backend it binds them to over that backend's pooled keep-alive connections.
+forwarded to the backend it binds them to over that backend's pooled keep-alive connections
+(`upstream.py`).
 Answers are relayed as they arrive, chunk by chunk, without being parsed; only the last few
 kilobytes are kept, for the token counts at their end. A client that goes away leaves the queue
 or, mid-answer, closes the upstream request so the backend's slot frees.
@@ -13,12 +14,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
-import yarl
 from aiohttp import web
 
 from parallama import __version__
@@ -35,6 +34,7 @@ from parallama.core.scheduler import (
 from parallama.errors import ApiError
 from parallama.gateway.exchange import Exchange
 from parallama.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from parallama.gateway.upstream import Headers, Upstream, UpstreamError, UpstreamTimeout
 from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import (
     STREAM_DEFAULTS,
@@ -51,26 +51,32 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EXCHANGE = web.RequestKey("exchange", Exchange)
 access_log = logging.getLogger("parallama.access")
 log = logging.getLogger("parallama.gateway")
-# Headers a proxy must not pass on (hop-by-hop), plus those aiohttp sets itself.
+# Headers a proxy must not pass on (hop-by-hop), plus the framing each side sets itself.
 _HOP_HEADERS = frozenset(
-    h.lower()
+    h.lower().encode()
     for h in (
         "Connection",
         "Keep-Alive",
         "Proxy-Authenticate",
         "Proxy-Authorization",
+        "Proxy-Connection",
         "TE",
         "Trailer",
         "Transfer-Encoding",
         "Upgrade",
+        "Expect",
         "Host",
         "Content-Length",
     )
 )
 
 
-def _passable(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+def _passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+
+
+def _relayable(headers: Headers) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in _passable(headers)]
 
 
 def _error(
@@ -137,9 +143,8 @@ class Gateway:
             )
         self.metrics = GatewayMetrics(self.scheduler)
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
-        self._urls: dict[tuple[str, str], yarl.URL] = {}
         self._alarm = Alarm(self._on_alarm)
-        self._session: aiohttp.ClientSession | None = None
+        self._upstreams: dict[str, Upstream] = {}
         self._runner: web.AppRunner | None = None
         self.port = settings.port
 
@@ -165,21 +170,16 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         # Like nginx's proxy_read_timeout: a backend may be silent this long, before its first
         # byte or between two chunks; a stream that keeps flowing may take as long as it needs.
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.settings.connect_timeout,
-            sock_read=self.settings.request_timeout,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,  # pass bytes through as the backend sent them
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        )
+        self._upstreams = {
+            b.url: Upstream(
+                b.url,
+                connect_timeout=self.settings.connect_timeout,
+                read_timeout=self.settings.request_timeout,
+            )
+            for b in self.settings.backends
+        }
         self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
@@ -189,8 +189,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        for upstream in self._upstreams.values():
+            await upstream.close()
         self._alarm.cancel()
 
     # -- middleware -----------------------------------------------------------------------------
@@ -295,16 +295,20 @@ class Gateway:
 
     async def _ask_all(self, path: str) -> list[dict[str, Any]]:
         """GET `path` from every healthy backend at once; a backend that fails is left out."""
-        assert self._session is not None
-        session = self._session
-        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout)
+        target = path.encode()
 
         async def ask(base: str) -> Any:
+            reply = None
             try:
-                async with session.get(base + path, timeout=timeout) as reply:
-                    return await reply.json(content_type=None) if reply.status == 200 else None
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    reply = await self._upstreams[base].send(b"GET", target, [], b"")
+                    body = await reply.read()
+                return orjson.loads(body) if reply.status == 200 else None
+            except (UpstreamError, TimeoutError, orjson.JSONDecodeError):
                 return None
+            finally:
+                if reply is not None:
+                    reply.release()
 
         healthy = [b.name for b in self.scheduler.backends.values() if b.healthy]
         answers = await asyncio.gather(*(ask(base) for base in healthy))
@@ -377,44 +381,39 @@ class Gateway:
         ticket: Ticket,
         exchange: Exchange,
     ) -> web.StreamResponse:
-        assert self._session is not None and ticket.backend is not None
+        assert ticket.backend is not None
         base = exchange.backend = ticket.backend.name
         response: web.StreamResponse | None = None
+        reply = None
         tail = b""
         try:
-            async with self._session.post(
-                self._upstream_url(base, request.path),
-                data=body,
-                headers=_passable(request.headers),
-            ) as upstream:
-                exchange.status = upstream.status
-                headers = _passable(upstream.headers)
-                if not info.stream:  # one answer: relay it whole, with its length
-                    whole = await upstream.read()
-                    tail = whole[-TAIL_BYTES:]
-                    response = web.Response(body=whole, status=upstream.status, headers=headers)
-                else:
-                    response = web.StreamResponse(status=upstream.status, headers=headers)
-                    await _to_client(response.prepare(request))
-                    async for chunk in upstream.content.iter_any():
-                        if exchange.first_byte_at is None:
-                            exchange.first_byte_at = time.monotonic()
-                        tail = keep_tail(tail, chunk)
-                        await _to_client(response.write(chunk))
-                    await _to_client(response.write_eof())
+            reply = await self._upstreams[base].send(
+                b"POST", request.raw_path.encode(), _passable(request.raw_headers), body
+            )
+            exchange.status = status = reply.status
+            headers = _relayable(reply.headers)
+            if not info.stream:  # one answer: relay it whole, with its length
+                whole = await reply.read()
+                tail = whole[-TAIL_BYTES:]
+                response = web.Response(body=whole, status=status, headers=headers)
+            else:
+                response = web.StreamResponse(status=status, headers=headers)
+                await _to_client(response.prepare(request))
+                while (chunk := await reply.next_chunk()) is not None:
+                    if exchange.first_byte_at is None:
+                        exchange.first_byte_at = time.monotonic()
+                    tail = keep_tail(tail, chunk)
+                    await _to_client(response.write(chunk))
+                await _to_client(response.write_eof())
         except _ClientGone:
             assert response is not None
             self.scheduler.cancel(ticket)  # frees the slot; closing upstream stops the work
             exchange.status = 499
             return response  # aiohttp closes the broken connection quietly
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             self.scheduler.release(ticket, Outcome.FAILED)
-            if isinstance(exc, TimeoutError):
-                limit = self.settings.request_timeout
-                status, reason = 504, f"backend {base} did not answer within {limit:g} s"
-            else:
-                status, reason = 502, f"backend {base} failed: {exc or type(exc).__name__}"
-            exchange.error = reason
+            status = 504 if isinstance(exc, UpstreamTimeout) else 502
+            reason = exchange.error = f"backend {base} {exc}"
             log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
             if response is None:
                 return _error(info.dialect, status, reason)
@@ -424,20 +423,13 @@ class Gateway:
             await response.write(last_words)
             await response.write_eof()
             return response
-        if upstream.status == 200:
+        finally:
+            if reply is not None:
+                reply.release()  # back to the pool, or closed if the answer did not end
+        if status == 200:
             exchange.usage = usage_from_tail(tail)
-        self.scheduler.release(
-            ticket, Outcome.COMPLETED if upstream.status < 500 else Outcome.FAILED
-        )
+        self.scheduler.release(ticket, Outcome.COMPLETED if status < 500 else Outcome.FAILED)
         return response
-
-    def _upstream_url(self, base: str, path: str) -> yarl.URL:
-        """Parsed once per backend and route: building URLs is a visible cost per request."""
-        key = (base, path)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = yarl.URL(base + path)
-        return url
 
     def _changed(self) -> None:
         """After any scheduler call: wake dispatched and timed-out waiters, re-arm the timer."""

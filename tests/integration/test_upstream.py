@@ -1,0 +1,231 @@
+"""The gateway's upstream client against hand-written HTTP servers on loopback: the cases a real
+backend produces only now and then (a keep-alive connection closed as it is reused, silence,
+answers framed each possible way, a reader that falls behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from parallama.gateway.upstream import Upstream, UpstreamError, UpstreamTimeout
+
+Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+
+
+@dataclass
+class Backend:
+    url: str
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def backend(answer: Answer) -> AsyncIterator[Backend]:
+    """A server that reads each request head and lets `answer(n, head, writer)` reply to the
+    n-th request on that connection; the connection ends when `answer` returns False."""
+    state = Backend("")
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        state.connections += 1
+        try:
+            n = 0
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                state.requests.append(head + await reader.readexactly(length))
+                n += 1
+                if not await answer(n, head, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            state.closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/base"
+    try:
+        yield state
+    finally:
+        server.close()
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def upstream(url: str, read_timeout: float = 5.0) -> Upstream:
+    return Upstream(url, connect_timeout=2.0, read_timeout=read_timeout)
+
+
+async def fetch(up: Upstream, body: bytes = b"{}") -> tuple[int, bytes]:
+    reply = await up.send(b"POST", b"/api/chat", [(b"Content-Type", b"application/json")], body)
+    try:
+        return reply.status, await reply.read()
+    finally:
+        reply.release()
+
+
+async def test_requests_reuse_one_connection_and_carry_host_length_and_base_path() -> None:
+    async def ok(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(OK + b'{"done":true}')
+        return True
+
+    async with backend(ok) as server:
+        up = upstream(server.url)
+        answers = [await fetch(up, b'{"n":%d}' % i) for i in range(5)]
+        await up.close()
+    assert answers == [(200, b'{"done":true}')] * 5
+    assert server.connections == 1
+    first = server.requests[0]
+    assert first.startswith(b"POST /base/api/chat HTTP/1.1\r\n")
+    host = server.url.removeprefix("http://").removesuffix("/base").encode()
+    assert b"\r\nHost: " + host + b"\r\n" in first
+    assert first.endswith(b'Content-Length: 7\r\n\r\n{"n":0}')
+
+
+async def test_a_connection_closed_as_it_is_reused_is_retried_once_on_a_fresh_one() -> None:
+    async def first_only(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if n == 1:  # answer, promise keep-alive, then close as the next request arrives
+            writer.write(OK + b'{"done":true}')
+            return True
+        return False
+
+    async with backend(first_only) as server:
+        up = upstream(server.url)
+        assert await fetch(up) == (200, b'{"done":true}')
+        assert await fetch(up) == (200, b'{"done":true}')
+        await up.close()
+    assert server.connections == 2
+    assert len(server.requests) == 3  # the lost one, and its retry
+
+
+async def test_an_answer_cut_after_its_first_byte_is_not_retried() -> None:
+    async def cut(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+        return False
+
+    async with backend(cut) as server:
+        up = upstream(server.url)
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await fetch(up)
+        await up.close()
+    assert len(server.requests) == 1
+
+
+async def test_silence_is_a_timeout_but_a_slow_steady_stream_is_not() -> None:
+    async def trickle(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if b"silent" in head:
+            await asyncio.Event().wait()  # never answers
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.6 s in all, never 0.3 s quiet
+            writer.write(b"1\r\nx\r\n")
+            await asyncio.sleep(0.1)
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async with backend(trickle) as server:
+        up = upstream(server.url, read_timeout=0.3)
+        assert await fetch(up) == (200, b"xxxxxx")
+        with pytest.raises(UpstreamTimeout, match=r"was silent for 0\.3 s"):
+            await up.send(b"POST", b"/silent", [], b"")
+        await up.close()
+
+
+async def test_chunked_unframed_and_bodyless_answers() -> None:
+    async def framed(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if b"/chunked" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+            return True
+        if b"/empty" in head:
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        return False
+
+    async with backend(framed) as server:
+        up = upstream(server.url)
+        replies = []
+        for target in (b"/chunked", b"/empty", b"/unframed"):
+            reply = await up.send(b"GET", target, [], b"")
+            replies.append((reply.status, await reply.read()))
+            reply.release()
+        await up.close()
+    assert replies == [(200, b"abcde"), (204, b""), (200, b"until the end")]
+    assert server.connections == 1
+
+
+async def test_a_reader_that_falls_behind_slows_the_backend_instead_of_filling_memory() -> None:
+    big = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's socket buffers hold
+    written = asyncio.Event()
+
+    async def flood(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big))
+        writer.write(big)
+        await writer.drain()
+        written.set()
+        return True
+
+    async with backend(flood) as server:
+        up = upstream(server.url)
+        reply = await up.send(b"GET", b"/big", [], b"")
+        # The reader takes nothing for a while: the backend must not be able to finish.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(written.wait(), 0.5)
+        digest = hashlib.sha256()
+        while (chunk := await reply.next_chunk()) is not None:
+            digest.update(chunk)
+        reply.release()
+        await written.wait()
+        await up.close()
+    assert digest.digest() == hashlib.sha256(big).digest()
+
+
+async def test_releasing_mid_answer_closes_the_connection_so_the_backend_stops() -> None:
+    async def endless(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        return True
+
+    async with backend(endless) as server:
+        up = upstream(server.url)
+        reply = await up.send(b"POST", b"/api/generate", [], b"{}")
+        assert await reply.next_chunk() == b"hello"
+        reply.release()
+        await asyncio.wait_for(server.closed.wait(), 5)
+        assert up.open_connections == 0
+        await up.close()
+
+
+async def test_unreachable_and_invalid_backends_fail_with_a_reason() -> None:
+    async def garbage(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"SMTP ready\r\n\r\n")
+        return True
+
+    async with backend(garbage) as server:
+        up = upstream(server.url)
+        with pytest.raises(UpstreamError, match="sent invalid HTTP"):
+            await fetch(up)
+        await up.close()
+    refused = upstream(server.url)  # its server is gone now
+    with pytest.raises(UpstreamError, match="could not be reached"):
+        await fetch(refused)
