@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from parallama.core.router import Policy
 from parallama.core.scheduler import SchedulerSettings
+from parallama.protocol.ollama import normalize_name
 
 ENV_PREFIX = "PARALLAMA_"
 
@@ -38,8 +40,16 @@ class BackendSettings(BaseModel):
     )
     weight: float = Field(1.0, gt=0, description="relative capacity when comparing load")
     models: frozenset[str] | None = Field(
-        None, description="the only models sent here; absent: any model"
+        None, description="the only models sent here; absent: any model it has installed"
     )
+    drain: bool = Field(
+        False, description="take no new requests; those in flight finish (then remove it)"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _normalized(cls, models: frozenset[str] | None) -> frozenset[str] | None:
+        return None if models is None else frozenset(normalize_name(m) for m in models)
 
     @field_validator("url")
     @classmethod
@@ -54,6 +64,17 @@ class BackendSettings(BaseModel):
         except ValueError:
             raise ValueError(f"{url!r} has an invalid port") from None
         return url.strip().rstrip("/")
+
+
+class ModelSettings(BaseModel):
+    """How one model is served (a `[models."name"]` table in the file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    routing: Policy | None = Field(None, description="routing policy for this model")
+    target: str | None = Field(
+        None, description="the backends' name for it: this name becomes an alias"
+    )
 
 
 class GatewaySettings(BaseModel):
@@ -95,6 +116,47 @@ class GatewaySettings(BaseModel):
         "info", description="least severe log level written"
     )
     log_requests: bool = Field(True, description="one log line per request (never its prompt)")
+    routing: Policy = Field(
+        "least-loaded",
+        description="how a backend is chosen: least-loaded, round-robin, weighted, "
+        "model-affinity or session-affinity",
+    )
+    health_interval: float = Field(
+        5.0, gt=0, description="seconds between probes of each backend (health, models)"
+    )
+    health_timeout: float = Field(2.0, gt=0, description="seconds a probe may take")
+    failure_threshold: int = Field(
+        3, ge=1, description="consecutive failures that open a backend's circuit breaker"
+    )
+    breaker_cooldown: float = Field(
+        10.0, gt=0, description="seconds an open breaker waits before a trial request"
+    )
+    retries: int = Field(
+        2, ge=0, description="other backends tried when one fails before the first byte"
+    )
+    busy_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a backend's slots stay halved after it answered 503 server busy",
+    )
+    admin_token: str | None = Field(
+        None,
+        description="bearer token for /parallama/reload and /parallama/drain "
+        "(unset: loopback clients only)",
+    )
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict, description='per-model settings: [models."name"] tables'
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _normalized_names(cls, models: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        return {
+            normalize_name(name): m.model_copy(
+                update={"target": normalize_name(m.target) if m.target else None}
+            )
+            for name, m in models.items()
+        }
 
     def slots_of(self, backend: BackendSettings) -> int:
         return backend.slots if backend.slots is not None else self.slots
@@ -106,7 +168,19 @@ class GatewaySettings(BaseModel):
             max_queue_per_model=self.max_queue_per_model,
             queue_timeout=self.queue_timeout,
             discipline=self.discipline,
+            routing=self.routing,
+            routing_by_model={
+                model.target or name: model.routing
+                for name, model in self.models.items()
+                if model.routing is not None
+            },
+            busy_seconds=self.busy_seconds,
         )
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Public model name -> the name the backends know."""
+        return {name: m.target for name, m in self.models.items() if m.target}
 
 
 def env_name(setting: str) -> str:
@@ -114,7 +188,8 @@ def env_name(setting: str) -> str:
 
 
 def _scalar_settings() -> dict[str, Any]:
-    return {n: f for n, f in GatewaySettings.model_fields.items() if n != "backends"}
+    tables = ("backends", "models")  # only in the file (backends also as --backend)
+    return {n: f for n, f in GatewaySettings.model_fields.items() if n not in tables}
 
 
 def _urls(text: str) -> list[dict[str, str]]:

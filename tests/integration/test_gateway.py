@@ -140,8 +140,10 @@ async def test_pooled_connections_are_reused() -> None:
                 body = {"model": CHAT_MODEL, "prompt": f"q{i}", "stream": False}
                 async with session.post(f"{gateway.url}/api/generate", json=body) as response:
                     assert response.status == 200
-        accepted = state(servers[0].url)["connections_accepted"] - 1  # minus this probe
-    assert accepted == 1
+        accepted = state(servers[0].url)["connections_accepted"] - 1  # minus this test's own
+    # One connection for the requests, and at most one more for the gateway's health probe,
+    # which may run while a request holds the first.
+    assert accepted <= 2
 
 
 def test_model_lists_are_the_union_over_backends() -> None:

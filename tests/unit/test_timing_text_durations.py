@@ -14,9 +14,9 @@ from parallama.protocol.durations import (
     keep_alive_seconds,
     parse_go_duration,
 )
-from parallama.protocol.ollama import final_statistics, rfc3339
+from parallama.protocol.ollama import final_statistics, normalize_name, rfc3339
 from parallama.sim.answers import chat_prompt, plan_answer
-from parallama.sim.catalog import normalize_name, spec_for
+from parallama.sim.catalog import spec_for
 from parallama.sim.hosts import host_allowed
 from parallama.sim.text import count_tokens, embedding, generate_tokens
 from parallama.sim.timing import PROFILES, TimingModel

@@ -2,9 +2,12 @@
 
 A request waits in the gateway, in its model's queue, and is bound to a backend only when one of
 that backend's slots for the model is free (late binding): a slow backend never collects a
-private queue, so one slow GPU does not inflate everyone's p99. Among the free candidates the
-least loaded wins, relative to its capacity and weight, preferring backends that already have the
-model loaded (no load time).
+private queue, so one slow GPU does not inflate everyone's p99. Which of the candidates wins is
+the routing policy's choice (`router.py`); the default picks the least loaded relative to its
+capacity and weight, preferring backends that already have the model loaded (no load time).
+
+Each backend has a circuit breaker (`breaker.py`) fed by request outcomes and probes, a model
+inventory and the set of loaded models (both from probes), and may be draining (no new work).
 
 Every request ends in exactly one outcome, and at any moment
 `total == completed + rejected + timed_out + cancelled + failed + in_flight + queued`.
@@ -21,9 +24,12 @@ import heapq
 import itertools
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+from parallama.core.breaker import Breaker, BreakerState
+from parallama.core.router import Policy, Router
 
 Clock = Callable[[], float]
 Discipline = Literal["fifo", "fair"]
@@ -47,7 +53,15 @@ class QueueFullError(Exception):
 
 
 class NoBackendError(Exception):
-    """No configured backend serves the model: waiting would never end."""
+    """No backend has or may serve the model: waiting would never end."""
+
+
+class UnavailableError(Exception):
+    """Backends serve the model, but none is healthy and taking work now."""
+
+    def __init__(self, model: str, retry_after: float) -> None:
+        super().__init__(f"no healthy backend serves model '{model}'")
+        self.retry_after = retry_after
 
 
 @dataclass(eq=False)
@@ -57,9 +71,11 @@ class Ticket:
     priority: int
     arrived_at: float
     seq: int
+    session: str = ""  # for session affinity
     backend: Backend | None = None
     dispatched_at: float | None = None
     outcome: Outcome | None = None
+    avoid: set[str] = field(default_factory=set)  # backends it failed on
 
     @property
     def queued(self) -> bool:
@@ -68,25 +84,49 @@ class Ticket:
 
 @dataclass(eq=False)
 class Backend:
-    """What the scheduler knows of one backend: capacity, health, load, loaded models."""
+    """What the scheduler knows of one backend: capacity, health, load, models."""
 
     name: str
     slots: int = 1  # per model, like OLLAMA_NUM_PARALLEL
     weight: float = 1.0
-    models: frozenset[str] | None = None  # None: whatever it is asked for
-    healthy: bool = True
+    models: frozenset[str] | None = None  # configured: the only models sent here; None: any
+    inventory: frozenset[str] | None = None  # installed, from its /api/tags; None: unknown
     loaded: set[str] = field(default_factory=set)
     in_flight: Counter[str] = field(default_factory=Counter)
+    breaker: Breaker = field(default_factory=Breaker)
+    draining: bool = False
+    cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
+    cap_until: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.breaker.state is not BreakerState.OPEN
+
+    @property
+    def capacity(self) -> int:
+        return self.slots if self.cap is None else min(self.slots, self.cap)
+
+    @property
+    def active(self) -> int:
+        return sum(self.in_flight.values())
+
+    def offers(self, model: str) -> bool:
+        """Allowed and installed (as far as known), healthy or not."""
+        return (self.models is None or model in self.models) and (
+            self.inventory is None or model in self.inventory
+        )
 
     def serves(self, model: str) -> bool:
-        return self.healthy and (self.models is None or model in self.models)
+        return self.healthy and not self.draining and self.offers(model)
 
     def has_free_slot(self, model: str) -> bool:
-        return self.in_flight[model] < self.slots
+        if self.breaker.state is BreakerState.HALF_OPEN and self.active:
+            return False  # one trial request at a time
+        return self.in_flight[model] < self.capacity
 
     def load(self) -> float:
         """Busy share of its capacity, scaled by weight: lower is better."""
-        return sum(self.in_flight.values()) / (self.slots * self.weight)
+        return self.active / (self.slots * self.weight)
 
 
 @dataclass(frozen=True)
@@ -95,6 +135,9 @@ class SchedulerSettings:
     max_queue_per_model: int = 512
     queue_timeout: float = 60.0
     discipline: Discipline = "fifo"
+    routing: Policy = "least-loaded"
+    routing_by_model: Mapping[str, Policy] = field(default_factory=dict)
+    busy_seconds: float = 30.0  # how long a "server busy" answer halves a backend's slots
 
 
 class _ModelQueue:
@@ -108,6 +151,11 @@ class _ModelQueue:
 
     def __len__(self) -> int:
         return self._len
+
+    def peek(self) -> Ticket:
+        """The ticket `pop` would return."""
+        heap = next(iter(self._by_client.values())) if self._fair else self._heap
+        return heap[0][2]
 
     def push(self, ticket: Ticket) -> None:
         entry = (-ticket.priority, ticket.seq, ticket)
@@ -148,6 +196,7 @@ class Scheduler:
         self._dispatched: list[Ticket] = []
         self._timed_out: list[Ticket] = []
         self._service_seconds: dict[str, float] = {}  # EWMA per model, for Retry-After
+        self._router = Router()
         self.outcomes: Counter[Outcome] = Counter()
         self.total = 0
 
@@ -157,12 +206,44 @@ class Scheduler:
         self.backends[backend.name] = backend
         self._dispatch_all()
 
-    def set_health(self, name: str, healthy: bool) -> None:
-        self.backends[name].healthy = healthy
+    def remove_backend(self, name: str) -> None:
+        """No new work; requests already there finish and release as usual."""
+        self.backends.pop(name, None)
+        self._router.forget(name)
+
+    def set_draining(self, name: str, draining: bool) -> None:
+        self.backends[name].draining = draining
+        self._dispatch_all()
+
+    def set_inventory(self, name: str, models: Iterable[str] | None) -> None:
+        self.backends[name].inventory = None if models is None else frozenset(models)
         self._dispatch_all()
 
     def set_loaded(self, name: str, models: Iterable[str]) -> None:
         self.backends[name].loaded = set(models)
+
+    def report(self, name: str, ok: bool) -> bool:
+        """A request or probe on the backend succeeded or failed: its breaker decides.
+        True if that may have changed where requests go."""
+        backend = self.backends.get(name)
+        if backend is None:
+            return False
+        breaker = backend.breaker
+        if ok and breaker.state is BreakerState.CLOSED and breaker.failures == 0:
+            return False  # the common case, on every answer: nothing to do
+        if ok:
+            breaker.success()
+        else:
+            breaker.failure(self._clock())
+        self._dispatch_all()
+        return True
+
+    def throttle(self, name: str) -> None:
+        """The backend answered "server busy": halve its slots per model for a while."""
+        backend = self.backends.get(name)
+        if backend is not None:
+            backend.cap = max(1, backend.capacity // 2)
+            backend.cap_until = self._clock() + self.settings.busy_seconds
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -187,17 +268,26 @@ class Scheduler:
         self.total += 1
         self.outcomes[Outcome.REJECTED] += 1
 
-    def submit(self, model: str, *, client: str = "", priority: int = 0) -> Ticket:
-        """Admit a request, or raise `QueueFullError` / `NoBackendError` (counted as rejected).
+    def submit(
+        self, model: str, *, client: str = "", priority: int = 0, session: str = ""
+    ) -> Ticket:
+        """Admit a request, or raise `QueueFullError`, `NoBackendError` or `UnavailableError`
+        (counted as rejected).
 
         The queue bounds apply only to requests that would have to wait."""
         self.total += 1
-        ticket = Ticket(model, client, priority, self._clock(), next(self._seq))
-        if not any(b.models is None or model in b.models for b in self.backends.values()):
+        ticket = Ticket(model, client, priority, self._clock(), next(self._seq), session)
+        offering = [b for b in self.backends.values() if b.offers(model)]
+        if not offering:
             self._end(ticket, Outcome.REJECTED)
             raise NoBackendError(model)
+        if not any(b.healthy and not b.draining for b in offering):
+            self._end(ticket, Outcome.REJECTED)
+            reopen = [b.breaker.next_change() or 0.0 for b in offering if not b.draining]
+            wait = min(reopen, default=0.0) - self._clock()
+            raise UnavailableError(model, max(1.0, math.ceil(wait)))
         if self.queue_depth(model) == 0:
-            backend = self._choose(model)
+            backend = self._choose(ticket, waiting=1)
             if backend is not None:  # a free slot and nobody ahead: bind at once
                 self._bind(ticket, backend)
                 return ticket
@@ -233,26 +323,51 @@ class Scheduler:
             took = self._clock() - ticket.dispatched_at
             previous = self._service_seconds.get(ticket.model, took)
             self._service_seconds[ticket.model] = 0.8 * previous + 0.2 * took
+            ticket.backend.loaded.add(ticket.model)  # it answered: the model is loaded there
         self._free(ticket)
         self._end(ticket, outcome)
         self._dispatch(ticket.model)
 
-    def requeue(self, ticket: Ticket) -> None:
-        """Failover before the first byte: give back the slot and wait again, keeping its place."""
+    def has_alternative(self, ticket: Ticket) -> bool:
+        """Could another backend than the ticket's (and those it failed on) take it?"""
+        tried = ticket.avoid | ({ticket.backend.name} if ticket.backend else set())
+        return any(
+            b.offers(ticket.model) and b.healthy and b.name not in tried
+            for b in self.backends.values()
+        )
+
+    def requeue(self, ticket: Ticket) -> bool:
+        """Failover before the first byte: give back the slot and wait again, keeping its place,
+        for any backend but those it failed on. False (and failed) if no other could take it."""
         if ticket.outcome is not None or ticket.backend is None:
-            return
+            return False
         model = ticket.model
         self._free(ticket)
+        ticket.avoid.add(ticket.backend.name)
         ticket.backend = None
         ticket.dispatched_at = None
+        if not any(
+            b.offers(model) and b.healthy and b.name not in ticket.avoid
+            for b in self.backends.values()
+        ):
+            self._end(ticket, Outcome.FAILED)
+            self._dispatch(model)
+            return False
         self._queues.setdefault(model, _ModelQueue(self.settings.discipline)).push(ticket)
         # A fresh tie-breaker: its first timeout entry may still be in the heap.
         heapq.heappush(self._waiting, (ticket.arrived_at, next(self._seq), ticket))
         self._dispatch(model)
+        return True
 
     def tick(self) -> None:
-        """Time out requests that waited longer than `queue_timeout`."""
-        limit = self._clock() - self.settings.queue_timeout
+        """Time out requests that waited longer than `queue_timeout`; end cooldowns."""
+        now = self._clock()
+        for backend in self.backends.values():
+            backend.breaker.poll(now)
+            if backend.cap is not None and now >= backend.cap_until:
+                backend.cap = None
+        self._dispatch_all()
+        limit = now - self.settings.queue_timeout
         while self._waiting and self._waiting[0][0] <= limit:
             ticket = heapq.heappop(self._waiting)[2]
             if ticket.queued:
@@ -263,9 +378,11 @@ class Scheduler:
     def next_wakeup(self) -> float | None:
         while self._waiting and not self._waiting[0][2].queued:
             heapq.heappop(self._waiting)
-        if not self._waiting:
-            return None
-        return self._waiting[0][0] + self.settings.queue_timeout
+        times = [b.breaker.next_change() for b in self.backends.values()]
+        times += [b.cap_until for b in self.backends.values() if b.cap is not None]
+        if self._waiting:
+            times.append(self._waiting[0][0] + self.settings.queue_timeout)
+        return min((t for t in times if t is not None), default=None)
 
     def take_dispatched(self) -> list[Ticket]:
         dispatched, self._dispatched = self._dispatched, []
@@ -302,20 +419,22 @@ class Scheduler:
         if backend.in_flight[ticket.model] <= 0:
             del backend.in_flight[ticket.model]
 
-    def _choose(self, model: str) -> Backend | None:
-        candidates = [
-            b for b in self.backends.values() if b.serves(model) and b.has_free_slot(model)
+    def policy(self, model: str) -> Policy:
+        return self.settings.routing_by_model.get(model, self.settings.routing)
+
+    def _choose(self, ticket: Ticket, waiting: int) -> Backend | None:
+        model = ticket.model
+        serving = [
+            b for b in self.backends.values() if b.serves(model) and b.name not in ticket.avoid
         ]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda b: (model not in b.loaded, b.load(), b.name))
+        return self._router.choose(self.policy(model), ticket, serving, waiting)
 
     def _dispatch(self, model: str) -> None:
         queue = self._queues.get(model)
         if queue is None:
             return
         while queue:
-            backend = self._choose(model)
+            backend = self._choose(queue.peek(), waiting=len(queue))
             if backend is None:
                 return
             self._bind(queue.pop(), backend)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,19 +25,20 @@ from aiohttp import web
 
 from parallama import __version__
 from parallama.alarm import Alarm
-from parallama.config import GatewaySettings
+from parallama.config import ConfigError, GatewaySettings
 from parallama.core.scheduler import (
-    Backend,
     NoBackendError,
     Outcome,
     QueueFullError,
     Scheduler,
     Ticket,
+    UnavailableError,
 )
 from parallama.errors import ApiError
 from parallama.gateway.exchange import Exchange
+from parallama.gateway.fleet import Fleet
 from parallama.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from parallama.gateway.upstream import Headers, Upstream, UpstreamError, UpstreamTimeout
+from parallama.gateway.upstream import Connection, Headers, UpstreamError, UpstreamTimeout
 from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import (
     STREAM_DEFAULTS,
@@ -43,7 +47,9 @@ from parallama.protocol.inspect import (
     dialect_of,
     error_body,
     inspect_request,
+    with_model,
 )
+from parallama.protocol.ollama import normalize_name
 from parallama.protocol.usage import TAIL_BYTES, keep_tail, usage_from_tail
 from parallama.runtime import http_url
 
@@ -117,6 +123,23 @@ def _error_chunk(content_type: str, message: str) -> bytes | None:
     return None
 
 
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Outbound:
+    """What is sent to whichever backend takes the request."""
+
+    target: bytes
+    headers: Headers
+    body: bytes
+    info: RequestInfo
+
+
 class _ClientGone(Exception):
     """Writing to the client failed: it left, and the backend is not to blame."""
 
@@ -128,23 +151,47 @@ async def _to_client(write: Awaitable[object]) -> None:
         raise _ClientGone from exc
 
 
+async def _stream(
+    request: web.Request, reply: Connection, response: web.StreamResponse, exchange: Exchange
+) -> bytes:
+    """Relay the answer chunk by chunk as it comes; return its last few kilobytes."""
+    tail = b""
+    await _to_client(response.prepare(request))
+    while (chunk := await reply.next_chunk()) is not None:
+        if exchange.first_byte_at is None:
+            exchange.first_byte_at = time.monotonic()
+        tail = keep_tail(tail, chunk)
+        await _to_client(response.write(chunk))
+    await _to_client(response.write_eof())
+    return tail
+
+
+class _Failover(Exception):
+    """The attempt failed before a byte reached the client: another backend may try."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# Backend answers that another backend may do better with: not installed here, or busy.
+_TRY_ELSEWHERE = frozenset({404, 503})
+
+
 class Gateway:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(
+        self, settings: GatewaySettings, reload: Callable[[], GatewaySettings] | None = None
+    ) -> None:
+        """`reload` reads the settings again (from the same file, environment and flags): what
+        SIGHUP and `POST /parallama/reload` apply."""
         self.settings = settings
+        self._reload = reload
         self.scheduler = Scheduler(settings.scheduler, time.monotonic)
-        for backend in settings.backends:
-            self.scheduler.add_backend(
-                Backend(
-                    backend.url,
-                    slots=settings.slots_of(backend),
-                    weight=backend.weight,
-                    models=backend.models,
-                )
-            )
+        self.fleet = Fleet(self.scheduler, settings, self._changed)
         self.metrics = GatewayMetrics(self.scheduler)
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
         self._alarm = Alarm(self._on_alarm)
-        self._upstreams: dict[str, Upstream] = {}
         self._runner: web.AppRunner | None = None
         self.port = settings.port
 
@@ -167,19 +214,11 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/parallama/status", self.status)
+        app.router.add_post("/parallama/reload", self.reload)
         return app
 
     async def start(self) -> None:
-        # Like nginx's proxy_read_timeout: a backend may be silent this long, before its first
-        # byte or between two chunks; a stream that keeps flowing may take as long as it needs.
-        self._upstreams = {
-            b.url: Upstream(
-                b.url,
-                connect_timeout=self.settings.connect_timeout,
-                read_timeout=self.settings.request_timeout,
-            )
-            for b in self.settings.backends
-        }
+        await self.fleet.start()
         self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
@@ -189,9 +228,26 @@ class Gateway:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        for upstream in self._upstreams.values():
-            await upstream.close()
+        await self.fleet.stop()
         self._alarm.cancel()
+
+    def reconfigure(self, settings: GatewaySettings) -> list[str]:
+        """Apply new settings while requests flow; return what changed. The address and the
+        log settings are read at start only."""
+        fixed = ("host", "port", "log_format", "log_level")
+        ignored = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
+        settings = settings.model_copy(update={k: getattr(self.settings, k) for k in fixed})
+        changes = self.fleet.apply(settings)
+        self.settings = settings
+        changes += [f"{k} needs a restart: kept" for k in ignored]
+        log.warning("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
+        return changes
+
+    def reload_settings(self) -> list[str]:
+        """Read the settings again and apply them; `ConfigError` leaves the running ones."""
+        if self._reload is None:
+            raise ConfigError("the gateway was not started from settings it can read again")
+        return self.reconfigure(self._reload())
 
     # -- middleware -----------------------------------------------------------------------------
 
@@ -259,10 +315,15 @@ class Gateway:
             {
                 "url": b.name,
                 "healthy": b.healthy,
+                "breaker": b.breaker.state.value,
+                "draining": b.draining,
                 "slots": b.slots,
+                "capacity": b.capacity,
                 "weight": b.weight,
                 "models": sorted(b.models) if b.models is not None else None,
-                "active": sum(b.in_flight.values()),
+                "installed": sorted(b.inventory) if b.inventory is not None else None,
+                "loaded": sorted(b.loaded),
+                "active": b.active,
                 "in_flight": dict(b.in_flight),
             }
             for b in s.backends.values()
@@ -273,9 +334,31 @@ class Gateway:
             "queue_size": counts["queued"],
             "active": counts["in_flight"],
             "queues": s.queue_depths(),
+            "routing": self.settings.routing,
             "backends": backends,
         }
         return _json(payload)
+
+    async def reload(self, request: web.Request) -> web.Response:
+        """`POST /parallama/reload`: what SIGHUP does, with the outcome in the answer."""
+        self._authorize_admin(request)
+        try:
+            changes = self.reload_settings()
+        except ConfigError as exc:
+            raise ApiError(400, str(exc)) from None
+        return _json({"reloaded": True, "changes": changes})
+
+    def _authorize_admin(self, request: web.Request) -> None:
+        token = self.settings.admin_token
+        if token is None:
+            if not _is_loopback(request.remote):
+                raise ApiError(
+                    403, "admin routes: loopback clients only, unless admin_token is set"
+                )
+            return
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "admin routes need Authorization: Bearer <admin_token>")
 
     async def tags(self, request: web.Request) -> web.Response:
         """Installed models: the union over healthy backends, first answer wins per name."""
@@ -301,7 +384,7 @@ class Gateway:
             reply = None
             try:
                 async with asyncio.timeout(self.settings.connect_timeout):
-                    reply = await self._upstreams[base].send(b"GET", target, [], b"")
+                    reply = await self.fleet.upstreams[base].send(b"GET", target, [], b"")
                     body = await reply.read()
                 return orjson.loads(body) if reply.status == 200 else None
             except (UpstreamError, TimeoutError, orjson.JSONDecodeError):
@@ -317,8 +400,12 @@ class Gateway:
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         exchange = request[EXCHANGE]
         body, info = await self._read(request, exchange)
-        exchange.model, exchange.stream, exchange.client = info.model, info.stream, info.client
-        async with self._admitted(info, exchange) as ticket:
+        model = normalize_name(info.model)
+        target = self.settings.aliases.get(model)
+        if target is not None:
+            body, model = with_model(body, target), target
+        exchange.model, exchange.stream, exchange.client = model, info.stream, info.client
+        async with self._admitted(info, model, exchange) as ticket:
             return await self._forward(request, body, info, ticket, exchange)
 
     # -- the pieces -----------------------------------------------------------------------------
@@ -338,33 +425,26 @@ class Gateway:
         return body, info
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, info: RequestInfo, exchange: Exchange) -> AsyncIterator[Ticket]:
+    async def _admitted(
+        self, info: RequestInfo, model: str, exchange: Exchange
+    ) -> AsyncIterator[Ticket]:
         """Wait in the gateway's queue until the scheduler binds the request to a backend."""
-        model = info.model
         try:
-            ticket = self.scheduler.submit(model, client=info.client, priority=info.priority)
-        except QueueFullError as full:
+            ticket = self.scheduler.submit(
+                model, client=info.client, priority=info.priority, session=info.session
+            )
+        except (QueueFullError, UnavailableError) as refused:
             exchange.outcome = Outcome.REJECTED.value
-            retry = str(int(full.retry_after))
-            message = f"{full}: try again in {retry} s"
+            retry = str(int(refused.retry_after))
+            message = f"{refused}: try again in {retry} s"
             raise ApiError(503, message, {"Retry-After": retry}) from None
         except NoBackendError:
             exchange.outcome = Outcome.REJECTED.value
-            raise ApiError(404, ollama.model_not_found(model)) from None
+            raise ApiError(404, ollama.model_not_found(info.model)) from None
         try:
-            if ticket.backend is None:
-                future = asyncio.get_running_loop().create_future()
-                self._waiters[ticket] = future
-                self._changed()
-                await future
-            if ticket.outcome is Outcome.TIMED_OUT:
-                retry = str(int(self.scheduler.retry_after(model)))
-                waited = self.settings.queue_timeout
-                message = f"timed out after {waited:g} s waiting in the queue"
-                raise ApiError(503, message, {"Retry-After": retry})
+            await self._bound(ticket)
             yield ticket
         finally:
-            self._waiters.pop(ticket, None)
             if ticket.outcome is None:  # cancelled, or an error escaped
                 self.scheduler.cancel(ticket)
             self._changed()
@@ -372,6 +452,22 @@ class Gateway:
             exchange.outcome = ticket.outcome.value
             waited_until = ticket.dispatched_at or time.monotonic()
             exchange.queue_seconds = waited_until - ticket.arrived_at
+
+    async def _bound(self, ticket: Ticket) -> None:
+        """Until the ticket has a backend; 503 if it waited longer than the queue allows."""
+        if ticket.backend is None and ticket.outcome is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters[ticket] = future
+            self._changed()
+            try:
+                await future
+            finally:
+                self._waiters.pop(ticket, None)
+        if ticket.outcome is Outcome.TIMED_OUT:
+            retry = str(int(self.scheduler.retry_after(ticket.model)))
+            waited = self.settings.queue_timeout
+            message = f"timed out after {waited:g} s waiting in the queue"
+            raise ApiError(503, message, {"Retry-After": retry})
 
     async def _forward(
         self,
@@ -381,42 +477,74 @@ class Gateway:
         ticket: Ticket,
         exchange: Exchange,
     ) -> web.StreamResponse:
+        """Try the bound backend; before the first byte reached the client, a failed attempt
+        moves to another backend (up to `retries` times), else the client gets a clear error."""
+        outbound = _Outbound(request.raw_path.encode(), _passable(request.raw_headers), body, info)
+        retries = self.settings.retries
+        while True:
+            try:
+                return await self._attempt(
+                    request, outbound, ticket, exchange, may_retry=retries > 0
+                )
+            except _Failover as failed:
+                assert ticket.backend is not None
+                exchange.error = failed.reason
+                retries -= 1
+                can_retry = retries >= 0 and ticket.outcome is None
+                if not (can_retry and self.scheduler.requeue(ticket)):
+                    self.scheduler.release(ticket, Outcome.FAILED)
+                    return _error(info.dialect, failed.status, failed.reason)
+                self.metrics.failover(exchange.backend or "")
+                self._changed()
+                await self._bound(ticket)
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        outbound: _Outbound,
+        ticket: Ticket,
+        exchange: Exchange,
+        *,
+        may_retry: bool,
+    ) -> web.StreamResponse:
         assert ticket.backend is not None
         base = exchange.backend = ticket.backend.name
+        upstream = self.fleet.upstreams.get(base)
         response: web.StreamResponse | None = None
         reply = None
         tail = b""
         try:
-            reply = await self._upstreams[base].send(
-                b"POST", request.raw_path.encode(), _passable(request.raw_headers), body
-            )
+            if upstream is None:
+                raise UpstreamError("was removed")
+            reply = await upstream.send(b"POST", outbound.target, outbound.headers, outbound.body)
             exchange.status = status = reply.status
-            headers = _relayable(reply.headers)
-            if not info.stream:  # one answer: relay it whole, with its length
+            if status == 503:  # "server busy": alive, but give it less work for a while
+                self.scheduler.throttle(base)
+            if status in _TRY_ELSEWHERE and may_retry and self.scheduler.has_alternative(ticket):
+                raise _Failover(status, f"backend {base} answered {status}")
+            self._report(base, ok=status < 500 or status == 503)
+            relayed = _relayable(reply.headers)
+            if not outbound.info.stream:  # one answer: relay it whole, with its length
                 whole = await reply.read()
                 tail = whole[-TAIL_BYTES:]
-                response = web.Response(body=whole, status=status, headers=headers)
+                response = web.Response(body=whole, status=status, headers=relayed)
             else:
-                response = web.StreamResponse(status=status, headers=headers)
-                await _to_client(response.prepare(request))
-                while (chunk := await reply.next_chunk()) is not None:
-                    if exchange.first_byte_at is None:
-                        exchange.first_byte_at = time.monotonic()
-                    tail = keep_tail(tail, chunk)
-                    await _to_client(response.write(chunk))
-                await _to_client(response.write_eof())
+                response = web.StreamResponse(status=status, headers=relayed)
+                tail = await _stream(request, reply, response, exchange)
         except _ClientGone:
             assert response is not None
             self.scheduler.cancel(ticket)  # frees the slot; closing upstream stops the work
             exchange.status = 499
             return response  # aiohttp closes the broken connection quietly
         except UpstreamError as exc:
-            self.scheduler.release(ticket, Outcome.FAILED)
+            self._report(base, ok=False)
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
-            reason = exchange.error = f"backend {base} {exc}"
+            reason = f"backend {base} {exc}"
             log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
-            if response is None:
-                return _error(info.dialect, status, reason)
+            if response is None or not response.prepared:
+                raise _Failover(status, reason) from None
+            exchange.error = reason
+            self.scheduler.release(ticket, Outcome.FAILED)
             last_words = _error_chunk(response.content_type, reason)
             if last_words is None:
                 raise  # a whole answer cut in the middle: only closing the connection says so
@@ -430,6 +558,10 @@ class Gateway:
             exchange.usage = usage_from_tail(tail)
         self.scheduler.release(ticket, Outcome.COMPLETED if status < 500 else Outcome.FAILED)
         return response
+
+    def _report(self, base: str, *, ok: bool) -> None:
+        if self.scheduler.report(base, ok):
+            self._changed()
 
     def _changed(self) -> None:
         """After any scheduler call: wake dispatched and timed-out waiters, re-arm the timer."""

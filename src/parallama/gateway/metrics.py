@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -68,16 +68,31 @@ class _SchedulerCollector(Collector):
             "parallama_backend_in_flight", "Requests a backend is answering", labels=["backend"]
         )
         slots = GaugeMetricFamily(
-            "parallama_backend_slots", "A backend's parallel slots per model", labels=["backend"]
+            "parallama_backend_slots",
+            "A backend's parallel slots per model (halved for a while after 'server busy')",
+            labels=["backend"],
         )
         healthy = GaugeMetricFamily(
-            "parallama_backend_healthy", "1 if the backend gets new work", labels=["backend"]
+            "parallama_backend_healthy",
+            "1 unless the backend's circuit breaker is open",
+            labels=["backend"],
+        )
+        draining = GaugeMetricFamily(
+            "parallama_backend_draining", "1 if the backend takes no new work", labels=["backend"]
+        )
+        trips = CounterMetricFamily(
+            "parallama_backend_breaker_trips",
+            "Times the backend's circuit breaker opened",
+            labels=["backend"],
         )
         for backend in s.backends.values():
-            in_flight.add_metric([backend.name], sum(backend.in_flight.values()))
-            slots.add_metric([backend.name], backend.slots)
-            healthy.add_metric([backend.name], 1 if backend.healthy else 0)
-        yield from (in_flight, slots, healthy)
+            name = [backend.name]
+            in_flight.add_metric(name, backend.active)
+            slots.add_metric(name, backend.capacity)
+            healthy.add_metric(name, 1 if backend.healthy else 0)
+            draining.add_metric(name, 1 if backend.draining else 0)
+            trips.add_metric(name, backend.breaker.trips)
+        yield from (in_flight, slots, healthy, draining, trips)
 
 
 class GatewayMetrics:
@@ -131,7 +146,16 @@ class GatewayMetrics:
         self._generated_tokens = Counter(
             "parallama_generated_tokens", "Tokens generated", ["model"], registry=registry
         )
+        self._failovers = Counter(
+            "parallama_failovers",
+            "Requests moved to another backend before their first byte, by the backend left",
+            ["backend"],
+            registry=registry,
+        )
         registry.register(_SchedulerCollector(scheduler, self._models))
+
+    def failover(self, backend: str) -> None:
+        self._series(self._failovers, backend).inc()
 
     def observe(self, exchange: Exchange) -> None:
         """Count a finished request of a model route (model "" when its body had none)."""

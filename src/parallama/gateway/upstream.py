@@ -266,6 +266,7 @@ class Upstream:
         self._host = parts.netloc.rpartition("@")[2].encode("idna")
         self._idle: deque[Connection] = deque()
         self._open: set[Connection] = set()
+        self._retired = False
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -297,12 +298,21 @@ class Upstream:
 
     def keep(self, conn: Connection) -> None:
         """Take back a connection whose answer ended cleanly; close the ones idle too long."""
+        if self._retired:
+            conn.close()
+            return
         now = self.loop.time()
         conn.idle_since = now
         self._idle.append(conn)
         idle = self._idle
         while idle and (len(idle) > _MAX_IDLE or idle[0].idle_since < now - _IDLE_SECONDS):
             idle.popleft().close()
+
+    def retire(self) -> None:
+        """The backend was removed: close idle connections now, the others when released."""
+        self._retired = True
+        while self._idle:
+            self._idle.pop().close()
 
     async def close(self) -> None:
         for conn in list(self._open):

@@ -1,7 +1,8 @@
 """What the gateway must know of a request before it can queue it (sans-I/O).
 
 Only the fields that routing needs are read: the model, whether the answer streams, who the
-client is (for fair queueing) and its priority. The body itself is passed on untouched.
+client is (for fair queueing), its priority and its conversation (for session affinity). The body
+itself is passed on untouched.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class RequestInfo:
     stream: bool
     client: str
     priority: int
+    session: str = ""
 
 
 def dialect_of(path: str) -> Dialect:
@@ -71,6 +73,25 @@ def parse_priority(headers: Mapping[str, str]) -> int:
     return value
 
 
+def session_key(data: Mapping[str, Any], headers: Mapping[str, str], client: str) -> str:
+    """What makes two requests one conversation: `X-Session-Id`, else the client and the
+    conversation's beginning (its first two messages, or the prompt's first 256 characters),
+    which stays the same as the conversation grows. Hashed: it may hold prompt text."""
+    explicit = headers.get("X-Session-Id", "").strip()
+    if explicit:
+        return "id:" + explicit[:128]
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages:
+        leading: Any = messages[:2]
+    else:
+        prompt = data.get("prompt")
+        leading = prompt[:256] if isinstance(prompt, str) else None
+    if leading is None:
+        return client
+    digest = hashlib.blake2b(orjson.dumps([client, leading]), digest_size=12).hexdigest()
+    return "conv:" + digest
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 `ApiError` saying what is wrong with it."""
     if not raw.strip():
@@ -98,13 +119,23 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         stream = stream_default
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false")
+    client = client_identity(headers, remote)
     return RequestInfo(
         dialect=dialect,
         model=model,
         stream=stream,
-        client=client_identity(headers, remote),
+        client=client,
         priority=parse_priority(headers),
+        session=session_key(data, headers, client),
     )
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with another model name: what an alias is sent to the backends as."""
+    data = orjson.loads(body)
+    data["model"] = model
+    data.pop("name", None)  # /api/show's old field would win over "model" at an old Ollama
+    return orjson.dumps(data)
 
 
 def error_body(dialect: Dialect, status: int, message: str) -> bytes:

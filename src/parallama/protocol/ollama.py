@@ -23,6 +23,13 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+def normalize_name(name: str) -> str:
+    """Ollama's name resolution for our purposes: a name without a tag means `:latest`."""
+    name = name.strip()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
 def model_not_found(name: str) -> str:
     return f"model '{name}' not found"
 

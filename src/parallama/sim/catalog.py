@@ -6,6 +6,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from parallama.protocol.ollama import normalize_name
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -66,13 +68,6 @@ DEFAULT_MODELS = ("qwen2.5:7b", "llama3.2:3b", "nomic-embed-text:latest")
 
 _EMBED_HINT = re.compile(r"embed|minilm|bge|e5-|gte")
 _SIZE_TAG = re.compile(r":(\d+(?:\.\d+)?)([bm])\b", re.IGNORECASE)
-
-
-def normalize_name(name: str) -> str:
-    """Ollama's name resolution for our purposes: a name without a tag means `:latest`."""
-    name = name.strip()
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last else f"{name}:latest"
 
 
 def spec_for(name: str) -> ModelSpec:

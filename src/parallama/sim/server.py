@@ -22,6 +22,7 @@ from aiohttp import web
 from parallama.errors import ApiError
 from parallama.protocol import ollama
 from parallama.protocol.inspect import dialect_of, error_body, parse_json_object
+from parallama.protocol.ollama import normalize_name
 from parallama.runtime import http_url
 from parallama.sim.answers import (
     Answer,
@@ -30,7 +31,7 @@ from parallama.sim.answers import (
     generate_prompt,
     plan_answer,
 )
-from parallama.sim.catalog import ModelSpec, normalize_name
+from parallama.sim.catalog import ModelSpec
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
 from parallama.sim.hosts import host_allowed

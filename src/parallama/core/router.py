@@ -1,0 +1,95 @@
+"""Routing policies (sans-I/O): which backend takes a request, among those able to serve it.
+
+The scheduler calls `Router.choose` only at the moment a request could be bound (late binding),
+with the backends that serve its model and are healthy; a policy may also answer None: "wait
+for a better slot", which is how model affinity keeps a model on the backends that have it
+loaded until they are saturated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import typing
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from parallama.core.scheduler import Backend, Ticket
+
+Policy = Literal["least-loaded", "round-robin", "weighted", "model-affinity", "session-affinity"]
+POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
+
+
+def _least_loaded(model: str, free: Sequence[Backend]) -> Backend:
+    """Least busy for its capacity, preferring one that has the model loaded (no load time)."""
+    return min(free, key=lambda b: (model not in b.loaded, b.load(), b.name))
+
+
+def _affinity(session: str, backend: str) -> bytes:
+    """Rendezvous hashing: each session ranks every backend; adding or removing a backend moves
+    only the sessions that ranked it first."""
+    return hashlib.blake2b(f"{session}\n{backend}".encode(), digest_size=8).digest()
+
+
+class Router:
+    def __init__(self) -> None:
+        self._turn = 0  # round-robin
+        self._credit: dict[str, float] = {}  # smooth weighted round-robin, as nginx does it
+
+    def choose(
+        self, policy: Policy, ticket: Ticket, serving: Sequence[Backend], waiting: int
+    ) -> Backend | None:
+        """`serving`: the healthy backends allowed to take the ticket's model, in configured
+        order, busy or not; `waiting`: the model's queued requests, this one included."""
+        model = ticket.model
+        free = [b for b in serving if b.has_free_slot(model)]
+        if policy == "model-affinity":
+            return self._warm_first(model, serving, free, waiting)
+        if not free:
+            return None
+        if policy == "round-robin":
+            return self._round_robin(serving, free)
+        if policy == "weighted":
+            return self._weighted(free)
+        if policy == "session-affinity":
+            return max(free, key=lambda b: _affinity(ticket.session, b.name))
+        return _least_loaded(model, free)
+
+    def _round_robin(self, serving: Sequence[Backend], free: Sequence[Backend]) -> Backend:
+        """The next backend in turn that has a free slot."""
+        count = len(serving)
+        for step in range(count):
+            backend = serving[(self._turn + step) % count]
+            if backend in free:
+                self._turn = (self._turn + step + 1) % count
+                return backend
+        raise AssertionError("a free backend is always among the serving ones")
+
+    def _weighted(self, free: Sequence[Backend]) -> Backend:
+        """Each free backend earns its weight; the richest is chosen and pays the total."""
+        for backend in free:
+            self._credit[backend.name] = self._credit.get(backend.name, 0.0) + backend.weight
+        chosen = max(free, key=lambda b: (self._credit[b.name], b.weight))
+        self._credit[chosen.name] -= sum(b.weight for b in free)
+        return chosen
+
+    @staticmethod
+    def _warm_first(
+        model: str, serving: Sequence[Backend], free: Sequence[Backend], waiting: int
+    ) -> Backend | None:
+        """A backend with the model loaded (or loading) if one is free; else wait for one, unless
+        more requests wait than the warm backends have slots: then load it on another."""
+        warm = [b for b in serving if model in b.loaded or b.in_flight[model]]
+        free_warm = [b for b in free if b in warm]
+        if free_warm:
+            return _least_loaded(model, free_warm)
+        if warm and waiting <= sum(b.capacity for b in warm):
+            return None
+        cold = [b for b in free if b not in warm]
+        if not cold:
+            return None
+        # The backend with the fewest models loaded: the least likely to evict one for this.
+        return min(cold, key=lambda b: (len(b.loaded), b.load(), b.name))
+
+    def forget(self, backend: str) -> None:
+        self._credit.pop(backend, None)

@@ -1,0 +1,108 @@
+"""The backends as the gateway's I/O sees them: a connection pool each, the probes, and
+reconfiguration while requests are flowing.
+
+The scheduler holds what routing needs to know of each backend (slots, health, models, load);
+this holds the rest, and keeps the two in step when the settings change: a new backend gets a
+pool and probes, a removed one takes no new work while its requests in flight finish on their
+connections, a changed one keeps its breaker and its load.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from parallama.config import BackendSettings, GatewaySettings
+from parallama.core.breaker import Breaker
+from parallama.core.scheduler import Backend, Scheduler
+from parallama.gateway.probes import Prober
+from parallama.gateway.upstream import Upstream
+
+log = logging.getLogger("parallama.gateway")
+
+
+class Fleet:
+    def __init__(
+        self, scheduler: Scheduler, settings: GatewaySettings, on_change: Callable[[], None]
+    ) -> None:
+        self._scheduler = scheduler
+        self._settings = settings
+        self._on_change = on_change
+        self.upstreams: dict[str, Upstream] = {}
+        self._prober: Prober | None = None
+        for backend in settings.backends:
+            scheduler.add_backend(self._new_backend(backend))
+
+    async def start(self) -> None:
+        """Open for business: pools (they need the running loop) and probes."""
+        for backend in self._settings.backends:
+            self.upstreams[backend.url] = self._new_upstream(backend.url)
+        self._prober = Prober(
+            self._scheduler,
+            self.upstreams,
+            interval=self._settings.health_interval,
+            timeout=self._settings.health_timeout,
+            on_change=self._on_change,
+        )
+        self._prober.start()
+
+    async def stop(self) -> None:
+        if self._prober is not None:
+            await self._prober.stop()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    def apply(self, settings: GatewaySettings) -> list[str]:
+        """Take new settings without dropping a request; return what changed, for the log."""
+        old = {b.url: b for b in self._settings.backends}
+        new = {b.url: b for b in settings.backends}
+        self._settings = settings
+        self._scheduler.settings = settings.scheduler
+        changes = []
+        for url in old.keys() - new.keys():
+            self._scheduler.remove_backend(url)
+            self.upstreams.pop(url).retire()  # connections close as their requests end
+            changes.append(f"removed {url}")
+        for url, wanted in new.items():
+            backend = self._scheduler.backends.get(url)
+            if backend is None:
+                self._scheduler.add_backend(self._new_backend(wanted))
+                self.upstreams[url] = self._new_upstream(url)
+                changes.append(f"added {url}")
+                continue
+            if wanted != old[url]:
+                changes.append(f"changed {url}")
+            backend.slots = settings.slots_of(wanted)
+            backend.weight = wanted.weight
+            backend.models = wanted.models
+            backend.breaker.threshold = settings.failure_threshold
+            backend.breaker.cooldown = settings.breaker_cooldown
+            self._scheduler.set_draining(url, wanted.drain)
+            upstream = self.upstreams[url]
+            upstream.connect_timeout = settings.connect_timeout
+            upstream.read_timeout = settings.request_timeout
+        if self._prober is not None:
+            self._prober.interval = settings.health_interval
+            self._prober.timeout = settings.health_timeout
+        self._on_change()
+        return changes
+
+    def _new_backend(self, backend: BackendSettings) -> Backend:
+        s = self._settings
+        return Backend(
+            backend.url,
+            slots=s.slots_of(backend),
+            weight=backend.weight,
+            models=backend.models,
+            draining=backend.drain,
+            breaker=Breaker(s.failure_threshold, s.breaker_cooldown),
+        )
+
+    def _new_upstream(self, url: str) -> Upstream:
+        # Like nginx's proxy_read_timeout: a backend may be silent this long, before its first
+        # byte or between two chunks; a stream that keeps flowing may take as long as it needs.
+        return Upstream(
+            url,
+            connect_timeout=self._settings.connect_timeout,
+            read_timeout=self._settings.request_timeout,
+        )

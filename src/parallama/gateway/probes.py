@@ -1,0 +1,124 @@
+"""Active probes: every backend's health, installed models and loaded models, on an interval.
+
+Passive signs (a refused connection, a reset, a 5xx) reach the circuit breakers from real
+requests; the probes find a dead backend that gets no traffic, give an open breaker its trial
+when no request comes, and keep each backend's inventory (`/api/tags`, or `/v1/models` for an
+OpenAI-style engine) and loaded models (`/api/ps`) fresh for routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from parallama.core.scheduler import Scheduler
+from parallama.gateway.upstream import Upstream, UpstreamError
+from parallama.protocol.ollama import normalize_name
+
+log = logging.getLogger("parallama.probes")
+
+
+class Prober:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        upstreams: Mapping[str, Upstream],
+        *,
+        interval: float,
+        timeout: float,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._scheduler = scheduler
+        self._upstreams = upstreams  # live: reconfiguration changes it
+        self.interval = interval
+        self.timeout = timeout
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(name) for name in list(self._upstreams)))
+
+    async def probe(self, name: str) -> None:
+        """Ask one backend how it is; tell the scheduler what it learnt."""
+        upstream = self._upstreams[name]
+        alive = await self._alive(upstream)
+        backend = self._scheduler.backends.get(name)
+        if backend is None:  # removed meanwhile
+            return
+        if alive != backend.healthy:
+            log.warning("backend probe", extra={"fields": {"backend": name, "alive": alive}})
+        self._scheduler.report(name, alive)
+        if alive:
+            installed = await self._inventory(upstream)
+            loaded = await self._json(upstream, "/api/ps")
+            if name in self._scheduler.backends:
+                if installed is not None:
+                    self._scheduler.set_inventory(name, installed)
+                if loaded is not None:
+                    self._scheduler.set_loaded(name, _names(loaded, "models", "name"))
+        self._on_change()
+
+    async def _run(self) -> None:
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(self.interval)
+
+    async def _inventory(self, upstream: Upstream) -> list[str] | None:
+        tags = await self._json(upstream, "/api/tags")
+        if tags is not None:
+            return _names(tags, "models", "name")
+        models = await self._json(upstream, "/v1/models")
+        return None if models is None else _names(models, "data", "id")
+
+    async def _alive(self, upstream: Upstream) -> bool:
+        """Any answer below 500, in time: even a 404 (an engine without Ollama's routes)."""
+        status, _ = await self._get(upstream, "/api/version")
+        return 0 < status < 500
+
+    async def _json(self, upstream: Upstream, path: str) -> Any:
+        """The JSON of a 200 answer, else None."""
+        status, body = await self._get(upstream, path)
+        if status != 200:
+            return None
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+
+    async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
+        """Status and body; status 0 if no answer came in time."""
+        reply = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = await upstream.send(b"GET", path.encode(), [], b"")
+                return reply.status, await reply.read()
+        except (UpstreamError, TimeoutError):
+            return 0, b""
+        finally:
+            if reply is not None:
+                reply.release()
+
+
+def _names(answer: Any, list_key: str, name_key: str) -> list[str]:
+    rows = answer.get(list_key) if isinstance(answer, dict) else None
+    if not isinstance(rows, list):
+        return []
+    return [
+        normalize_name(row[name_key])
+        for row in rows
+        if isinstance(row, dict) and isinstance(row.get(name_key), str)
+    ]
