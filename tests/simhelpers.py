@@ -16,11 +16,12 @@ from contextlib import (
     contextmanager,
 )
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
-from parallama.config import BackendSettings, GatewaySettings
+from parallama.config import BackendSettings, GatewaySettings, load
 from parallama.gateway.app import Gateway
 from parallama.gateway.run import running_gateway
 from parallama.sim.catalog import spec_for
@@ -115,6 +116,15 @@ def gateway_with(
 ) -> AbstractContextManager[Gateway]:
     config = GatewaySettings.model_validate({"port": 0, **settings, "backends": backends})
     return in_thread(lambda: running_gateway(config))
+
+
+def gateway_from_file(path: Path) -> AbstractContextManager[Gateway]:
+    """A gateway whose settings come from a TOML file, read again on reload."""
+
+    def read() -> GatewaySettings:
+        return load(path, env={})
+
+    return in_thread(lambda: running_gateway(read(), read))
 
 
 @contextmanager

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except config.ConfigError as exc:
                 parser.exit(2, f"parallama serve: error: {exc}\n")
             logs.setup(settings.log_format, settings.log_level)
-            run(serve(settings))
+            run(serve(settings, lambda: config.from_args(args)))
         elif args.command == "demo":
             from parallama.demo import run_demo
 

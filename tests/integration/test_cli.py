@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from parallama.cli import build_parser
+from tests.simhelpers import wait_for_gateway
 
 
 @contextmanager
@@ -94,6 +95,10 @@ def test_serve_reads_a_config_file_and_refuses_a_bad_one(tmp_path: Path) -> None
         with sim_process("--config", str(good), command="serve") as (gateway, urls):
             status = httpx.get(f"{urls[0]}/parallama/status").json()
             assert [(b["url"], b["slots"]) for b in status["backends"]] == [(backends[0], 3)]
+            # SIGHUP reads the file again; the address stays what it was.
+            good.write_text(good.read_text().replace("slots = 3", "slots = 5"))
+            gateway.send_signal(signal.SIGHUP)
+            wait_for_gateway(urls[0], lambda s: s["backends"][0]["slots"] == 5)
             gateway.terminate()
             assert gateway.wait(timeout=10) == 0
         sim.terminate()

@@ -118,3 +118,23 @@ def test_every_setting_has_a_flag_an_environment_name_and_a_readme_entry() -> No
         assert f"`{name}`" in readme, f"README does not document backend `{name}`"
     for name in config.ModelSettings.model_fields:
         assert f"`{name}`" in readme, f"README does not document model `{name}`"
+
+
+def test_model_tables_make_aliases_and_per_model_routing(tmp_path: Path) -> None:
+    path = tmp_path / "parallama.toml"
+    path.write_text(
+        'routing = "least-loaded"\n'
+        '[[backends]]\nurl = "http://127.0.0.1:11434"\nmodels = ["qwen2.5"]\n'
+        '[models."gpt-4o"]\ntarget = "qwen2.5"\nrouting = "session-affinity"\n'
+        '[models.llama3]\nrouting = "model-affinity"\n'
+    )
+    settings = config.load(path, env={})
+    assert settings.aliases == {"gpt-4o:latest": "qwen2.5:latest"}
+    assert settings.backends[0].models == frozenset({"qwen2.5:latest"})
+    assert dict(settings.scheduler.routing_by_model) == {
+        "qwen2.5:latest": "session-affinity",
+        "llama3:latest": "model-affinity",
+    }
+    path.write_text('[[backends]]\nurl = "http://h:1"\n[models.x]\nrouting = "random"\n')
+    with pytest.raises(ConfigError, match=r"models\.x\.routing"):
+        config.load(path, env={})

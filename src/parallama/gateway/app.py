@@ -240,7 +240,7 @@ class Gateway:
         changes = self.fleet.apply(settings)
         self.settings = settings
         changes += [f"{k} needs a restart: kept" for k in ignored]
-        log.warning("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
+        log.info("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
         return changes
 
     def reload_settings(self) -> list[str]:

@@ -1,13 +1,19 @@
-"""Running the gateway until Ctrl-C or SIGTERM (its settings are in `parallama.config`)."""
+"""Running the gateway until Ctrl-C or SIGTERM, reloading its settings on SIGHUP (the settings
+themselves are in `parallama.config`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
 
-from parallama.config import GatewaySettings
+from parallama.config import ConfigError, GatewaySettings
 from parallama.gateway.app import Gateway
 from parallama.runtime import stop_requested
+
+log = logging.getLogger("parallama.gateway")
 
 
 def describe(gateway: Gateway, command: str = "serve") -> str:
@@ -22,8 +28,10 @@ def describe(gateway: Gateway, command: str = "serve") -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: GatewaySettings) -> AsyncIterator[Gateway]:
-    gateway = Gateway(settings)
+async def running_gateway(
+    settings: GatewaySettings, reload: Callable[[], GatewaySettings] | None = None
+) -> AsyncIterator[Gateway]:
+    gateway = Gateway(settings, reload)
     await gateway.start()
     try:
         yield gateway
@@ -31,7 +39,18 @@ async def running_gateway(settings: GatewaySettings) -> AsyncIterator[Gateway]:
         await gateway.stop()
 
 
-async def serve(settings: GatewaySettings) -> None:
-    async with running_gateway(settings) as gateway:
-        print(f"{describe(gateway)}\nCtrl-C to stop", flush=True)
+def _reload_on_sighup(gateway: Gateway) -> None:
+    def reload() -> None:
+        try:
+            gateway.reload_settings()
+        except ConfigError as exc:  # the running settings stay
+            log.error("reload refused", extra={"fields": {"error": str(exc)}})
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+
+async def serve(settings: GatewaySettings, reload: Callable[[], GatewaySettings]) -> None:
+    async with running_gateway(settings, reload) as gateway:
+        _reload_on_sighup(gateway)
+        print(f"{describe(gateway)}\nCtrl-C to stop, SIGHUP to reload the settings", flush=True)
         await stop_requested()

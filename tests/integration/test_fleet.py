@@ -1,0 +1,276 @@
+"""Fleet behaviour against real emulated backends on loopback: a backend dying mid-burst, model
+inventories, model affinity, backends that reset or say "server busy", drain and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from parallama.config import BackendSettings
+from parallama.protocol.ollama import SERVER_BUSY
+from tests.simhelpers import (
+    CHAT_MODEL,
+    EMBED_MODEL,
+    OTHER_MODEL,
+    gateway_for,
+    gateway_from_file,
+    gateway_status,
+    gateway_with,
+    make_config,
+    model_state,
+    sim_servers,
+    state,
+    wait_for_gateway,
+    wait_for_state,
+)
+
+FAST_HEALTH = {"health_interval": 0.1, "failure_threshold": 2, "breaker_cooldown": 0.5}
+
+
+def backend_row(status: dict[str, Any], url: str) -> dict[str, Any]:
+    return next(b for b in status["backends"] if b["url"] == url)
+
+
+def completed(url: str) -> int:
+    return int(state(url)["outcomes"].get("completed", 0))
+
+
+async def burst(url: str, count: int, model: str = CHAT_MODEL) -> list[int]:
+    """`count` concurrent non-streaming generations; their status codes."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> int:
+            if model == EMBED_MODEL:
+                embed = {"model": model, "input": f"text {i}"}
+                return (await client.post("/api/embed", json=embed)).status_code
+            body = {"model": model, "prompt": f"question {i}", "stream": False}
+            return (await client.post("/api/generate", json=body)).status_code
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def test_a_backend_dying_mid_burst_loses_no_request_and_its_breaker_closes_on_return() -> None:
+    config = make_config(num_parallel=2, decode_tps=400, output_tokens=(20, 20))
+    with sim_servers(replace(config, ports=(0, 0))) as survivors, ExitStack() as victim:
+        victim_url = victim.enter_context(sim_servers(config))[0].url
+        port = int(victim_url.rsplit(":", 1)[1])
+        urls = [s.url for s in survivors] + [victim_url]
+        with gateway_with(tuple(BackendSettings(url=u) for u in urls), **FAST_HEALTH) as gateway:
+
+            async def scenario() -> list[int]:
+                running = asyncio.ensure_future(burst(gateway.url, 100))
+                await asyncio.to_thread(
+                    wait_for_state, victim_url, lambda s: model_state(s, CHAT_MODEL)["busy"] > 0
+                )
+                await asyncio.to_thread(victim.close)  # it stops
+                return await running
+
+            codes = asyncio.run(scenario())
+            status = wait_for_gateway(
+                gateway.url, lambda s: backend_row(s, victim_url)["breaker"] == "open"
+            )
+            assert codes == [200] * 100
+            assert status["completed"] == 100
+            assert status["failed"] == status["queued"] == status["active"] == 0
+            with sim_servers(replace(config, ports=(port,))):  # it comes back
+                back = wait_for_gateway(
+                    gateway.url, lambda s: backend_row(s, victim_url)["breaker"] == "closed"
+                )
+                assert backend_row(back, victim_url)["healthy"] is True
+                assert asyncio.run(burst(gateway.url, 6)) == [200] * 6
+
+
+def test_each_request_lands_only_where_its_model_is_installed() -> None:
+    placement = {CHAT_MODEL: 0, OTHER_MODEL: 1, EMBED_MODEL: 2}
+    with ExitStack() as stack:
+        servers = [
+            stack.enter_context(sim_servers(make_config(num_parallel=4, models=(model,))))[0]
+            for model in placement
+        ]
+        with gateway_for(servers, **FAST_HEALTH) as gateway:
+            wait_for_gateway(
+                gateway.url, lambda s: all(b["installed"] is not None for b in s["backends"])
+            )
+            for model in placement:
+                assert asyncio.run(burst(gateway.url, 8, model)) == [200] * 8
+            missing = httpx.post(f"{gateway.url}/api/generate", json={"model": "absent:1b"})
+        outcomes = [state(s.url)["outcomes"] for s in servers]
+    for model, index in placement.items():
+        assert outcomes[index] == {"completed": 8}, model
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "model 'absent:1b' not found"}
+
+
+@pytest.mark.parametrize(("concurrency", "spread"), [(2, False), (12, True)])
+def test_model_affinity_keeps_a_model_on_one_backend_until_it_is_saturated(
+    concurrency: int, spread: bool
+) -> None:
+    config = make_config(num_parallel=2, decode_tps=400, output_tokens=(20, 20), load_seconds=0.2)
+    with (
+        sim_servers(replace(config, ports=(0, 0))) as servers,
+        gateway_for(servers, routing="model-affinity", **FAST_HEALTH) as gateway,
+    ):
+        for _ in range(3):
+            assert asyncio.run(burst(gateway.url, concurrency)) == [200] * concurrency
+        loaded = [model_state(state(s.url), CHAT_MODEL)["state"] != "unloaded" for s in servers]
+    assert loaded.count(True) == (2 if spread else 1)
+
+
+@asynccontextmanager
+async def raw_backend(answer: bytes | None) -> AsyncIterator[str]:
+    """A backend that reads a request and sends `answer`, or (None) closes without a word."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = [line for line in head.split(b"\r\n") if line.startswith(b"Content-")]
+                size = next((int(h.split(b":")[1]) for h in length if b"Length" in h), 0)
+                await reader.readexactly(size)
+                if answer is None:
+                    break
+                writer.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+BUSY = b'{"error":"%s"}' % SERVER_BUSY.encode()
+BUSY_ANSWER = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+BUSY_ANSWER += b"Content-Length: %d\r\n\r\n%s" % (len(BUSY), BUSY)
+
+
+@pytest.mark.parametrize("answer", [None, BUSY_ANSWER], ids=["reset", "server-busy"])
+def test_a_failure_before_the_first_byte_moves_the_request_to_another_backend(
+    answer: bytes | None,
+) -> None:
+    async def scenario() -> tuple[httpx.Response, dict[str, Any], str]:
+        async with raw_backend(answer) as broken:
+            with (
+                sim_servers(make_config()) as servers,
+                # round-robin, the broken backend first: the first request goes there
+                gateway_with(
+                    (BackendSettings(url=broken), BackendSettings(url=servers[0].url)),
+                    routing="round-robin",
+                ) as gateway,
+            ):
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    body = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
+                    reply = await client.post("/api/generate", json=body)
+                    status = (await client.get("/parallama/status")).json()
+                    metrics = (await client.get("/metrics")).text
+            return reply, status, metrics
+
+    reply, status, metrics = asyncio.run(scenario())
+    assert reply.status_code == 200
+    assert reply.json()["done"] is True
+    assert (status["completed"], status["failed"]) == (1, 0)
+    broken_row = status["backends"][0]
+    assert f'parallama_failovers_total{{backend="{broken_row["url"]}"}} 1.0' in metrics
+    if answer is not None:  # "server busy" halves its slots for a while
+        assert broken_row["capacity"] == 1 and broken_row["slots"] == 1
+
+
+def test_the_last_backend_failing_gives_a_clear_502() -> None:
+    async def scenario() -> httpx.Response:
+        async with raw_backend(None) as broken:
+            with gateway_with((BackendSettings(url=broken),), retries=2) as gateway:
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    return await client.post("/api/chat", json={"model": CHAT_MODEL})
+
+    reply = asyncio.run(scenario())
+    assert reply.status_code == 502
+    assert reply.json()["error"].endswith("closed the connection")
+
+
+def write_config(path: Path, backends: list[dict[str, Any]], **top: Any) -> None:
+    """A TOML file: JSON's strings, numbers and booleans are TOML's too."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in top.items()]
+    for backend in backends:
+        lines.append("[[backends]]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in backend.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def reload(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/parallama/reload", timeout=10)
+
+
+def test_drain_add_and_remove_by_reload_mid_burst_lose_nothing(tmp_path: Path) -> None:
+    config = make_config(num_parallel=2, decode_tps=400, output_tokens=(20, 20))
+    path = tmp_path / "parallama.toml"
+    with sim_servers(replace(config, ports=(0, 0, 0))) as servers:
+        a, b, c = (s.url for s in servers)
+        write_config(path, [{"url": a}, {"url": b}], port=0, health_interval=0.1)
+        with gateway_from_file(path) as gateway:
+
+            async def scenario() -> tuple[list[int], httpx.Response]:
+                running = asyncio.ensure_future(burst(gateway.url, 60))
+                await asyncio.to_thread(
+                    wait_for_state, a, lambda s: model_state(s, CHAT_MODEL)["busy"] > 0
+                )
+                write_config(path, [{"url": a, "drain": True}, {"url": b}, {"url": c}], port=0)
+                answer = await asyncio.to_thread(reload, gateway.url)
+                return await running, answer
+
+            codes, answer = asyncio.run(scenario())
+            assert answer.status_code == 200
+            assert set(answer.json()["changes"]) == {f"changed {a}", f"added {c}"}
+            assert codes == [200] * 60
+            drained = wait_for_gateway(gateway.url, lambda s: backend_row(s, a)["active"] == 0)
+            assert backend_row(drained, a)["draining"] is True
+            on_a = completed(a)
+            assert asyncio.run(burst(gateway.url, 12)) == [200] * 12
+            assert completed(a) == on_a  # drained: nothing new
+            assert completed(c) > 0  # added: in use
+
+            write_config(path, [{"url": b}, {"url": c}], port=0)
+            assert reload(gateway.url).json()["changes"] == [f"removed {a}"]
+            write_config(path, [{"url": b, "slots": 0}], port=0)
+            refused = reload(gateway.url)
+            status = gateway_status(gateway.url)
+    assert refused.status_code == 400
+    assert "backends.0.slots" in refused.json()["error"]
+    assert [row["url"] for row in status["backends"]] == [b, c]  # the running config stayed
+    assert status["total"] == status["completed"] == 72
+
+
+def test_an_alias_is_sent_to_the_backends_as_its_target_model() -> None:
+    models = {"gpt-4o": {"target": CHAT_MODEL}}
+    with sim_servers(make_config()) as servers, gateway_for(servers, models=models) as gateway:
+        reply = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        loaded = [m["name"] for m in state(servers[0].url)["models"]]
+    assert reply.status_code == 200
+    assert loaded == [CHAT_MODEL]
+
+
+def test_admin_routes_need_the_token_when_one_is_set() -> None:
+    with sim_servers(make_config()) as servers, gateway_for(servers, admin_token="s3cret") as gw:
+        anonymous = httpx.post(f"{gw.url}/parallama/reload")
+        wrong = httpx.post(f"{gw.url}/parallama/reload", headers={"Authorization": "Bearer x"})
+        right = httpx.post(f"{gw.url}/parallama/reload", headers={"Authorization": "Bearer s3cret"})
+    assert anonymous.status_code == wrong.status_code == 401
+    assert "admin_token" in anonymous.json()["error"]
+    # Past the check: this gateway has no file to read again, and says so.
+    assert right.status_code == 400
+    assert "settings it can read again" in right.json()["error"]
