@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -126,13 +126,18 @@ def test_model_affinity_keeps_a_model_on_one_backend_until_it_is_saturated(
 
 
 @asynccontextmanager
-async def raw_backend(answer: bytes | None) -> AsyncIterator[str]:
-    """A backend that reads a request and sends `answer`, or (None) closes without a word."""
+async def raw_backend(
+    answer: bytes | None, saw: Callable[[bytes], None] | None = None
+) -> AsyncIterator[str]:
+    """A backend that reads a request and sends `answer`, or (None) closes without a word;
+    `saw` is told each request line."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if saw is not None:
+                    saw(head.split(b"\r\n", 1)[0])
                 length = [line for line in head.split(b"\r\n") if line.startswith(b"Content-")]
                 size = next((int(h.split(b":")[1]) for h in length if b"Length" in h), 0)
                 await reader.readexactly(size)
@@ -274,3 +279,29 @@ def test_admin_routes_need_the_token_when_one_is_set() -> None:
     # Past the check: this gateway has no file to read again, and says so.
     assert right.status_code == 400
     assert "settings it can read again" in right.json()["error"]
+
+
+def test_an_engine_that_answers_every_path_alike_still_gets_every_model() -> None:
+    """Its `/api/tags` says nothing about models: the gateway must not take it for 'none'."""
+    done = b'{"done":true}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    answer += b"Content-Length: %d\r\n\r\n%s" % (len(done), done)
+
+    async def scenario() -> httpx.Response:
+        asked: list[bytes] = []
+        probed = asyncio.Event()  # a whole probe went by, and the next one began
+
+        def saw(line: bytes) -> None:
+            asked.append(line.split(b" ")[1])
+            if asked[-2:] == [b"/api/ps", b"/api/version"]:
+                probed.set()
+
+        async with raw_backend(answer, saw) as engine:
+            with gateway_with((BackendSettings(url=engine),), **FAST_HEALTH) as gateway:
+                await asyncio.wait_for(probed.wait(), 10)
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    return await client.post("/api/generate", json={"model": "any:1b"})
+
+    reply = asyncio.run(scenario())
+    assert reply.status_code == 200
+    assert reply.json() == {"done": True}

@@ -186,6 +186,7 @@ class Gateway:
         """`reload` reads the settings again (from the same file, environment and flags): what
         SIGHUP and `POST /parallama/reload` apply."""
         self.settings = settings
+        self._aliases = settings.aliases
         self._reload = reload
         self.scheduler = Scheduler(settings.scheduler, time.monotonic)
         self.fleet = Fleet(self.scheduler, settings, self._changed)
@@ -239,6 +240,7 @@ class Gateway:
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in fixed})
         changes = self.fleet.apply(settings)
         self.settings = settings
+        self._aliases = settings.aliases
         changes += [f"{k} needs a restart: kept" for k in ignored]
         log.info("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
         return changes
@@ -401,7 +403,7 @@ class Gateway:
         exchange = request[EXCHANGE]
         body, info = await self._read(request, exchange)
         model = normalize_name(info.model)
-        target = self.settings.aliases.get(model)
+        target = self._aliases.get(model)
         if target is not None:
             body, model = with_model(body, target), target
         exchange.model, exchange.stream, exchange.client = model, info.stream, info.client

@@ -54,7 +54,9 @@ class Prober:
 
     async def probe(self, name: str) -> None:
         """Ask one backend how it is; tell the scheduler what it learnt."""
-        upstream = self._upstreams[name]
+        upstream = self._upstreams.get(name)
+        if upstream is None:  # removed meanwhile
+            return
         alive = await self._alive(upstream)
         backend = self._scheduler.backends.get(name)
         if backend is None:  # removed meanwhile
@@ -68,8 +70,9 @@ class Prober:
             if name in self._scheduler.backends:
                 if installed is not None:
                     self._scheduler.set_inventory(name, installed)
-                if loaded is not None:
-                    self._scheduler.set_loaded(name, _names(loaded, "models", "name"))
+                running = _names(loaded, "models", "name")
+                if running is not None:
+                    self._scheduler.set_loaded(name, running)
         self._on_change()
 
     async def _run(self) -> None:
@@ -78,11 +81,10 @@ class Prober:
             await asyncio.sleep(self.interval)
 
     async def _inventory(self, upstream: Upstream) -> list[str] | None:
-        tags = await self._json(upstream, "/api/tags")
-        if tags is not None:
-            return _names(tags, "models", "name")
-        models = await self._json(upstream, "/v1/models")
-        return None if models is None else _names(models, "data", "id")
+        installed = _names(await self._json(upstream, "/api/tags"), "models", "name")
+        if installed is None:
+            installed = _names(await self._json(upstream, "/v1/models"), "data", "id")
+        return installed
 
     async def _alive(self, upstream: Upstream) -> bool:
         """Any answer below 500, in time: even a 404 (an engine without Ollama's routes)."""
@@ -113,10 +115,12 @@ class Prober:
                 reply.release()
 
 
-def _names(answer: Any, list_key: str, name_key: str) -> list[str]:
+def _names(answer: Any, list_key: str, name_key: str) -> list[str] | None:
+    """The names in `answer[list_key]`; None if the answer is not such a list at all (an engine
+    that answers every path alike tells us nothing about its models)."""
     rows = answer.get(list_key) if isinstance(answer, dict) else None
     if not isinstance(rows, list):
-        return []
+        return None
     return [
         normalize_name(row[name_key])
         for row in rows
