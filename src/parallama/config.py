@@ -103,7 +103,9 @@ class GatewaySettings(BaseModel):
         "(API key, X-Client-Id, else address)",
     )
     request_timeout: float = Field(
-        300.0, gt=0, description="seconds a backend may take for one answer before 504"
+        300.0,
+        gt=0,
+        description="seconds a backend may stay silent (before its first byte or between chunks)",
     )
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open a backend connection")
     max_body_bytes: int = Field(

@@ -495,6 +495,7 @@ class Gateway:
                 can_retry = retries >= 0 and ticket.outcome is None
                 if not (can_retry and self.scheduler.requeue(ticket)):
                     self.scheduler.release(ticket, Outcome.FAILED)
+                    exchange.status = failed.status
                     return _error(info.dialect, failed.status, failed.reason)
                 self.metrics.failover(exchange.backend or "")
                 self._changed()
