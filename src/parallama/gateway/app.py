@@ -380,23 +380,11 @@ class Gateway:
 
     async def _ask_all(self, path: str) -> list[dict[str, Any]]:
         """GET `path` from every healthy backend at once; a backend that fails is left out."""
-        target = path.encode()
-
-        async def ask(base: str) -> Any:
-            reply = None
-            try:
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    reply = await self.fleet.upstreams[base].send(b"GET", target, [], b"")
-                    body = await reply.read()
-                return orjson.loads(body) if reply.status == 200 else None
-            except (UpstreamError, TimeoutError, orjson.JSONDecodeError):
-                return None
-            finally:
-                if reply is not None:
-                    reply.release()
-
+        target, timeout = path.encode(), self.settings.connect_timeout
         healthy = [b.name for b in self.scheduler.backends.values() if b.healthy]
-        answers = await asyncio.gather(*(ask(base) for base in healthy))
+        answers = await asyncio.gather(
+            *(self.fleet.upstreams[base].get_json(target, timeout) for base in healthy)
+        )
         return [answer for answer in answers if isinstance(answer, dict)]
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:

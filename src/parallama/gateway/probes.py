@@ -14,10 +14,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import orjson
-
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.upstream import Upstream, UpstreamError
+from parallama.gateway.upstream import Upstream
 from parallama.protocol.ollama import normalize_name
 
 log = logging.getLogger("parallama.probes")
@@ -66,7 +64,7 @@ class Prober:
         self._scheduler.report(name, alive)
         if alive:
             installed = await self._inventory(upstream)
-            loaded = await self._json(upstream, "/api/ps")
+            loaded = await upstream.get_json(b"/api/ps", self.timeout)
             if name in self._scheduler.backends:
                 if installed is not None:
                     self._scheduler.set_inventory(name, installed)
@@ -81,38 +79,17 @@ class Prober:
             await asyncio.sleep(self.interval)
 
     async def _inventory(self, upstream: Upstream) -> list[str] | None:
-        installed = _names(await self._json(upstream, "/api/tags"), "models", "name")
+        tags = await upstream.get_json(b"/api/tags", self.timeout)
+        installed = _names(tags, "models", "name")
         if installed is None:
-            installed = _names(await self._json(upstream, "/v1/models"), "data", "id")
+            models = await upstream.get_json(b"/v1/models", self.timeout)
+            installed = _names(models, "data", "id")
         return installed
 
     async def _alive(self, upstream: Upstream) -> bool:
         """Any answer below 500, in time: even a 404 (an engine without Ollama's routes)."""
-        status, _ = await self._get(upstream, "/api/version")
+        status, _ = await upstream.get(b"/api/version", self.timeout)
         return 0 < status < 500
-
-    async def _json(self, upstream: Upstream, path: str) -> Any:
-        """The JSON of a 200 answer, else None."""
-        status, body = await self._get(upstream, path)
-        if status != 200:
-            return None
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-
-    async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
-        """Status and body; status 0 if no answer came in time."""
-        reply = None
-        try:
-            async with asyncio.timeout(self.timeout):
-                reply = await upstream.send(b"GET", path.encode(), [], b"")
-                return reply.status, await reply.read()
-        except (UpstreamError, TimeoutError):
-            return 0, b""
-        finally:
-            if reply is not None:
-                reply.release()
 
 
 def _names(answer: Any, list_key: str, name_key: str) -> list[str] | None:

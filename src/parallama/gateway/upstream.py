@@ -20,9 +20,11 @@ import asyncio
 import ssl
 import typing
 from collections import deque
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+import orjson
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -307,6 +309,32 @@ class Upstream:
         idle = self._idle
         while idle and (len(idle) > _MAX_IDLE or idle[0].idle_since < now - _IDLE_SECONDS):
             idle.popleft().close()
+
+    async def get(self, target: bytes, timeout: float) -> tuple[int, bytes]:  # noqa: ASYNC109
+        """A whole GET answer within `timeout`: status and body; status 0 if none came.
+
+        For probes and listings, which treat "no answer in time" like any failure: taking the
+        timeout here saves each caller its own `asyncio.timeout` and `TimeoutError` mapping."""
+        reply = None
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self.send(b"GET", target, [], b"")
+                return reply.status, await reply.read()
+        except (UpstreamError, TimeoutError):
+            return 0, b""
+        finally:
+            if reply is not None:
+                reply.release()
+
+    async def get_json(self, target: bytes, timeout: float) -> Any:  # noqa: ASYNC109
+        """The JSON of a 200 answer to a GET within `timeout`, else None."""
+        status, body = await self.get(target, timeout)
+        if status != 200:
+            return None
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
 
     def retire(self) -> None:
         """The backend was removed: close idle connections now, the others when released."""
