@@ -107,6 +107,16 @@ def test_requeue_never_returns_to_a_backend_it_failed_on_and_fails_when_none_is_
     assert adds_up(s)
 
 
+def test_a_draining_backend_is_no_alternative_for_failover() -> None:
+    s = make(Backend("a"), Backend("b"))
+    ticket = s.submit(M)
+    s.set_draining("b" if backend_of(ticket) == "a" else "a", True)
+    assert not s.has_alternative(ticket)
+    assert not s.requeue(ticket)  # failed at once, rather than waiting for a slot never given
+    assert ticket.outcome is Outcome.FAILED
+    assert adds_up(s)
+
+
 def test_server_busy_halves_capacity_for_a_while() -> None:
     clock = FakeClock()
     s = make(Backend("a", slots=4), clock=clock, busy_seconds=30)

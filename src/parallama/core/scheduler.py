@@ -281,7 +281,7 @@ class Scheduler:
         if not offering:
             self._end(ticket, Outcome.REJECTED)
             raise NoBackendError(model)
-        if not any(b.healthy and not b.draining for b in offering):
+        if not any(b.serves(model) for b in offering):
             self._end(ticket, Outcome.REJECTED)
             reopen = [b.breaker.next_change() or 0.0 for b in offering if not b.draining]
             wait = min(reopen, default=0.0) - self._clock()
@@ -331,10 +331,7 @@ class Scheduler:
     def has_alternative(self, ticket: Ticket) -> bool:
         """Could another backend than the ticket's (and those it failed on) take it?"""
         tried = ticket.avoid | ({ticket.backend.name} if ticket.backend else set())
-        return any(
-            b.offers(ticket.model) and b.healthy and b.name not in tried
-            for b in self.backends.values()
-        )
+        return any(b.serves(ticket.model) and b.name not in tried for b in self.backends.values())
 
     def requeue(self, ticket: Ticket) -> bool:
         """Failover before the first byte: give back the slot and wait again, keeping its place,
@@ -342,14 +339,12 @@ class Scheduler:
         if ticket.outcome is not None or ticket.backend is None:
             return False
         model = ticket.model
+        alternative = self.has_alternative(ticket)
         self._free(ticket)
         ticket.avoid.add(ticket.backend.name)
         ticket.backend = None
         ticket.dispatched_at = None
-        if not any(
-            b.offers(model) and b.healthy and b.name not in ticket.avoid
-            for b in self.backends.values()
-        ):
+        if not alternative:
             self._end(ticket, Outcome.FAILED)
             self._dispatch(model)
             return False
