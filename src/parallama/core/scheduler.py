@@ -357,11 +357,16 @@ class Scheduler:
     def tick(self) -> None:
         """Time out requests that waited longer than `queue_timeout`; end cooldowns."""
         now = self._clock()
+        capacity_returned = False  # only then can a waiting request be bound now
         for backend in self.backends.values():
+            was = backend.breaker.state
             backend.breaker.poll(now)
+            capacity_returned |= backend.breaker.state is not was
             if backend.cap is not None and now >= backend.cap_until:
                 backend.cap = None
-        self._dispatch_all()
+                capacity_returned = True
+        if capacity_returned:
+            self._dispatch_all()
         limit = now - self.settings.queue_timeout
         while self._waiting and self._waiting[0][0] <= limit:
             ticket = heapq.heappop(self._waiting)[2]
