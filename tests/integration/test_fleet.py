@@ -305,3 +305,26 @@ def test_an_engine_that_answers_every_path_alike_still_gets_every_model() -> Non
     reply = asyncio.run(scenario())
     assert reply.status_code == 200
     assert reply.json() == {"done": True}
+
+
+def test_session_affinity_keeps_each_growing_conversation_on_one_backend() -> None:
+    config = make_config(num_parallel=4)
+    with (
+        sim_servers(replace(config, ports=(0, 0, 0))) as servers,
+        gateway_for(servers, routing="session-affinity") as gateway,
+    ):
+        chats = [[{"role": "user", "content": f"hello from chat {n}"}] for n in range(6)]
+        for turn in range(3):
+            for messages in chats:  # interleaved, one request at a time
+                reply = httpx.post(
+                    f"{gateway.url}/api/chat",
+                    json={"model": CHAT_MODEL, "messages": messages, "stream": False},
+                    timeout=10,
+                )
+                assert reply.status_code == 200
+                messages += [reply.json()["message"], {"role": "user", "content": f"{turn}?"}]
+        served = [completed(s.url) for s in servers]
+    # Each chat's three turns on one backend, and the chats spread over several backends
+    # (least-loaded would put all 18 where the model is loaded).
+    assert all(count % 3 == 0 for count in served)
+    assert sum(count > 0 for count in served) > 1

@@ -85,3 +85,31 @@ def test_errors_in_each_dialect() -> None:
     openai_error = orjson.loads(error_body("openai", 400, "model is required"))["error"]
     assert openai_error["type"] == "invalid_request_error"
     assert openai_error["message"] == "model is required"
+
+
+def test_a_conversation_keeps_its_session_as_it_grows_and_never_shows_its_text() -> None:
+    system = {"role": "system", "content": "You are terse."}
+    first = {"role": "user", "content": "secret plan"}
+    turn1 = info("/api/chat", {"model": "m", "messages": [system, first]})
+    later = [
+        system,
+        first,
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "?"},
+    ]
+    turn2 = info("/api/chat", {"model": "m", "messages": later})
+    other_client = info("/api/chat", {"model": "m", "messages": [system, first]}, remote="10.0.0.8")
+    other_chat = info(
+        "/api/chat", {"model": "m", "messages": [system, {"role": "user", "content": "x"}]}
+    )
+    assert turn1.session == turn2.session
+    assert turn1.session.startswith("conv:")
+    assert "secret" not in turn1.session
+    assert len({turn1.session, other_client.session, other_chat.session}) == 3
+    named = info("/api/chat", {"model": "m", "messages": later}, {"X-Session-Id": " s-42 "})
+    assert named.session == "id:s-42"
+    prompt = info("/api/generate", {"model": "m", "prompt": "a" * 300})
+    assert (
+        prompt.session == info("/api/generate", {"model": "m", "prompt": "a" * 256 + "b"}).session
+    )
+    assert info("/api/embed", {"model": "m", "input": "x"}).session == "addr:10.0.0.9"

@@ -420,8 +420,12 @@ class Gateway:
     ) -> AsyncIterator[Ticket]:
         """Wait in the gateway's queue until the scheduler binds the request to a backend."""
         try:
+            affine = self.scheduler.policy(model) == "session-affinity"
             ticket = self.scheduler.submit(
-                model, client=info.client, priority=info.priority, session=info.session
+                model,
+                client=info.client,
+                priority=info.priority,
+                session=info.session if affine else "",  # hashed only when it is used
             )
         except (QueueFullError, UnavailableError) as refused:
             exchange.outcome = Outcome.REJECTED.value

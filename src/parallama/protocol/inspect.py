@@ -7,6 +7,7 @@ itself is passed on untouched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +41,20 @@ class RequestInfo:
     stream: bool
     client: str
     priority: int
-    session: str = ""
+    session_id: str = ""  # the X-Session-Id header
+    leading: Any = None  # the conversation's beginning (see `leading_part`)
+
+    @functools.cached_property
+    def session(self) -> str:
+        """What makes two requests one conversation: `X-Session-Id`, else the client and the
+        conversation's beginning, which stays the same as the conversation grows. Hashed (it
+        may hold prompt text), and only when session affinity asks: hashing costs."""
+        if self.session_id:
+            return "id:" + self.session_id
+        if self.leading is None:
+            return self.client
+        conversation = orjson.dumps([self.client, self.leading])
+        return "conv:" + hashlib.blake2b(conversation, digest_size=12).hexdigest()
 
 
 def dialect_of(path: str) -> Dialect:
@@ -73,23 +87,19 @@ def parse_priority(headers: Mapping[str, str]) -> int:
     return value
 
 
-def session_key(data: Mapping[str, Any], headers: Mapping[str, str], client: str) -> str:
-    """What makes two requests one conversation: `X-Session-Id`, else the client and the
-    conversation's beginning (its first two messages, or the prompt's first 256 characters),
-    which stays the same as the conversation grows. Hashed: it may hold prompt text."""
-    explicit = headers.get("X-Session-Id", "").strip()
-    if explicit:
-        return "id:" + explicit[:128]
+def leading_part(data: Mapping[str, Any]) -> Any:
+    """A conversation's beginning: its messages up to the first user message (any system
+    prompt, and the first question), or the prompt's first 256 characters; None if the request
+    has neither. The first turn already holds all of it, and every later turn repeats it."""
     messages = data.get("messages")
     if isinstance(messages, list) and messages:
-        leading: Any = messages[:2]
-    else:
-        prompt = data.get("prompt")
-        leading = prompt[:256] if isinstance(prompt, str) else None
-    if leading is None:
-        return client
-    digest = hashlib.blake2b(orjson.dumps([client, leading]), digest_size=12).hexdigest()
-    return "conv:" + digest
+        first_user = next(
+            (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
+            0,
+        )
+        return messages[: first_user + 1]
+    prompt = data.get("prompt")
+    return prompt[:256] if isinstance(prompt, str) else None
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -119,14 +129,14 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         stream = stream_default
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false")
-    client = client_identity(headers, remote)
     return RequestInfo(
         dialect=dialect,
         model=model,
         stream=stream,
-        client=client,
+        client=client_identity(headers, remote),
         priority=parse_priority(headers),
-        session=session_key(data, headers, client),
+        session_id=headers.get("X-Session-Id", "").strip()[:128],
+        leading=leading_part(data),
     )
 
 
