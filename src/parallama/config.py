@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from parallama.core.router import Policy
 from parallama.core.scheduler import SchedulerSettings
+from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
 
 ENV_PREFIX = "PARALLAMA_"
@@ -35,6 +36,11 @@ class BackendSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str = Field(description="base URL of an Ollama server, e.g. http://127.0.0.1:11434")
+    kind: Dialect = Field(
+        "ollama",
+        description="its API: ollama, or openai for an OpenAI-compatible engine (llama.cpp's "
+        "server, vLLM, LM Studio, SGLang), to which Ollama requests are translated",
+    )
     slots: Annotated[int, Field(ge=1)] | None = Field(
         None, description="parallel requests per model: its OLLAMA_NUM_PARALLEL"
     )

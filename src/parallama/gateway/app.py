@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from parallama.errors import ApiError
 from parallama.gateway.exchange import Exchange
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from parallama.gateway.relay import PassThrough, Relay, Translating, passable
 from parallama.gateway.upstream import Connection, Headers, UpstreamError, UpstreamTimeout
 from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import (
@@ -50,6 +51,7 @@ from parallama.protocol.inspect import (
     with_model,
 )
 from parallama.protocol.ollama import normalize_name
+from parallama.protocol.translate import BadAnswer, ollama_request
 from parallama.protocol.usage import TAIL_BYTES, keep_tail, usage_from_tail
 from parallama.runtime import http_url
 
@@ -57,32 +59,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EXCHANGE = web.RequestKey("exchange", Exchange)
 access_log = logging.getLogger("parallama.access")
 log = logging.getLogger("parallama.gateway")
-# Headers a proxy must not pass on (hop-by-hop), plus the framing each side sets itself.
-_HOP_HEADERS = frozenset(
-    h.lower().encode()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Expect",
-        "Host",
-        "Content-Length",
-    )
-)
-
-
-def _passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
-
-
-def _relayable(headers: Headers) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in _passable(headers)]
 
 
 def _error(
@@ -134,7 +110,8 @@ def _is_loopback(address: str | None) -> bool:
 class _Outbound:
     """What is sent to whichever backend takes the request."""
 
-    target: bytes
+    path: str
+    target: bytes  # the path with its query, as the client sent it
     headers: Headers
     body: bytes
     info: RequestInfo
@@ -152,16 +129,24 @@ async def _to_client(write: Awaitable[object]) -> None:
 
 
 async def _stream(
-    request: web.Request, reply: Connection, response: web.StreamResponse, exchange: Exchange
+    request: web.Request,
+    reply: Connection,
+    relay: Relay,
+    response: web.StreamResponse,
+    exchange: Exchange,
 ) -> bytes:
     """Relay the answer chunk by chunk as it comes; return its last few kilobytes."""
     tail = b""
     await _to_client(response.prepare(request))
-    while (chunk := await reply.next_chunk()) is not None:
-        if exchange.first_byte_at is None:
-            exchange.first_byte_at = time.monotonic()
-        tail = keep_tail(tail, chunk)
-        await _to_client(response.write(chunk))
+    while (data := await reply.next_chunk()) is not None:
+        if chunk := relay.chunk(data):
+            if exchange.first_byte_at is None:
+                exchange.first_byte_at = time.monotonic()
+            tail = keep_tail(tail, chunk)
+            await _to_client(response.write(chunk))
+    if last := relay.end():
+        tail = keep_tail(tail, last)
+        await _to_client(response.write(last))
     await _to_client(response.write_eof())
     return tail
 
@@ -364,28 +349,47 @@ class Gateway:
 
     async def tags(self, request: web.Request) -> web.Response:
         """Installed models: the union over healthy backends, first answer wins per name."""
-        rows = _union(await self._ask_all("/api/tags"), "models", "name")
-        return _json({"models": rows})
+        answers = [*await self._ask_all("/api/tags"), self._served_rows(expires=False)]
+        return _json({"models": _union(answers, "models", "name")})
 
     async def ps(self, request: web.Request) -> web.Response:
         """Loaded models over all backends, latest expiry first as Ollama sorts them."""
-        rows = _union(await self._ask_all("/api/ps"), "models", "name", latest="expires_at")
+        answers = [*await self._ask_all("/api/ps"), self._served_rows(expires=True)]
+        rows = _union(answers, "models", "name", latest="expires_at")
         rows.sort(key=lambda row: str(row.get("expires_at", "")), reverse=True)
         return _json({"models": rows})
 
     async def models(self, request: web.Request) -> web.Response:
-        return _json(
-            {"object": "list", "data": _union(await self._ask_all("/v1/models"), "data", "id")}
-        )
+        answers = await self._ask_all("/v1/models", dialects=("ollama", "openai"))
+        return _json({"object": "list", "data": _union(answers, "data", "id")})
 
-    async def _ask_all(self, path: str) -> list[dict[str, Any]]:
-        """GET `path` from every healthy backend at once; a backend that fails is left out."""
+    async def _ask_all(
+        self, path: str, dialects: tuple[Dialect, ...] = ("ollama",)
+    ) -> list[dict[str, Any]]:
+        """GET `path` from every healthy backend of those dialects at once; a backend that fails
+        is left out."""
         target, timeout = path.encode(), self.settings.connect_timeout
-        healthy = [b.name for b in self.scheduler.backends.values() if b.healthy]
+        asked = [
+            b.name
+            for b in self.scheduler.backends.values()
+            if b.healthy and self.fleet.dialect(b.name) in dialects
+        ]
         answers = await asyncio.gather(
-            *(self.fleet.upstreams[base].get_json(target, timeout) for base in healthy)
+            *(self.fleet.upstreams[base].get_json(target, timeout) for base in asked)
         )
         return [answer for answer in answers if isinstance(answer, dict)]
+
+    def _served_rows(self, *, expires: bool) -> dict[str, Any]:
+        """What the healthy OpenAI-dialect engines serve, as `/api/tags` (or `/api/ps`) rows,
+        from the probes' last look: asking them now could wait behind a generation (llama.cpp's
+        Python server answers one request at a time, listings included)."""
+        names = {
+            name
+            for b in self.scheduler.backends.values()
+            if b.healthy and self.fleet.dialect(b.name) == "openai"
+            for name in b.inventory or ()
+        }
+        return {"models": [ollama.served_model(name, expires=expires) for name in sorted(names)]}
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         exchange = request[EXCHANGE]
@@ -473,7 +477,9 @@ class Gateway:
     ) -> web.StreamResponse:
         """Try the bound backend; before the first byte reached the client, a failed attempt
         moves to another backend (up to `retries` times), else the client gets a clear error."""
-        outbound = _Outbound(request.raw_path.encode(), _passable(request.raw_headers), body, info)
+        outbound = _Outbound(
+            request.path, request.raw_path.encode(), passable(request.raw_headers), body, info
+        )
         retries = self.settings.retries
         while True:
             try:
@@ -504,34 +510,35 @@ class Gateway:
     ) -> web.StreamResponse:
         assert ticket.backend is not None
         base = exchange.backend = ticket.backend.name
-        upstream = self.fleet.upstreams.get(base)
+        relay = self._relay(outbound, ticket, exchange)
+        if relay.local is not None:  # nothing for the engine to do
+            self.scheduler.release(ticket, Outcome.COMPLETED)
+            content_type = ollama.NDJSON if outbound.info.stream else "application/json"
+            return web.Response(body=relay.local, content_type=content_type)
         response: web.StreamResponse | None = None
         reply = None
         tail = b""
         try:
-            if upstream is None:
-                raise UpstreamError("was removed")
-            reply = await upstream.send(b"POST", outbound.target, outbound.headers, outbound.body)
-            exchange.status = status = reply.status
-            if status == 503:  # "server busy": alive, but give it less work for a while
-                self.scheduler.throttle(base)
-            if status in _TRY_ELSEWHERE and may_retry and self.scheduler.has_alternative(ticket):
-                raise _Failover(status, f"backend {base} answered {status}")
-            self._report(base, ok=status < 500 or status == 503)
-            relayed = _relayable(reply.headers)
-            if not outbound.info.stream:  # one answer: relay it whole, with its length
-                whole = await reply.read()
+            reply = await self.fleet.upstream(base).send(
+                b"POST", relay.target, outbound.headers, relay.body
+            )
+            upstream_status = reply.status
+            exchange.status = status = relay.status(upstream_status)
+            self._judge(base, status, ticket, may_retry=may_retry)
+            headers = relay.headers(upstream_status, reply.headers)
+            if not outbound.info.stream or upstream_status != 200:  # one answer: whole
+                whole = relay.whole(upstream_status, await reply.read())
                 tail = whole[-TAIL_BYTES:]
-                response = web.Response(body=whole, status=status, headers=relayed)
+                response = web.Response(body=whole, status=status, headers=headers)
             else:
-                response = web.StreamResponse(status=status, headers=relayed)
-                tail = await _stream(request, reply, response, exchange)
+                response = web.StreamResponse(status=status, headers=headers)
+                tail = await _stream(request, reply, relay, response, exchange)
         except _ClientGone:
             assert response is not None
             self.scheduler.cancel(ticket)  # frees the slot; closing upstream stops the work
             exchange.status = 499
             return response  # aiohttp closes the broken connection quietly
-        except UpstreamError as exc:
+        except (UpstreamError, BadAnswer) as exc:
             self._report(base, ok=False)
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             reason = f"backend {base} {exc}"
@@ -553,6 +560,27 @@ class Gateway:
             exchange.usage = usage_from_tail(tail)
         self.scheduler.release(ticket, Outcome.COMPLETED if status < 500 else Outcome.FAILED)
         return response
+
+    def _judge(self, base: str, status: int, ticket: Ticket, *, may_retry: bool) -> None:
+        """What a backend's status says of it; `_Failover` if another backend should try."""
+        if status == 503:  # "server busy": alive, but give it less work for a while
+            self.scheduler.throttle(base)
+        if status in _TRY_ELSEWHERE and may_retry and self.scheduler.has_alternative(ticket):
+            raise _Failover(status, f"backend {base} answered {status}")
+        self._report(base, ok=status < 500 or status == 503)
+
+    def _relay(self, outbound: _Outbound, ticket: Ticket, exchange: Exchange) -> Relay:
+        """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
+        assert ticket.backend is not None
+        if outbound.info.dialect == "openai" or self.fleet.dialect(ticket.backend.name) == "ollama":
+            return PassThrough(outbound.target, outbound.body)
+        arrived = time.time() - (time.monotonic() - exchange.started)
+        try:
+            translated = ollama_request(outbound.path, outbound.body, time.time())
+        except ApiError:  # a request this engine's dialect cannot express
+            self.scheduler.release(ticket, Outcome.REJECTED)
+            raise
+        return Translating(translated, arrived)
 
     def _report(self, base: str, *, ok: bool) -> None:
         if self.scheduler.report(base, ok):

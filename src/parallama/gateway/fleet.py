@@ -16,7 +16,8 @@ from parallama.config import BackendSettings, GatewaySettings
 from parallama.core.breaker import Breaker
 from parallama.core.scheduler import Backend, Scheduler
 from parallama.gateway.probes import Prober
-from parallama.gateway.upstream import Upstream
+from parallama.gateway.upstream import Upstream, UpstreamError
+from parallama.protocol.inspect import Dialect
 
 log = logging.getLogger("parallama.gateway")
 
@@ -29,6 +30,7 @@ class Fleet:
         self._settings = settings
         self._on_change = on_change
         self.upstreams: dict[str, Upstream] = {}
+        self._dialects = {b.url: b.kind for b in settings.backends}
         self._prober: Prober | None = None
         for backend in settings.backends:
             scheduler.add_backend(self._new_backend(backend))
@@ -40,11 +42,22 @@ class Fleet:
         self._prober = Prober(
             self._scheduler,
             self.upstreams,
+            dialect=self.dialect,
             interval=self._settings.health_interval,
             timeout=self._settings.health_timeout,
             on_change=self._on_change,
         )
         self._prober.start()
+
+    def upstream(self, url: str) -> Upstream:
+        """The backend's pool; `UpstreamError` if it was removed from the settings meanwhile."""
+        upstream = self.upstreams.get(url)
+        if upstream is None:
+            raise UpstreamError("was removed")
+        return upstream
+
+    def dialect(self, url: str) -> Dialect:
+        return self._dialects.get(url, "ollama")
 
     async def stop(self) -> None:
         if self._prober is not None:
@@ -57,6 +70,7 @@ class Fleet:
         old = {b.url: b for b in self._settings.backends}
         new = {b.url: b for b in settings.backends}
         self._settings = settings
+        self._dialects = {b.url: b.kind for b in settings.backends}
         self._scheduler.settings = settings.scheduler
         changes = []
         for url in old.keys() - new.keys():

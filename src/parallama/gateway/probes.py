@@ -3,7 +3,7 @@
 Passive signs (a refused connection, a reset, a 5xx) reach the circuit breakers from real
 requests; the probes find a dead backend that gets no traffic, give an open breaker its trial
 when no request comes, and keep each backend's inventory (`/api/tags`, or `/v1/models` for an
-OpenAI-style engine) and loaded models (`/api/ps`) fresh for routing.
+OpenAI-dialect engine) and loaded models (`/api/ps`) fresh for routing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.upstream import Upstream
+from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
 
 log = logging.getLogger("parallama.probes")
@@ -27,12 +28,14 @@ class Prober:
         scheduler: Scheduler,
         upstreams: Mapping[str, Upstream],
         *,
+        dialect: Callable[[str], Dialect],
         interval: float,
         timeout: float,
         on_change: Callable[[], None],
     ) -> None:
         self._scheduler = scheduler
         self._upstreams = upstreams  # live: reconfiguration changes it
+        self._dialect = dialect
         self.interval = interval
         self.timeout = timeout
         self._on_change = on_change
@@ -63,12 +66,10 @@ class Prober:
             log.warning("backend probe", extra={"fields": {"backend": name, "alive": alive}})
         self._scheduler.report(name, alive)
         if alive:
-            installed = await self._inventory(upstream)
-            loaded = await upstream.get_json(b"/api/ps", self.timeout)
+            installed, running = await self._models(upstream, self._dialect(name))
             if name in self._scheduler.backends:
                 if installed is not None:
                     self._scheduler.set_inventory(name, installed)
-                running = _names(loaded, "models", "name")
                 if running is not None:
                     self._scheduler.set_loaded(name, running)
         self._on_change()
@@ -78,13 +79,17 @@ class Prober:
             await self.probe_all()
             await asyncio.sleep(self.interval)
 
-    async def _inventory(self, upstream: Upstream) -> list[str] | None:
+    async def _models(
+        self, upstream: Upstream, dialect: Dialect
+    ) -> tuple[list[str] | None, list[str] | None]:
+        """Installed and loaded models; None where the answer told nothing. An OpenAI-dialect
+        engine lists only what it serves, and keeps it loaded."""
+        if dialect == "openai":
+            served = _names(await upstream.get_json(b"/v1/models", self.timeout), "data", "id")
+            return served, served
         tags = await upstream.get_json(b"/api/tags", self.timeout)
-        installed = _names(tags, "models", "name")
-        if installed is None:
-            models = await upstream.get_json(b"/v1/models", self.timeout)
-            installed = _names(models, "data", "id")
-        return installed
+        loaded = await upstream.get_json(b"/api/ps", self.timeout)
+        return _names(tags, "models", "name"), _names(loaded, "models", "name")
 
     async def _alive(self, upstream: Upstream) -> bool:
         """Any answer below 500, in time: even a 404 (an engine without Ollama's routes)."""

@@ -17,6 +17,7 @@ NOT_FOUND_TEXT = "404 page not found"
 METHOD_NOT_ALLOWED_TEXT = "405 method not allowed"
 # Go's time.Duration maximum: Ollama's "keep forever", so /api/ps shows an expiry ~292 years out.
 FOREVER_SECONDS = (2**63 - 1) / 1e9
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"  # how Go marshals an unset time.Time
 
 
 def error_body(message: str) -> bytes:
@@ -65,3 +66,27 @@ def final_statistics(
         "eval_duration": nanoseconds(eval_),
     }
     return {k: v for k, v in fields.items() if v}
+
+
+def served_model(name: str, *, expires: bool) -> dict[str, Any]:
+    """An `/api/tags` row (or with `expires`, an `/api/ps` row) for a model that an
+    OpenAI-dialect engine serves: its name is all such an engine tells."""
+    row: dict[str, Any] = {
+        "name": name,
+        "model": name,
+        "size": 0,
+        "digest": "",
+        "details": {
+            "parent_model": "",
+            "format": "",
+            "family": "",
+            "families": None,
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }
+    if expires:  # the engine keeps it loaded for as long as it runs
+        row |= {"expires_at": rfc3339(FOREVER_SECONDS), "size_vram": 0}
+    else:
+        row["modified_at"] = GO_ZERO_TIME
+    return row

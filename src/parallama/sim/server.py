@@ -78,6 +78,7 @@ class SimServer:
         self.started_at = time.time()
         self.outcomes: Counter[str] = Counter()
         self.connections_accepted = 0
+        self.requests_by_route: Counter[str] = Counter()
         self._engine: Engine | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -148,6 +149,8 @@ class SimServer:
         dialect, Go's plain texts for 404/405)."""
         if not host_allowed(self.config.host, request.headers.get("Host", "")):
             return web.Response(status=403)
+        if request.method == "POST":
+            self.requests_by_route[request.path] += 1
         try:
             return await handler(request)
         except ApiError as exc:
@@ -518,6 +521,7 @@ class SimServer:
                 "models": models,
                 "unloads": scheduler.unloads,
                 "connections_accepted": self.connections_accepted,
+                "requests_by_route": dict(self.requests_by_route),
                 "outcomes": dict(self.outcomes),
             }
         )

@@ -1,0 +1,97 @@
+"""How one attempt's answer reaches the client: passed through as bytes when the backend speaks
+the client's dialect, or translated (`protocol.translate`) when an Ollama request went to an
+OpenAI-dialect engine.
+
+The gateway's forwarding loop is the same either way; only these few steps differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from parallama.gateway.upstream import Headers
+from parallama.protocol import ollama
+from parallama.protocol.translate import Answer, Translated, error_message, ollama_status
+
+# Headers a proxy must not pass on (hop-by-hop), plus the framing each side sets itself.
+_HOP_HEADERS = frozenset(
+    h.lower().encode()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Expect",
+        "Host",
+        "Content-Length",
+    )
+)
+JSON = "application/json"
+
+
+def passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+
+
+class PassThrough:
+    """The backend's answer, byte for byte."""
+
+    local: bytes | None = None
+
+    def __init__(self, target: bytes, body: bytes) -> None:
+        self.target = target
+        self.body = body
+
+    def status(self, status: int) -> int:
+        return status
+
+    def headers(self, status: int, upstream: Headers) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in passable(upstream)]
+
+    def whole(self, status: int, body: bytes) -> bytes:
+        return body
+
+    def chunk(self, data: bytes) -> bytes:
+        return data
+
+    def end(self) -> bytes:
+        return b""
+
+
+class Translating:
+    """An OpenAI engine's answer in Ollama's format; errors as `{"error": ...}`."""
+
+    def __init__(self, request: Translated, arrived: float) -> None:
+        """`arrived`: when the client's request reached the gateway (wall clock)."""
+        self.local = request.local
+        self.target = request.target
+        self.body = request.body
+        self._stream = request.stream
+        self._answer = Answer(request, arrived=arrived, sent=time.time())
+
+    def status(self, status: int) -> int:
+        return ollama_status(status)
+
+    def headers(self, status: int, upstream: Headers) -> list[tuple[str, str]]:
+        streams = status == 200 and self._stream
+        return [("Content-Type", ollama.NDJSON if streams else JSON)]
+
+    def whole(self, status: int, body: bytes) -> bytes:
+        if status != 200:
+            return ollama.error_body(error_message(body))
+        return self._answer.whole(body, time.time())
+
+    def chunk(self, data: bytes) -> bytes:
+        return self._answer.feed(data, time.time())
+
+    def end(self) -> bytes:
+        return self._answer.end(time.time())
+
+
+Relay = PassThrough | Translating
