@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from parallama import __version__, config, logs
+from parallama.launch.options import add_arguments as up_arguments
 from parallama.runtime import run
 from parallama.sim import config as sim_config
 from parallama.sim.timing import PROFILES
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         "else its default.",
     )
     config.add_arguments(serve)
+    up = commands.add_parser(
+        "up",
+        help="start several engines (ollama serve, llama.cpp, the emulator) behind the gateway",
+        description="Start the engine processes of the --config file's [[instances]] tables (or "
+        "--instances N alike ones, or --demo-real), wait until each serves, then run the gateway "
+        "in front of them. A crashed engine is restarted with backoff; its output is logged "
+        "under its name; Ctrl-C or SIGTERM stops the gateway, then every engine. The gateway's "
+        "settings are those of `parallama serve`.",
+    )
+    up_arguments(up)
     demo = commands.add_parser(
         "demo",
         help="try the gateway with emulated backends (no GPU, no Ollama)",
@@ -82,6 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.exit(2, f"parallama serve: error: {exc}\n")
             logs.setup(settings.log_format, settings.log_level)
             run(serve(settings, lambda: config.from_args(args)))
+        elif args.command == "up":
+            from parallama.launch.supervisor import LaunchError
+            from parallama.launch.up import plan, run_up
+
+            try:
+                settings, launches = plan(args)
+            except config.ConfigError as exc:
+                parser.exit(2, f"parallama up: error: {exc}\n")
+            logs.setup(settings.log_format, settings.log_level)
+            try:
+                run(run_up(settings, launches))
+            except LaunchError as exc:
+                print(f"parallama up: {exc}", file=sys.stderr)
+                return 1
         elif args.command == "demo":
             from parallama.demo import run_demo
 

@@ -228,7 +228,7 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _describe(exc: ValidationError, sources: str) -> str:
+def describe_error(exc: ValidationError, sources: str) -> str:
     lines = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "settings"
@@ -239,23 +239,34 @@ def _describe(exc: ValidationError, sources: str) -> str:
     return f"invalid settings ({sources}):\n  " + "\n  ".join(lines)
 
 
+def config_path(path: Path | None, env: Mapping[str, str]) -> Path | None:
+    """`--config`, else `PARALLAMA_CONFIG`, else none."""
+    if path is None and env.get(env_name("config"), "").strip():
+        return Path(env[env_name("config")].strip())
+    return path
+
+
 def load(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    *,
+    file_data: dict[str, Any] | None = None,
 ) -> GatewaySettings:
-    """File, then environment, then flags: each given setting replaces the one before."""
+    """File, then environment, then flags: each given setting replaces the one before.
+    `file_data`: the file's content, already read (`parallama up` takes its own tables out)."""
     env = os.environ if env is None else env
-    if path is None and env.get(env_name("config"), "").strip():
-        path = Path(env[env_name("config")].strip())
-    merged: dict[str, Any] = read_file(path) if path is not None else {}
+    path = config_path(path, env)
+    if file_data is None:
+        file_data = read_file(path) if path is not None else {}
+    merged = dict(file_data)
     merged.update(from_environment(env))
     merged.update(flags or {})
     sources = ", ".join([*([str(path)] if path else []), f"{ENV_PREFIX}* environment", "flags"])
     try:
         return GatewaySettings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources)) from None
+        raise ConfigError(describe_error(exc, sources)) from None
 
 
 # -- flags -------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 
@@ -13,17 +14,25 @@ def http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def stop_requested() -> None:
-    """Return at the first SIGINT or SIGTERM, so that servers shut down in order."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """An event set at the first SIGINT or SIGTERM while the block runs, so that servers and
+    processes shut down in order instead of being interrupted wherever they are."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def stop_requested() -> None:
+    """Return at the first SIGINT or SIGTERM."""
+    with stop_signals() as stop:
+        await stop.wait()
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

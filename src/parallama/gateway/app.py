@@ -180,6 +180,8 @@ class Gateway:
         self._alarm = Alarm(self._on_alarm)
         self._runner: web.AppRunner | None = None
         self.port = settings.port
+        # More of /parallama/status, e.g. the engine processes `parallama up` supervises.
+        self.status_sections: dict[str, Callable[[], Any]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -323,6 +325,7 @@ class Gateway:
             "queues": s.queue_depths(),
             "routing": self.settings.routing,
             "backends": backends,
+            **{name: section() for name, section in self.status_sections.items()},
         }
         return _json(payload)
 

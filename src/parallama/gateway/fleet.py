@@ -9,6 +9,7 @@ connections, a changed one keeps its breaker and its load.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ class Fleet:
         self.upstreams: dict[str, Upstream] = {}
         self._dialects = {b.url: b.kind for b in settings.backends}
         self._prober: Prober | None = None
+        self._probing: set[asyncio.Task[None]] = set()  # probe_now's, held until they end
         for backend in settings.backends:
             scheduler.add_backend(self._new_backend(backend))
 
@@ -55,6 +57,13 @@ class Fleet:
         if upstream is None:
             raise UpstreamError("was removed")
         return upstream
+
+    def probe_now(self, url: str) -> None:
+        """Look at a backend now rather than at its next health check (it has just started)."""
+        if self._prober is not None:
+            task = asyncio.get_running_loop().create_task(self._prober.probe(url))
+            self._probing.add(task)
+            task.add_done_callback(self._probing.discard)
 
     def dialect(self, url: str) -> Dialect:
         return self._dialects.get(url, "ollama")

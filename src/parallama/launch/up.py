@@ -1,0 +1,129 @@
+"""`parallama up`: start the engines, wait until each serves, then run the gateway in front of
+them until Ctrl-C or SIGTERM, and stop everything in order.
+
+The instances come from the `--config` file's `[[instances]]` tables, or from `--instances N`
+(N alike engines on consecutive ports), or from `--demo-real` (two llama.cpp servers with a real
+model); the gateway's settings are `parallama serve`'s, from the same file, environment and
+flags, with one backend per instance added to any `[[backends]]` the file lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from parallama import config
+from parallama.config import ConfigError, GatewaySettings
+from parallama.gateway.run import describe, running_gateway
+from parallama.launch.engines import (
+    InstanceSettings,
+    Launch,
+    demo_real,
+    launch,
+    template,
+)
+from parallama.launch.supervisor import Supervisor, free_port
+from parallama.runtime import stop_signals
+
+
+class _Instances(BaseModel):
+    """The file's `[[instances]]` tables, so that errors name them (`instances.0.port: ...`)."""
+
+    instances: list[InstanceSettings]
+
+
+def plan(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> tuple[GatewaySettings, list[Launch]]:
+    """The gateway's settings and the engines to start; `ConfigError` for what cannot be."""
+    env = os.environ if env is None else env
+    path = config.config_path(args.config, env)
+    data = config.read_file(path) if path is not None else {}
+    instances = _instances(args, data.pop("instances", []), str(path))
+    launches = [
+        launch(instance, i, instance.port or free_port(instance.host))
+        for i, instance in enumerate(instances)
+    ]
+    names = [item.name for item in launches]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"instance names must differ: {', '.join(names)}")
+    data["backends"] = [item.backend.model_dump() for item in launches] + data.get("backends", [])
+    flags = {k: v for k, v in vars(args).items() if k in GatewaySettings.model_fields}
+    if "backends" in flags:  # --backend: more backends, not started here
+        data["backends"] += [{"url": url} for url in flags.pop("backends")]
+    return config.load(path, env, flags, file_data=data), launches
+
+
+def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[InstanceSettings]:
+    try:
+        if args.demo_real:
+            return demo_real(args.base_port)
+        if args.instances is not None:
+            if args.instances < 1:
+                raise ConfigError("--instances must be at least 1")
+            return template(
+                args.engine,
+                args.instances,
+                args.base_port,
+                gpus=args.gpus,
+                command=shlex.split(args.engine_command) if args.engine_command else None,
+                num_parallel=args.num_parallel,
+                keep_alive=args.keep_alive,
+                model=args.model,
+                alias=args.alias,
+                threads=args.threads,
+            )
+        instances = _Instances.model_validate({"instances": tables}).instances
+    except ValidationError as exc:
+        raise ConfigError(config.describe_error(exc, source)) from None
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    if not instances:
+        raise ConfigError(
+            "nothing to start: give [[instances]] tables in --config, --instances N, or --demo-real"
+        )
+    return instances
+
+
+async def run_up(settings: GatewaySettings, launches: list[Launch]) -> None:
+    supervisor = Supervisor(launches)
+    with stop_signals() as stop:
+        names = ", ".join(item.name for item in launches)
+        print(f"parallama up: starting {names}", flush=True)
+        if not await _unless_stopped(stop, supervisor.start()):
+            return
+        try:
+            async with running_gateway(settings) as gateway:
+                gateway.status_sections["instances"] = supervisor.status
+                supervisor.on_ready = lambda instance: gateway.fleet.probe_now(instance.launch.url)
+                lines = [describe(gateway, "up")]
+                lines += [
+                    f"  instance {i.name}  pid {i.pid}  {i.launch.url}  {shlex.join(i.launch.argv)}"
+                    for i in supervisor.instances
+                ]
+                print("\n".join(lines) + "\nCtrl-C to stop everything", flush=True)
+                await stop.wait()
+        finally:
+            await supervisor.stop()
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
+    """Run `work` unless a stop signal comes first (then cancel it); True if it finished."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False

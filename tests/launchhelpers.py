@@ -1,0 +1,81 @@
+"""`parallama up` as a user runs it: a real process, started with its flags, read from its
+output, signalled, and checked for leftovers."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_LINE = "Ctrl-C to stop everything"
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[str]
+    url: str
+    output: list[str]  # its standard output so far
+    log: Path  # its standard error: parallama's and the engines' log lines
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def running_up(
+    *args: str, log: Path, ready_within: float = 60.0, env: dict[str, str] | None = None
+) -> Iterator[Up]:
+    """`parallama up ARGS` until it printed that everything serves; SIGTERM at the end."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parallama", "up", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env=os.environ | (env or {}),
+    )
+    assert process.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stream: object) -> None:
+        for line in process.stdout or ():
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, args=(process.stdout,), daemon=True).start()
+    output: list[str] = []
+    try:
+        while not output or output[-1] != READY_LINE:
+            line = lines.get(timeout=ready_within)
+            if line is None:
+                raise AssertionError(
+                    f"parallama up ended (code {process.wait()}) before it served:\n"
+                    + "\n".join(output)
+                    + "\n"
+                    + log.read_text()[-3000:]
+                )
+            output.append(line)
+        found = re.search(r"gateway on (http://\S+)", "\n".join(output))
+        assert found, output
+        yield Up(process, found.group(1), output, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
