@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from parallama.cli import build_parser
 from parallama.launch.engines import InstanceSettings, launch, template
+from parallama.launch.up import plan
+
+README = Path(__file__).parents[2] / "README.md"
 
 
 def instance(**fields: Any) -> InstanceSettings:
@@ -101,3 +107,29 @@ def test_the_template_spreads_ports_and_gpus_as_the_seed_script_does() -> None:
     assert [i.gpus for i in instances] == ["0", "1", "0"]
     assert all(i.num_parallel == 4 and i.keep_alive is None for i in instances)
     assert [i.port for i in template("sim", 2, 0)] == [0, 0]  # free ports, chosen at start
+
+
+def readme_block(first_line: str) -> str:
+    blocks: list[str] = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
+    return next(block for block in blocks if block.startswith(first_line))
+
+
+def test_the_readme_example_plans_what_it_says(tmp_path: Path) -> None:
+    path = tmp_path / "up.toml"
+    path.write_text(readme_block("# up.toml"))
+    settings, launches = plan(build_parser().parse_args(["up", "--config", str(path)]), env={})
+    assert [(item.name, item.argv[0], item.dialect, item.backend.slots) for item in launches] == [
+        ("gpu0", "ollama", "ollama", 4),
+        ("llama-cpp-1", sys.executable, "openai", 1),
+        ("llama-server-2", "llama-server", "openai", 4),
+        ("command-3", "vllm", "openai", 16),
+    ]
+    assert launches[3].argv[-1] == "8000"
+    assert [b.url for b in settings.backends] == [item.url for item in launches]
+    assert settings.routing == "model-affinity"
+
+
+def test_every_instance_setting_is_documented() -> None:
+    readme = README.read_text()
+    for name in InstanceSettings.model_fields:
+        assert f"`{name}`" in readme, f"README does not document instance `{name}`"

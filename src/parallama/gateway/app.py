@@ -522,9 +522,8 @@ class Gateway:
         reply = None
         tail = b""
         try:
-            reply = await self.fleet.upstream(base).send(
-                b"POST", relay.target, outbound.headers, relay.body
-            )
+            sent = relay.request_headers(outbound.headers)
+            reply = await self.fleet.upstream(base).send(b"POST", relay.target, sent, relay.body)
             upstream_status = reply.status
             exchange.status = status = relay.status(upstream_status)
             self._judge(base, status, ticket, may_retry=may_retry)

