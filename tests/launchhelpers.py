@@ -79,3 +79,14 @@ def running_up(
         except subprocess.TimeoutExpired:
             process.kill()
             raise
+
+
+def up_until_it_ends(*args: str) -> subprocess.CompletedProcess[str]:
+    """`parallama up ARGS` that is expected to give up: its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "parallama", "up", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

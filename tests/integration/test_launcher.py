@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.launchhelpers import alive, running_up
+from tests.launchhelpers import alive, running_up, up_until_it_ends
 from tests.simhelpers import CHAT_MODEL, state, wait_for_gateway
 
 # The emulator as `ollama serve`, fast enough for tests.
@@ -113,6 +112,9 @@ def test_a_crashed_instance_is_restarted_and_serves_again(tmp_path: Path) -> Non
         ]
         assert all(r.status_code == 200 for r in replies)
         assert "instance exited" in up.log.read_text()
+        metrics = httpx.get(f"{up.url}/metrics").text
+        assert 'parallama_instance_restarts_total{instance="a"} 1.0' in metrics
+        assert 'parallama_instance_up{instance="b"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
@@ -135,13 +137,7 @@ def test_an_engine_that_cannot_start_is_reported_and_the_others_stopped(tmp_path
         + '[[instances]]\nname = "broken"\nport = 0\n'
         + f"command = {broken!r}\n".replace("'", '"').replace('"no GPU found"', "'no GPU found'"),
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "parallama", "up", "--port", "0", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = up_until_it_ends("--port", "0", "--config", str(config))
     assert done.returncode == 1
     assert "instance broken exited with code 3 before it served" in done.stderr
     assert "no GPU found" in done.stderr
@@ -152,23 +148,11 @@ def test_a_missing_program_and_bad_settings_are_clear_errors(tmp_path: Path) -> 
     missing = write_config(
         tmp_path, '[[instances]]\nport = 0\ncommand = ["no-such-ollama-binary", "serve"]\n'
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "parallama", "up", "--config", str(missing)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = up_until_it_ends("--config", str(missing))
     assert done.returncode == 1
     assert "cannot run 'no-such-ollama-binary'" in done.stderr
     bad = write_config(tmp_path, '[[instances]]\nengine = "llama-cpp"\nport = 1\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "parallama", "up", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = up_until_it_ends("--config", str(bad))
     assert done.returncode == 2
     assert "instances.0: a llama-cpp instance needs model" in done.stderr
 

@@ -17,8 +17,11 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from parallama.gateway.upstream import Upstream
 from parallama.launch.engines import Launch
@@ -85,6 +88,28 @@ class Instance:
         if not self.output:
             return "it printed nothing"
         return "its last output:\n    " + "\n    ".join(self.output)
+
+
+class InstanceCollector(Collector):
+    """The instances for Prometheus, read at scrape time: up or not, and restarts so far."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "parallama_instance_up", "1 while an engine process serves", labels=["instance"]
+        )
+        restarts = CounterMetricFamily(
+            "parallama_instance_restarts",
+            "Times an engine process was restarted",
+            labels=["instance"],
+        )
+        for instance in self._supervisor.instances:
+            up.add_metric([instance.name], 1 if instance.state == "ready" else 0)
+            restarts.add_metric([instance.name], instance.restarts)
+        yield up
+        yield restarts
 
 
 class Supervisor:

@@ -29,7 +29,7 @@ from parallama.launch.engines import (
     launch,
     template,
 )
-from parallama.launch.supervisor import Supervisor, free_port
+from parallama.launch.supervisor import InstanceCollector, Supervisor, free_port
 from parallama.runtime import stop_signals
 
 
@@ -102,6 +102,7 @@ async def run_up(settings: GatewaySettings, launches: list[Launch]) -> None:
         try:
             async with running_gateway(settings) as gateway:
                 gateway.status_sections["instances"] = supervisor.status
+                gateway.metrics.registry.register(InstanceCollector(supervisor))
                 supervisor.on_ready = lambda instance: gateway.fleet.probe_now(instance.launch.url)
                 lines = [describe(gateway, "up")]
                 lines += [

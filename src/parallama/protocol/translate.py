@@ -131,8 +131,8 @@ def _stream_flag(data: dict[str, Any]) -> bool:
 
 
 def _loaded(model: str, kind: Kind, stream: bool, data: dict[str, Any], now: float) -> Translated:
-    """Ollama's answer to an empty prompt: the model is loaded (an OpenAI engine keeps its model
-    loaded), or with `keep_alive: 0` unloaded, which such an engine cannot do; say loaded."""
+    """Ollama's answer to an empty prompt, given here: an OpenAI engine keeps its model loaded
+    anyway, and cannot unload it: `keep_alive: 0` gets Ollama's "unload" answer, to no effect."""
     answer: dict[str, Any] = {"model": model, "created_at": rfc3339(now)}
     if kind == "chat":
         answer["message"] = {"role": "assistant", "content": ""}
