@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from parallama import __version__, config, logs
+from parallama.bench.options import add_arguments as bench_arguments
 from parallama.launch.options import add_arguments as up_arguments
 from parallama.runtime import run
 from parallama.sim import config as sim_config
@@ -51,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         "settings are those of `parallama serve`.",
     )
     up_arguments(up)
+    bench = commands.add_parser(
+        "bench",
+        help="measure P50/p99 latency, QPS, tokens/s and time to first token of servers",
+        description="A load generator for Ollama-API and OpenAI-API servers: closed loop "
+        "(--concurrency) or open loop (--rate), one level or a sweep. Several targets are "
+        "measured interleaved in one run and compared; prints the seed's table (P50 latency, "
+        "QPS, tokens/s) with p99 and time to first token.",
+    )
+    bench_arguments(bench)
     demo = commands.add_parser(
         "demo",
         help="try the gateway with emulated backends (no GPU, no Ollama)",
@@ -107,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except LaunchError as exc:
                 print(f"parallama up: {exc}", file=sys.stderr)
                 return 1
+        elif args.command == "bench":
+            from parallama.bench.main import run_bench
+
+            return run_bench(args)
         elif args.command == "demo":
             from parallama.demo import run_demo
 

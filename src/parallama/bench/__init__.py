@@ -1,0 +1,1 @@
+"""`parallama bench`: the load generator behind the seed's throughput table."""

@@ -1,0 +1,182 @@
+"""`parallama bench`: from the flags to a plan, a run with a progress bar, and the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from parallama.bench import report
+from parallama.bench.runner import Mode, Plan, Result, Runner, Setup
+from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
+
+LISTINGS = {"ollama": ("/api/tags", "models", "name"), "openai": ("/v1/models", "data", "id")}
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked; the message says why."""
+
+
+def setups(targets: list[str], compare_pooling: bool) -> tuple[Setup, ...]:
+    found = []
+    for target in targets:
+        label, _, url = (
+            target.rpartition("=") if "=" in target.split("://")[0] else ("", "", target)
+        )
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise BenchError(f"{target!r} is not an http:// URL (optionally LABEL=URL)")
+        found.append(Setup(label or parts.netloc, url.rstrip("/")))
+    if len({s.label for s in found}) != len(found):
+        raise BenchError("two targets have the same label: name them, e.g. a=URL b=URL")
+    if not compare_pooling:
+        return tuple(found)
+    if len(found) != 1:
+        raise BenchError("--compare-pooling compares two ways of reaching one target: give one")
+    (one,) = found
+    return (
+        Setup("new connection per request", one.url, fresh_connections=True),
+        Setup("keep-alive pool", one.url),
+    )
+
+
+async def listed_models(setup: Setup, api: Api) -> list[str]:
+    """The models a target lists; `BenchError` if it cannot be reached at all."""
+    path, list_key, name_key = LISTINGS[api]
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.get(setup.url + path) as answer,
+        ):
+            body = await answer.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+        else:
+            reason = "no answer within 10 s" if isinstance(exc, TimeoutError) else str(exc)
+        raise BenchError(f"cannot reach {setup.label} ({setup.url}): {reason}") from None
+    try:
+        rows = orjson.loads(body).get(list_key, [])
+        return [row[name_key] for row in rows if isinstance(row.get(name_key), str)]
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        return []  # it answered, but lists nothing we can read: --model will have to say
+
+
+def choose_model(models: list[str], kind: Kind, setup: Setup) -> str:
+    wanted = [m for m in models if ("embed" in m) == (kind == "embed")]
+    if not wanted:
+        raise BenchError(f"no --model given, and {setup.label} lists none for {kind}")
+    return wanted[0]
+
+
+async def plan_from(args: argparse.Namespace) -> Plan:
+    chosen = setups(args.targets, args.compare_pooling)
+    models = [await listed_models(setup, args.api) for setup in chosen]
+    model = args.model or choose_model(models[0], args.kind, chosen[0])
+    try:
+        prompts = tuple(load_prompts(Path(args.prompts))) if args.prompts else SEED_QUESTIONS
+    except PromptError as exc:
+        raise BenchError(str(exc)) from None
+    mode: Mode = "rate" if args.rate else "concurrency"
+    levels = tuple(args.rate or args.concurrency or [4.0])
+    if mode == "concurrency" and any(level != int(level) for level in levels):
+        raise BenchError("--concurrency takes whole numbers")
+    requests = args.requests if args.requests or args.duration else 32
+    for name, value in (("--requests", requests), ("--duration", args.duration)):
+        if value is not None and value <= 0:
+            raise BenchError(f"{name} must be positive")
+    rounds = args.rounds or (4 if len(chosen) > 1 else 1)
+    if rounds < 1 or (requests is not None and requests < rounds):
+        raise BenchError("--rounds must be at least 1 and at most --requests")
+    return Plan(
+        setups=chosen,
+        workload=Workload(
+            args.api, args.kind, model, prompts, stream=args.stream, max_tokens=args.max_tokens
+        ),
+        mode=mode,
+        levels=levels,
+        requests=requests,
+        duration=args.duration,
+        rounds=rounds,
+        arrivals=args.arrivals,
+        timeout=args.timeout,
+        warmup=max(args.warmup, 0),
+        seed=args.seed,
+    )
+
+
+async def measure(plan: Plan) -> Result:
+    """Run the plan, with a progress bar on a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    total: float | None = None
+    if plan.requests is not None and plan.duration is None:
+        total = (plan.requests * len(plan.levels) + plan.warmup) * len(plan.setups)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
+        task = progress.add_task("parallama bench", total=total)
+        return await Runner(plan, lambda: progress.advance(task)).run()
+
+
+def write_outputs(result: Result, args: argparse.Namespace) -> None:
+    if args.json != "-":
+        print(report.markdown(result), flush=True)
+    if args.json:
+        data = orjson.dumps(report.as_json(result), option=orjson.OPT_INDENT_2)
+        if args.json == "-":
+            sys.stdout.write(data.decode() + "\n")
+        else:
+            Path(args.json).write_bytes(data + b"\n")
+    if args.plot:
+        from parallama.bench.plot import plot
+
+        plot(result, Path(args.plot))
+
+
+async def bench(args: argparse.Namespace) -> int:
+    """The exit status: 0, or 1 when the error rate passed `--max-error-rate`."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError("--plot needs matplotlib: pip install 'parallama[plot]'") from None
+    plan = await plan_from(args)
+    result = await measure(plan)
+    write_outputs(result, args)
+    worst = report.worst_error_rate(result)
+    if args.max_error_rate is not None and worst > args.max_error_rate:
+        print(
+            f"parallama bench: error rate {worst:.1%} is above --max-error-rate "
+            f"{args.max_error_rate:.1%}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from parallama.runtime import run
+
+    status: list[int] = []
+
+    async def main() -> None:
+        status.append(await bench(args))
+
+    try:
+        run(main())
+    except BenchError as exc:
+        print(f"parallama bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return status[0]

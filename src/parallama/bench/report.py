@@ -1,0 +1,100 @@
+"""A benchmark's results for people (a markdown table in the seed's columns, plus time to first
+token and p99, and each setup's ratio to the first) and for machines (JSON)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from parallama import __version__
+from parallama.bench.runner import Result, describe
+from parallama.bench.stats import Summary
+
+SCHEMA = "parallama-bench/1"
+
+
+def seconds(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _level(summary: Summary, mode: str) -> str:
+    return f"{summary.level:g}" + ("/s" if mode == "rate" else "")
+
+
+def _errors(summary: Summary) -> str:
+    if not summary.errors:
+        return "0"
+    return ", ".join(f"{n}x {kind}" for kind, n in sorted(summary.errors.items()))
+
+
+def markdown(result: Result) -> str:
+    plan = result.plan
+    w = plan.workload
+    summaries = result.summaries()
+    level_name = "concurrency" if plan.mode == "concurrency" else "rate"
+    what = f"{w.kind} via the {w.api} API" + (", streamed" if w.streams else "")
+    limit = f", up to {w.max_tokens} tokens" if w.max_tokens else ""
+    lines = [
+        f"{w.model}: {what}{limit}",
+        "",
+        f"| setup | {level_name} | requests | errors | P50 latency | p99 latency | QPS "
+        "| tokens/s | TTFT p50 | TTFT p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s.setup} | {_level(s, plan.mode)} | {s.requests} | {_errors(s)} "
+            f"| {seconds(s.latency['p50'])} | {seconds(s.latency['p99'])} | {s.qps:.2f} "
+            f"| {s.tokens_per_second:.1f} | {seconds(s.first_token['p50'])} "
+            f"| {seconds(s.first_token['p99'])} |"
+        )
+    if len(plan.setups) > 1:
+        lines += ["", *_ratios(summaries, plan.mode)]
+    return "\n".join(lines)
+
+
+def _ratios(summaries: list[Summary], mode: str) -> list[str]:
+    """Each setup against the first one at the same level."""
+    first = summaries[0].setup
+    lines = [
+        f"Ratios to {first} (measured interleaved in this run):",
+        "",
+        "| setup | level | QPS | tokens/s | P50 latency | p99 latency | TTFT p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    base = {s.level: s for s in summaries if s.setup == first}
+    for s in summaries:
+        if s.setup == first:
+            continue
+        b = base[s.level]
+        cells = [
+            _ratio(s.qps, b.qps),
+            _ratio(s.tokens_per_second, b.tokens_per_second),
+            _ratio(s.latency["p50"], b.latency["p50"]),
+            _ratio(s.latency["p99"], b.latency["p99"]),
+            _ratio(s.first_token["p50"], b.first_token["p50"]),
+        ]
+        lines.append(f"| {s.setup} | {_level(s, mode)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ratio(value: float, base: float) -> str:
+    if math.isnan(value) or math.isnan(base) or base == 0:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def as_json(result: Result) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "parallama": __version__,
+        "plan": describe(result.plan),
+        "summaries": [s.as_dict() for s in result.summaries()],
+        "slices": [s.__dict__ for s in result.slices],
+    }
+
+
+def worst_error_rate(result: Result) -> float:
+    return max((s.error_rate for s in result.summaries()), default=0.0)

@@ -1,0 +1,247 @@
+"""Running a benchmark: requests sent, answers timed, setups interleaved.
+
+Closed loop (`concurrency`): N clients, each sending its next request when its answer is done.
+Open loop (`rate`): requests start on a schedule (Poisson or evenly spaced arrivals) whether or
+not earlier ones have finished, as real users arrive.
+
+Setups are never measured one after another: every level is split into rounds, and each round
+runs a slice of every setup in turn (the order reversed every other round), so that whatever the
+shared machine does meanwhile falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from parallama.bench.stats import Sample, Summary, summarize
+from parallama.bench.workload import AnswerReader, Workload
+
+Mode = Literal["concurrency", "rate"]
+Arrivals = Literal["poisson", "constant"]
+MAX_OUTSTANDING = 10_000  # an open loop past what the target can take stops adding more
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One thing measured: a target URL, and how the client connects to it."""
+
+    label: str
+    url: str
+    fresh_connections: bool = False  # a new TCP connection for every request (no keep-alive)
+
+
+@dataclass(frozen=True)
+class Plan:
+    setups: tuple[Setup, ...]
+    workload: Workload
+    mode: Mode
+    levels: tuple[float, ...]
+    requests: int | None = None  # per setup and level
+    duration: float | None = None  # seconds per setup and level
+    rounds: int = 1
+    arrivals: Arrivals = "poisson"
+    timeout: float = 300.0
+    warmup: int = 0  # requests per setup before measuring, not counted
+    seed: int = 0
+
+
+@dataclass
+class Slice:
+    setup: str
+    level: float
+    round: int
+    started: float  # on the run's clock
+    seconds: float
+    requests: int
+
+
+@dataclass
+class Result:
+    plan: Plan
+    samples: list[Sample] = field(default_factory=list)
+    slices: list[Slice] = field(default_factory=list)
+
+    def summaries(self) -> list[Summary]:
+        """Per level, per setup in the order given: over all of its samples."""
+        out = []
+        for level in self.plan.levels:
+            for setup in self.plan.setups:
+                mine = [s for s in self.samples if s.setup == setup.label and s.level == level]
+                seconds = sum(
+                    s.seconds for s in self.slices if s.setup == setup.label and s.level == level
+                )
+                out.append(summarize(setup.label, level, mine, seconds))
+        return out
+
+
+def arrival_gaps(rate: float, arrivals: Arrivals, rng: random.Random) -> Iterator[float]:
+    """Seconds between consecutive request starts at `rate` per second."""
+    while True:
+        yield rng.expovariate(rate) if arrivals == "poisson" else 1.0 / rate
+
+
+def round_shares(total: int, rounds: int) -> list[int]:
+    """`total` requests split over `rounds` as evenly as whole numbers allow."""
+    return [total // rounds + (1 if r < total % rounds else 0) for r in range(rounds)]
+
+
+class Runner:
+    def __init__(self, plan: Plan, on_request: Callable[[], None] | None = None) -> None:
+        """`on_request` is told when each measured request ends (for a progress bar)."""
+        self.plan = plan
+        self._on_request = on_request or (lambda: None)
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._clock0 = time.perf_counter()
+        self._next_prompt: dict[str, int] = {}
+        self._rng = random.Random(plan.seed)
+
+    async def run(self) -> Result:
+        result = Result(self.plan)
+        try:
+            for setup in self.plan.setups:
+                self._sessions[setup.label] = _session(setup, self.plan.timeout)
+                if self.plan.warmup:
+                    await self._closed(setup, self.plan.warmup, None, min(self.plan.warmup, 4), 0)
+            for level in self.plan.levels:
+                for round_ in range(self.plan.rounds):
+                    order = self.plan.setups if round_ % 2 == 0 else self.plan.setups[::-1]
+                    for setup in order:
+                        result.slices.append(await self._slice(setup, level, round_, result))
+        finally:
+            for session in self._sessions.values():
+                await session.close()
+        return result
+
+    async def _slice(self, setup: Setup, level: float, round_: int, result: Result) -> Slice:
+        plan = self.plan
+        count = None if plan.requests is None else round_shares(plan.requests, plan.rounds)[round_]
+        seconds = None if plan.duration is None else plan.duration / plan.rounds
+        started = time.perf_counter()
+        if plan.mode == "concurrency":
+            samples = await self._closed(setup, count, seconds, int(level), level)
+        else:
+            samples = await self._open(setup, count, seconds, level)
+        took = time.perf_counter() - started
+        result.samples += samples
+        return Slice(setup.label, level, round_, started - self._clock0, took, len(samples))
+
+    async def _closed(
+        self, setup: Setup, count: int | None, seconds: float | None, clients: int, level: float
+    ) -> list[Sample]:
+        """`clients` at once, each sending its next request when its answer is done, until
+        `count` requests were sent or `seconds` passed."""
+        samples: list[Sample] = []
+        deadline = None if seconds is None else time.perf_counter() + seconds
+        sent = 0
+
+        def more() -> bool:
+            nonlocal sent
+            if (count is not None and sent >= count) or (
+                deadline is not None and time.perf_counter() >= deadline
+            ):
+                return False
+            sent += 1
+            return True
+
+        async def client() -> None:
+            while more():
+                samples.append(await self._request(setup, level))
+
+        await asyncio.gather(*(client() for _ in range(max(clients, 1))))
+        return samples
+
+    async def _open(
+        self, setup: Setup, count: int | None, seconds: float | None, rate: float
+    ) -> list[Sample]:
+        """Requests started on the arrival schedule, answered or not, until `count` were sent
+        or `seconds` passed; then the ones in flight are waited for."""
+        samples: list[Sample] = []
+        tasks: set[asyncio.Task[None]] = set()
+        start = time.perf_counter()
+        due = start
+        gaps = arrival_gaps(rate, self.plan.arrivals, self._rng)
+
+        async def one() -> None:
+            samples.append(await self._request(setup, rate))
+
+        sent = 0
+        while count is None or sent < count:
+            due += next(gaps)
+            if seconds is not None and due - start >= seconds:
+                break
+            await asyncio.sleep(max(due - time.perf_counter(), 0))
+            if len(tasks) < MAX_OUTSTANDING:
+                task = asyncio.get_running_loop().create_task(one())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            sent += 1
+        await asyncio.gather(*tasks)
+        return samples
+
+    async def _request(self, setup: Setup, level: float) -> Sample:
+        """One request, timed from the client's side."""
+        workload = self.plan.workload
+        n = self._next_prompt.get(setup.label, 0)
+        self._next_prompt[setup.label] = n + 1
+        session = self._sessions[setup.label]
+        started = time.perf_counter()
+        sample = Sample(setup.label, level, started - self._clock0)
+        reader = AnswerReader(workload, sample)
+        headers = {"Content-Type": "application/json"}
+        try:
+            async with session.post(
+                setup.url + workload.path, data=workload.body(n), headers=headers
+            ) as answer:
+                if answer.status != 200:
+                    await answer.read()
+                    sample.error = str(answer.status)
+                elif workload.streams:
+                    async for line in answer.content:
+                        reader.line(line, time.perf_counter() - started)
+                else:
+                    reader.whole(await answer.read())
+        except TimeoutError:
+            sample.error = "timeout"
+        except (aiohttp.ClientError, OSError):
+            sample.error = "connection"
+        sample.latency = time.perf_counter() - started
+        self._on_request()
+        return sample
+
+
+def _session(setup: Setup, timeout: float) -> aiohttp.ClientSession:
+    # limit=0: the benchmark's concurrency, not the pool, bounds the connections.
+    connector = aiohttp.TCPConnector(limit=0, force_close=setup.fresh_connections)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        read_bufsize=1 << 20,  # a long streamed line must still fit
+        auto_decompress=True,
+    )
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON: what was run, for the report."""
+    w = plan.workload
+    return {
+        "setups": [s.__dict__ for s in plan.setups],
+        "api": w.api,
+        "kind": w.kind,
+        "model": w.model,
+        "stream": w.streams,
+        "max_tokens": w.max_tokens,
+        "prompts": len(w.prompts),
+        "mode": plan.mode,
+        "levels": list(plan.levels),
+        "requests": plan.requests,
+        "duration": plan.duration,
+        "rounds": plan.rounds,
+        "arrivals": plan.arrivals if plan.mode == "rate" else None,
+    }
