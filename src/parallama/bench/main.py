@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -55,7 +56,8 @@ async def listed_models(setup: Setup, api: Api) -> list[str]:
             body = await answer.read()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if isinstance(exc, aiohttp.ClientConnectorError):
-            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            errno = exc.os_error.errno
+            reason = os.strerror(errno).lower() if errno else str(exc)
         else:
             reason = "no answer within 10 s" if isinstance(exc, TimeoutError) else str(exc)
         raise BenchError(f"cannot reach {setup.label} ({setup.url}): {reason}") from None
@@ -75,7 +77,8 @@ def choose_model(models: list[str], kind: Kind, setup: Setup) -> str:
 
 async def plan_from(args: argparse.Namespace) -> Plan:
     chosen = setups(args.targets, args.compare_pooling)
-    models = [await listed_models(setup, args.api) for setup in chosen]
+    distinct = {setup.url: setup for setup in chosen}  # --compare-pooling: one target, twice
+    models = [await listed_models(setup, args.api) for setup in distinct.values()]
     model = args.model or choose_model(models[0], args.kind, chosen[0])
     try:
         prompts = tuple(load_prompts(Path(args.prompts))) if args.prompts else SEED_QUESTIONS
