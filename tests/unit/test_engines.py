@@ -64,7 +64,7 @@ def test_llama_cpp_python_serves_one_request_at_a_time_and_is_never_interrupted(
     argv = " ".join(started.argv)
     assert "--model /m/SmolLM2.gguf --model_alias SmolLM2" in argv
     assert "--interrupt_requests False" in argv
-    assert "--n_threads 1 --n_ctx 2048" in argv
+    assert "--n_threads 1 --n_threads_batch 1 --n_ctx 2048" in argv  # prompts too
     assert started.env == {}
     assert (started.backend.kind, started.backend.slots) == ("openai", 1)
     assert started.ready_path == b"/v1/models"

@@ -75,6 +75,16 @@ def choose_model(models: list[str], kind: Kind, setup: Setup) -> str:
     return wanted[0]
 
 
+def default_rounds(setups: int, requests: int | None, mode: Mode, levels: tuple[float, ...]) -> int:
+    """Up to 4 rounds when setups are compared, but never so many that a closed-loop slice has
+    fewer than twice as many requests as clients: ramp-up and drain would dominate it."""
+    if setups == 1:
+        return 1
+    if mode == "rate" or requests is None:
+        return 4
+    return max(1, min(4, requests // int(2 * max(levels))))
+
+
 async def plan_from(args: argparse.Namespace) -> Plan:
     chosen = setups(args.targets, args.compare_pooling)
     distinct = {setup.url: setup for setup in chosen}  # --compare-pooling: one target, twice
@@ -92,9 +102,14 @@ async def plan_from(args: argparse.Namespace) -> Plan:
     for name, value in (("--requests", requests), ("--duration", args.duration)):
         if value is not None and value <= 0:
             raise BenchError(f"{name} must be positive")
-    rounds = args.rounds or (4 if len(chosen) > 1 else 1)
+    rounds = args.rounds or default_rounds(len(chosen), requests, mode, levels)
     if rounds < 1 or (requests is not None and requests < rounds):
         raise BenchError("--rounds must be at least 1 and at most --requests")
+    if mode == "concurrency" and requests is not None and requests // rounds < max(levels):
+        raise BenchError(
+            f"--requests {requests} over {rounds} rounds gives slices of {requests // rounds}, "
+            f"too few for {max(levels):g} concurrent clients: ask for more requests"
+        )
     return Plan(
         setups=chosen,
         workload=Workload(

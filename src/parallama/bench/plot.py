@@ -38,20 +38,15 @@ def plot(result: Result, path: Path) -> None:
     if sweep:
         summaries = result.summaries()
         level_name = "concurrency" if plan.mode == "concurrency" else "requests/s offered"
-        for setup in plan.setups:
+        for n, setup in enumerate(plan.setups):
+            color = f"C{n}"  # one colour per setup on both charts
             mine = [s for s in summaries if s.setup == setup.label]
             levels = [s.level for s in mine]
-            axes[1].plot(levels, [s.qps for s in mine], marker="o", label=setup.label)
-            axes[2].plot(
-                levels, [s.latency["p50"] for s in mine], marker="o", label=f"{setup.label} p50"
-            )
-            axes[2].plot(
-                levels,
-                [s.latency["p99"] for s in mine],
-                marker="x",
-                linestyle="--",
-                label=f"{setup.label} p99",
-            )
+            axes[1].plot(levels, [s.qps for s in mine], "o-", color=color, label=setup.label)
+            p50 = [s.latency["p50"] for s in mine]
+            p99 = [s.latency["p99"] for s in mine]
+            axes[2].plot(levels, p50, "o-", color=color, label=f"{setup.label} p50")
+            axes[2].plot(levels, p99, "x--", color=color, label=f"{setup.label} p99")
         axes[1].set_title("Throughput")
         axes[1].set_ylabel("completed requests/s")
         axes[2].set_title("Latency")

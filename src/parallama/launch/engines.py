@@ -152,12 +152,18 @@ def _engine_arguments(instance: InstanceSettings, port: int, alias: str) -> tupl
             argv = [sys.executable, "-m", "llama_cpp.server", "--model", instance.model or ""]
             argv += ["--model_alias", alias, "--host", instance.host, "--port", str(port)]
             argv += ["--interrupt_requests", "False"]
-            argv += _optional("--n_threads", instance.threads) + _optional("--n_ctx", instance.ctx)
+            # Prompt processing too: its default is every core, and two engines spinning on the
+            # same cores each slowed to 0.5-0.7 s per prompt token here (measured).
+            argv += _optional("--n_threads", instance.threads)
+            argv += _optional("--n_threads_batch", instance.threads)
+            argv += _optional("--n_ctx", instance.ctx)
             return tuple(argv)
         case "llama-server":
             argv = ["llama-server", "--model", instance.model or "", "--alias", alias]
             argv += ["--host", instance.host, "--port", str(port)]
-            argv += _optional("--threads", instance.threads) + _optional("--ctx-size", instance.ctx)
+            argv += _optional("--threads", instance.threads)
+            argv += _optional("--threads-batch", instance.threads)
+            argv += _optional("--ctx-size", instance.ctx)
             argv += _optional("--parallel", instance.parallel)
             return tuple(argv)
         case "command":
