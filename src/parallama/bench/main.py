@@ -105,9 +105,10 @@ async def plan_from(args: argparse.Namespace) -> Plan:
     rounds = args.rounds or default_rounds(len(chosen), requests, mode, levels)
     if rounds < 1 or (requests is not None and requests < rounds):
         raise BenchError("--rounds must be at least 1 and at most --requests")
-    if mode == "concurrency" and requests is not None and requests // rounds < max(levels):
+    slices = requests // rounds if requests is not None else None
+    if mode == "concurrency" and rounds > 1 and slices is not None and slices < max(levels):
         raise BenchError(
-            f"--requests {requests} over {rounds} rounds gives slices of {requests // rounds}, "
+            f"--requests {requests} over {rounds} rounds gives slices of {slices}, "
             f"too few for {max(levels):g} concurrent clients: ask for more requests"
         )
     return Plan(
