@@ -1,5 +1,6 @@
-"""One re-armable timer at a `time.monotonic()` deadline, for the drivers of sans-I/O state
-machines: after each change they ask the machine for its next wakeup and set the alarm to it."""
+"""One re-armable timer at a deadline on the state machine's clock (`time.monotonic()`, or a
+simulation's virtual one), for the drivers of sans-I/O state machines: after each change they ask
+the machine for its next wakeup and set the alarm to it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from collections.abc import Callable
 
 
 class Alarm:
-    def __init__(self, callback: Callable[[], None]) -> None:
+    def __init__(
+        self, callback: Callable[[], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._callback = callback
+        self._clock = clock
         self._handle: asyncio.TimerHandle | None = None
 
     def set(self, deadline: float | None) -> None:
-        """Ring at `deadline` (monotonic seconds) instead of any earlier setting; None: never."""
+        """Ring at `deadline` (on the clock) instead of any earlier setting; None: never."""
         self.cancel()
         if deadline is not None:
-            delay = max(deadline - time.monotonic(), 0.0)
+            delay = max(deadline - self._clock(), 0.0)
             self._handle = asyncio.get_running_loop().call_later(delay, self._ring)
 
     def cancel(self) -> None:

@@ -24,7 +24,6 @@ import orjson
 from aiohttp import web
 
 from parallama import __version__
-from parallama.alarm import Alarm
 from parallama.config import ConfigError, GatewaySettings
 from parallama.core.scheduler import (
     NoBackendError,
@@ -40,6 +39,7 @@ from parallama.gateway.fleet import Fleet
 from parallama.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from parallama.gateway.relay import PassThrough, Relay, Translating, passable
 from parallama.gateway.upstream import Connection, Headers, UpstreamError, UpstreamTimeout
+from parallama.gateway.waiting import Waiting
 from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import (
     STREAM_DEFAULTS,
@@ -176,8 +176,7 @@ class Gateway:
         self.scheduler = Scheduler(settings.scheduler, time.monotonic)
         self.fleet = Fleet(self.scheduler, settings, self._changed)
         self.metrics = GatewayMetrics(self.scheduler)
-        self._waiters: dict[Ticket, asyncio.Future[None]] = {}
-        self._alarm = Alarm(self._on_alarm)
+        self._waiting = Waiting(self.scheduler)
         self._runner: web.AppRunner | None = None
         self.port = settings.port
         # More of /parallama/status, e.g. the engine processes `parallama up` supervises.
@@ -217,7 +216,7 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.fleet.stop()
-        self._alarm.cancel()
+        self._waiting.close()
 
     def reconfigure(self, settings: GatewaySettings) -> list[str]:
         """Apply new settings while requests flow; return what changed. The address and the
@@ -456,14 +455,7 @@ class Gateway:
 
     async def _bound(self, ticket: Ticket) -> None:
         """Until the ticket has a backend; 503 if it waited longer than the queue allows."""
-        if ticket.backend is None and ticket.outcome is None:
-            future = asyncio.get_running_loop().create_future()
-            self._waiters[ticket] = future
-            self._changed()
-            try:
-                await future
-            finally:
-                self._waiters.pop(ticket, None)
+        await self._waiting.until_bound(ticket)
         if ticket.outcome is Outcome.TIMED_OUT:
             retry = str(int(self.scheduler.retry_after(ticket.model)))
             waited = self.settings.queue_timeout
@@ -589,14 +581,5 @@ class Gateway:
             self._changed()
 
     def _changed(self) -> None:
-        """After any scheduler call: wake dispatched and timed-out waiters, re-arm the timer."""
-        s = self.scheduler
-        for ticket in [*s.take_dispatched(), *s.take_timed_out()]:
-            future = self._waiters.get(ticket)
-            if future is not None and not future.done():
-                future.set_result(None)
-        self._alarm.set(s.next_wakeup())
-
-    def _on_alarm(self) -> None:
-        self.scheduler.tick()
-        self._changed()
+        """After any scheduler call: wake the requests it bound or timed out."""
+        self._waiting.changed()

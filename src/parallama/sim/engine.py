@@ -35,11 +35,13 @@ class Engine:
         settings: SchedulerSettings,
         timing: TimingModel,
         slots_for: dict[str, int],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock`: time.monotonic, not loop.time (uvloop's ticks in whole milliseconds), but
+        for the capacity planner's virtual one."""
         self._loop = asyncio.get_running_loop()
         self.timing = timing
-        # time.monotonic, not loop.time: uvloop's clock ticks in whole milliseconds.
-        self.now = time.monotonic
+        self.now = clock
         self.scheduler = Scheduler(
             settings,
             clock=self.now,
@@ -47,7 +49,7 @@ class Engine:
             slots_for=lambda model: slots_for.get(model, settings.num_parallel),
         )
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
-        self._alarm = Alarm(self._on_alarm)
+        self._alarm = Alarm(self._on_alarm, clock)
         self._wall_offset = time.time() - self.now()
 
     def wall_time(self, loop_time: float) -> float:
