@@ -15,11 +15,13 @@ class Alarm:
     ) -> None:
         self._callback = callback
         self._clock = clock
+        self._deadline: float | None = None
         self._handle: asyncio.TimerHandle | None = None
 
     def set(self, deadline: float | None) -> None:
         """Ring at `deadline` (on the clock) instead of any earlier setting; None: never."""
         self.cancel()
+        self._deadline = deadline
         if deadline is not None:
             delay = max(deadline - self._clock(), 0.0)
             self._handle = asyncio.get_running_loop().call_later(delay, self._ring)
@@ -30,5 +32,11 @@ class Alarm:
             self._handle = None
 
     def _ring(self) -> None:
+        # The event loop may run a timer up to its clock's resolution early; a machine asked
+        # a hair before its deadline would do nothing and name the same deadline again (on a
+        # virtual clock, for ever): wait out the rest.
+        if self._deadline is not None and self._clock() < self._deadline:
+            self.set(self._deadline)
+            return
         self._handle = None
         self._callback()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from parallama import __version__, config, logs
 from parallama.bench.options import add_arguments as bench_arguments
+from parallama.bench.planning_options import add_arguments as plan_arguments
 from parallama.launch.options import add_arguments as up_arguments
 from parallama.runtime import run
 from parallama.sim import config as sim_config
@@ -61,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         "QPS, tokens/s) with p99 and time to first token.",
     )
     bench_arguments(bench)
+    plan = commands.add_parser(
+        "plan",
+        help="how many instances a workload needs: simulated, no GPU and no waiting",
+        description="Capacity planning: the benchmark's workload against N emulated servers of "
+        "a hardware profile behind parallama's scheduler, simulated on a virtual clock (the "
+        "emulator's and the gateway's own code, without sockets). Prints the bench table per "
+        "instance count and, with --target-qps and --target-p99, the fewest instances needed.",
+    )
+    plan_arguments(plan)
     demo = commands.add_parser(
         "demo",
         help="try the gateway with emulated backends (no GPU, no Ollama)",
@@ -121,6 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from parallama.bench.main import run_bench
 
             return run_bench(args)
+        elif args.command == "plan":
+            from parallama.bench.main import BenchError
+            from parallama.bench.planning import plan_command
+
+            try:
+                return plan_command(args)
+            except BenchError as exc:
+                print(f"parallama plan: error: {exc}", file=sys.stderr)
+                return 2
         elif args.command == "demo":
             from parallama.demo import run_demo
 

@@ -139,6 +139,21 @@ def test_queue_timeout() -> None:
     assert adds_up(s)
 
 
+def test_a_tick_at_the_wakeup_it_named_times_out_even_where_floats_round() -> None:
+    """0.3 + 60 - 60 < 0.3 in floats: a tick at exactly `next_wakeup()` must still act, or its
+    driver is woken again and again at the same instant (for ever, on a virtual clock)."""
+    clock = FakeClock()
+    s = make(Backend("a"), clock=clock, queue_timeout=60)
+    s.submit(M)
+    clock.now = 0.3
+    waiting = s.submit(M)
+    deadline = s.next_wakeup()
+    assert deadline is not None and deadline - 60 < 0.3  # the rounding this is about
+    clock.now = deadline
+    s.tick()
+    assert s.take_timed_out() == [waiting]
+
+
 def test_cancel_queued_and_in_flight() -> None:
     s = make(Backend("a"))
     running, queued, behind = s.submit(M), s.submit(M), s.submit(M)

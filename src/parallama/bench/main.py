@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 
 from parallama.bench import report
-from parallama.bench.runner import Mode, Plan, Result, Runner, Setup
+from parallama.bench.runner import Mode, Plan, Result, Setup, run_http
 from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
 
 LISTINGS = {"ollama": ("/api/tags", "models", "name"), "openai": ("/v1/models", "data", "id")}
@@ -144,7 +144,7 @@ async def measure(plan: Plan) -> Result:
         disable=not sys.stderr.isatty(),
     ) as progress:
         task = progress.add_task("parallama bench", total=total)
-        return await Runner(plan, lambda: progress.advance(task)).run()
+        return await run_http(plan, lambda: progress.advance(task))
 
 
 def write_outputs(result: Result, args: argparse.Namespace) -> None:

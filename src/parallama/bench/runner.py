@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 
@@ -26,6 +26,7 @@ from parallama.bench.workload import AnswerReader, Workload
 Mode = Literal["concurrency", "rate"]
 Arrivals = Literal["poisson", "constant"]
 MAX_OUTSTANDING = 10_000  # an open loop past what the target can take stops adding more
+_JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -92,43 +93,53 @@ def round_shares(total: int, rounds: int) -> list[int]:
     return [total // rounds + (1 if r < total % rounds else 0) for r in range(rounds)]
 
 
+class Send(Protocol):
+    async def __call__(self, setup: Setup, n: int, sample: Sample) -> None:
+        """Send the workload's n-th request to `setup` and fill in `sample` from the answer
+        (errors, token times, counts); the runner times the whole."""
+
+
 class Runner:
-    def __init__(self, plan: Plan, on_request: Callable[[], None] | None = None) -> None:
-        """`on_request` is told when each measured request ends (for a progress bar)."""
+    def __init__(
+        self,
+        plan: Plan,
+        send: Send,
+        *,
+        on_request: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """`send` reaches the targets (over HTTP, or a simulation); `on_request` is told when
+        each request ends (for a progress bar); `clock` times everything."""
         self.plan = plan
+        self._send = send
         self._on_request = on_request or (lambda: None)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._clock0 = time.perf_counter()
+        self._clock = clock
+        self._clock0 = clock()
         self._next_prompt: dict[str, int] = {}
         self._rng = random.Random(plan.seed)
 
     async def run(self) -> Result:
         result = Result(self.plan)
-        try:
-            for setup in self.plan.setups:
-                self._sessions[setup.label] = _session(setup, self.plan.timeout)
-                if self.plan.warmup:
-                    await self._closed(setup, self.plan.warmup, None, min(self.plan.warmup, 4), 0)
-            for level in self.plan.levels:
-                for round_ in range(self.plan.rounds):
-                    order = self.plan.setups if round_ % 2 == 0 else self.plan.setups[::-1]
-                    for setup in order:
-                        result.slices.append(await self._slice(setup, level, round_, result))
-        finally:
-            for session in self._sessions.values():
-                await session.close()
+        for setup in self.plan.setups:
+            if self.plan.warmup:
+                await self._closed(setup, self.plan.warmup, None, min(self.plan.warmup, 4), 0)
+        for level in self.plan.levels:
+            for round_ in range(self.plan.rounds):
+                order = self.plan.setups if round_ % 2 == 0 else self.plan.setups[::-1]
+                for setup in order:
+                    result.slices.append(await self._slice(setup, level, round_, result))
         return result
 
     async def _slice(self, setup: Setup, level: float, round_: int, result: Result) -> Slice:
         plan = self.plan
         count = None if plan.requests is None else round_shares(plan.requests, plan.rounds)[round_]
         seconds = None if plan.duration is None else plan.duration / plan.rounds
-        started = time.perf_counter()
+        started = self._clock()
         if plan.mode == "concurrency":
             samples = await self._closed(setup, count, seconds, int(level), level)
         else:
             samples = await self._open(setup, count, seconds, level)
-        took = time.perf_counter() - started
+        took = self._clock() - started
         result.samples += samples
         return Slice(setup.label, level, round_, started - self._clock0, took, len(samples))
 
@@ -138,13 +149,13 @@ class Runner:
         """`clients` at once, each sending its next request when its answer is done, until
         `count` requests were sent or `seconds` passed."""
         samples: list[Sample] = []
-        deadline = None if seconds is None else time.perf_counter() + seconds
+        deadline = None if seconds is None else self._clock() + seconds
         sent = 0
 
         def more() -> bool:
             nonlocal sent
             if (count is not None and sent >= count) or (
-                deadline is not None and time.perf_counter() >= deadline
+                deadline is not None and self._clock() >= deadline
             ):
                 return False
             sent += 1
@@ -164,8 +175,7 @@ class Runner:
         or `seconds` passed; then the ones in flight are waited for."""
         samples: list[Sample] = []
         tasks: set[asyncio.Task[None]] = set()
-        start = time.perf_counter()
-        due = start
+        start = due = self._clock()
         gaps = arrival_gaps(rate, self.plan.arrivals, self._rng)
 
         async def one() -> None:
@@ -176,7 +186,7 @@ class Runner:
             due += next(gaps)
             if seconds is not None and due - start >= seconds:
                 break
-            await asyncio.sleep(max(due - time.perf_counter(), 0))
+            await asyncio.sleep(max(due - self._clock(), 0))
             if len(tasks) < MAX_OUTSTANDING:
                 task = asyncio.get_running_loop().create_task(one())
                 tasks.add(task)
@@ -187,17 +197,35 @@ class Runner:
 
     async def _request(self, setup: Setup, level: float) -> Sample:
         """One request, timed from the client's side."""
-        workload = self.plan.workload
         n = self._next_prompt.get(setup.label, 0)
         self._next_prompt[setup.label] = n + 1
-        session = self._sessions[setup.label]
-        started = time.perf_counter()
+        started = self._clock()
         sample = Sample(setup.label, level, started - self._clock0)
+        await self._send(setup, n, sample)
+        sample.latency = self._clock() - started
+        self._on_request()
+        return sample
+
+
+class HttpClient:
+    """The targets over HTTP: a connection pool per setup (or a new connection per request, for
+    a setup that asks), answers read as they stream."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._workload = plan.workload
+        self._timeout = plan.timeout
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def send(self, setup: Setup, n: int, sample: Sample) -> None:
+        workload = self._workload
+        session = self._sessions.get(setup.label)
+        if session is None:
+            session = self._sessions[setup.label] = _session(setup, self._timeout)
         reader = AnswerReader(workload, sample)
-        headers = {"Content-Type": "application/json"}
+        started = time.perf_counter()
         try:
             async with session.post(
-                setup.url + workload.path, data=workload.body(n), headers=headers
+                setup.url + workload.path, data=workload.body(n), headers=_JSON
             ) as answer:
                 if answer.status != 200:
                     await answer.read()
@@ -211,9 +239,19 @@ class Runner:
             sample.error = "timeout"
         except (aiohttp.ClientError, OSError):
             sample.error = "connection"
-        sample.latency = time.perf_counter() - started
-        self._on_request()
-        return sample
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+
+
+async def run_http(plan: Plan, on_request: Callable[[], None] | None = None) -> Result:
+    """The plan against real targets."""
+    client = HttpClient(plan)
+    try:
+        return await Runner(plan, client.send, on_request=on_request).run()
+    finally:
+        await client.close()
 
 
 def _session(setup: Setup, timeout: float) -> aiohttp.ClientSession:
@@ -223,7 +261,6 @@ def _session(setup: Setup, timeout: float) -> aiohttp.ClientSession:
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout),
         read_bufsize=1 << 20,  # a long streamed line must still fit
-        auto_decompress=True,
     )
 
 

@@ -367,8 +367,10 @@ class Scheduler:
                 capacity_returned = True
         if capacity_returned:
             self._dispatch_all()
-        limit = now - self.settings.queue_timeout
-        while self._waiting and self._waiting[0][0] <= limit:
+        # The deadline as next_wakeup computes it: `now - timeout` may round below it, and the
+        # driver would be woken again at once, for ever on a virtual clock.
+        timeout = self.settings.queue_timeout
+        while self._waiting and self._waiting[0][0] + timeout <= now:
             ticket = heapq.heappop(self._waiting)[2]
             if ticket.queued:
                 self._leave_queue(ticket)

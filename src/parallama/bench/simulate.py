@@ -1,0 +1,182 @@
+"""Capacity planning without waiting: the benchmark's workload against N emulated servers behind
+the gateway's scheduler, on a virtual clock.
+
+Nothing here is a model of the real thing: the requests go through the gateway's own scheduler
+(queues, late binding, routing) and the emulator's own engine (Ollama's slots, queue, model
+loading, and timing by hardware profile), the very code `parallama serve` and `parallama sim`
+run, only without sockets and on an event loop whose clock jumps to the next timer instead of
+waiting for it. An hour of load takes seconds, and comes out the same every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from parallama.bench.runner import Plan, Result, Runner, Setup
+from parallama.bench.stats import Sample
+from parallama.core.breaker import Breaker
+from parallama.core.router import Policy
+from parallama.core.scheduler import (
+    Backend,
+    NoBackendError,
+    Outcome,
+    QueueFullError,
+    Scheduler,
+    SchedulerSettings,
+    UnavailableError,
+)
+from parallama.gateway.waiting import Waiting
+from parallama.sim.answers import chat_prompt, generate_prompt, plan_answer
+from parallama.sim.config import SimConfig
+from parallama.sim.engine import Engine, Generation
+from parallama.sim.scheduler import ServerBusyError
+
+T = TypeVar("T")
+
+
+class _Skip(selectors.BaseSelector):
+    """A selector with nothing to watch: asked to wait, it moves the clock on instead."""
+
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        self._loop = loop
+        self._keys: dict[Any, selectors.SelectorKey] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = selectors.SelectorKey(fileobj, id(fileobj), events, data)
+        self._keys[fileobj] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._keys.pop(fileobj)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            raise RuntimeError("the simulation is stuck: nothing is scheduled and all wait")
+        self._loop.now += max(timeout, 0.0)
+        return []
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._keys
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose `time()` is virtual: it runs every ready callback, then jumps to the
+    next timer. Only for code that does no I/O."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(selector=_Skip(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        return runner.run(coro)
+
+
+class SimulatedFleet:
+    """`instances` emulated Ollama servers behind the gateway's scheduler, in one process."""
+
+    def __init__(
+        self, plan: Plan, sim: SimConfig, instances: int, routing: Policy, queue_timeout: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._plan = plan
+        self._sim = sim
+        self._clock = loop.time
+        slots = {m.name: 1 for m in sim.models if m.is_embedding}  # as Ollama forces
+        self._engines = {
+            f"sim-{i}": Engine(sim.scheduler, sim.timing, slots, clock=loop.time)
+            for i in range(instances)
+        }
+        self.scheduler = Scheduler(
+            SchedulerSettings(routing=routing, queue_timeout=queue_timeout), loop.time
+        )
+        for name in self._engines:
+            self.scheduler.add_backend(
+                Backend(name, slots=sim.scheduler.num_parallel, breaker=Breaker())
+            )
+        self._waiting = Waiting(self.scheduler, loop.time)
+
+    async def send(self, setup: Setup, n: int, sample: Sample) -> None:
+        """The n-th request through the gateway's queue to an engine, as `parallama serve`
+        would send it."""
+        workload = self._plan.workload
+        try:
+            ticket = self.scheduler.submit(workload.model)
+        except (QueueFullError, UnavailableError):
+            sample.error = "503"
+            return
+        except NoBackendError:
+            sample.error = "404"
+            return
+        outcome = Outcome.FAILED
+        sent = self._clock()
+        try:
+            await self._waiting.until_bound(ticket)
+            if ticket.backend is None:
+                sample.error = "503"  # timed out in the queue
+                return
+            await self._generate(self._engines[ticket.backend.name], sample, n, sent)
+            outcome = Outcome.COMPLETED
+        except ServerBusyError:
+            sample.error = "503"
+        finally:
+            self.scheduler.release(ticket, outcome)
+            self._waiting.changed()
+
+    async def _generate(self, engine: Engine, sample: Sample, n: int, sent: float) -> None:
+        workload = self._plan.workload
+        text = workload.prompts[n % len(workload.prompts)]
+        if workload.kind == "chat":
+            prompt, prompt_tokens = chat_prompt([{"role": "user", "content": text}])
+        else:
+            prompt, prompt_tokens = generate_prompt(text, "", [], raw=False)
+        answer = plan_answer(
+            model=workload.model,
+            prompt=prompt,
+            num_predict=workload.max_tokens,
+            request_seed=None,
+            server_seed=self._sim.seed,
+            length_range=self._sim.output_tokens,
+        )
+        async with engine.admitted(workload.model, keep_alive=None, num_ctx=None) as ticket:
+            async for _ in engine.generate(ticket, prompt_tokens, answer.tokens, Generation()):
+                at = self._clock() - sent
+                if sample.first_token is None:
+                    sample.first_token = at
+                sample.token_times.append(at)
+        sample.prompt_tokens = prompt_tokens
+        sample.output_tokens = len(answer.tokens)
+
+
+async def _simulate(
+    plan: Plan, sim: SimConfig, fleets: Mapping[str, int], routing: Policy, queue_timeout: float
+) -> Result:
+    loop = asyncio.get_running_loop()
+    by_setup = {
+        label: SimulatedFleet(plan, sim, count, routing, queue_timeout)
+        for label, count in fleets.items()
+    }
+
+    async def send(setup: Setup, n: int, sample: Sample) -> None:
+        await by_setup[setup.label].send(setup, n, sample)
+
+    return await Runner(plan, send, clock=loop.time).run()
+
+
+def simulate(
+    plan: Plan,
+    sim: SimConfig,
+    fleets: Mapping[str, int],
+    *,
+    routing: Policy = "least-loaded",
+    queue_timeout: float = 60.0,
+) -> Result:
+    """Run `plan` against simulated fleets: setup label -> instances of the `sim` server."""
+    return run_virtual(_simulate(plan, sim, fleets, routing, queue_timeout))

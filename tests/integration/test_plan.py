@@ -1,0 +1,106 @@
+"""`parallama plan`: the simulation on a virtual clock against the same workload run for real
+(the gateway in front of emulated servers, over loopback, in real time)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+
+from parallama.bench.runner import Plan, Setup, run_http
+from parallama.bench.simulate import simulate
+from parallama.bench.workload import Workload
+from tests.simhelpers import CHAT_MODEL, gateway_for, make_config, sim_servers
+
+
+def test_the_simulation_agrees_with_a_real_time_run_on_the_emulator() -> None:
+    """2 emulated servers with 2 slots each, batching slowdown, 6 clients: the gateway queues,
+    binds late and the slots slow each other down, in both runs."""
+    config = make_config(
+        num_parallel=2,
+        prefill_tps=2000,
+        decode_tps=100,
+        batch_slowdown=0.3,
+        output_tokens=(30, 60),
+        models=(CHAT_MODEL,),
+        ports=2,
+    )
+    workload = Workload("ollama", "chat", CHAT_MODEL)
+    plan = Plan(
+        setups=(Setup("2 servers", "sim://2"),),
+        workload=workload,
+        mode="concurrency",
+        levels=(6,),
+        requests=36,
+    )
+    started = time.perf_counter()
+    simulated = simulate(plan, config, {"2 servers": 2}).summaries()[0]
+    simulated_in = time.perf_counter() - started
+    with sim_servers(config) as servers, gateway_for(servers, slots=2) as gateway:
+        real_plan = replace(plan, setups=(Setup("2 servers", gateway.url),))
+        real = asyncio.run(run_http(real_plan)).summaries()[0]
+    assert simulated.ok == real.ok == 36
+    assert simulated.output_tokens == real.output_tokens  # the same answers, token for token
+    assert simulated.qps == pytest.approx(real.qps, rel=0.10)
+    assert simulated.latency["p50"] == pytest.approx(real.latency["p50"], rel=0.10)
+    assert simulated_in < real.seconds  # no waiting: virtual time
+
+
+def plan(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "parallama", "plan", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_plan_compares_fleets_and_finds_the_fewest_instances_for_a_goal(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    done = plan(
+        "--profile", "rtx4090", "--num-parallel", "4", "--instances", "1,2", "--requests", "100",
+        "--target-qps", "1", "--target-p99", "20", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| 1 x rtx4090 | 8 | 100 | 0 |" in done.stdout
+    assert "| 2 x rtx4090 | 8 | 100 | 0 |" in done.stdout
+    report = orjson.loads(out.read_bytes())
+    one, two = report["summaries"]
+    assert two["qps"] == pytest.approx(2 * one["qps"], rel=0.05)  # two servers, twice the work
+    needed = report["needed"]
+    assert needed["summary"]["errors"] == {}
+    assert needed["summary"]["latency"]["p99"] <= 20
+    n = needed["instances"]
+    assert f"1 requests/s with p99 under 20 s: {n} instance" in done.stdout
+    assert n > 1  # one server at 4 slots cannot keep 1 request/s under 20 s here
+    fewer_out = tmp_path / "fewer.json"
+    fewer = plan(
+        "--profile", "rtx4090", "--num-parallel", "4", "--instances", str(n - 1),
+        "--requests", "100", "--rate", "1", "--json", str(fewer_out),
+    )  # fmt: skip
+    assert fewer.returncode == 0, fewer.stderr
+    (short,) = orjson.loads(fewer_out.read_bytes())["summaries"]
+    assert short["errors"] or short["latency"]["p99"] > 20  # one fewer would not do
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target-qps", "3"], "--target-qps and --target-p99 go together"),
+        (["--output-tokens", "9-3"], "need 1 <= MIN <= MAX"),
+        (["--instances", "1.5"], "positive whole numbers"),
+        (["--prompts", "/nonexistent.txt"], "cannot read /nonexistent.txt"),
+    ],
+)
+def test_bad_plans_get_a_clear_error(args: list[str], message: str) -> None:
+    done = plan(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
