@@ -1,5 +1,5 @@
-"""`parallama up` as a user runs it: a real process, started with its flags, read from its
-output, signalled, and checked for leftovers."""
+"""`parallama` commands as a user runs them: real processes, started with their flags, read
+from their output, signalled, and checked for leftovers."""
 
 from __future__ import annotations
 
@@ -81,12 +81,17 @@ def running_up(
             raise
 
 
-def up_until_it_ends(*args: str) -> subprocess.CompletedProcess[str]:
-    """`parallama up ARGS` that is expected to give up: its exit code and output."""
+def finished(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`parallama ARGS` run to its end: its exit status and output."""
     return subprocess.run(
-        [sys.executable, "-m", "parallama", "up", *args],
+        [sys.executable, "-m", "parallama", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
+
+
+def up_until_it_ends(*args: str) -> subprocess.CompletedProcess[str]:
+    """`parallama up ARGS` that is expected to give up."""
+    return finished("up", *args)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import pytest
 
 from parallama.bench.main import BenchError, bench
 from parallama.cli import build_parser
+from tests.launchhelpers import finished
 from tests.simhelpers import CHAT_MODEL, make_config, sim_servers, state
 
 
@@ -131,13 +130,7 @@ def test_errors_are_counted_by_kind_and_can_fail_the_run(
     ],
 )
 def test_bad_targets_get_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "parallama", "bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = finished("bench", *args, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr

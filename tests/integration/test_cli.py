@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from parallama.cli import build_parser
+from tests.launchhelpers import finished
 from tests.simhelpers import wait_for_gateway
 
 
@@ -200,13 +201,7 @@ def test_help_documents_every_option() -> None:
     ],
 )
 def test_bad_settings_are_refused_clearly(args: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "parallama", "sim", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = finished("sim", *args, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

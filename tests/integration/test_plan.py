@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from parallama.bench.runner import Plan, Setup, run_http
 from parallama.bench.simulate import simulate
 from parallama.bench.workload import Workload
+from tests.launchhelpers import finished
 from tests.simhelpers import CHAT_MODEL, gateway_for, make_config, sim_servers
 
 
@@ -53,13 +53,7 @@ def test_the_simulation_agrees_with_a_real_time_run_on_the_emulator() -> None:
 
 
 def plan(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "parallama", "plan", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return finished("plan", *args, timeout=120)
 
 
 def test_plan_compares_fleets_and_finds_the_fewest_instances_for_a_goal(tmp_path: Path) -> None:

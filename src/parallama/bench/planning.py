@@ -101,7 +101,7 @@ def plan_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     result = run(args, counts, args.rate)
-    print(report.markdown(result))
+    print(report.markdown(result, interleaved=False))
     payload = report.as_json(result)
     if args.target_qps is not None:
         found = fewest_instances(args)

@@ -29,7 +29,8 @@ def _errors(summary: Summary) -> str:
     return ", ".join(f"{n}x {kind}" for kind, n in sorted(summary.errors.items()))
 
 
-def markdown(result: Result) -> str:
+def markdown(result: Result, *, interleaved: bool = True) -> str:
+    """`interleaved`: the setups shared the run's time in slices (not so in a simulation)."""
     plan = result.plan
     w = plan.workload
     summaries = result.summaries()
@@ -51,15 +52,16 @@ def markdown(result: Result) -> str:
             f"| {seconds(s.first_token['p99'])} |"
         )
     if len(plan.setups) > 1:
-        lines += ["", *_ratios(summaries, plan.mode)]
+        lines += ["", *_ratios(summaries, plan.mode, interleaved)]
     return "\n".join(lines)
 
 
-def _ratios(summaries: list[Summary], mode: str) -> list[str]:
+def _ratios(summaries: list[Summary], mode: str, interleaved: bool) -> list[str]:
     """Each setup against the first one at the same level."""
     first = summaries[0].setup
+    how = " (measured interleaved in this run)" if interleaved else ""
     lines = [
-        f"Ratios to {first} (measured interleaved in this run):",
+        f"Ratios to {first}{how}:",
         "",
         "| setup | level | QPS | tokens/s | P50 latency | p99 latency | TTFT p50 |",
         "|---|---|---|---|---|---|---|",
@@ -83,7 +85,8 @@ def _ratios(summaries: list[Summary], mode: str) -> list[str]:
 def _ratio(value: float, base: float) -> str:
     if math.isnan(value) or math.isnan(base) or base == 0:
         return "-"
-    return f"{value / base:.2f}x"
+    ratio = value / base
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.3f}x"
 
 
 def as_json(result: Result) -> dict[str, Any]:
