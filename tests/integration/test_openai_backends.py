@@ -7,12 +7,17 @@ its `/v1` routes (an `/api/*` request reaching it would be a translation that di
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import ollama
 import openai
+import orjson
 import pytest
 
 from parallama.config import BackendSettings
@@ -124,3 +129,63 @@ def test_a_load_request_is_answered_without_work() -> None:
         )
         assert reply.json()["done_reason"] == "load"
         assert state(engine)["requests_by_route"] == before
+
+
+@contextlib.asynccontextmanager
+async def engine_that_dies_after_its_first_chunk() -> AsyncIterator[str]:
+    """An OpenAI engine that lists one model, starts a stream with a chunk that carries no
+    text (as llama.cpp's first one, the role), and is gone."""
+    listing = orjson.dumps({"object": "list", "data": [{"id": CHAT_MODEL}]})
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                size = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(size.group(1)) if size else 0)
+                if head.startswith(b"GET /v1/models"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(listing))
+                    writer.write(listing)
+                elif head.startswith(b"GET"):
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    role = b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+                    writer.write(
+                        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(role), role)
+                    )
+                    await writer.drain()
+                    break
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def test_a_stream_that_fails_before_its_first_text_moves_to_another_engine() -> None:
+    """Nothing had reached the client yet, not even the status line: another engine answers."""
+
+    async def scenario(healthy: str) -> tuple[int, list[dict[str, Any]], str]:
+        async with engine_that_dies_after_its_first_chunk() as broken:
+            backends = (
+                BackendSettings(url=broken, kind="openai", weight=100),  # chosen first
+                BackendSettings(url=healthy, kind="openai"),
+            )
+            with gateway_with(backends, routing="weighted", **FAST_HEALTH) as gateway:
+                body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+                async with httpx.AsyncClient(timeout=30) as client:
+                    async with client.stream("POST", f"{gateway.url}/api/chat", json=body) as reply:
+                        lines = [orjson.loads(line) async for line in reply.aiter_lines() if line]
+                    metrics = (await client.get(f"{gateway.url}/metrics")).text
+                return reply.status_code, lines, metrics
+
+    with sim_servers(make_config(output_tokens=(5, 5))) as (engine,):
+        status, lines, metrics = asyncio.run(scenario(engine.url))
+    assert status == 200
+    assert lines[-1]["done"] is True
+    assert "".join(line["message"]["content"] for line in lines)
+    assert not any("error" in line for line in lines)
+    assert re.search(r"parallama_failovers_total\{[^}]*\} 1\.0", metrics)

@@ -191,6 +191,10 @@ class Runner:
                 task = asyncio.get_running_loop().create_task(one())
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+            else:  # counted, not silently skipped: the target is that far behind
+                skipped = Sample(setup.label, rate, self._clock() - self._clock0)
+                skipped.error = "not sent: too many outstanding"
+                samples.append(skipped)
             sent += 1
         await asyncio.gather(*tasks)
         return samples

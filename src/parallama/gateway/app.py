@@ -135,15 +135,21 @@ async def _stream(
     response: web.StreamResponse,
     exchange: Exchange,
 ) -> bytes:
-    """Relay the answer chunk by chunk as it comes; return its last few kilobytes."""
+    """Relay the answer chunk by chunk as it comes; return its last few kilobytes.
+
+    The status line goes out with the first bytes for the client, not before: until then a
+    backend that fails can still be replaced by another (a translated stream may begin with
+    chunks that carry nothing for the client)."""
     tail = b""
-    await _to_client(response.prepare(request))
     while (data := await reply.next_chunk()) is not None:
         if chunk := relay.chunk(data):
             if exchange.first_byte_at is None:
                 exchange.first_byte_at = time.monotonic()
+                await _to_client(response.prepare(request))
             tail = keep_tail(tail, chunk)
             await _to_client(response.write(chunk))
+    if not response.prepared:
+        await _to_client(response.prepare(request))
     if last := relay.end():
         tail = keep_tail(tail, last)
         await _to_client(response.write(last))
