@@ -90,6 +90,15 @@ def test_the_openai_client_chats_with_the_real_model(up: Up) -> None:
     assert len("".join(pieces)) > 10
 
 
+def test_a_body_sent_as_curl_sends_it_still_reaches_the_engine_as_json(up: Up) -> None:
+    """curl's `-d` says application/x-www-form-urlencoded; llama-cpp-python would refuse it."""
+    body = orjson.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 8})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    reply = httpx.post(f"{up.url}/v1/chat/completions", content=body, headers=form, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+
+
 def test_bad_input_gets_ollamas_error_from_the_real_engine_path(up: Up) -> None:
     reply = httpx.post(
         f"{up.url}/api/chat", json={"model": MODEL, "messages": [{"content": "x"}]}, timeout=30

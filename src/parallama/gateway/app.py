@@ -572,8 +572,9 @@ class Gateway:
     def _relay(self, outbound: _Outbound, ticket: Ticket, exchange: Exchange) -> Relay:
         """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
         assert ticket.backend is not None
-        if outbound.info.dialect == "openai" or self.fleet.dialect(ticket.backend.name) == "ollama":
-            return PassThrough(outbound.target, outbound.body)
+        engine = self.fleet.dialect(ticket.backend.name)
+        if outbound.info.dialect == "openai" or engine == "ollama":
+            return PassThrough(outbound.target, outbound.body, json_body=engine == "openai")
         arrived = time.time() - (time.monotonic() - exchange.started)
         try:
             translated = ollama_request(outbound.path, outbound.body, time.time())

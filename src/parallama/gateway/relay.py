@@ -34,6 +34,7 @@ _HOP_HEADERS = frozenset(
 )
 JSON = "application/json"
 _REWRITTEN = frozenset({b"content-type", b"accept-encoding", b"accept"})
+_JSON_TYPE = (b"Content-Type", b"application/json")
 
 
 def passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -45,12 +46,18 @@ class PassThrough:
 
     local: bytes | None = None
 
-    def __init__(self, target: bytes, body: bytes) -> None:
+    def __init__(self, target: bytes, body: bytes, *, json_body: bool = False) -> None:
+        """`json_body`: say the body is JSON whatever the client said (the gateway parsed it
+        as such): OpenAI-dialect engines such as llama-cpp-python refuse a JSON body sent as
+        a form, which Ollama and curl's `-d` are easy about."""
         self.target = target
         self.body = body
+        self._json_body = json_body
 
     def request_headers(self, headers: Headers) -> Headers:
-        return headers
+        if not self._json_body:
+            return headers
+        return [*((k, v) for k, v in headers if k.lower() != b"content-type"), _JSON_TYPE]
 
     def status(self, status: int) -> int:
         return status
@@ -83,7 +90,7 @@ class Translating:
         """The client's headers, but for the body's type (clients such as curl may send none or
         another) and its encoding (the answer must arrive plain to be translated)."""
         kept = [(k, v) for k, v in headers if k.lower() not in _REWRITTEN]
-        return [*kept, (b"Content-Type", b"application/json")]
+        return [*kept, _JSON_TYPE]
 
     def status(self, status: int) -> int:
         return ollama_status(status)
