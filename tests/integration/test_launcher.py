@@ -4,6 +4,7 @@ the `ollama` binary cannot be installed here; it reads the same OLLAMA_* variabl
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -13,6 +14,8 @@ import httpx
 import ollama
 import pytest
 
+from parallama.launch.engines import InstanceSettings, launch
+from parallama.launch.supervisor import LaunchError, Supervisor
 from tests.launchhelpers import alive, running_up, up_until_it_ends
 from tests.simhelpers import CHAT_MODEL, state, wait_for_gateway
 
@@ -166,3 +169,20 @@ def test_the_short_form_starts_n_alike_emulators(tmp_path: Path) -> None:
         assert len({i["url"] for i in listed}) == 3
         tags = ollama.Client(host=up.url).list()
         assert CHAT_MODEL in {m.model for m in tags.models}
+
+
+def test_an_engine_still_being_started_when_another_fails_is_stopped_too() -> None:
+    """A mistyped command must not leave the other engines running, unseen, in their own
+    sessions: one of them may not even have its process yet when the other fails."""
+    good = launch(InstanceSettings(engine="command", command=["sleep", "37"], port=1), 0, 1)
+    bad = launch(InstanceSettings(engine="command", command=["/nonexistent"], port=2), 1, 2)
+    supervisor = Supervisor([good, bad])
+
+    async def scenario() -> None:
+        with pytest.raises(LaunchError, match="cannot run '/nonexistent'"):
+            await supervisor.start()
+
+    asyncio.run(scenario())
+    sleeper = supervisor.instances[0].process
+    assert sleeper is not None
+    assert not alive(sleeper.pid)

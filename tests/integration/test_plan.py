@@ -98,3 +98,10 @@ def test_bad_plans_get_a_clear_error(args: list[str], message: str) -> None:
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_json_on_standard_output_is_json_alone() -> None:
+    done = plan("--instances", "1", "--requests", "20", "--json", "-")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["summaries"][0]["requests"] == 20
+    assert "| setup |" in done.stderr  # the table, for the person watching

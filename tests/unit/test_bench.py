@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from parallama.bench.main import setups
 from parallama.bench.report import as_json, markdown
 from parallama.bench.runner import Plan, Result, Setup, Slice, arrival_gaps, round_shares
 from parallama.bench.stats import Sample, percentile, summarize
@@ -223,3 +224,8 @@ def test_the_json_report_is_complete_and_strict_json() -> None:
     assert first["inter_token"]["p50"] is None  # NaN is not JSON: null
     assert len(report["slices"]) == 4
     orjson.loads(orjson.dumps(report))
+
+
+def test_labelled_targets_split_at_the_first_equals_sign() -> None:
+    (labelled,) = setups(["a=http://h:1/?x=1"], compare_pooling=False)
+    assert (labelled.label, labelled.url) == ("a", "http://h:1/?x=1")

@@ -144,6 +144,11 @@ def test_an_empty_prompt_is_answered_here_as_ollama_answers_a_load() -> None:
         ("/api/chat", {"messages": [{"role": "user"}], "options": []}, "options must be"),
         ("/api/generate", {"prompt": 5}, "prompt must be a string"),
         ("/api/embed", {"input": [1, 2]}, "input must be a string or a list of strings"),
+        (
+            "/api/chat",
+            {"messages": [{"role": "assistant", "tool_calls": ["x"]}]},
+            "each tool call needs",
+        ),
     ],
 )
 def test_requests_that_cannot_be_expressed_are_400(
@@ -239,7 +244,15 @@ def test_embeddings_come_back_in_order_and_normalised() -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"<html>", b"[1]", b'{"choices": []}', b'{"data": "x"}', b'{"data": [{"x": 1}]}']
+    "body",
+    [
+        b"<html>",
+        b"[1]",
+        b'{"choices": []}',
+        b'{"data": "x"}',
+        b'{"data": [{"x": 1}]}',
+        b'{"data": [{"embedding": [0.5, null]}]}',
+    ],
 )
 def test_answers_that_break_the_dialect_are_bad_answers(body: bytes) -> None:
     path = "/api/embed" if b"data" in body else "/api/chat"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,9 +26,7 @@ class BenchError(Exception):
 def setups(targets: list[str], compare_pooling: bool) -> tuple[Setup, ...]:
     found = []
     for target in targets:
-        label, _, url = (
-            target.rpartition("=") if "=" in target.split("://")[0] else ("", "", target)
-        )
+        label, _, url = target.partition("=") if "=" in target.split("://")[0] else ("", "", target)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise BenchError(f"{target!r} is not an http:// URL (optionally LABEL=URL)")
@@ -56,8 +55,11 @@ async def listed_models(setup: Setup, api: Api) -> list[str]:
             body = await answer.read()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if isinstance(exc, aiohttp.ClientConnectorError):
-            errno = exc.os_error.errno
-            reason = os.strerror(errno).lower() if errno else str(exc)
+            error = exc.os_error
+            if isinstance(error, socket.gaierror):  # its codes are not errno's
+                reason = f"cannot resolve {parts_host(setup.url)}: {error.strerror}"
+            else:
+                reason = os.strerror(error.errno).lower() if error.errno else str(exc)
         else:
             reason = "no answer within 10 s" if isinstance(exc, TimeoutError) else str(exc)
         raise BenchError(f"cannot reach {setup.label} ({setup.url}): {reason}") from None
@@ -66,6 +68,10 @@ async def listed_models(setup: Setup, api: Api) -> list[str]:
         return [row[name_key] for row in rows if isinstance(row.get(name_key), str)]
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return []  # it answered, but lists nothing we can read: --model will have to say
+
+
+def parts_host(url: str) -> str:
+    return urlsplit(url).hostname or url
 
 
 def choose_model(models: list[str], kind: Kind, setup: Setup) -> str:
@@ -98,7 +104,7 @@ async def plan_from(args: argparse.Namespace) -> Plan:
     levels = tuple(args.rate or args.concurrency or [4.0])
     if mode == "concurrency" and any(level != int(level) for level in levels):
         raise BenchError("--concurrency takes whole numbers")
-    requests = args.requests if args.requests or args.duration else 32
+    requests = 32 if args.requests is None and args.duration is None else args.requests
     for name, value in (("--requests", requests), ("--duration", args.duration)):
         if value is not None and value <= 0:
             raise BenchError(f"{name} must be positive")

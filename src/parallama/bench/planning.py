@@ -94,20 +94,22 @@ def plan_command(args: argparse.Namespace) -> int:
         raise BenchError("--requests, --num-parallel and --instances take positive whole numbers")
     counts = [int(n) for n in args.instances]
     timing = PROFILES[args.profile].timing
+    text = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
     print(
         f"Simulated on a virtual clock: instances of {args.profile} ({timing.decode_tps:g} "
         f"tokens/s per sequence, OLLAMA_NUM_PARALLEL={args.num_parallel}), "
         "behind parallama's scheduler",
         flush=True,
+        file=text,
     )
     result = run(args, counts, args.rate)
-    print(report.markdown(result, interleaved=False))
+    print(report.markdown(result, interleaved=False), file=text)
     payload = report.as_json(result)
     if args.target_qps is not None:
         found = fewest_instances(args)
         goal = f"{args.target_qps:g} requests/s with p99 under {args.target_p99:g} s"
         if found is None:
-            print(f"\nNo fleet up to {args.max_instances} instances serves {goal}.")
+            print(f"\nNo fleet up to {args.max_instances} instances serves {goal}.", file=text)
             payload["needed"] = None
         else:
             n, chosen = found
@@ -115,7 +117,8 @@ def plan_command(args: argparse.Namespace) -> int:
             print(
                 f"\n{goal}: {n} instance{'s' if n > 1 else ''} of {args.profile} "
                 f"(simulated over {s.requests} random arrivals: p50 "
-                f"{report.seconds(s.latency['p50'])}, p99 {report.seconds(s.latency['p99'])})."
+                f"{report.seconds(s.latency['p50'])}, p99 {report.seconds(s.latency['p99'])}).",
+                file=text,
             )
             payload["needed"] = {"instances": n, "summary": s.as_dict()}
     if args.json:

@@ -111,7 +111,8 @@ class AsyncClient:
         self, *calls_: Awaitable[T], concurrency: int = 4
     ) -> builtins.list[T | BaseException]:
         """Await `calls_` at most `concurrency` at a time; results in order, each failure as
-        its exception in its place (one failing call does not cancel the others)."""
+        its exception in its place (one failing call does not cancel the others). A stream is
+        only created here; it is sent when iterated, outside this bound."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         limit = asyncio.Semaphore(concurrency)
@@ -135,10 +136,9 @@ class AsyncClient:
     # -- the pieces -----------------------------------------------------------------------------
 
     async def _call(self, call: Call) -> Answer | AsyncIterator[Answer]:
-        if not call.stream:
-            return await self._whole(call)
-        reply = await self._open(call)  # retries end here: what follows is the answer itself
-        return self._chunks(reply)
+        # A stream is sent when iterated, as the official client does: a stream never iterated
+        # holds no connection.
+        return self._stream(call) if call.stream else await self._whole(call)
 
     async def _whole(self, call: Call) -> Answer:
         reply = await self._open(call)
@@ -147,7 +147,8 @@ class AsyncClient:
         finally:
             await reply.aclose()
 
-    async def _chunks(self, reply: httpx.Response) -> AsyncIterator[Answer]:
+    async def _stream(self, call: Call) -> AsyncIterator[Answer]:
+        reply = await self._open(call)  # retries end here: what follows is the answer itself
         try:
             async for line in reply.aiter_lines():
                 if (part := calls.chunk(line.encode())) is not None:

@@ -57,8 +57,10 @@ class Options:
 
     @property
     def retryable_errors(self) -> tuple[type[Exception], ...]:
-        """Failures where the request cannot have been worked on: safe to send elsewhere. (A
-        read timeout is not among them: the server may be generating still.)"""
+        """Failures before any answer: refused, or the connection closed with no response
+        (a stale keep-alive connection, or a server that died). The last may, rarely, have
+        been worked on and is sent again all the same; a read timeout is not retried (the
+        server may be generating still)."""
         return (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 

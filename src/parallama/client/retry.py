@@ -23,8 +23,8 @@ class RetryPolicy:
     retries: int = 3  # tries after the first one
     backoff: float = 0.5  # seconds: the first wait's upper bound, doubling each round
     max_backoff: float = 8.0
-    deadline: float | None = 120.0  # seconds for a whole call, waits included (streams: to
-    # their first chunk)
+    deadline: float | None = 120.0  # seconds after which no new try starts (waits included);
+    # a try under way is bounded by the read timeout, not by this
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -64,6 +64,7 @@ class Instance:
         self.started_at = 0.0
         self.output: deque[str] = deque(maxlen=LAST_LINES)
         self._forwarding: asyncio.Task[None] | None = None
+        self._creating: asyncio.Future[asyncio.subprocess.Process] | None = None
 
     @property
     def name(self) -> str:
@@ -128,9 +129,13 @@ class Supervisor:
     async def start(self) -> None:
         """Start every instance and return once all serve; if one cannot, stop them all and
         raise `LaunchError`."""
+        starting = [asyncio.ensure_future(self._start(i)) for i in self.instances]
         try:
-            await asyncio.gather(*(self._start(i) for i in self.instances))
+            await asyncio.gather(*starting)
         except BaseException:
+            for task in starting:  # the others, mid-start: each stops where it is
+                task.cancel()
+            await asyncio.gather(*starting, return_exceptions=True)
             await self.stop()
             raise
         loop = asyncio.get_running_loop()
@@ -163,8 +168,10 @@ class Supervisor:
 
     async def _spawn(self, instance: Instance) -> None:
         launch = instance.launch
-        try:
-            process = await asyncio.create_subprocess_exec(
+        # Shielded: a start cancelled while the process is being created must still leave its
+        # handle for `_terminate`, or the process would outlive parallama in its own session.
+        instance._creating = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
                 *launch.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -172,6 +179,9 @@ class Supervisor:
                 env=os.environ | launch.env,
                 start_new_session=True,
             )
+        )
+        try:
+            process = await asyncio.shield(instance._creating)
         except OSError as exc:
             raise LaunchError(
                 f"instance {launch.name}: cannot run {launch.argv[0]!r}: {exc.strerror}"
@@ -240,6 +250,10 @@ class Supervisor:
                 log.error("restart failed", extra={"fields": {"error": str(exc)}})
 
     async def _terminate(self, instance: Instance) -> None:
+        creating = instance._creating
+        if creating is not None and (instance.process is None or not creating.done()):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                instance.process = await creating  # created after its start was cancelled
         process = instance.process
         if process is not None and process.returncode is None:
             _kill_group(process.pid, signal.SIGTERM)

@@ -206,7 +206,9 @@ def _data_url(image: str) -> str:
 
 
 def _openai_tool_call(index: int, call: Any) -> dict[str, Any]:
-    function = call.get("function", {}) if isinstance(call, dict) else {}
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise ApiError(400, 'each tool call needs "function": {"name": ..., "arguments": ...}')
     arguments = function.get("arguments", {})
     return {
         "id": call.get("id") or f"call_{index}",
@@ -319,7 +321,7 @@ class Answer:
             raise BadAnswer("sent an embeddings answer without a data list")
         rows = sorted((r for r in rows if isinstance(r, dict)), key=lambda r: r.get("index", 0))
         vectors = [r.get("embedding") for r in rows]
-        if not all(isinstance(v, list) for v in vectors):
+        if not all(isinstance(v, list) and all(_is_number(x) for x in v) for v in vectors):
             raise BadAnswer("sent embeddings that are not lists of numbers")
         if self.request.kind == "embeddings":
             return {"embedding": vectors[0] if vectors else []}
