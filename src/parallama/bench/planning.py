@@ -27,8 +27,6 @@ from parallama.sim.config import ConfigError, SimConfig, parse_output_tokens
 from parallama.sim.scheduler import SchedulerSettings
 from parallama.sim.timing import PROFILES
 
-DEFAULT_MODEL = "qwen2.5:7b"
-
 
 def sim_config(args: argparse.Namespace) -> SimConfig:
     timing = PROFILES[args.profile].timing

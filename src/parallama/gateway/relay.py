@@ -33,12 +33,18 @@ _HOP_HEADERS = frozenset(
     )
 )
 JSON = "application/json"
-_REWRITTEN = frozenset({b"content-type", b"accept-encoding", b"accept"})
+_CONTENT_TYPE = frozenset({b"content-type"})
+_REWRITTEN = _CONTENT_TYPE | {b"accept-encoding", b"accept"}
 _JSON_TYPE = (b"Content-Type", b"application/json")
 
 
 def passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+
+
+def _as_json(headers: Headers, dropped: frozenset[bytes]) -> Headers:
+    """The headers without `dropped` (lower-case names), saying the body is JSON."""
+    return [*((k, v) for k, v in headers if k.lower() not in dropped), _JSON_TYPE]
 
 
 class PassThrough:
@@ -57,7 +63,7 @@ class PassThrough:
     def request_headers(self, headers: Headers) -> Headers:
         if not self._json_body:
             return headers
-        return [*((k, v) for k, v in headers if k.lower() != b"content-type"), _JSON_TYPE]
+        return _as_json(headers, _CONTENT_TYPE)
 
     def status(self, status: int) -> int:
         return status
@@ -89,8 +95,7 @@ class Translating:
     def request_headers(self, headers: Headers) -> Headers:
         """The client's headers, but for the body's type (clients such as curl may send none or
         another) and its encoding (the answer must arrive plain to be translated)."""
-        kept = [(k, v) for k, v in headers if k.lower() not in _REWRITTEN]
-        return [*kept, _JSON_TYPE]
+        return _as_json(headers, _REWRITTEN)
 
     def status(self, status: int) -> int:
         return ollama_status(status)
