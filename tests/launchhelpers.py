@@ -23,7 +23,13 @@ class Up:
     process: subprocess.Popen[str]
     url: str
     output: list[str]  # its standard output so far
-    log: Path  # its standard error: parallama's and the engines' log lines
+    log: Path  # its standard error: parallama's log lines
+    log_dir: Path  # the engines' log files
+
+
+def engine_log_dir(log: Path) -> Path:
+    """Where a test's engines write their output: beside its other files, never in $HOME."""
+    return log.parent / "engine-logs"
 
 
 def alive(pid: int) -> bool:
@@ -39,7 +45,13 @@ def alive(pid: int) -> bool:
 def running_up(
     *args: str, log: Path, ready_within: float = 60.0, env: dict[str, str] | None = None
 ) -> Iterator[Up]:
-    """`parallama up ARGS` until it printed that everything serves; SIGTERM at the end."""
+    """`parallama up ARGS` until it printed that everything serves; SIGTERM at the end. The
+    engines' log files go to `engine_log_dir(log)` unless ARGS say where."""
+    log_dir = engine_log_dir(log)
+    if "--log-dir" not in args:
+        args = ("--log-dir", str(log_dir), *args)
+    else:
+        log_dir = Path(args[args.index("--log-dir") + 1])
     process = subprocess.Popen(
         [sys.executable, "-m", "parallama", "up", "--port", "0", *args],
         stdout=subprocess.PIPE,
@@ -70,7 +82,7 @@ def running_up(
             output.append(line)
         found = re.search(r"gateway on (http://\S+)", "\n".join(output))
         assert found, output
-        yield Up(process, found.group(1), output, log)
+        yield Up(process, found.group(1), output, log, log_dir)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -92,6 +104,6 @@ def finished(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
     )
 
 
-def up_until_it_ends(*args: str) -> subprocess.CompletedProcess[str]:
-    """`parallama up ARGS` that is expected to give up."""
-    return finished("up", *args)
+def up_until_it_ends(*args: str, log_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`parallama up ARGS` that is expected to give up, its engines' log files in `log_dir`."""
+    return finished("up", "--log-dir", str(log_dir), *args, timeout=30)

@@ -117,6 +117,35 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)"
     )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client may take to send a request's head, from connecting or "
+        "from the request's first byte (else 408 and the connection closes)",
+    )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a client may pause while sending a request body (else 408)",
+    )
+    idle_timeout: float = Field(
+        60.0, gt=0, description="seconds an idle keep-alive client connection stays open"
+    )
+    send_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a client may leave its answer unread before the connection closes",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="open client connections (at most half the file limit); more get 503",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="more Host names served when listening on loopback only: names, "
+        ".domain for it and its subdomains, or * for any (comma-separated)",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as logfmt text or as JSON objects"
     )
@@ -149,12 +178,24 @@ class GatewaySettings(BaseModel):
     )
     admin_token: str | None = Field(
         None,
-        description="bearer token for /parallama/reload and /parallama/drain "
-        "(unset: loopback clients only)",
+        description="bearer token for POST /parallama/reload (unset: loopback clients only)",
     )
     models: dict[str, ModelSettings] = Field(
         default_factory=dict, description='per-model settings: [models."name"] tables'
     )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, hosts: Any) -> Any:
+        """`a,b` from the environment or a flag; a list from the file."""
+        if isinstance(hosts, str):
+            return tuple(h.strip() for h in hosts.split(",") if h.strip())
+        return hosts
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lowercase_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in hosts)
 
     @field_validator("models")
     @classmethod

@@ -15,3 +15,11 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.headers = dict(headers or {})  # e.g. Retry-After on a 503
+
+
+def excerpt(text: str, limit: int = 64) -> str:
+    """At most `limit` characters of a client's string, for an error message or a log field:
+    a client must not be able to make either as long as it likes."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"

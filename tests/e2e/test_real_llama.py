@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import orjson
 import pytest
 
 from parallama.launch.engines import SMOLLM2_ALIAS, smollm2_path
+from parallama.launch.supervisor import describe_exit
 from tests.launchhelpers import Up, alive, running_up
 from tests.simhelpers import wait_for_gateway
 
@@ -40,18 +42,89 @@ except ImportError:
 if MISSING and os.environ.get("PARALLAMA_REQUIRE_E2E") == "1":
     raise RuntimeError(f"end-to-end tests required but {MISSING}: pip install -e '.[llama]'")
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "ready")
+Runs = dict[str, tuple[int, int | None]]  # each instance's restarts and last exit status
 
 
 def demo_real(log: Path) -> Any:
-    return running_up(
-        "--demo-real", "--base-port", "0", "--health-interval", "0.5", log=log, ready_within=120
-    )
+    """`parallama up --demo-real`: its engines on free ports, as the gateway's `--port 0` is."""
+    return running_up("--demo-real", "--health-interval", "0.5", log=log, ready_within=120)
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     with demo_real(tmp_path_factory.mktemp("up") / "up.log") as running:
         yield running
+
+
+@pytest.fixture
+def up(demo: Up) -> Iterator[Up]:
+    """The demo, for one test; that no engine died during it is checked after it (as an error
+    of its own, beside the test's failure if it failed too: a 502 then has its cause)."""
+    with engines_checked(demo):
+        yield demo
+
+
+@contextmanager
+def engines_checked(up: Up, spared: Collection[str] = ()) -> Iterator[None]:
+    """Fail, naming the engine and quoting its log file, if an engine other than `spared`
+    died or restarted while the block ran; a failure in the block stays its cause."""
+    before = engine_runs(up)
+    try:
+        yield
+    except Exception as failure:
+        death = engine_deaths(up, before, spared)
+        if death:
+            raise AssertionError(death) from failure
+        raise
+    death = engine_deaths(up, before, spared)
+    if death:
+        raise AssertionError(death)
+
+
+def engine_runs(up: Up) -> Runs:
+    """Each instance's restarts and last exit status, from the gateway's status."""
+    instances = httpx.get(f"{up.url}/parallama/status", timeout=10).json()["instances"]
+    return {i["name"]: (i["restarts"], i["last_exit"]) for i in instances}
+
+
+def engine_deaths(up: Up, before: Runs, spared: Collection[str]) -> str:
+    """What died since `before`, as the user needs to hear it; "" if nothing did."""
+    if up.process.poll() is not None:
+        ended = describe_exit(up.process.returncode)
+        return f"parallama up exited ({ended}); its log ends:\n{up.log.read_text()[-3000:]}"
+    try:
+        instances = httpx.get(f"{up.url}/parallama/status", timeout=10).json()["instances"]
+    except httpx.HTTPError as exc:
+        return f"the gateway does not answer its status: {exc}"
+    deaths = [
+        engine_death(instance)
+        for instance in instances
+        if instance["name"] not in spared
+        and (instance["restarts"], instance["last_exit"]) != before.get(instance["name"])
+    ]
+    return "\n".join(deaths)
+
+
+def engine_death(instance: dict[str, Any]) -> str:
+    code = instance["last_exit"]
+    how = "did not exit" if code is None else f"died with {describe_exit(code)}"
+    log = Path(instance["log"])
+    return (
+        f"engine {instance['name']} {how} (state {instance['state']}, restarts "
+        f"{instance['restarts']}, last error {instance['last_error']}); its last output, from "
+        f"{log}:\n    " + "\n    ".join(last_run(log, instance["name"]))
+    )
+
+
+def last_run(log: Path, name: str, lines: int = 30) -> list[str]:
+    """The end of the engine's last run that ended (parallama marks where each begins and
+    ends), rather than the start of the run that replaced it."""
+    if not log.exists():
+        return ["(no log file)"]
+    text = log.read_text(errors="replace").splitlines()
+    ends = [i for i, line in enumerate(text) if line.startswith(f"--- parallama: {name} ended")]
+    last = ends[-1] + 1 if ends else len(text)
+    return text[max(0, last - lines) : last]
 
 
 def test_the_ollama_client_chats_with_the_real_model(up: Up) -> None:
@@ -109,8 +182,9 @@ def test_bad_input_gets_ollamas_error_from_the_real_engine_path(up: Up) -> None:
 def test_killing_a_server_mid_run_loses_no_request_that_had_not_started_streaming(
     tmp_path: Path,
 ) -> None:
-    with demo_real(tmp_path / "up.log") as up:
+    with demo_real(tmp_path / "up.log") as up, engines_checked(up, spared={"llama-cpp-0"}):
         victim = httpx.get(f"{up.url}/parallama/status").json()["instances"][0]
+        assert victim["name"] == "llama-cpp-0"
         results: dict[int, Any] = {}
 
         def ask(n: int) -> None:
@@ -171,3 +245,31 @@ def failovers_of(url: str) -> float:
         for line in metrics.splitlines()
         if line.startswith("parallama_failovers_total")
     )
+
+
+def test_an_instance_told_not_to_repack_loads_its_model_without_the_extra_buffers(
+    tmp_path: Path,
+) -> None:
+    """`repack = false` (the default on CPUs with AMX, where repacked weights crash some
+    builds) reaches llama.cpp through llama-cpp-python: its log no longer offers the weights
+    to the CPU_REPACK buffer type, as the same engine with `repack = true` does."""
+    model = str(smollm2_path())
+    config = tmp_path / "up.toml"
+    config.write_text(
+        "".join(
+            f'[[instances]]\nengine = "llama-cpp"\nname = "{name}"\nport = 0\n'
+            f"model = {orjson.dumps(model).decode()}\nthreads = 1\nctx = 256\n"
+            f"repack = {'true' if repack else 'false'}\n"
+            for name, repack in (("packed", True), ("unpacked", False))
+        )
+    )
+    with running_up("--config", str(config), log=tmp_path / "up.log", ready_within=120) as up:
+        banner = "\n".join(up.output)
+        assert "-m parallama.launch.llama_cpp_engine --no-repack --model" in banner
+        instances = httpx.get(f"{up.url}/parallama/status").json()["instances"]
+        packed, unpacked = (instance["log"] for instance in instances)
+    unpacked_log, packed_log = Path(unpacked).read_text(), Path(packed).read_text()
+    assert "load_tensors" in unpacked_log  # llama.cpp did load it, and said how
+    assert "CPU_REPACK" not in unpacked_log
+    if "REPACK = 1" in packed_log:  # a build with repacking: it is offered the weights
+        assert "CPU_REPACK" in packed_log

@@ -57,6 +57,13 @@ def test_unknown_model(http: httpx.Client, path: str, body: dict[str, Any]) -> N
     assert response.json() == {"error": "model 'ghost' not found"}
 
 
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat", "/api/embed", "/api/show"])
+def test_a_model_name_past_ollamas_length_limits_is_invalid(http: httpx.Client, path: str) -> None:
+    response = http.post(path, json={"model": "m" * 81, "prompt": "hi", "input": "x"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "invalid model name"}
+
+
 def test_wrong_field_type_names_the_field(http: httpx.Client) -> None:
     response = http.post("/api/generate", json={"model": CHAT_MODEL, "prompt": 42})
     assert response.status_code == 400

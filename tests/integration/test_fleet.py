@@ -127,12 +127,20 @@ def test_model_affinity_keeps_a_model_on_one_backend_until_it_is_saturated(
 
 @asynccontextmanager
 async def raw_backend(
-    answer: bytes | None, saw: Callable[[bytes], None] | None = None
+    answer: bytes | list[bytes | None] | None,
+    saw: Callable[[bytes], None] | None = None,
+    *,
+    work: float = 0.0,
 ) -> AsyncIterator[str]:
-    """A backend that reads a request and sends `answer`, or (None) closes without a word;
-    `saw` is told each request line."""
+    """A backend that reads a request, works `work` seconds, and sends `answer`, or (None)
+    closes without a word; a list gives the answers to its requests in turn, the last one
+    repeated (the requests being POSTs: probes get the answer of the next one). `saw` is told
+    each request line."""
+    answers = answer if isinstance(answer, list) else [answer]
+    served = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -141,9 +149,12 @@ async def raw_backend(
                 length = [line for line in head.split(b"\r\n") if line.startswith(b"Content-")]
                 size = next((int(h.split(b":")[1]) for h in length if b"Length" in h), 0)
                 await reader.readexactly(size)
-                if answer is None:
+                reply = answers[min(served, len(answers) - 1)]
+                served += head.startswith(b"POST")  # probes do not move the script on
+                await asyncio.sleep(work)  # the engine at work (part of the scenario)
+                if reply is None:
                     break
-                writer.write(answer)
+                writer.write(reply)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -201,7 +212,86 @@ def test_the_last_backend_failing_gives_a_clear_502() -> None:
 
     reply = asyncio.run(scenario())
     assert reply.status_code == 502
-    assert reply.json()["error"].endswith("closed the connection")
+    assert reply.json()["error"].endswith("closed the connection while processing this request")
+
+
+OK_ANSWER = b'{"model":"%s","response":"hi","done":true}' % CHAT_MODEL.encode()
+OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(OK_ANSWER),
+    OK_ANSWER,
+)
+GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
+
+
+def test_a_request_that_engines_drop_goes_to_one_other_engine_at_most() -> None:
+    """An engine that crashes on a prompt must not see it again, and the prompt must not take
+    down every engine in turn: two tries in all, and a 502 that says what happened."""
+    seen: list[list[bytes]] = [[], [], []]
+
+    async def scenario() -> tuple[httpx.Response, dict[str, Any]]:
+        async with (
+            raw_backend(None, seen[0].append) as a,
+            raw_backend(None, seen[1].append) as b,
+            raw_backend(None, seen[2].append) as c,
+        ):
+            backends = tuple(BackendSettings(url=url) for url in (a, b, c))
+            with gateway_with(backends, routing="round-robin", retries=2) as gateway:
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    reply = await client.post("/api/generate", json=GENERATE)
+                    return reply, (await client.get("/parallama/status")).json()
+
+    reply, status = asyncio.run(scenario())
+    assert reply.status_code == 502
+    message = reply.json()["error"]
+    assert message.count("closed the connection while processing this request") == 2
+    assert "could not be reached" not in message
+    assert "not tried on another" in message
+    posts = [[line for line in lines if line.startswith(b"POST")] for lines in seen]
+    assert sorted(len(requests) for requests in posts) == [0, 1, 1]
+    assert (status["failed"], status["completed"]) == (1, 0)
+
+
+def test_a_dropped_request_is_not_sent_again_on_a_reused_connection() -> None:
+    """The backend answered once (its connection is pooled), then read the next request, worked
+    on it and dropped the connection: it receives that request once, not twice."""
+    seen: list[bytes] = []
+
+    async def scenario() -> tuple[list[int], str]:
+        async with raw_backend([OK_ANSWER, None], seen.append, work=0.2) as backend:
+            with gateway_with((BackendSettings(url=backend),)) as gateway:
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    first = await client.post("/api/generate", json=GENERATE)
+                    second = await client.post("/api/generate", json=GENERATE)
+                    return [first.status_code, second.status_code], second.json()["error"]
+
+    codes, error = asyncio.run(scenario())
+    assert codes == [200, 502]
+    assert len([line for line in seen if line.startswith(b"POST")]) == 2
+    assert error.endswith("closed the connection while processing this request")
+
+
+def test_queue_wait_leaves_out_the_time_spent_on_a_backend_that_failed() -> None:
+    async def scenario() -> tuple[httpx.Response, str]:
+        async with raw_backend(None, work=0.5) as slow_to_fail:
+            with (
+                sim_servers(make_config()) as servers,
+                gateway_with(
+                    (BackendSettings(url=slow_to_fail), BackendSettings(url=servers[0].url)),
+                    routing="round-robin",
+                ) as gateway,
+            ):
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                    reply = await client.post("/api/generate", json=GENERATE)
+                    return reply, (await client.get("/metrics")).text
+
+    reply, metrics = asyncio.run(scenario())
+    assert reply.status_code == 200
+    waited = next(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("parallama_queue_wait_seconds_sum")
+    )
+    assert waited < 0.25  # it never waited for a slot; 0.5 s went to the backend that failed
 
 
 def write_config(path: Path, backends: list[dict[str, Any]], **top: Any) -> None:

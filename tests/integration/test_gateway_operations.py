@@ -65,7 +65,7 @@ def test_metrics_count_requests_tokens_and_first_tokens() -> None:
         samples = scrape(gateway.url)
     model = CHAT_MODEL
     assert value(samples, "parallama_requests_total", model=model, outcome="completed") == 4
-    assert value(samples, "parallama_requests_total", model="", outcome="rejected") == 1
+    assert value(samples, "parallama_requests_total", model="_other", outcome="rejected") == 1
     assert value(samples, "parallama_generated_tokens_total", model=model) == generated
     # Time to first token is measured for the three streams only; durations for all four.
     assert value(samples, "parallama_time_to_first_token_seconds_count", model=model) == 3
@@ -240,7 +240,8 @@ async def test_stream_cut_by_the_backend_ends_with_an_error_chunk(dialect: str) 
     assert body.startswith(first)
     last = body[len(first) :].strip()
     if dialect == "ollama":
-        assert orjson.loads(last)["error"].endswith("closed the connection")
+        error = orjson.loads(last)["error"]
+        assert error.endswith("closed the connection while processing this request")
     else:
         assert last.startswith(b"data: ")
         assert orjson.loads(last.removeprefix(b"data: "))["error"]["type"] == "api_error"

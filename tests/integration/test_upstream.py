@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from parallama.gateway.upstream import Upstream, UpstreamError, UpstreamTimeout
+from parallama.gateway.upstream import DROPPED, Upstream, UpstreamError, UpstreamTimeout
 
 Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
@@ -103,20 +106,94 @@ async def test_requests_reuse_one_connection_and_carry_host_length_and_base_path
     assert first.endswith(b'Content-Length: 7\r\n\r\n{"n":0}')
 
 
-async def test_a_connection_closed_as_it_is_reused_is_retried_once_on_a_fresh_one() -> None:
-    async def first_only(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if n == 1:  # answer, promise keep-alive, then close as the next request arrives
+async def test_a_request_the_backend_read_and_then_dropped_is_never_sent_to_it_again() -> None:
+    """The backend may have worked on it (an engine that crashed on this very prompt): sending
+    it again here would repeat the work, or the crash. Only the gateway may try elsewhere."""
+
+    async def drop_the_second(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        if n == 1:  # answer, promise keep-alive, then read the next request and drop it
             writer.write(OK + b'{"done":true}')
             return True
         return False
 
-    async with backend(first_only) as server:
+    async with backend(drop_the_second) as server:
         up = upstream(server.url)
         assert await fetch(up) == (200, b'{"done":true}')
-        assert await fetch(up) == (200, b'{"done":true}')
+        with pytest.raises(UpstreamError, match=DROPPED) as dropped:
+            await fetch(up)
         await up.close()
-    assert server.connections == 2
-    assert len(server.requests) == 3  # the lost one, and its retry
+    assert dropped.value.reached
+    assert len(server.requests) == 2  # the dropped one arrived once, and only once
+
+
+async def test_a_backend_that_resets_after_reading_the_request_is_reported_as_crashed() -> None:
+    async def crash(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # closing with linger 0: a reset, as a killed process gives
+        return False
+
+    async with backend(crash) as server:
+        up = upstream(server.url)
+        with pytest.raises(UpstreamError, match="it may have crashed") as crashed:
+            await fetch(up)
+        await up.close()
+    assert crashed.value.reached
+    assert "could not be reached" not in str(crashed.value)
+
+
+def test_an_idle_connection_the_backend_closed_is_replaced_before_a_request_is_written() -> None:
+    """The backend closed the idle connection, and the event loop has not yet seen it (here it
+    is kept busy on purpose): the request must go out on a fresh connection, never be written
+    into the dead one, and arrive exactly once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received: list[bytes] = []
+    first_closed = threading.Event()
+
+    def serve() -> None:
+        for n in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                received.append(read_request(conn))
+                conn.sendall(OK + b'{"done":true}')
+                if n == 0:  # answered with keep-alive promised, then closed while idle
+                    conn.shutdown(socket.SHUT_WR)
+                    first_closed.set()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    async def client() -> list[tuple[int, bytes]]:
+        up = upstream(f"http://127.0.0.1:{port}")
+        first = await fetch(up)
+        assert first_closed.wait(5)  # blocks this loop: the close is not processed yet
+        second = await fetch(up)
+        await up.close()
+        return [first, second]
+
+    try:
+        assert asyncio.run(client()) == [(200, b'{"done":true}')] * 2
+        server.join(5)
+    finally:
+        listener.close()
+    assert len(received) == 2
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One whole request (head and Content-Length body) from a blocking socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+         if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 async def test_an_answer_cut_after_its_first_byte_is_not_retried() -> None:
@@ -227,5 +304,6 @@ async def test_unreachable_and_invalid_backends_fail_with_a_reason() -> None:
             await fetch(up)
         await up.close()
     refused = upstream(server.url)  # its server is gone now
-    with pytest.raises(UpstreamError, match="could not be reached"):
+    with pytest.raises(UpstreamError, match="could not be reached") as unreachable:
         await fetch(refused)
+    assert not unreachable.value.reached  # so any backend may take the request

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
 
 from parallama import config
+from parallama.cli import build_parser
 from parallama.config import ConfigError, GatewaySettings
+from parallama.gateway.app import Gateway
+from parallama.sim.server import SimServer
+from tests.simhelpers import make_config
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -138,3 +143,20 @@ def test_model_tables_make_aliases_and_per_model_routing(tmp_path: Path) -> None
     path.write_text('[[backends]]\nurl = "http://h:1"\n[models.x]\nrouting = "random"\n')
     with pytest.raises(ConfigError, match=r"models\.x\.routing"):
         config.load(path, env={})
+
+
+def test_every_route_a_help_text_names_exists() -> None:
+    """`--admin-token` once named /parallama/drain, which never existed."""
+    parser = build_parser()
+    commands = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    helps = "\n".join(sub.format_help() for sub in commands.choices.values())
+    # Paths that start a word: not files such as ~/.local/state/parallama/logs.
+    route = r"(?<![\w/.$~])(/(?:parallama|api|v1|_sim)/[\w/]*\w|/metrics)"
+    named = set(re.findall(route, helps))
+    settings = GatewaySettings.model_validate({"backends": [{"url": "http://127.0.0.1:1"}]})
+    apps = [Gateway(settings).make_app(), SimServer(make_config(), 0).make_app()]
+    routes = {r.resource.canonical for app in apps for r in app.router.routes() if r.resource}
+    assert named, "the help texts name no route: the pattern is wrong"
+    assert named <= routes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -11,8 +12,14 @@ import pytest
 from pydantic import ValidationError
 
 from parallama.cli import build_parser
-from parallama.launch.engines import InstanceSettings, launch, template
-from parallama.launch.up import plan
+from parallama.launch.engines import (
+    InstanceSettings,
+    has_amx,
+    launch,
+    smollm2_path,
+    template,
+)
+from parallama.launch.up import _instances, default_log_dir, plan
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -58,7 +65,10 @@ def test_a_command_stands_in_for_the_engine_with_placeholders_filled() -> None:
 
 def test_llama_cpp_python_serves_one_request_at_a_time_and_is_never_interrupted() -> None:
     started = launch(
-        instance(engine="llama-cpp", model="/m/SmolLM2.gguf", threads=1, ctx=2048), 1, 8001
+        instance(engine="llama-cpp", model="/m/SmolLM2.gguf", threads=1, ctx=2048),
+        1,
+        8001,
+        amx=False,
     )
     assert started.argv[:3] == (sys.executable, "-m", "llama_cpp.server")
     argv = " ".join(started.argv)
@@ -78,6 +88,59 @@ def test_llama_server_slots_are_its_parallel_setting() -> None:
     assert "--parallel 4" in " ".join(started.argv)
     assert "--alias m:1b" in " ".join(started.argv)
     assert started.backend.slots == 4
+
+
+LLAMA_CPP_PYTHON = (sys.executable, "-m", "llama_cpp.server")
+WITHOUT_REPACKING = (sys.executable, "-m", "parallama.launch.llama_cpp_engine", "--no-repack")
+
+
+@pytest.mark.parametrize(
+    ("amx", "repack", "repacks"),
+    [
+        (False, None, True),  # llama.cpp's default
+        (True, None, False),  # where some builds crash in the AMX buffers
+        (True, True, True),  # asked for all the same
+        (False, False, False),
+    ],
+)
+def test_llama_cpp_repacks_weights_unless_the_cpu_has_amx_or_told_not_to(
+    amx: bool, repack: bool | None, repacks: bool
+) -> None:
+    settings = {"model": "m.gguf", "repack": repack}
+    python = launch(instance(engine="llama-cpp", **settings), 0, 8080, amx=amx).argv
+    binary = launch(instance(engine="llama-server", **settings), 0, 8080, amx=amx).argv
+    if repacks:
+        assert python[:3] == LLAMA_CPP_PYTHON
+        assert "--no-repack" not in binary
+    else:
+        assert python[:4] == WITHOUT_REPACKING
+        assert python[4:6] == ("--model", "m.gguf")  # then llama_cpp.server's own arguments
+        assert binary[0] == "llama-server" and "--no-repack" in binary
+
+
+def test_amx_is_read_from_the_cpus_flags() -> None:
+    sapphire_rapids = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n"
+    assert has_amx(sapphire_rapids)
+    assert not has_amx("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not has_amx("")
+
+
+def test_each_instance_writes_its_output_to_a_file_named_after_it(tmp_path: Path) -> None:
+    started = launch(instance(name="gpu0"), 0, 11434, log_dir=tmp_path)
+    assert started.log_file == tmp_path / "gpu0.log"
+    odd = launch(instance(name="../a b/c"), 0, 11434, log_dir=tmp_path)
+    assert odd.log_file is not None and odd.log_file.parent == tmp_path
+    assert launch(instance(), 0, 11434).log_file is None  # the supervisor's own use: no file
+
+
+def test_engine_logs_go_to_the_users_state_directory_unless_told() -> None:
+    assert default_log_dir({"XDG_STATE_HOME": "/s", "HOME": "/h"}) == Path("/s/parallama/logs")
+    home = Path("/h/.local/state/parallama/logs")
+    assert default_log_dir({"HOME": "/h"}) == home
+    assert default_log_dir({"XDG_STATE_HOME": "relative", "HOME": "/h"}) == home
+    args = build_parser().parse_args(["up", "--instances", "1", "--log-dir", "/var/log/p"])
+    _, launches = plan(args, env={})
+    assert launches[0].log_file == Path("/var/log/p/ollama-0.log")
 
 
 def test_a_command_instance_says_which_api_it_speaks() -> None:
@@ -107,6 +170,28 @@ def test_the_template_spreads_ports_and_gpus_as_the_seed_script_does() -> None:
     assert [i.gpus for i in instances] == ["0", "1", "0"]
     assert all(i.num_parallel == 4 and i.keep_alive is None for i in instances)
     assert [i.port for i in template("sim", 2, 0)] == [0, 0]  # free ports, chosen at start
+
+
+def test_the_short_form_starts_from_ollamas_port_unless_told() -> None:
+    parse = build_parser().parse_args
+    assert [i.port for i in _instances(parse(["up", "--instances", "2"]), [], "")] == [
+        11434,
+        11435,
+    ]
+    given = _instances(parse(["up", "--instances", "2", "--base-port", "9000"]), [], "")
+    assert [i.port for i in given] == [9000, 9001]
+
+
+@pytest.mark.skipif(
+    smollm2_path() is None or importlib.util.find_spec("llama_cpp") is None,
+    reason="--demo-real needs the llama extra",
+)
+def test_the_real_demo_takes_free_ports_unless_a_base_port_is_given() -> None:
+    """`--port 0` is the gateway's; the demo's engines must not then sit on Ollama's port."""
+    parse = build_parser().parse_args
+    assert [i.port for i in _instances(parse(["up", "--demo-real"]), [], "")] == [0, 0]
+    given = _instances(parse(["up", "--demo-real", "--base-port", "9000"]), [], "")
+    assert [i.port for i in given] == [9000, 9001]
 
 
 def readme_block(first_line: str) -> str:

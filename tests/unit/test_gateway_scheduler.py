@@ -214,3 +214,31 @@ def test_requeue_keeps_its_place_and_moves_to_another_backend() -> None:
     assert first.backend is not None
     assert first.backend is not failed_on
     assert adds_up(s)
+
+
+def test_queue_wait_sums_the_waits_and_leaves_out_the_time_on_a_failed_backend() -> None:
+    clock = FakeClock()
+    s = make(Backend("a"), Backend("b"), clock=clock)
+    busy_a, busy_b = s.submit(M), s.submit(M)
+    ticket = s.submit(M)
+    clock.now = 2.0  # waits 2 s in the queue
+    s.release(busy_a)
+    assert ticket.backend is not None and ticket.queue_seconds(clock.now) == 2.0
+    clock.now = 12.0  # 10 s on a backend that then fails before answering
+    s.release(busy_b)
+    assert s.requeue(ticket)  # to the other backend, which is free: no second wait
+    assert ticket.backend is not None and ticket.queue_seconds(clock.now) == 2.0
+    clock.now = 20.0
+    assert ticket.queue_seconds(clock.now) == 2.0  # answering is not waiting
+
+
+def test_queue_wait_of_a_request_that_timed_out_is_its_whole_wait() -> None:
+    clock = FakeClock()
+    s = make(Backend("a"), clock=clock, queue_timeout=5.0)
+    s.submit(M)
+    waiting = s.submit(M)
+    clock.now = 5.0
+    s.tick()
+    assert waiting.outcome is Outcome.TIMED_OUT
+    clock.now = 9.0
+    assert waiting.queue_seconds(clock.now) == 5.0

@@ -7,6 +7,7 @@ import pytest
 
 from parallama.errors import ApiError
 from parallama.protocol.inspect import RequestInfo, error_body, inspect_request
+from parallama.protocol.ollama import name_parts, name_too_long
 
 
 def info(
@@ -113,3 +114,30 @@ def test_a_conversation_keeps_its_session_as_it_grows_and_never_shows_its_text()
         prompt.session == info("/api/generate", {"model": "m", "prompt": "a" * 256 + "b"}).session
     )
     assert info("/api/embed", {"model": "m", "input": "x"}).session == "addr:10.0.0.9"
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("qwen2.5:7b", {"host": "", "namespace": "", "model": "qwen2.5", "tag": "7b"}),
+        ("library/llama3", {"host": "", "namespace": "library", "model": "llama3", "tag": ""}),
+        (
+            "registry.local:5000/team/coder:q4",
+            {"host": "registry.local:5000", "namespace": "team", "model": "coder", "tag": "q4"},
+        ),
+        ("a.b/c/d/e", {"host": "a.b/c", "namespace": "d", "model": "e", "tag": ""}),
+    ],
+)
+def test_model_names_are_cut_into_parts_as_ollama_cuts_them(name: str, parts: object) -> None:
+    assert name_parts(name) == parts
+
+
+def test_names_past_ollamas_part_limits_are_refused_and_the_longest_valid_one_passes() -> None:
+    longest = f"{'h' * 350}/{'n' * 80}/{'m' * 80}:{'t' * 80}"
+    assert len(longest) == 593 and name_too_long(longest) is None
+    assert info("/api/chat", {"model": longest}).model == longest
+    for too_long in (f"{'m' * 81}:7b", f"qwen:{'t' * 81}", f"{'n' * 81}/m", f"{'h' * 351}/n/m"):
+        with pytest.raises(ApiError, match=r"^invalid model name: its .* part is") as refused:
+            info("/api/chat", {"model": too_long})
+        assert refused.value.status == 400
+    assert name_too_long("/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf") is None  # a llama.cpp path

@@ -14,10 +14,10 @@ from parallama.protocol.durations import (
     keep_alive_seconds,
     parse_go_duration,
 )
+from parallama.protocol.hosts import host_allowed, local_host, loopback_only
 from parallama.protocol.ollama import final_statistics, normalize_name, rfc3339
 from parallama.sim.answers import chat_prompt, plan_answer
 from parallama.sim.catalog import spec_for
-from parallama.sim.hosts import host_allowed
 from parallama.sim.text import count_tokens, embedding, generate_tokens
 from parallama.sim.timing import PROFILES, TimingModel
 
@@ -169,3 +169,26 @@ def test_wire_helpers() -> None:
 )
 def test_ollama_host_guard(bound: str, header: str, allowed: bool) -> None:
     assert host_allowed(bound, header, hostname="myhost") is allowed
+
+
+@pytest.mark.parametrize(
+    ("header", "allowed", "served"),
+    [
+        ("llm.example.com:443", ("llm.example.com",), True),
+        ("LLM.Example.com", ("llm.example.com",), True),
+        ("a.corp.example", (".corp.example",), True),
+        ("corp.example", (".corp.example",), True),
+        ("evilcorp.example", (".corp.example",), False),
+        ("anything.example", ("*",), True),
+        ("other.example", ("llm.example.com",), False),
+    ],
+)
+def test_allowed_hosts_add_names_to_the_local_ones(
+    header: str, allowed: tuple[str, ...], served: bool
+) -> None:
+    assert local_host(header, allowed, hostname="myhost") is served
+
+
+def test_only_loopback_listeners_check_the_host() -> None:
+    assert loopback_only("127.0.0.1") and loopback_only("::1") and loopback_only("localhost")
+    assert not loopback_only("0.0.0.0") and not loopback_only("10.0.0.5")

@@ -77,6 +77,9 @@ def test_json_lines_are_objects() -> None:
     assert entry["time"].endswith("Z")
 
 
-def test_model_labels_are_bounded() -> None:
-    labels = ModelLabels(limit=2)
-    assert [labels(m) for m in ("a", "b", "c", "a")] == ["a", "b", ModelLabels.OTHER, "a"]
+def test_only_models_the_fleet_lists_get_a_label_of_their_own() -> None:
+    listed = {"a:latest", "b:latest"}
+    labels = ModelLabels(listed.__contains__)
+    asked = ("a:latest", "made-up:latest", "b:latest", "x" * 5000, "a:latest")
+    assert [labels(m) for m in asked] == ["a:latest", "_other", "b:latest", "_other", "a:latest"]
+    assert list(labels.seen) == ["a:latest", "b:latest"]

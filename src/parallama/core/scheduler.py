@@ -76,10 +76,26 @@ class Ticket:
     dispatched_at: float | None = None
     outcome: Outcome | None = None
     avoid: set[str] = field(default_factory=set)  # backends it failed on
+    waited: float = 0.0  # seconds in the queue before its latest wait, summed over requeues
+    queued_since: float | None = None  # when its current wait began; None while bound
+
+    def __post_init__(self) -> None:
+        self.queued_since = self.arrived_at
 
     @property
     def queued(self) -> bool:
         return self.backend is None and self.outcome is None
+
+    def queue_seconds(self, now: float) -> float:
+        """Time spent waiting in the gateway's queue, over all its waits: not the time spent
+        on a backend that failed before it was requeued."""
+        current = 0.0 if self.queued_since is None else now - self.queued_since
+        return self.waited + current
+
+    def stop_waiting(self, now: float) -> None:
+        if self.queued_since is not None:
+            self.waited += now - self.queued_since
+            self.queued_since = None
 
 
 @dataclass(eq=False)
@@ -95,6 +111,7 @@ class Backend:
     in_flight: Counter[str] = field(default_factory=Counter)
     breaker: Breaker = field(default_factory=Breaker)
     draining: bool = False
+    online: bool = True  # False while the engine process behind it is not serving (`up`)
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0
 
@@ -117,7 +134,7 @@ class Backend:
         )
 
     def serves(self, model: str) -> bool:
-        return self.healthy and not self.draining and self.offers(model)
+        return self.healthy and self.online and not self.draining and self.offers(model)
 
     def has_free_slot(self, model: str) -> bool:
         if self.breaker.state is BreakerState.HALF_OPEN and self.active:
@@ -215,6 +232,15 @@ class Scheduler:
         self.backends[name].draining = draining
         self._dispatch_all()
 
+    def set_online(self, name: str, online: bool) -> None:
+        """Whether the engine process behind the backend serves: `parallama up` takes a backend
+        out while its process is down or restarting, so that nothing is sent to whatever else
+        may answer on that port meanwhile."""
+        backend = self.backends.get(name)
+        if backend is not None:
+            backend.online = online
+            self._dispatch_all()
+
     def set_inventory(self, name: str, models: Iterable[str] | None) -> None:
         self.backends[name].inventory = None if models is None else frozenset(models)
         self._dispatch_all()
@@ -262,6 +288,14 @@ class Scheduler:
     def queue_depths(self) -> dict[str, int]:
         """Waiting requests of each model that has any."""
         return {model: len(queue) for model, queue in self._queues.items() if queue}
+
+    def lists(self, model: str) -> bool:
+        """Whether some backend has the model installed, or is configured to serve it: a name
+        the fleet knows, not one a client made up."""
+        return any(
+            model in (b.inventory or ()) or model in (b.models or ())
+            for b in self.backends.values()
+        )
 
     def refuse(self) -> None:
         """Count a request turned away before it could be queued (bad input) as rejected."""
@@ -344,6 +378,7 @@ class Scheduler:
         ticket.avoid.add(ticket.backend.name)
         ticket.backend = None
         ticket.dispatched_at = None
+        ticket.queued_since = self._clock()
         if not alternative:
             self._end(ticket, Outcome.FAILED)
             self._dispatch(model)
@@ -405,6 +440,7 @@ class Scheduler:
     # -- the machine ----------------------------------------------------------------------------
 
     def _end(self, ticket: Ticket, outcome: Outcome) -> None:
+        ticket.stop_waiting(self._clock())
         ticket.outcome = outcome
         self.outcomes[outcome] += 1
 
@@ -444,7 +480,8 @@ class Scheduler:
 
     def _bind(self, ticket: Ticket, backend: Backend) -> None:
         ticket.backend = backend
-        ticket.dispatched_at = self._clock()
+        ticket.dispatched_at = now = self._clock()
+        ticket.stop_waiting(now)
         backend.in_flight[ticket.model] += 1
         self._dispatched.append(ticket)
 

@@ -33,14 +33,16 @@ from parallama.core.scheduler import (
     Ticket,
     UnavailableError,
 )
-from parallama.errors import ApiError
+from parallama.errors import ApiError, excerpt
 from parallama.gateway.exchange import Exchange
 from parallama.gateway.fleet import Fleet
+from parallama.gateway.guard import ConnectionLimits, Connections, GuardedSite, usable_connections
 from parallama.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from parallama.gateway.relay import PassThrough, Relay, Translating, passable
 from parallama.gateway.upstream import Connection, Headers, UpstreamError, UpstreamTimeout
 from parallama.gateway.waiting import Waiting
 from parallama.protocol import ollama, openai
+from parallama.protocol.hosts import host_of, local_host, loopback_only
 from parallama.protocol.inspect import (
     STREAM_DEFAULTS,
     Dialect,
@@ -158,12 +160,21 @@ async def _stream(
 
 
 class _Failover(Exception):
-    """The attempt failed before a byte reached the client: another backend may try."""
+    """The attempt failed before a byte reached the client: another backend may try.
 
-    def __init__(self, status: int, reason: str) -> None:
+    `worked_on`: the backend had the whole request and may have worked on it (it dropped the
+    connection or fell silent, rather than refusing or being unreachable)."""
+
+    def __init__(self, status: int, reason: str, *, worked_on: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.worked_on = worked_on
+
+
+# A request that a backend may have worked on moves to at most this many others: one that makes
+# engines crash must not take down every engine in turn.
+_WORKED_ON_ELSEWHERE = 1
 
 
 # Backend answers that another backend may do better with: not installed here, or busy.
@@ -181,10 +192,14 @@ class Gateway:
         self._reload = reload
         self.scheduler = Scheduler(settings.scheduler, time.monotonic)
         self.fleet = Fleet(self.scheduler, settings, self._changed)
-        self.metrics = GatewayMetrics(self.scheduler)
+        self.connections = Connections(self._connection_limits(settings))
+        self.metrics = GatewayMetrics(self.scheduler, self.connections)
         self._waiting = Waiting(self.scheduler)
         self._runner: web.AppRunner | None = None
         self.port = settings.port
+        # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
+        self._check_host = loopback_only(settings.host)
+        self._local_hosts: set[str] = set()  # Host headers found local: checked once
         # More of /parallama/status, e.g. the engine processes `parallama up` supervises.
         self.status_sections: dict[str, Callable[[], Any]] = {}
 
@@ -210,13 +225,26 @@ class Gateway:
         app.router.add_post("/parallama/reload", self.reload)
         return app
 
+    @staticmethod
+    def _connection_limits(settings: GatewaySettings) -> ConnectionLimits:
+        return ConnectionLimits(
+            header_timeout=settings.header_timeout,
+            send_timeout=settings.send_timeout,
+            max_connections=usable_connections(settings.max_connections),
+        )
+
     async def start(self) -> None:
         await self.fleet.start()
-        self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            self.make_app(),
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=self.settings.idle_timeout,
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
+        site = GuardedSite(self._runner, self.settings.host, self.settings.port, self.connections)
         await site.start()
-        self.port = self._runner.addresses[0][1]  # the bound port, when 0 was asked for
+        self.port = site.port  # the bound port, when 0 was asked for
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -227,12 +255,14 @@ class Gateway:
     def reconfigure(self, settings: GatewaySettings) -> list[str]:
         """Apply new settings while requests flow; return what changed. The address and the
         log settings are read at start only."""
-        fixed = ("host", "port", "log_format", "log_level")
+        fixed = ("host", "port", "log_format", "log_level", "idle_timeout", "max_connections")
         ignored = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in fixed})
         changes = self.fleet.apply(settings)
         self.settings = settings
         self._aliases = settings.aliases
+        self.connections.limits = self._connection_limits(settings)
+        self._local_hosts.clear()  # allowed_hosts may have changed
         changes += [f"{k} needs a restart: kept" for k in ignored]
         log.info("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
         return changes
@@ -252,6 +282,7 @@ class Gateway:
             request.method, request.path, f"addr:{request.remote}", time.monotonic()
         )
         request[EXCHANGE] = exchange
+        self.connections.request_began(request.transport)
         try:
             response = await self._answer(request, handler, exchange)
             exchange.status = exchange.status or response.status
@@ -263,6 +294,7 @@ class Gateway:
             )
             raise
         finally:
+            self.connections.request_ended(request.transport)
             exchange.finished_at = time.monotonic()
             self._record(exchange)
 
@@ -271,14 +303,36 @@ class Gateway:
     ) -> web.StreamResponse:
         dialect = dialect_of(request.path)
         try:
+            self._check_host_header(request)
             return await handler(request)
         except ApiError as exc:
             exchange.error = exc.message
             return _error(dialect, exc.status, exc.message, exc.headers)
         except web.HTTPNotFound:
-            return _error(dialect, 404, f"no route {request.method} {request.path}")
+            return _error(dialect, 404, f"no route {request.method} {excerpt(request.path)}")
         except web.HTTPMethodNotAllowed:
-            return _error(dialect, 405, f"method {request.method} not allowed on {request.path}")
+            path = excerpt(request.path)
+            return _error(dialect, 405, f"method {request.method} not allowed on {path}")
+
+    def _check_host_header(self, request: web.Request) -> None:
+        """Ollama's guard against DNS rebinding, kept for the Ollama behind the gateway: while
+        the gateway listens on loopback only, a request naming another host is refused (a web
+        page whose name now points at 127.0.0.1 must not reach the models)."""
+        if not self._check_host:
+            return
+        header = request.headers.get("Host", "")
+        if header in self._local_hosts:
+            return
+        if local_host(header, self.settings.allowed_hosts):
+            if len(self._local_hosts) < 64:  # the few names clients use, not all they could
+                self._local_hosts.add(header)
+            return
+        host = excerpt(host_of(header))
+        raise ApiError(
+            403,
+            f"host {host!r} is not allowed: the gateway listens on loopback only and serves "
+            "local names (a guard against DNS rebinding); add it to allowed_hosts to serve it",
+        )
 
     def _record(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange)
@@ -311,6 +365,7 @@ class Gateway:
                 "healthy": b.healthy,
                 "breaker": b.breaker.state.value,
                 "draining": b.draining,
+                "online": b.online,
                 "slots": b.slots,
                 "capacity": b.capacity,
                 "weight": b.weight,
@@ -415,16 +470,36 @@ class Gateway:
     async def _read(self, request: web.Request, exchange: Exchange) -> tuple[bytes, RequestInfo]:
         """The body and what routing needs of it; bad input is counted as rejected."""
         try:
-            body = await request.read()
+            body = await self._body(request)
             info = inspect_request(request.path, body, request.headers, request.remote or "")
-        except (web.HTTPRequestEntityTooLarge, ApiError) as exc:
+        except ApiError:
             self.scheduler.refuse()
             exchange.outcome = Outcome.REJECTED.value
-            if isinstance(exc, ApiError):
-                raise
-            limit = self.settings.max_body_bytes
-            raise ApiError(413, f"request body is larger than {limit} bytes") from None
+            raise
         return body, info
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request body, at most `max_body_bytes` (413), from a client that never pauses
+        longer than `body_timeout` while sending it (408), like nginx's client_body_timeout."""
+        limit, pause = self.settings.max_body_bytes, self.settings.body_timeout
+        too_large = ApiError(413, f"request body is larger than {limit} bytes")
+        if (request.content_length or 0) > limit:
+            raise too_large
+        content = request.content
+        parts = [content.read_nowait()]  # usually the whole body: it came with the head
+        size = len(parts[0])
+        while not content.at_eof():
+            try:
+                async with asyncio.timeout(pause):
+                    part = await content.readany()
+            except TimeoutError:
+                message = f"the request body stopped arriving for {pause:g} s"
+                raise ApiError(408, message) from None
+            size += len(part)
+            if size > limit:
+                raise too_large
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @contextlib.asynccontextmanager
     async def _admitted(
@@ -456,8 +531,7 @@ class Gateway:
             self._changed()
             assert ticket.outcome is not None
             exchange.outcome = ticket.outcome.value
-            waited_until = ticket.dispatched_at or time.monotonic()
-            exchange.queue_seconds = waited_until - ticket.arrived_at
+            exchange.queue_seconds = ticket.queue_seconds(time.monotonic())
 
     async def _bound(self, ticket: Ticket) -> None:
         """Until the ticket has a backend; 503 if it waited longer than the queue allows."""
@@ -482,6 +556,8 @@ class Gateway:
             request.path, request.raw_path.encode(), passable(request.raw_headers), body, info
         )
         retries = self.settings.retries
+        worked_on = 0  # attempts whose backend may have worked on the request
+        reasons: list[str] = []
         while True:
             try:
                 return await self._attempt(
@@ -489,13 +565,18 @@ class Gateway:
                 )
             except _Failover as failed:
                 assert ticket.backend is not None
+                reasons.append(failed.reason)
                 exchange.error = failed.reason
                 retries -= 1
+                worked_on += failed.worked_on
                 can_retry = retries >= 0 and ticket.outcome is None
+                can_retry &= worked_on <= _WORKED_ON_ELSEWHERE
                 if not (can_retry and self.scheduler.requeue(ticket)):
                     self.scheduler.release(ticket, Outcome.FAILED)
                     exchange.status = failed.status
-                    return _error(info.dialect, failed.status, failed.reason)
+                    if worked_on > _WORKED_ON_ELSEWHERE:
+                        reasons.append("not tried on another: it may be what brings them down")
+                    return _error(info.dialect, failed.status, "; ".join(reasons))
                 self.metrics.failover(exchange.backend or "")
                 self._changed()
                 await self._bound(ticket)
@@ -544,7 +625,8 @@ class Gateway:
             reason = f"backend {base} {exc}"
             log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
             if response is None or not response.prepared:
-                raise _Failover(status, reason) from None
+                worked_on = isinstance(exc, UpstreamError) and exc.reached
+                raise _Failover(status, reason, worked_on=worked_on) from None
             exchange.error = reason
             self.scheduler.release(ticket, Outcome.FAILED)
             last_words = _error_chunk(response.content_type, reason)

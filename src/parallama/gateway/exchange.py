@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from parallama.errors import excerpt
 from parallama.protocol.usage import Usage
 
 
@@ -60,7 +61,7 @@ class Exchange:
 
         fields: dict[str, Any] = {
             "method": self.method,
-            "path": self.path,
+            "path": excerpt(self.path),
             "status": self.status,
             "client": self.client,
         }

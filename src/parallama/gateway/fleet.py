@@ -55,7 +55,7 @@ class Fleet:
         """The backend's pool; `UpstreamError` if it was removed from the settings meanwhile."""
         upstream = self.upstreams.get(url)
         if upstream is None:
-            raise UpstreamError("was removed")
+            raise UpstreamError("was removed", reached=False)
         return upstream
 
     def probe_now(self, url: str) -> None:
@@ -64,6 +64,13 @@ class Fleet:
             task = asyncio.get_running_loop().create_task(self._prober.probe(url))
             self._probing.add(task)
             task.add_done_callback(self._probing.discard)
+
+    def set_online(self, url: str, online: bool) -> None:
+        """The engine process behind `url` started serving (probed at once) or stopped."""
+        self._scheduler.set_online(url, online)
+        if online:
+            self.probe_now(url)
+        self._on_change()
 
     def dialect(self, url: str) -> Dialect:
         return self._dialects.get(url, "ollama")

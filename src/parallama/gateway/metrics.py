@@ -2,14 +2,15 @@
 
 Counters and histograms are updated once per request from its `Exchange`; queue depths, in-flight
 counts and slots are read from the scheduler when Prometheus scrapes, so they cost nothing on the
-hot path. Model names come from clients, so only the first `MODEL_LABELS` distinct names get a
-label of their own; later ones are counted as `_other` and the series stay bounded.
+hot path. Model names come from clients, so only the names some backend lists (or is configured
+with) get a label of their own; any other is counted as `_other`, and a client cannot grow the
+series (20 distinct 2 MB names once made a 126 MB scrape).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypeVar, cast
+from collections.abc import Callable, Iterator
+from typing import TypeVar, cast, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,28 +19,28 @@ from prometheus_client.registry import Collector
 
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.exchange import Exchange
+from parallama.gateway.guard import Connections, Phase
 
 M = TypeVar("M", Counter, Histogram)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-MODEL_LABELS = 100
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 
 class ModelLabels:
-    """Model names as label values, at most `limit` of them."""
+    """Model names as label values: those the fleet lists, and `_other` for the rest."""
 
     OTHER = "_other"
 
-    def __init__(self, limit: int = MODEL_LABELS) -> None:
-        self._limit = limit
+    def __init__(self, listed: Callable[[str], bool]) -> None:
+        self._listed = listed
         self.seen: dict[str, None] = {}  # insertion-ordered set
 
     def __call__(self, model: str) -> str:
         if model in self.seen:
             return model
-        if len(self.seen) < self._limit:
+        if self._listed(model):
             self.seen[model] = None
             return model
         return self.OTHER
@@ -95,11 +96,38 @@ class _SchedulerCollector(Collector):
         yield from (in_flight, slots, healthy, draining, trips)
 
 
+class _ConnectionCollector(Collector):
+    """The client connections: open now, refused past the limit, closed for being too slow."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._connections
+        yield GaugeMetricFamily(
+            "parallama_client_connections", "Open client connections", value=len(c.open)
+        )
+        yield CounterMetricFamily(
+            "parallama_client_connections_refused",
+            "Client connections answered 503 because max_connections were open",
+            value=c.refused,
+        )
+        timeouts = CounterMetricFamily(
+            "parallama_client_timeouts",
+            "Client connections closed for being too slow: to send a request's head, or to "
+            "read its answer",
+            labels=["phase"],
+        )
+        for phase in get_args(Phase):
+            timeouts.add_metric([phase], c.timeouts[phase])
+        yield timeouts
+
+
 class GatewayMetrics:
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, connections: Connections) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
-        self._models = ModelLabels()
+        self._models = ModelLabels(scheduler.lists)
         self._requests = Counter(
             "parallama_requests",
             "Requests to model routes, by how they ended",
@@ -153,6 +181,7 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(_SchedulerCollector(scheduler, self._models))
+        registry.register(_ConnectionCollector(connections))
 
     def failover(self, backend: str) -> None:
         self._series(self._failovers, backend).inc()

@@ -7,16 +7,20 @@ per request; this one is an asyncio Protocol around httptools (llhttp, Node's C 
 lets the gateway proxy about three times as many requests per second on one core.
 
 What it promises: one request at a time per connection; connections kept alive and reused,
-newest first; a reused connection that the backend closed while it sat idle is retried once on a
-fresh one (only if not a byte of an answer came back); a read timeout that measures silence, as
-nginx's `proxy_read_timeout` does; reading paused while the consumer is behind, so a slow client
-slows the backend instead of filling memory; and a connection released mid-answer is closed, so
-the backend sees the client leave and frees its slot.
+newest first; a request is written at most once: an idle connection is checked before it is
+reused (one the backend closed, or idle longer than servers commonly keep one, is replaced by a
+fresh one), and once written, a request is never sent again from here, since the backend may
+have worked on it (failover to another backend is the gateway's decision, told by `reached`);
+a read timeout that measures silence, as nginx's `proxy_read_timeout` does; reading paused while
+the consumer is behind, so a slow client slows the backend instead of filling memory; and a
+connection released mid-answer is closed, so the backend sees the client leave and frees its
+slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import typing
 from collections import deque
@@ -31,9 +35,11 @@ Headers = list[tuple[bytes, bytes]]
 # Reading from the backend pauses above this many unread body bytes and resumes below the low mark.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
-# Idle connections kept per backend, and how long one may sit unused before it is closed.
+# Idle connections kept per backend, and how long one may sit unused before it is closed: less
+# than the keep-alive of uvicorn (5 s: llama-cpp-python, vLLM) and Node, so that the backend
+# seldom closes a connection just as it is reused.
 _MAX_IDLE = 256
-_IDLE_SECONDS = 60.0
+_IDLE_SECONDS = 4.0
 # Statuses whose answers never have a body, whatever their headers say.
 _BODYLESS = frozenset({204, 304})
 
@@ -41,12 +47,22 @@ _BODYLESS = frozenset({204, 304})
 class UpstreamError(Exception):
     """The backend could not be reached, closed the connection, or broke HTTP: a 502.
 
-    Messages complete the sentence "backend <url> ...".
+    Messages complete the sentence "backend <url> ...". `reached` is False only when the
+    request provably never reached the backend (no connection, or none to write it on): then
+    any backend may take it; otherwise the backend may have worked on it.
     """
+
+    def __init__(self, message: str, *, reached: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 class UpstreamTimeout(UpstreamError):
     """The backend could not be reached or stayed silent within the time allowed: a 504."""
+
+
+# How a connection that ended before the answer did reads in the client's error message.
+DROPPED = "closed the connection while processing this request"
 
 
 class Connection(asyncio.Protocol):
@@ -69,7 +85,6 @@ class Connection(asyncio.Protocol):
         """Forget the previous answer: the connection is about to carry a new request."""
         self.status = 0
         self.headers: Headers = []
-        self.heard = False  # a byte of this answer arrived: a failure now is not a stale socket
         self._head_done = False
         self._complete = False
         self._keep_alive = False
@@ -133,6 +148,23 @@ class Connection(asyncio.Protocol):
         else:
             self.close()
 
+    def usable(self, now: float) -> bool:
+        """Whether an idle connection can carry a request: open, not idle too long, and with
+        nothing to read. The backend sends nothing between answers, so a readable socket means
+        it closed the connection (or broke HTTP) while it sat idle, though the event loop has
+        not noticed yet: writing a request there would lose it."""
+        transport = self._transport
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        if now - self.idle_since > _IDLE_SECONDS:
+            return False
+        socket = transport.get_extra_info("socket")
+        if socket is None:
+            return True
+        poll = select.poll()
+        poll.register(socket.fileno(), select.POLLIN)
+        return not poll.poll(0)
+
     def close(self) -> None:
         self._cancel_timer()
         if not self.closed:
@@ -147,7 +179,6 @@ class Connection(asyncio.Protocol):
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
-        self.heard = True
         self._heard_at = self._loop.time()
         try:
             self._parser.feed_data(data)
@@ -164,8 +195,9 @@ class Connection(asyncio.Protocol):
         if self._head_done and not self._complete and not self._framed and exc is None:
             self._complete = True  # an unframed body ends where the connection does
         elif not self._complete and self._error is None:
-            reason = f": {exc}" if exc else ""
-            self._error = UpstreamError(f"closed the connection{reason}")
+            # A reset while the request was out is how a crashed engine looks from here.
+            crashed = isinstance(exc, ConnectionResetError)
+            self._error = UpstreamError(DROPPED + (" (reset: it may have crashed)" * crashed))
         self._wake()
 
     def pause_writing(self) -> None:
@@ -284,17 +316,7 @@ class Upstream:
         start = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (method, self._prefix, target, self._host)
         fields = b"".join([b"%s: %s\r\n" % pair for pair in headers])
         request = b"%s%sContent-Length: %d\r\n\r\n" % (start, fields, len(body))
-        conn = self._take_idle()
-        if conn is not None:
-            try:
-                await self._started(conn, request, body)
-            except UpstreamError as exc:
-                if conn.heard or isinstance(exc, UpstreamTimeout):
-                    raise
-                # The backend closed it while it sat idle, as we reused it: once more, fresh.
-            else:
-                return conn
-        conn = await self._connect()
+        conn = self._take_idle() or await self._connect()
         await self._started(conn, request, body)
         return conn
 
@@ -360,10 +382,14 @@ class Upstream:
         self._open.discard(conn)
 
     def _take_idle(self) -> Connection | None:
+        """The most recently used connection that can still carry a request; the ones that
+        cannot are closed on the way."""
+        now = self.loop.time()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
+            if conn.usable(now):
                 return conn
+            conn.close()
         return None
 
     async def _connect(self) -> Connection:
@@ -374,8 +400,12 @@ class Upstream:
                 )
         except TimeoutError:
             limit = self.connect_timeout
-            raise UpstreamTimeout(f"did not accept a connection within {limit:g} s") from None
+            raise UpstreamTimeout(
+                f"did not accept a connection within {limit:g} s", reached=False
+            ) from None
         except OSError as exc:
-            raise UpstreamError(f"could not be reached: {exc.strerror or exc}") from None
+            raise UpstreamError(
+                f"could not be reached: {exc.strerror or exc}", reached=False
+            ) from None
         self._open.add(conn)
         return conn

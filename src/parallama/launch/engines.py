@@ -6,11 +6,15 @@ Ollama's environment variables, exactly as the seed's start script does; llama.c
 `python -m llama_cpp.server` (llama-cpp-python) or the `llama-server` binary; the emulator; or any
 command. `command` replaces the program (say, the emulator standing in for `ollama serve`);
 `{host}`, `{port}`, `{name}` and `{model}` in it and in `args` are filled in.
+
+llama.cpp repacks weights into the CPU's "extra buffer types" (AMX tiles, ...) by default; some
+builds crash on CPUs with AMX in those buffers, so there it is off unless `repack = true`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,8 @@ from parallama.runtime import http_url
 Engine = Literal["ollama", "sim", "llama-cpp", "llama-server", "command"]
 SMOLLM2_ALIAS = "smollm2:135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+AMX_FLAGS = frozenset({"amx_tile", "amx_int8"})  # /proc/cpuinfo's names for Intel AMX
+NO_REPACK_SERVER = "parallama.launch.llama_cpp_engine"  # llama-cpp-python's, with --no-repack
 
 
 class InstanceSettings(BaseModel):
@@ -56,6 +62,11 @@ class InstanceSettings(BaseModel):
     ctx: Annotated[int, Field(ge=0)] | None = Field(None, description="llama.cpp: context size")
     parallel: Annotated[int, Field(ge=1)] | None = Field(
         None, description="llama-server: parallel slots (llama-cpp-python has one)"
+    )
+    repack: bool | None = Field(
+        None,
+        description="llama.cpp: repack weights into the CPU's extra buffer types (AMX, ...); "
+        "default: off on CPUs with AMX, where it crashes some builds, on elsewhere",
     )
     dialect: Dialect | None = Field(
         None, description="command: the API it speaks, ollama (default) or openai"
@@ -88,24 +99,36 @@ class Launch:
     name: str
     argv: tuple[str, ...]
     env: dict[str, str]  # added to parallama's own environment
+    host: str
+    port: int
     url: str
     dialect: Dialect
     ready_path: bytes  # answers 200 once the engine serves requests
     ready_timeout: float
     backend: BackendSettings
+    log_file: Path | None  # where its output goes (None: only parallama's debug log)
 
 
-def launch(instance: InstanceSettings, index: int, port: int) -> Launch:
+def launch(
+    instance: InstanceSettings,
+    index: int,
+    port: int,
+    *,
+    amx: bool | None = None,
+    log_dir: Path | None = None,
+) -> Launch:
     """The command line and environment of `instance`, listening on `port` (the configured one,
-    or the free one chosen for 0)."""
+    or the free one chosen for 0), on a CPU with or without AMX (default: this machine's), its
+    output written to a file in `log_dir`."""
     name = instance.name or f"{instance.engine}-{index}"
+    repack = instance.repack if instance.repack is not None else not _has_amx(amx)
     alias = instance.alias or (Path(instance.model).stem if instance.model else "")
     fill = {"host": instance.host, "port": str(port), "name": name, "model": instance.model or ""}
     env = dict(_ollama_environment(instance, port)) if _speaks_ollama(instance) else {}
     if instance.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = instance.gpus
     env |= instance.env
-    own = _engine_arguments(instance, port, alias)
+    own = _engine_arguments(instance, port, alias, repack=repack)
     program = instance.command if instance.command is not None else own
     argv = tuple(a.format_map(fill) for a in (*program, *instance.args))
     dialect: Dialect = "ollama" if _speaks_ollama(instance) else "openai"
@@ -117,8 +140,45 @@ def launch(instance: InstanceSettings, index: int, port: int) -> Launch:
         weight=instance.weight,
         models=instance.models,
     )
-    ready = b"/api/version" if dialect == "ollama" else b"/v1/models"
-    return Launch(name, argv, env, url, dialect, ready, instance.ready_timeout, backend)
+    return Launch(
+        name=name,
+        argv=argv,
+        env=env,
+        host=instance.host,
+        port=port,
+        url=url,
+        dialect=dialect,
+        ready_path=b"/api/version" if dialect == "ollama" else b"/v1/models",
+        ready_timeout=instance.ready_timeout,
+        backend=backend,
+        log_file=None if log_dir is None else log_dir / log_file_name(name),
+    )
+
+
+def log_file_name(name: str) -> str:
+    """An instance's log file: its name, with anything a file name should not hold replaced."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") + ".log"
+
+
+def _has_amx(amx: bool | None) -> bool:
+    return cpu_has_amx() if amx is None else amx
+
+
+def cpu_has_amx() -> bool:
+    """Whether this machine's CPU has Intel AMX (False where /proc/cpuinfo cannot be read)."""
+    try:
+        return has_amx(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def has_amx(cpuinfo: str) -> bool:
+    """Whether the `flags` lines of a /proc/cpuinfo text name AMX."""
+    return any(
+        AMX_FLAGS & set(line.partition(":")[2].split())
+        for line in cpuinfo.splitlines()
+        if line.startswith("flags")
+    )
 
 
 def _speaks_ollama(instance: InstanceSettings) -> bool:
@@ -140,7 +200,9 @@ def _ollama_environment(instance: InstanceSettings, port: int) -> dict[str, str]
     return env
 
 
-def _engine_arguments(instance: InstanceSettings, port: int, alias: str) -> tuple[str, ...]:
+def _engine_arguments(
+    instance: InstanceSettings, port: int, alias: str, *, repack: bool
+) -> tuple[str, ...]:
     match instance.engine:
         case "ollama":
             return ("ollama", "serve")
@@ -149,7 +211,10 @@ def _engine_arguments(instance: InstanceSettings, port: int, alias: str) -> tupl
         case "llama-cpp":
             # One request at a time, and never cut short: by default llama-cpp-python's server
             # ends a stream early as soon as another request waits (`interrupt_requests`).
-            argv = [sys.executable, "-m", "llama_cpp.server", "--model", instance.model or ""]
+            # llama-cpp-python's server has no option for repacking: a wrapper of ours turns it
+            # off as the model loads.
+            server = ["llama_cpp.server"] if repack else [NO_REPACK_SERVER, "--no-repack"]
+            argv = [sys.executable, "-m", *server, "--model", instance.model or ""]
             argv += ["--model_alias", alias, "--host", instance.host, "--port", str(port)]
             argv += ["--interrupt_requests", "False"]
             # Prompt processing too: its default is every core, and two engines spinning on the
@@ -165,6 +230,7 @@ def _engine_arguments(instance: InstanceSettings, port: int, alias: str) -> tupl
             argv += _optional("--threads-batch", instance.threads)
             argv += _optional("--ctx-size", instance.ctx)
             argv += _optional("--parallel", instance.parallel)
+            argv += [] if repack else ["--no-repack"]
             return tuple(argv)
         case "command":
             return ()

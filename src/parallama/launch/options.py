@@ -9,11 +9,17 @@ from typing import get_args
 from parallama import config
 from parallama.launch.engines import Engine
 
-DEFAULT_BASE_PORT = 11434
+DEFAULT_BASE_PORT = 11434  # Ollama's, for --instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_arguments(parser)
+    parser.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="where each engine's output goes, in NAME.log (default: "
+        "$XDG_STATE_HOME/parallama/logs, else ~/.local/state/parallama/logs)",
+    )
     group = parser.add_argument_group(
         "instances (instead of the file's [[instances]] tables)",
         "N alike engines on consecutive ports from --base-port.",
@@ -29,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--base-port",
         type=int,
-        default=DEFAULT_BASE_PORT,
-        help="the first engine's port; 0: free ports (default: %(default)s)",
+        help=f"the first engine's port; 0: free ports (default: {DEFAULT_BASE_PORT} for "
+        "--instances, free ports for --demo-real)",
     )
     group.add_argument(
         "--command",

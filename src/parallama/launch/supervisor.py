@@ -1,10 +1,15 @@
-"""Engine processes kept running: started, waited on until they serve, their output forwarded
-line by line under their name, restarted with backoff when they die, and stopped (with whatever
-they started) when parallama stops.
+"""Engine processes kept running: started, waited on until they serve, their output written to
+their own log files, restarted with backoff when they die, and stopped (with whatever they
+started) when parallama stops.
 
 Each engine runs in a session of its own, so Ctrl-C at the terminal reaches parallama alone and
 the engines are stopped in order: SIGTERM to the engine's whole process group (`ollama serve`
 starts a runner process per model), then SIGKILL if it has not exited after a grace period.
+
+An engine is ready only while its own process serves: its port must be free before it starts
+(else another server would answer in its place while the engine, unable to listen, exits), and
+the server that answers its ready path must be its process or one of its session's. Each state
+change is told to `on_state`, which takes the instance in and out of the gateway's routing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -24,14 +28,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from parallama.gateway.upstream import Upstream
+from parallama.launch import ports
 from parallama.launch.engines import Launch
+from parallama.launch.output import EngineOutput
 
 log = logging.getLogger("parallama.launch")
-output_log = logging.getLogger("parallama.engine")
 
 State = Literal["starting", "ready", "restarting", "stopped"]
-LAST_LINES = 20  # of each engine's output, kept for the error that says why it did not start
-MAX_LINE = 4096
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
@@ -61,8 +64,9 @@ class Instance:
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.last_exit: int | None = None
+        self.last_error: str | None = None  # why the last restart failed, until it serves
         self.started_at = 0.0
-        self.output: deque[str] = deque(maxlen=LAST_LINES)
+        self.output = EngineOutput(launch.name, launch.log_file)
         self._forwarding: asyncio.Task[None] | None = None
         self._creating: asyncio.Future[asyncio.subprocess.Process] | None = None
 
@@ -83,12 +87,9 @@ class Instance:
             "pid": self.pid if self.state != "stopped" else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
+            "last_error": self.last_error,
+            "log": None if self.launch.log_file is None else str(self.launch.log_file),
         }
-
-    def last_words(self) -> str:
-        if not self.output:
-            return "it printed nothing"
-        return "its last output:\n    " + "\n    ".join(self.output)
 
 
 class InstanceCollector(Collector):
@@ -115,12 +116,12 @@ class InstanceCollector(Collector):
 
 class Supervisor:
     def __init__(
-        self, launches: list[Launch], on_ready: Callable[[Instance], None] | None = None
+        self, launches: list[Launch], on_state: Callable[[Instance], None] | None = None
     ) -> None:
-        """`on_ready` is told each time an instance (re)starts serving: the gateway probes it
-        at once rather than at its next health check."""
+        """`on_state` is told each time an instance changes state: `parallama up` routes to it
+        only while it is ready."""
         self.instances = [Instance(launch) for launch in launches]
-        self.on_ready = on_ready
+        self.on_state = on_state
         self._watchers: list[asyncio.Task[None]] = []
 
     def status(self) -> list[dict[str, Any]]:
@@ -147,7 +148,14 @@ class Supervisor:
         await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(self._terminate(i) for i in self.instances))
         for instance in self.instances:
-            instance.state = "stopped"
+            self._enter(instance, "stopped")
+            instance.output.close()
+
+    def _enter(self, instance: Instance, state: State) -> None:
+        if state != instance.state:
+            instance.state = state
+            if self.on_state is not None:
+                self.on_state(instance)
 
     # -- one instance ---------------------------------------------------------------------------
 
@@ -158,16 +166,23 @@ class Supervisor:
         except LaunchError:
             await self._terminate(instance)
             raise
-        instance.state = "ready"
+        instance.last_error = None
+        self._enter(instance, "ready")
         log.info(
             "instance ready",
             extra={"fields": {"instance": instance.name, "url": instance.launch.url}},
         )
-        if self.on_ready is not None:
-            self.on_ready(instance)
 
     async def _spawn(self, instance: Instance) -> None:
         launch = instance.launch
+        await _claim_port(launch)
+        try:
+            instance.output.open()
+        except OSError as exc:
+            raise LaunchError(
+                f"instance {launch.name}: cannot write its log file {launch.log_file}: "
+                f"{exc.strerror}"
+            ) from None
         # Shielded: a start cancelled while the process is being created must still leave its
         # handle for `_terminate`, or the process would outlive parallama in its own session.
         instance._creating = asyncio.ensure_future(
@@ -187,67 +202,76 @@ class Supervisor:
                 f"instance {launch.name}: cannot run {launch.argv[0]!r}: {exc.strerror}"
             ) from None
         instance.process = process
-        instance.state = "starting"
         instance.started_at = time.monotonic()
+        instance.output.begin(process.pid)
         assert process.stdout is not None
         instance._forwarding = asyncio.get_running_loop().create_task(
-            _forward(instance, process.stdout)
+            instance.output.read(process.stdout)
         )
-        log.info(
-            "instance started",
-            extra={"fields": {"instance": launch.name, "pid": process.pid, "url": launch.url}},
-        )
+        self._enter(instance, "starting")
+        fields = {"instance": launch.name, "pid": process.pid, "url": launch.url}
+        log.info("instance started", extra={"fields": fields | {"log": instance.status()["log"]}})
 
     async def _until_ready(self, instance: Instance) -> None:
-        """Ask the engine its ready path until it answers 200, it exits, or time runs out."""
+        """Ask the engine its ready path until it answers 200 from its own process, it exits,
+        or time runs out."""
         launch, process = instance.launch, instance.process
         assert process is not None
         exited = asyncio.ensure_future(process.wait())
         upstream = Upstream(launch.url, connect_timeout=1.0, read_timeout=5.0)
+        stranger = ""  # who answered in the engine's place, if anyone
         try:
             async with asyncio.timeout(launch.ready_timeout):
-                while (await upstream.get(launch.ready_path, 5.0))[0] != 200:
+                while True:
+                    if (await upstream.get(launch.ready_path, 5.0))[0] == 200:
+                        stranger = await _stranger_answering(launch, process)
+                        if not stranger:
+                            return
                     await asyncio.wait({exited}, timeout=LOOK_EVERY)
                     if exited.done():
-                        await _drained(instance)
-                        raise LaunchError(
-                            f"instance {launch.name} exited with code {exited.result()} "
-                            f"before it served; {instance.last_words()}"
-                        )
+                        await _ended(instance, describe_exit(exited.result()))
+                        raise LaunchError(_exited_early(instance, exited.result(), stranger))
         except TimeoutError:
-            raise LaunchError(
-                f"instance {launch.name} did not answer GET {launch.ready_path.decode()} at "
-                f"{launch.url} within {launch.ready_timeout:g} s; {instance.last_words()}"
-            ) from None
+            raise LaunchError(_too_slow(instance, stranger)) from None
         finally:
             exited.cancel()
             await upstream.close()
 
     async def _watch(self, instance: Instance) -> None:
         """Restart the instance whenever it exits: at once after a long run, else after a
-        backoff that doubles with each quick failure in a row."""
+        backoff that doubles with each quick failure in a row (to start or to keep running)."""
         quick_failures = 0
         while True:
             assert instance.process is not None
             code = await instance.process.wait()
-            await _drained(instance)
-            _kill_group(instance.process.pid, signal.SIGKILL)  # what it started, if still there
             instance.last_exit = code
-            instance.state = "restarting"
+            self._enter(instance, "restarting")  # out of the gateway's routing at once
             ran = time.monotonic() - instance.started_at
             quick_failures = 0 if ran >= STABLE_SECONDS else quick_failures + 1
-            delay = min(FIRST_BACKOFF * 2 ** (quick_failures - 1), MAX_BACKOFF)
-            delay = delay if quick_failures else 0.0
-            log.warning(
-                "instance exited",
-                extra={"fields": {"instance": instance.name, "code": code, "restart_in": delay}},
-            )
-            await asyncio.sleep(delay)
+            fields = {"instance": instance.name, "code": code, "signal": _signal_name(code)}
+            fields["restart_in"] = _backoff(quick_failures)
+            log.warning("instance exited", extra={"fields": fields})
+            _kill_group(instance.process.pid, signal.SIGKILL)  # what it started, if still there
+            await _ended(instance, describe_exit(code))
+            quick_failures = await self._restart(instance, quick_failures)
+
+    async def _restart(self, instance: Instance, quick_failures: int) -> int:
+        """Start the instance again, after the backoff, until it serves; the quick failures in
+        a row then."""
+        while True:
+            await asyncio.sleep(_backoff(quick_failures))
             instance.restarts += 1
             try:
                 await self._start(instance)
             except LaunchError as exc:
-                log.error("restart failed", extra={"fields": {"error": str(exc)}})
+                quick_failures += 1
+                instance.last_error = str(exc)
+                self._enter(instance, "restarting")
+                delay = _backoff(quick_failures)
+                fields = {"instance": instance.name, "error": str(exc), "restart_in": delay}
+                log.error("restart failed", extra={"fields": fields})
+            else:
+                return quick_failures
 
     async def _terminate(self, instance: Instance) -> None:
         creating = instance._creating
@@ -264,10 +288,75 @@ class Supervisor:
                 log.warning("instance killed", extra={"fields": {"instance": instance.name}})
             _kill_group(process.pid, signal.SIGKILL)
             code = await process.wait()
+            await _ended(instance, f"stopped by parallama, {describe_exit(code)}")
             log.info(
                 "instance stopped", extra={"fields": {"instance": instance.name, "code": code}}
             )
         await _drained(instance)
+
+
+def describe_exit(code: int) -> str:
+    """An exit status as people say it: `code 3`, or `signal SIGSEGV (exit -11)`."""
+    return f"code {code}" if code >= 0 else f"signal {_signal_name(code)} (exit {code})"
+
+
+def _signal_name(code: int) -> str | None:
+    """The signal that ended a process (asyncio's negative exit status), by name."""
+    if code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return str(-code)
+
+
+def _backoff(quick_failures: int) -> float:
+    """Seconds before a restart: none after a long run, then 1, 2, 4 ... up to 30."""
+    if not quick_failures:
+        return 0.0
+    return min(FIRST_BACKOFF * 2.0 ** (quick_failures - 1), MAX_BACKOFF)
+
+
+async def _claim_port(launch: Launch) -> None:
+    """`LaunchError` if a server already listens on the instance's port, naming it."""
+    if await asyncio.to_thread(ports.in_use, launch.host, launch.port):
+        holder = await asyncio.to_thread(ports.holder, launch.host, launch.port)
+        raise LaunchError(
+            f"instance {launch.name}: port {launch.port} on {launch.host} is in use, by {holder}"
+        )
+
+
+async def _stranger_answering(launch: Launch, process: asyncio.subprocess.Process) -> str:
+    """Who answers on the instance's port if not its engine: "" when the listening socket is
+    its process's or its session's (or, where /proc cannot tell, while it still runs)."""
+    own = await asyncio.to_thread(ports.held_by_session, launch.host, launch.port, process.pid)
+    if own or (own is None and process.returncode is None):
+        return ""
+    if own is None:
+        return "a process other than the engine, which has exited"
+    return await asyncio.to_thread(ports.holder, launch.host, launch.port)
+
+
+def _exited_early(instance: Instance, code: int, stranger: str) -> str:
+    name, port = instance.name, instance.launch.port
+    meanwhile = f"; meanwhile {stranger} answers on port {port}" if stranger else ""
+    return (
+        f"instance {name} exited with {describe_exit(code)} before it served{meanwhile}; "
+        f"{instance.output.last_words()}"
+    )
+
+
+def _too_slow(instance: Instance, stranger: str) -> str:
+    launch = instance.launch
+    if stranger:
+        return (
+            f"instance {launch.name}: another process answers on port {launch.port}, not the "
+            f"engine: {stranger}; {instance.output.last_words()}"
+        )
+    return (
+        f"instance {launch.name} did not answer GET {launch.ready_path.decode()} at "
+        f"{launch.url} within {launch.ready_timeout:g} s; {instance.output.last_words()}"
+    )
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
@@ -281,23 +370,7 @@ async def _drained(instance: Instance) -> None:
         await instance._forwarding
 
 
-async def _forward(instance: Instance, stream: asyncio.StreamReader) -> None:
-    """The engine's output, one log line per line it prints, under its name (a line longer
-    than `MAX_LINE` is cut)."""
-    pending = b""
-    while chunk := await stream.read(65536):
-        *lines, pending = (pending + chunk).split(b"\n")
-        if len(pending) > MAX_LINE:
-            lines.append(pending)
-            pending = b""
-        for line in lines:
-            _emit(instance, line)
-    if pending:
-        _emit(instance, pending)
-
-
-def _emit(instance: Instance, raw: bytes) -> None:
-    line = raw[:MAX_LINE].decode("utf-8", "replace").rstrip()
-    if line:
-        instance.output.append(line)
-        output_log.info(line, extra={"fields": {"instance": instance.name}})
+async def _ended(instance: Instance, how: str) -> None:
+    """The engine's run is over: its output read to the end, then how it ended noted."""
+    await _drained(instance)
+    instance.output.end(how)

@@ -4,7 +4,8 @@ them until Ctrl-C or SIGTERM, and stop everything in order.
 The instances come from the `--config` file's `[[instances]]` tables, or from `--instances N`
 (N alike engines on consecutive ports), or from `--demo-real` (two llama.cpp servers with a real
 model); the gateway's settings are `parallama serve`'s, from the same file, environment and
-flags, with one backend per instance added to any `[[backends]]` the file lists.
+flags, with one backend per instance added to any `[[backends]]` the file lists. Each engine's
+output goes to its own file in `--log-dir`; the console says when an instance changes state.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import contextlib
 import os
 import shlex
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from parallama import config
 from parallama.config import ConfigError, GatewaySettings
+from parallama.gateway.app import Gateway
 from parallama.gateway.run import describe, running_gateway
 from parallama.launch.engines import (
     InstanceSettings,
@@ -29,7 +32,8 @@ from parallama.launch.engines import (
     launch,
     template,
 )
-from parallama.launch.supervisor import InstanceCollector, Supervisor, free_port
+from parallama.launch.options import DEFAULT_BASE_PORT
+from parallama.launch.supervisor import Instance, InstanceCollector, Supervisor, free_port
 from parallama.runtime import stop_signals
 
 
@@ -47,8 +51,9 @@ def plan(
     path = config.config_path(args.config, env)
     data = config.read_file(path) if path is not None else {}
     instances = _instances(args, data.pop("instances", []), str(path))
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(env)
     launches = [
-        launch(instance, i, instance.port or free_port(instance.host))
+        launch(instance, i, instance.port or free_port(instance.host), log_dir=log_dir)
         for i, instance in enumerate(instances)
     ]
     names = [item.name for item in launches]
@@ -61,17 +66,26 @@ def plan(
     return config.load(path, env, flags, file_data=data), launches
 
 
+def default_log_dir(env: Mapping[str, str]) -> Path:
+    """Where the engines' log files go without --log-dir: the user's state directory (XDG)."""
+    state = env.get("XDG_STATE_HOME", "")
+    if not Path(state).is_absolute():  # unset, or relative, which XDG says to ignore
+        home = env.get("HOME") or str(Path.home())
+        state = str(Path(home) / ".local" / "state")
+    return Path(state) / "parallama" / "logs"
+
+
 def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[InstanceSettings]:
     try:
-        if args.demo_real:
-            return demo_real(args.base_port)
+        if args.demo_real:  # free ports: the gateway's --port 0 must not leave them on 11434
+            return demo_real(args.base_port or 0)
         if args.instances is not None:
             if args.instances < 1:
                 raise ConfigError("--instances must be at least 1")
             return template(
                 args.engine,
                 args.instances,
-                args.base_port,
+                DEFAULT_BASE_PORT if args.base_port is None else args.base_port,
                 gpus=args.gpus,
                 command=shlex.split(args.engine_command) if args.engine_command else None,
                 num_parallel=args.num_parallel,
@@ -103,16 +117,34 @@ async def run_up(settings: GatewaySettings, launches: list[Launch]) -> None:
             async with running_gateway(settings) as gateway:
                 gateway.status_sections["instances"] = supervisor.status
                 gateway.metrics.registry.register(InstanceCollector(supervisor))
-                supervisor.on_ready = lambda instance: gateway.fleet.probe_now(instance.launch.url)
-                lines = [describe(gateway, "up")]
-                lines += [
-                    f"  instance {i.name}  pid {i.pid}  {i.launch.url}  {shlex.join(i.launch.argv)}"
-                    for i in supervisor.instances
-                ]
+                _route_while_ready(supervisor, gateway)
+                lines = [describe(gateway, "up"), *map(_banner_line, supervisor.instances)]
                 print("\n".join(lines) + "\nCtrl-C to stop everything", flush=True)
-                await stop.wait()
+                try:
+                    await stop.wait()
+                finally:
+                    supervisor.on_state = None  # the gateway stops before the engines
         finally:
             await supervisor.stop()
+
+
+def _route_while_ready(supervisor: Supervisor, gateway: Gateway) -> None:
+    """The gateway sends an instance work only while it is ready: from the moment its process
+    exits until the restarted one serves, whatever else answers on its port gets nothing."""
+
+    def follow(instance: Instance) -> None:
+        gateway.fleet.set_online(instance.launch.url, instance.state == "ready")
+
+    supervisor.on_state = follow
+    for instance in supervisor.instances:  # one may have died since it started
+        follow(instance)
+
+
+def _banner_line(instance: Instance) -> str:
+    launch = instance.launch
+    log = f"  log {launch.log_file}" if launch.log_file is not None else ""
+    argv = shlex.join(launch.argv)
+    return f"  instance {instance.name}  pid {instance.pid}  {launch.url}{log}  {argv}"
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:

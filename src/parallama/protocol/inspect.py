@@ -124,6 +124,8 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         model = data.get("name")  # /api/show still accepts the old field
     if not isinstance(model, str) or not model.strip():
         raise ApiError(400, "model is required")
+    if (too_long := ollama.name_too_long(model.strip())) is not None:
+        raise ApiError(400, f"invalid model name: {too_long}")
     stream = data.get("stream", stream_default)
     if stream is None:
         stream = stream_default

@@ -31,6 +31,33 @@ def normalize_name(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
+# Ollama's longest name parts, in bytes (types/model/name.go, `isValidLen`): host 350, namespace,
+# model and tag 80 each; so no valid name is longer than 593 bytes.
+NAME_PART_LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
+
+
+def name_parts(name: str) -> dict[str, str]:
+    """A model name cut as Ollama cuts it: [host/][namespace/]model[:tag], the tag after the
+    last ':' that follows the last '/', the model after the last '/', and so on."""
+    rest, tag = name, ""
+    colon, slash = name.rfind(":"), name.rfind("/")
+    if colon > slash:
+        rest, tag = name[:colon], name[colon + 1 :]
+    *above, model = rest.split("/")
+    namespace = above.pop() if above else ""
+    return {"host": "/".join(above), "namespace": namespace, "model": model, "tag": tag}
+
+
+def name_too_long(name: str) -> str | None:
+    """Why a model name cannot be one Ollama accepts for its length, or None. Only lengths are
+    checked: OpenAI-dialect engines name models more freely than Ollama (paths, capitals)."""
+    for part, text in name_parts(name).items():
+        size, limit = len(text.encode()), NAME_PART_LIMITS[part]
+        if size > limit:
+            return f"its {part} part is {size} bytes, more than Ollama's limit of {limit}"
+    return None
+
+
 def model_not_found(name: str) -> str:
     return f"model '{name}' not found"
 

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from parallama.errors import ApiError
 from parallama.protocol.durations import DurationError, keep_alive_seconds
+from parallama.protocol.ollama import name_too_long
 
 T = TypeVar("T")
 
@@ -45,10 +46,13 @@ class Body:
             raise ApiError(400, message)
         return value  # type: ignore[return-value]
 
-    def model(self) -> str:
-        name = self.get("model", str, "")
+    def model(self, old_field: str = "") -> str:
+        """The model name; `old_field` names the field a route accepted before `model`."""
+        name = self.get("model", str, "") or (self.get(old_field, str, "") if old_field else "")
         if not name:
             raise ApiError(400, "model is required")
+        if name_too_long(name.strip()) is not None:
+            raise ApiError(400, "invalid model name")  # Ollama says no more
         return name
 
     def keep_alive(self) -> float | None:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from parallama.errors import ApiError
 from parallama.protocol import ollama
+from parallama.protocol.hosts import host_allowed
 from parallama.protocol.inspect import dialect_of, error_body, parse_json_object
 from parallama.protocol.ollama import normalize_name
 from parallama.runtime import http_url
@@ -34,7 +35,6 @@ from parallama.sim.answers import (
 from parallama.sim.catalog import ModelSpec
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
-from parallama.sim.hosts import host_allowed
 from parallama.sim.requests import Body, option_int
 from parallama.sim.scheduler import RunnerState, ServerBusyError, Ticket, runner_rows
 from parallama.sim.text import count_tokens, embedding, normalise
@@ -277,10 +277,7 @@ class SimServer:
 
     async def show(self, request: web.Request) -> web.Response:
         body = await self.read_body(request, "ShowRequest")
-        name = body.get("model", str, "") or body.get("name", str, "")
-        if not name:
-            raise ApiError(400, "model is required")
-        spec = self.find_model(name)
+        spec = self.find_model(body.model(old_field="name"))
         arch = spec.family
         return json_response(
             {

@@ -1,0 +1,367 @@
+"""The gateway against hostile and slow clients, over real sockets: headers sent a byte at a
+time, bodies that stop, answers left unread, more connections than it may hold, foreign `Host`
+headers (DNS rebinding), and model names of any length."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from parallama.config import BackendSettings
+from parallama.gateway.app import Gateway
+from tests.simhelpers import CHAT_MODEL, gateway_for, gateway_with, sim_server, wait_for_gateway
+
+GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
+
+
+@pytest.fixture(scope="module")
+def backend_url() -> Iterator[str]:
+    with sim_server() as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def gateway(backend_url: str, **settings: Any) -> Iterator[Gateway]:
+    with gateway_with((BackendSettings(url=backend_url),), **settings) as running:
+        yield running
+
+
+def address(gateway: Gateway) -> tuple[str, int]:
+    return "127.0.0.1", gateway.port
+
+
+async def until_closed(reader: asyncio.StreamReader, within: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it does not)."""
+    async with asyncio.timeout(within):
+        return await reader.read()
+
+
+async def one_answer(reader: asyncio.StreamReader, within: float) -> bytes:
+    """One whole answer (head and Content-Length body) from the server."""
+    async with asyncio.timeout(within):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return head + await reader.readexactly(length)
+
+
+def metric(gateway: Gateway, line_start: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics").text
+    return float(
+        next(line for line in text.splitlines() if line.startswith(line_start)).split()[-1]
+    )
+
+
+# -- slow clients ---------------------------------------------------------------------------------
+
+
+def test_clients_that_send_their_head_a_byte_at_a_time_are_cut_off(backend_url: str) -> None:
+    """Slowloris: the head must arrive within header_timeout, however steadily it trickles."""
+    head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 200
+
+    async def dribble(host: str, port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in head:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)  # the slow client itself, not a synchronisation
+
+        sending = asyncio.ensure_future(trickle())
+        try:
+            return await until_closed(reader, 10)
+        finally:
+            sending.cancel()
+            writer.close()
+
+    async def attack(gateway: Gateway) -> tuple[list[bytes], int]:
+        answers = asyncio.gather(*(dribble(*address(gateway)) for _ in range(20)))
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            meanwhile = await client.post("/api/generate", json=GENERATE)
+        return await answers, meanwhile.status_code
+
+    with gateway(backend_url, header_timeout=1.0) as running:
+        answers, meanwhile = asyncio.run(attack(running))
+        assert metric(running, 'parallama_client_timeouts_total{phase="head"}') == 20
+    assert meanwhile == 200  # normal clients are served during the attack
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    assert all(b"did not arrive within 1 s" in answer for answer in answers)
+
+
+def test_a_connection_that_never_sends_a_request_is_closed(backend_url: str) -> None:
+    async def silent(host: str, port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            return await until_closed(reader, 10)
+        finally:
+            writer.close()
+
+    with gateway(backend_url, header_timeout=0.5) as running:
+        assert asyncio.run(silent(*address(running))).startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/api/chat", lambda body: body["error"]),
+        ("/v1/chat/completions", lambda b: b["error"]["message"]),
+    ],
+)
+def test_a_body_that_stops_arriving_is_a_408_in_the_routes_format(
+    backend_url: str, path: str, error: Any
+) -> None:
+    async def stalled(host: str, port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n"
+        writer.write(head.encode() + b'{"model": "')  # and then nothing more
+        try:
+            return await one_answer(reader, 10)
+        finally:
+            writer.close()
+
+    with gateway(backend_url, body_timeout=0.5) as running:
+        answer = asyncio.run(stalled(*address(running)))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert error(orjson.loads(body)) == "the request body stopped arriving for 0.5 s"
+
+
+@contextlib.asynccontextmanager
+async def endless_stream_backend(closed: asyncio.Event) -> AsyncIterator[str]:
+    """A backend that streams NDJSON lines as fast as it may write them, forever."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET"):  # a probe
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+                return
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n")
+            writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+            line = b'{"response":"' + b"x" * 4000 + b'","done":false}\n'
+            chunk = b"%x\r\n%s\r\n" % (len(line), line)
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            closed.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off_and_the_backend_freed() -> None:
+    async def scenario() -> tuple[float, bool]:
+        closed = asyncio.Event()
+        async with endless_stream_backend(closed) as url:
+            with gateway_with((BackendSettings(url=url),), send_timeout=0.5) as running:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(sock, address(running))
+                body = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi"})
+                head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n"
+                head += b"Content-Length: %d\r\n\r\n" % len(body)
+                await asyncio.get_running_loop().sock_sendall(sock, head + body)
+                try:  # and never read a byte of the answer
+                    async with asyncio.timeout(20):
+                        await closed.wait()  # the backend's connection closes: its slot frees
+                finally:
+                    sock.close()
+                timeouts = await asyncio.to_thread(
+                    metric, running, 'parallama_client_timeouts_total{phase="send"}'
+                )
+        return timeouts, closed.is_set()
+
+    timeouts, backend_freed = asyncio.run(scenario())
+    assert backend_freed
+    assert timeouts == 1
+
+
+# -- too many connections -------------------------------------------------------------------------
+
+
+def test_past_max_connections_a_client_gets_a_clean_503_and_room_comes_back(
+    backend_url: str,
+) -> None:
+    version = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+    async def scenario(gateway: Gateway) -> tuple[bytes, int]:
+        held = [await asyncio.open_connection(*address(gateway)) for _ in range(3)]
+        for reader, writer in held:  # each answered once: the gateway holds all three
+            writer.write(version)
+            assert (await reader.readuntil(b"}")).startswith(b"HTTP/1.1 200 ")
+        reader, writer = await asyncio.open_connection(*address(gateway))
+        writer.write(version)
+        refused = await until_closed(reader, 10)
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+        return refused, await asyncio.to_thread(served_once_room_is_back, gateway.url)
+
+    with gateway(backend_url, max_connections=3, header_timeout=30) as running:
+        refused, again = asyncio.run(scenario(running))
+        assert metric(running, "parallama_client_connections_refused_total") >= 1
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"\r\nRetry-After: 1" in head
+    assert orjson.loads(body)["error"].startswith("too many open connections (the limit is 3)")
+    assert again == 200
+
+
+def served_once_room_is_back(url: str) -> int:
+    """A generation's status, once the gateway has seen connections close (it learns of it
+    asynchronously, so a first try may still find it full: that is the state polled here)."""
+    deadline = time.monotonic() + 10
+    while True:
+        reply = httpx.post(f"{url}/api/generate", json=GENERATE, timeout=10)
+        if reply.status_code != 503 or time.monotonic() > deadline:
+            return reply.status_code
+        time.sleep(0.01)
+
+
+# -- the Host check -------------------------------------------------------------------------------
+
+
+def test_a_foreign_host_is_refused_on_loopback_in_the_routes_format(backend_url: str) -> None:
+    with gateway(backend_url) as running, httpx.Client(base_url=running.url, timeout=10) as http:
+        evil = {"Host": "attacker.example"}
+        ollama_route = http.post("/api/generate", json=GENERATE, headers=evil)
+        openai_route = http.post(
+            "/v1/chat/completions",
+            json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers=evil,
+        )
+        local = http.post("/api/generate", json=GENERATE, headers={"Host": "localhost:11434"})
+        by_address = http.get("/api/version", headers={"Host": f"127.0.0.1:{running.port}"})
+        status = http.get("/parallama/status").json()
+    assert ollama_route.status_code == openai_route.status_code == 403
+    assert "host 'attacker.example' is not allowed" in ollama_route.json()["error"]
+    assert "allowed_hosts" in openai_route.json()["error"]["message"]
+    assert (local.status_code, by_address.status_code) == (200, 200)
+    assert status["rejected"] == 0 and status["total"] == 1  # refused before it was a request
+
+
+def test_allowed_hosts_widens_the_check(backend_url: str) -> None:
+    hosts = ("llm.example.com", ".corp.example")
+    with gateway(backend_url, allowed_hosts=hosts) as running:
+        codes = [
+            httpx.get(f"{running.url}/api/version", headers={"Host": host}).status_code
+            for host in ("llm.example.com", "a.b.corp.example", "corp.example", "other.com")
+        ]
+    assert codes == [200, 200, 200, 403]
+
+
+# -- strings from clients -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error"),
+    [
+        ("/api/chat", {"messages": []}, lambda b: b["error"]),
+        ("/v1/chat/completions", {"messages": []}, lambda b: b["error"]["message"]),
+        ("/api/embed", {"input": "x"}, lambda b: b["error"]),
+    ],
+)
+def test_a_model_name_longer_than_ollamas_limits_is_a_400(
+    backend_url: str, path: str, body: dict[str, Any], error: Any
+) -> None:
+    with gateway(backend_url) as running, httpx.Client(base_url=running.url, timeout=10) as http:
+        huge = http.post(path, json={**body, "model": "m" * 2_000_000})
+        long_tag = http.post(path, json={**body, "model": "qwen2.5:" + "7" * 81})
+    for reply in (huge, long_tag):
+        assert reply.status_code == 400
+        assert error(reply.json()).startswith("invalid model name: ")
+    assert error(huge.json()).endswith(
+        "its model part is 2000000 bytes, more than Ollama's limit of 80"
+    )
+    assert len(huge.content) < 200
+
+
+def test_model_names_clients_make_up_do_not_grow_the_metrics() -> None:
+    with sim_server() as server, gateway_for([server], health_interval=0.1) as running:
+        wait_for_gateway(running.url, lambda s: s["backends"][0]["installed"] is not None)
+        with httpx.Client(base_url=running.url, timeout=10) as http:
+            httpx_ok = http.post("/api/generate", json=GENERATE)
+            made_up = [
+                http.post("/api/generate", json={"model": f"{i}{'n' * 78}", "prompt": "x"})
+                for i in range(20)
+            ]
+            metrics = http.get("/metrics").text
+    assert httpx_ok.status_code == 200
+    assert {reply.status_code for reply in made_up} == {404}
+    assert "nnnnnnnnnn" not in metrics
+    assert f'model="{CHAT_MODEL}"' in metrics
+    assert 'parallama_requests_total{model="_other",outcome="rejected"} 20.0' in metrics
+    assert len(metrics) < 50_000
+
+
+def test_under_a_low_file_limit_a_flood_of_slow_clients_gets_clean_answers(
+    backend_url: str, tmp_path: Path
+) -> None:
+    """With 256 descriptors, 150 slow clients once took them all and normal requests got
+    resets. Now at most half the limit are client connections, the rest are refused with a 503,
+    the slow ones are cut off at the head deadline, and the gateway serves again."""
+
+    log = tmp_path / "serve.log"
+    args = ["--backend", backend_url, "--port", "0", "--header-timeout", "2"]
+    serve = shlex.join([sys.executable, "-m", "parallama", "serve", *args])
+    process = subprocess.Popen(  # the shell's ulimit sets both the soft and the hard limit
+        ["sh", "-c", f"ulimit -n 256 && exec {serve}"],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = re.search(r"gateway on (http://\S+)", process.stdout.readline())
+        assert url, log.read_text()
+        host, port = url.group(1).removeprefix("http://").rsplit(":", 1)
+
+        async def flood() -> tuple[list[bytes], list[int]]:
+            async def slow_client() -> bytes:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"POST /api/generate HTTP/1.1\r\n")  # and no more
+                try:
+                    return await until_closed(reader, 20)
+                finally:
+                    writer.close()
+
+            clients = asyncio.gather(*(slow_client() for _ in range(150)))
+            async with httpx.AsyncClient(base_url=url.group(1), timeout=10) as client:
+                during = [(await client.post("/api/generate", json=GENERATE)).status_code]
+            return await clients, during
+
+        answers, during = asyncio.run(flood())
+        after = httpx.post(f"{url.group(1)}/api/generate", json=GENERATE, timeout=10)
+    finally:
+        process.terminate()
+        process.wait(10)
+    statuses = [answer.split(b" ", 2)[1] for answer in answers]
+    assert set(statuses) <= {b"408", b"503"} and statuses.count(b"408") <= 96
+    assert statuses.count(b"503") >= 150 - 96  # refused cleanly, not reset
+    assert set(during) <= {200, 503}
+    assert after.status_code == 200
+    assert "max_connections lowered to fit the file limit" in log.read_text()
