@@ -22,6 +22,7 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
+from tests.rawhelpers import raw_server
 from tests.simhelpers import CHAT_MODEL, gateway_for, gateway_with, sim_server, wait_for_gateway
 
 GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
@@ -165,11 +166,8 @@ async def endless_stream_backend(closed: asyncio.Event) -> AsyncIterator[str]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    async with raw_server(serve) as url:
+        yield url
 
 
 def test_a_client_that_stops_reading_its_answer_is_cut_off_and_the_backend_freed() -> None:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from parallama.config import BackendSettings
 from parallama.logs import JsonFormatter, LogfmtFormatter
+from tests.rawhelpers import raw_server
 from tests.simhelpers import (
     CHAT_MODEL,
     gateway_for,
@@ -212,12 +213,8 @@ async def backend_that_dies_mid_stream(content_type: str, first: bytes) -> Async
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_server(answer) as url:
+        yield url
 
 
 @pytest.mark.parametrize("dialect", ["ollama", "openai"])

@@ -115,6 +115,14 @@ def killed(pid: int, timeout: float = 10.0) -> None:
         os.close(descriptor)
 
 
+def generations(url: str, count: int) -> list[int]:
+    """The status codes of `count` generations, one after the other."""
+    body = {"model": CHAT_MODEL, "prompt": "x", "stream": False}
+    return [
+        httpx.post(f"{url}/api/generate", json=body, timeout=30).status_code for _ in range(count)
+    ]
+
+
 def instances_of(url: str) -> list[dict[str, object]]:
     listed: list[dict[str, object]] = httpx.get(f"{url}/parallama/status").json()["instances"]
     return listed
@@ -179,15 +187,7 @@ def test_a_crashed_instance_is_restarted_and_serves_again(tmp_path: Path) -> Non
         assert alive(int(str(again["pid"])))
         # And the gateway sends it work again once its health check passes.
         wait_for_gateway(up.url, lambda s: all(b["healthy"] for b in s["backends"]), timeout=30)
-        replies = [
-            httpx.post(
-                f"{up.url}/api/generate",
-                json={"model": CHAT_MODEL, "prompt": "x", "stream": False},
-                timeout=30,
-            )
-            for _ in range(4)
-        ]
-        assert all(r.status_code == 200 for r in replies)
+        assert generations(up.url, 4) == [200] * 4
         assert "instance exited" in up.log.read_text()
         metrics = httpx.get(f"{up.url}/metrics").text
         assert 'parallama_instance_restarts_total{instance="a"} 1.0' in metrics
@@ -368,14 +368,6 @@ def test_while_an_instance_restarts_nothing_is_sent_to_a_stranger_on_its_port(
             assert restarting["state"] == "restarting"
             assert f"port {port} on 127.0.0.1 is in use" in restarting["last_error"]
             assert f"pid {os.getpid()}" in restarting["last_error"]
-            replies = [
-                httpx.post(
-                    f"{up.url}/api/generate",
-                    json={"model": CHAT_MODEL, "prompt": "x", "stream": False},
-                    timeout=30,
-                )
-                for _ in range(4)
-            ]
-            assert [r.status_code for r in replies] == [200] * 4  # all from b
+            assert generations(up.url, 4) == [200] * 4  # all from b
             assert not [asked for asked in stranger.asked if asked.startswith("POST")]
         assert "restart failed" in up.log.read_text()

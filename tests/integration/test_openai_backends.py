@@ -22,6 +22,7 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
+from tests.rawhelpers import raw_server
 from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
@@ -158,11 +159,8 @@ async def engine_that_dies_after_its_first_chunk() -> AsyncIterator[str]:
                     break
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    async with raw_server(serve) as url:
+        yield url
 
 
 def test_a_stream_that_fails_before_its_first_text_moves_to_another_engine() -> None:

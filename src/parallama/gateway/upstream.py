@@ -77,6 +77,7 @@ class Connection(asyncio.Protocol):
         self._loop = upstream.loop
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
+        self._readable: select.poll | None = None  # whether the socket has anything to read
         self.closed = False
         self.idle_since = 0.0
         self._begin()
@@ -158,12 +159,7 @@ class Connection(asyncio.Protocol):
             return False
         if now - self.idle_since > _IDLE_SECONDS:
             return False
-        socket = transport.get_extra_info("socket")
-        if socket is None:
-            return True
-        poll = select.poll()
-        poll.register(socket.fileno(), select.POLLIN)
-        return not poll.poll(0)
+        return self._readable is None or not self._readable.poll(0)
 
     def close(self) -> None:
         self._cancel_timer()
@@ -177,6 +173,10 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        socket = transport.get_extra_info("socket")
+        if socket is not None:  # made once: `usable` then costs one system call
+            self._readable = select.poll()
+            self._readable.register(socket.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         self._heard_at = self._loop.time()
