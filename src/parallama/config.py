@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from parallama.core.router import Policy
 from parallama.core.scheduler import SchedulerSettings
+from parallama.protocol.hosts import host_of
 from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
 
@@ -194,8 +195,12 @@ class GatewaySettings(BaseModel):
 
     @field_validator("allowed_hosts")
     @classmethod
-    def _lowercase_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(h.lower() for h in hosts)
+    def _bare_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        """Names as the check compares them: lower case, without a port."""
+        return tuple(
+            h if h in ("*",) or h.startswith(".") else host_of(h)
+            for h in (h.strip().lower() for h in hosts)
+        )
 
     @field_validator("models")
     @classmethod

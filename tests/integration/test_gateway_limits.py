@@ -19,9 +19,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
+from parallama.gateway.guard import ConnectionLimits, Connections, GuardedSite
 from tests.rawhelpers import raw_server
 from tests.simhelpers import CHAT_MODEL, gateway_for, gateway_with, sim_server, wait_for_gateway
 
@@ -198,6 +200,127 @@ def test_a_client_that_stops_reading_its_answer_is_cut_off_and_the_backend_freed
     assert timeouts == 1
 
 
+@contextlib.asynccontextmanager
+async def big_answer_backend(size: int) -> AsyncIterator[str]:
+    """A backend that answers every generation with one JSON object of about `size` bytes."""
+    body = b'{"model":"%s","response":"%s","done":true}' % (CHAT_MODEL.encode(), b"x" * size)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    answer += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = head.lower().partition(b"content-length:")[2].split(b"\r\n")[0]
+                await reader.readexactly(int(length or 0))
+                writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    async with raw_server(serve) as url:
+        yield url
+
+
+def request_bytes(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def test_a_small_answer_left_unread_is_cut_off_too() -> None:
+    """Under 64 KB left in the gateway's buffer never paused the writing: the connection, and
+    its answer, stayed for ever (its close waits for a flush that never comes)."""
+
+    async def scenario() -> float:
+        async with big_answer_backend(40_000) as url:
+            settings = {"send_timeout": 0.5, "idle_timeout": 1.0}
+            with gateway_with((BackendSettings(url=url),), **settings) as running:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(sock, address(running))
+                # Its side of the connection small too, so that the answer waits in ours.
+                await asyncio.to_thread(small_send_buffers, running)
+                await loop.sock_sendall(
+                    sock, request_bytes("/api/generate", orjson.dumps(GENERATE))
+                )
+                try:  # and never read a byte of the answer
+                    return await asyncio.to_thread(
+                        lambda: wait_for_metric(
+                            running, 'parallama_client_timeouts_total{phase="send"}', 1
+                        )
+                    )
+                finally:
+                    sock.close()
+
+    assert asyncio.run(scenario()) == 1
+
+
+def small_send_buffers(gateway: Gateway) -> None:
+    """Once the gateway holds the connection: its kernel send buffer as small as it goes."""
+    deadline = time.monotonic() + 10
+    while not gateway.connections.open and time.monotonic() < deadline:
+        time.sleep(0.01)  # the connection is accepted on the gateway's own thread
+    for transport in list(gateway.connections.open):
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+def wait_for_metric(gateway: Gateway, line_start: str, value: float) -> float:
+    """The metric once it reaches `value` (read over HTTP until then, or 10 s)."""
+    deadline = time.monotonic() + 10
+    while (seen := metric(gateway, line_start)) < value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
+def test_a_pipelined_request_is_not_timed_out_while_the_answer_before_it_is_read() -> None:
+    """The second request's head arrived long ago; the client is slow to read the first
+    answer (3 MB): the head deadline must not run, nor a 408 land inside the first answer."""
+
+    async def scenario() -> bytes:
+        async with big_answer_backend(3_000_000) as url:
+            with gateway_with((BackendSettings(url=url),), header_timeout=0.5) as running:
+                reader, writer = await asyncio.open_connection(*address(running))
+                one = request_bytes("/api/generate", orjson.dumps(GENERATE))
+                writer.write(one)
+                async with asyncio.timeout(10):  # the first answer is on its way
+                    received = await reader.readexactly(4096)
+                writer.write(one)  # pipelined behind it
+                await asyncio.sleep(1.5)  # the slow client, reading nothing for 3 head deadlines
+                while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                    async with asyncio.timeout(10):
+                        chunk = await reader.read(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+                writer.close()
+                return received
+
+    received = asyncio.run(scenario())
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    assert b"HTTP/1.1 408" not in received
+
+
+def test_an_early_error_with_its_body_still_coming_gets_no_408_after_it(backend_url: str) -> None:
+    async def scenario(gateway: Gateway) -> bytes:
+        reader, writer = await asyncio.open_connection(*address(gateway))
+        head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n\r\n"
+        writer.write(head + b"x" * 100)
+        refused = await one_answer(reader, 10)
+        await asyncio.sleep(0.8)  # the rest of the body, late, past a head deadline
+        writer.write(b"x" * 4900)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                refused += await reader.read()  # nothing more should come
+        writer.close()
+        return refused
+
+    with gateway(backend_url, max_body_bytes=1024, header_timeout=0.5) as running:
+        answer = asyncio.run(scenario(running))
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"408" not in answer
+
+
 # -- too many connections -------------------------------------------------------------------------
 
 
@@ -227,6 +350,35 @@ def test_past_max_connections_a_client_gets_a_clean_503_and_room_comes_back(
     assert b"\r\nRetry-After: 1" in head
     assert orjson.loads(body)["error"].startswith("too many open connections (the limit is 3)")
     assert again == 200
+
+
+async def ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def test_connections_accepted_in_one_burst_still_respect_the_cap() -> None:
+    """The kernel accepts a burst before the event loop sees any of it; the cap must hold for
+    the whole burst, not only for connections that came one at a time."""
+    connections = Connections(ConnectionLimits(header_timeout=5, send_timeout=5, max_connections=3))
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = GuardedSite(runner, "127.0.0.1", 0, connections)
+    await site.start()
+    burst = [socket.create_connection(("127.0.0.1", site.port)) for _ in range(20)]
+    try:  # (the loop did not run while they connected)
+        for sock in burst:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        answers = [await loop.sock_recv(sock, 4096) for sock in burst]
+    finally:
+        for sock in burst:
+            sock.close()
+        await runner.cleanup()
+    statuses = sorted(answer.split(b" ", 2)[1] for answer in answers)
+    assert statuses == [b"200"] * 3 + [b"503"] * 17
 
 
 def served_once_room_is_back(url: str) -> int:

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parallama.config import BackendSettings
+from parallama.gateway.upstream import DROPPED
 from parallama.logs import JsonFormatter, LogfmtFormatter
 from tests.rawhelpers import raw_server
 from tests.simhelpers import (
@@ -238,7 +239,7 @@ async def test_stream_cut_by_the_backend_ends_with_an_error_chunk(dialect: str) 
     last = body[len(first) :].strip()
     if dialect == "ollama":
         error = orjson.loads(last)["error"]
-        assert error.endswith("closed the connection while processing this request")
+        assert error.endswith(DROPPED)
     else:
         assert last.startswith(b"data: ")
         assert orjson.loads(last.removeprefix(b"data: "))["error"]["type"] == "api_error"

@@ -160,3 +160,13 @@ def test_every_route_a_help_text_names_exists() -> None:
     routes = {r.resource.canonical for app in apps for r in app.router.routes() if r.resource}
     assert named, "the help texts name no route: the pattern is wrong"
     assert named <= routes
+
+
+def test_allowed_hosts_come_as_a_list_or_comma_separated_and_without_ports() -> None:
+    from_env = config.load(
+        env={
+            "PARALLAMA_BACKENDS": "http://127.0.0.1:1",
+            "PARALLAMA_ALLOWED_HOSTS": "A.example, .corp.example ,llm.example:8443",
+        }
+    )
+    assert from_env.allowed_hosts == ("a.example", ".corp.example", "llm.example")

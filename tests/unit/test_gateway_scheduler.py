@@ -242,3 +242,27 @@ def test_queue_wait_of_a_request_that_timed_out_is_its_whole_wait() -> None:
     assert waiting.outcome is Outcome.TIMED_OUT
     clock.now = 9.0
     assert waiting.queue_seconds(clock.now) == 5.0
+
+
+def test_a_request_requeued_after_a_long_time_on_a_backend_keeps_its_queue_time() -> None:
+    """It waited 1 s, then a backend held it 100 s before failing: the queue timeout (60 s)
+    counts queue time, so it may wait 59 s more for the other backend, not be timed out at once."""
+    clock = FakeClock()
+    s = make(Backend("a"), Backend("b"), clock=clock, queue_timeout=60.0)
+    busy_a, busy_b = s.submit(M), s.submit(M)
+    ticket = s.submit(M)
+    clock.now = 1.0
+    s.release(busy_a)  # it goes to a
+    clock.now = 101.0  # where it stays 100 s and fails; b is still busy
+    assert s.requeue(ticket) and ticket.queued
+    s.tick()
+    assert ticket.outcome is None and ticket.queued
+    assert s.next_wakeup() == 160.0
+    clock.now = 159.9
+    s.tick()
+    assert ticket.queued
+    clock.now = 160.0
+    s.tick()
+    assert ticket.outcome is Outcome.TIMED_OUT
+    assert ticket.queue_seconds(clock.now) == 60.0
+    assert busy_b.backend is not None

@@ -141,3 +141,4 @@ def test_names_past_ollamas_part_limits_are_refused_and_the_longest_valid_one_pa
             info("/api/chat", {"model": too_long})
         assert refused.value.status == 400
     assert name_too_long("/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf") is None  # a llama.cpp path
+    assert name_too_long("https://" + longest) is None  # the scheme is no part of the host

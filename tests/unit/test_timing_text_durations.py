@@ -164,6 +164,10 @@ def test_wire_helpers() -> None:
         ("127.0.0.1", "myhost", True),
         ("127.0.0.1", "evil.example.com", False),
         ("127.0.0.1", "8.8.8.8", False),
+        ("127.0.0.1", "198.18.0.1", False),  # Python's is_private says yes; Go's, Ollama's, no
+        ("127.0.0.1", "[2001:db8::1]:11434", False),
+        ("127.0.0.1", "[::ffff:10.1.2.3]", True),
+        ("127.0.0.1", "[fd00::5]:11434", True),
         ("0.0.0.0", "evil.example.com", True),
     ],
 )

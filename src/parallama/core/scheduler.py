@@ -86,6 +86,13 @@ class Ticket:
     def queued(self) -> bool:
         return self.backend is None and self.outcome is None
 
+    @property
+    def queue_key(self) -> float:
+        """When it would have arrived had it waited all its queue time in one go: its queue
+        timeout falls `queue_timeout` after this, whatever it spent on backends that failed."""
+        assert self.queued_since is not None
+        return self.queued_since - self.waited
+
     def queue_seconds(self, now: float) -> float:
         """Time spent waiting in the gateway's queue, over all its waits: not the time spent
         on a backend that failed before it was requeued."""
@@ -202,13 +209,21 @@ class _ModelQueue:
         self._len -= 1
 
 
+def _current(entry: tuple[float, int, Ticket]) -> bool:
+    """Whether a timeout entry still stands for its ticket's wait."""
+    key, _, ticket = entry
+    return ticket.queued and key == ticket.queue_key
+
+
 class Scheduler:
     def __init__(self, settings: SchedulerSettings, clock: Clock) -> None:
         self.settings = settings
         self._clock = clock
         self.backends: dict[str, Backend] = {}
         self._queues: dict[str, _ModelQueue] = {}
-        self._waiting: list[tuple[float, int, Ticket]] = []  # heap by arrival, for timeouts
+        # Waiting tickets by `queue_key`, for timeouts; an entry whose key is no longer its
+        # ticket's (it was bound, or requeued with a later key) is stale and skipped.
+        self._waiting: list[tuple[float, int, Ticket]] = []
         self._seq = itertools.count()
         self._dispatched: list[Ticket] = []
         self._timed_out: list[Ticket] = []
@@ -333,7 +348,7 @@ class Scheduler:
             raise QueueFullError(f"model '{model}'", self.retry_after(model))
         queue = self._queues.setdefault(model, _ModelQueue(self.settings.discipline))
         queue.push(ticket)
-        heapq.heappush(self._waiting, (ticket.arrived_at, ticket.seq, ticket))
+        heapq.heappush(self._waiting, (ticket.queue_key, ticket.seq, ticket))
         self._dispatch(model)
         return ticket
 
@@ -384,8 +399,9 @@ class Scheduler:
             self._dispatch(model)
             return False
         self._queues.setdefault(model, _ModelQueue(self.settings.discipline)).push(ticket)
-        # A fresh tie-breaker: its first timeout entry may still be in the heap.
-        heapq.heappush(self._waiting, (ticket.arrived_at, next(self._seq), ticket))
+        # Its time on the failed backend is no queue time: a later key (its first entry, if still
+        # in the heap, is now stale), and a fresh tie-breaker.
+        heapq.heappush(self._waiting, (ticket.queue_key, next(self._seq), ticket))
         self._dispatch(model)
         return True
 
@@ -406,14 +422,15 @@ class Scheduler:
         # driver would be woken again at once, for ever on a virtual clock.
         timeout = self.settings.queue_timeout
         while self._waiting and self._waiting[0][0] + timeout <= now:
-            ticket = heapq.heappop(self._waiting)[2]
-            if ticket.queued:
+            entry = heapq.heappop(self._waiting)
+            ticket = entry[2]
+            if _current(entry):
                 self._leave_queue(ticket)
                 self._end(ticket, Outcome.TIMED_OUT)
                 self._timed_out.append(ticket)
 
     def next_wakeup(self) -> float | None:
-        while self._waiting and not self._waiting[0][2].queued:
+        while self._waiting and not _current(self._waiting[0]):
             heapq.heappop(self._waiting)
         times = [b.breaker.next_change() for b in self.backends.values()]
         times += [b.cap_until for b in self.backends.values() if b.cap is not None]

@@ -226,11 +226,14 @@ class Gateway:
         return app
 
     @staticmethod
-    def _connection_limits(settings: GatewaySettings) -> ConnectionLimits:
+    def _connection_limits(
+        settings: GatewaySettings, max_connections: int | None = None
+    ) -> ConnectionLimits:
+        """`max_connections`: the one already in force (a reload keeps it)."""
         return ConnectionLimits(
             header_timeout=settings.header_timeout,
             send_timeout=settings.send_timeout,
-            max_connections=usable_connections(settings.max_connections),
+            max_connections=max_connections or usable_connections(settings.max_connections),
         )
 
     async def start(self) -> None:
@@ -261,7 +264,8 @@ class Gateway:
         changes = self.fleet.apply(settings)
         self.settings = settings
         self._aliases = settings.aliases
-        self.connections.limits = self._connection_limits(settings)
+        running = self.connections.limits.max_connections
+        self.connections.limits = self._connection_limits(settings, running)
         self._local_hosts.clear()  # allowed_hosts may have changed
         changes += [f"{k} needs a restart: kept" for k in ignored]
         log.info("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
@@ -282,11 +286,18 @@ class Gateway:
             request.method, request.path, f"addr:{request.remote}", time.monotonic()
         )
         request[EXCHANGE] = exchange
-        self.connections.request_began(request.transport)
+        transport = request.transport
+        self.connections.request_began(transport)
         try:
             response = await self._answer(request, handler, exchange)
             exchange.status = exchange.status or response.status
-            return response
+            if not response.prepared:  # written here, so that "answered" means written
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionError:
+                    exchange.status = 499  # gone before its answer was written: aiohttp
+            return response  # closes the broken connection quietly
         except BaseException as exc:
             # 499, as nginx logs it: the client closed the connection before the answer ended.
             exchange.status = exchange.status or (
@@ -294,7 +305,8 @@ class Gateway:
             )
             raise
         finally:
-            self.connections.request_ended(request.transport)
+            body_read = request.content.at_eof()
+            self.connections.request_ended(transport, body_read=body_read)
             exchange.finished_at = time.monotonic()
             self._record(exchange)
 
@@ -488,6 +500,8 @@ class Gateway:
         content = request.content
         parts = [content.read_nowait()]  # usually the whole body: it came with the head
         size = len(parts[0])
+        if size > limit:  # a chunked body says no length up front
+            raise too_large
         while not content.at_eof():
             try:
                 async with asyncio.timeout(pause):
@@ -625,7 +639,8 @@ class Gateway:
             reason = f"backend {base} {exc}"
             log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
             if response is None or not response.prepared:
-                worked_on = isinstance(exc, UpstreamError) and exc.reached
+                # It answered, however badly (BadAnswer), or may have been working on it.
+                worked_on = not isinstance(exc, UpstreamError) or exc.reached
                 raise _Failover(status, reason, worked_on=worked_on) from None
             exchange.error = reason
             self.scheduler.release(ticket, Outcome.FAILED)

@@ -6,12 +6,14 @@ an hour: 200 clients sending their headers a byte a second held 200 connections 
 they liked, and with a 1,024 file limit, 1,100 of them took every descriptor. Each connection
 is therefore wrapped in a `Guard`, a protocol between the transport and aiohttp's own that
 passes everything through and keeps these deadlines with one timer each, armed only while a
-deadline runs (nginx's `client_header_timeout` and `send_timeout`). The time to send a body is
-bounded where the body is read (`gateway.app`), since only the reader knows where a body ends.
+deadline runs (nginx's `client_header_timeout` and `send_timeout`). The gateway tells the guard
+when a request's head has arrived and when its answer has been written whole (a request between
+the two is not idle, however long it takes). The time to send a body is bounded where the body
+is read (`gateway.app`), since only the reader knows where a body ends.
 
-Past `max_connections`, a new connection gets a `Refusal`: a 503 with `Retry-After` as soon as
-its client speaks, and a clean close (the write side first, so the answer is not lost to a
-reset), rather than a reset or a wait.
+Past `max_connections`, a new connection gets a `Refusal`: a 503 with `Retry-After` at once,
+and a clean close (the write side first, so the answer is not lost to a reset), rather than a
+reset or a wait.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class ConnectionLimits:
 def usable_connections(wanted: int) -> int:
     """How many client connections can really be open: each proxied request holds a client
     connection and a backend one, so at most half the file limit (raised to its hard limit
-    first, as Go's runtime does). Fewer than `wanted` is said in the log."""
+    first, as Go's runtime does; unlike Go, engines that `parallama up` starts later inherit the
+    raised limit). Fewer than `wanted` is said in the log."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         try:
@@ -79,6 +82,8 @@ class Connections:
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self.open: dict[asyncio.BaseTransport, Guard] = {}
+        self.guards = 0  # made, not yet lost: counted when made, as a burst is accepted at once
+        self.refusing = 0  # refusals not yet closed (they hold descriptors too)
         self.refused = 0
         self.timeouts: Counter[Phase] = Counter()
 
@@ -87,9 +92,10 @@ class Connections:
         a refusal when the connections are at their limit."""
 
         def connection() -> asyncio.Protocol:
-            if len(self.open) >= self.limits.max_connections:
+            if self.guards >= self.limits.max_connections:
                 self.refused += 1
-                return Refusal(self.limits)
+                return Refusal(self)
+            self.guards += 1
             return Guard(handlers(), self)
 
         return connection
@@ -100,10 +106,12 @@ class Connections:
         if guard is not None:
             guard.head_arrived()
 
-    def request_ended(self, transport: asyncio.BaseTransport | None) -> None:
+    def request_ended(self, transport: asyncio.BaseTransport | None, *, body_read: bool) -> None:
+        """Its answer has been written whole. With its body unread (an early error), aiohttp
+        reads the rest for a while and closes the connection: no next request to wait for."""
         guard = self.open.get(transport) if transport is not None else None
         if guard is not None:
-            guard.idle = True
+            guard.answered(next_request=body_read)
 
 
 class Guard(asyncio.Protocol):
@@ -117,7 +125,8 @@ class Guard(asyncio.Protocol):
         self._head_deadline: float | None = None  # while a request's head is awaited
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
-        self.idle = True  # no request between its head and the end of its answer
+        self._unsent = 0  # written bytes the client had not taken when the send timer was set
+        self.idle = True  # waiting for a request's head, not answering one
 
     # -- asyncio.Protocol, passed through -------------------------------------------------------
 
@@ -138,29 +147,35 @@ class Guard(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._connections.open.pop(self._transport, None)
+        self._connections.guards -= 1
         self._cancel_timers()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        """The client is not reading what it was sent: it has `send_timeout` to resume."""
-        if self._send_timer is None:
-            limit = self._connections.limits.send_timeout
-            self._send_timer = self._loop.call_later(limit, self._too_slow, "send")
+        """The client is not reading what it was sent as fast as it comes."""
+        self._watch_sending()
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._send_timer is not None:
+        if self._send_timer is not None:  # it read enough to make room: progress
             self._send_timer.cancel()
             self._send_timer = None
         self._inner.resume_writing()
 
-    # -- the deadlines --------------------------------------------------------------------------
+    # -- the gateway's side ---------------------------------------------------------------------
 
     def head_arrived(self) -> None:
         """The deadline is dropped, not its timer: on a busy keep-alive connection one timer
         then serves many requests, instead of one armed and cancelled per request."""
         self.idle = False
         self._head_deadline = None
+
+    def answered(self, *, next_request: bool) -> None:
+        """The answer is written (to the transport: the client may not have read it yet)."""
+        self.idle = next_request
+        self._watch_sending()  # what is left unsent must still go, within send_timeout
+
+    # -- the deadlines --------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
         self._head_deadline = self._loop.time() + self._connections.limits.header_timeout
@@ -175,24 +190,38 @@ class Guard(asyncio.Protocol):
         if self._loop.time() < deadline:  # a later request's head: wait for its deadline
             self._head_timer = self._loop.call_at(deadline, self._head_timer_rang)
             return
-        self._too_slow("head")
-
-    def _too_slow(self, phase: Phase) -> None:
-        """A deadline passed: count it and close. A client slow with its head gets a 408 first
-        (if it is reading at all); one that stopped reading its answer is cut off at once."""
         transport = self._transport
-        if phase == "send":
-            self._send_timer = None
         if transport is None or transport.is_closing():
             return
-        self._connections.timeouts[phase] += 1
-        if phase == "head":
-            limit = self._connections.limits.header_timeout
-            message = f"the request's head did not arrive within {limit:g} s"
-            transport.write(_answer(b"408 Request Timeout", message))
-            transport.close()
-        else:
-            transport.abort()  # its unread answer would wait forever in our buffers
+        self._connections.timeouts["head"] += 1
+        limit = self._connections.limits.header_timeout
+        message = f"the request's head did not arrive within {limit:g} s"
+        transport.write(_answer(b"408 Request Timeout", message))
+        transport.close()
+
+    def _watch_sending(self) -> None:
+        """While written bytes wait for the client, it must take some of them every
+        `send_timeout` seconds (nginx's send_timeout, between two successive writes)."""
+        transport = self._transport
+        if self._send_timer is None and transport is not None:
+            self._unsent = transport.get_write_buffer_size()
+            if self._unsent:
+                limit = self._connections.limits.send_timeout
+                self._send_timer = self._loop.call_later(limit, self._send_timer_rang)
+
+    def _send_timer_rang(self) -> None:
+        self._send_timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent < self._unsent:  # it took some: another period for the rest
+            self._watch_sending()
+        elif unsent:
+            # Not a byte taken: its answer would wait in our buffers for ever, and a closing
+            # transport would wait for it to flush. (The backend's slot frees with it.)
+            self._connections.timeouts["send"] += 1
+            transport.abort()
 
     def _cancel_timers(self) -> None:
         for timer in (self._head_timer, self._send_timer):
@@ -201,36 +230,39 @@ class Guard(asyncio.Protocol):
         self._head_timer = self._send_timer = None
 
 
-class Refusal(asyncio.Protocol):
-    """A connection past the limit: answered 503 when its client speaks, then closed."""
+# Refusals open at once: past it, a connection is closed as soon as it is accepted (a flood must
+# not take the descriptors that the refusals were to save).
+_MAX_REFUSING = 64
+_REFUSAL_LINGER = 2.0  # seconds a refused client has to read its 503 and close
 
-    def __init__(self, limits: ConnectionLimits) -> None:
-        self._limits = limits
-        self._transport: asyncio.Transport | None = None
-        self._answered = False
+
+class Refusal(asyncio.Protocol):
+    """A connection past the limit: answered 503 at once, then closed.
+
+    The answer goes before the request is read, and the writing side is closed first: closing
+    with the client's request unread would send a reset, which can destroy the answer in flight.
+    What the client still sends is read and dropped until it closes, or for a short while."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        # However it behaves, it goes within the head deadline.
-        self._timer = asyncio.get_running_loop().call_later(
-            self._limits.header_timeout, self._transport.abort
-        )
-
-    def data_received(self, data: bytes) -> None:
-        """Answer once, close the writing side, and read on until the client closes: closing
-        with its request unread would send a reset, which can destroy the answer in flight."""
-        transport = self._transport
-        if self._answered or transport is None:
+        connections = self._connections
+        transport = cast(asyncio.Transport, transport)
+        if connections.refusing >= _MAX_REFUSING:
+            transport.abort()
             return
-        self._answered = True
-        limit = self._limits.max_connections
+        connections.refusing += 1
+        limit = connections.limits.max_connections
         message = f"too many open connections (the limit is {limit}): try again in 1 s"
         transport.write(_answer(b"503 Service Unavailable", message, b"Retry-After: 1\r\n"))
         if transport.can_write_eof():
             transport.write_eof()
-        else:
-            transport.close()
+        self._timer = asyncio.get_running_loop().call_later(_REFUSAL_LINGER, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        """Its request, read and dropped."""
 
     def eof_received(self) -> bool:
         return False  # the client closed its side: close ours
@@ -238,6 +270,7 @@ class Refusal(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._connections.refusing -= 1
 
 
 class GuardedSite(web.BaseSite):

@@ -61,8 +61,9 @@ class UpstreamTimeout(UpstreamError):
     """The backend could not be reached or stayed silent within the time allowed: a 504."""
 
 
-# How a connection that ended before the answer did reads in the client's error message.
-DROPPED = "closed the connection while processing this request"
+# How a connection that ended before the answer did reads in the client's error message: an
+# engine killed mid-request is seen so (a reset, or a plain close when it had read everything).
+DROPPED = "closed the connection while processing this request (it may have crashed)"
 
 
 class Connection(asyncio.Protocol):
@@ -195,9 +196,7 @@ class Connection(asyncio.Protocol):
         if self._head_done and not self._complete and not self._framed and exc is None:
             self._complete = True  # an unframed body ends where the connection does
         elif not self._complete and self._error is None:
-            # A reset while the request was out is how a crashed engine looks from here.
-            crashed = isinstance(exc, ConnectionResetError)
-            self._error = UpstreamError(DROPPED + (" (reset: it may have crashed)" * crashed))
+            self._error = UpstreamError(DROPPED)
         self._wake()
 
     def pause_writing(self) -> None:

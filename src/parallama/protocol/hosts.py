@@ -64,7 +64,21 @@ def local_host(
         address = ipaddress.ip_address(host)
     except ValueError:
         return host == (hostname.lower() if hostname is not None else _machine_name())
-    return address.is_loopback or address.is_private or address.is_unspecified
+    return address.is_loopback or address.is_unspecified or _private(address)
+
+
+# Go's `netip.Addr.IsPrivate` (RFC 1918 and RFC 4193), which Ollama uses: narrower than Python's
+# `is_private`, which also counts documentation, benchmarking and other reserved ranges.
+_PRIVATE = tuple(
+    ipaddress.ip_network(net)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+
+def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in _PRIVATE if net.version == address.version)
 
 
 def host_allowed(bound_host: str, host_header: str, hostname: str | None = None) -> bool:

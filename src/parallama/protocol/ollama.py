@@ -39,6 +39,7 @@ NAME_PART_LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
 def name_parts(name: str) -> dict[str, str]:
     """A model name cut as Ollama cuts it: [host/][namespace/]model[:tag], the tag after the
     last ':' that follows the last '/', the model after the last '/', and so on."""
+    name = name.partition("://")[2] or name  # a scheme is not part of the host (Ollama's too)
     rest, tag = name, ""
     colon, slash = name.rfind(":"), name.rfind("/")
     if colon > slash:
