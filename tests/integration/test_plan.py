@@ -16,7 +16,7 @@ from parallama.bench.runner import Plan, Setup, run_http
 from parallama.bench.simulate import simulate
 from parallama.bench.workload import Workload
 from tests.launchhelpers import finished
-from tests.simhelpers import CHAT_MODEL, gateway_for, make_config, sim_servers
+from tests.simhelpers import CHAT_MODEL, gateway_for, make_config, sim_servers, state
 
 
 def test_the_simulation_agrees_with_a_real_time_run_on_the_emulator() -> None:
@@ -50,6 +50,40 @@ def test_the_simulation_agrees_with_a_real_time_run_on_the_emulator() -> None:
     assert simulated.qps == pytest.approx(real.qps, rel=0.10)
     assert simulated.latency["p50"] == pytest.approx(real.latency["p50"], rel=0.10)
     assert simulated_in < real.seconds  # no waiting: virtual time
+
+
+def test_the_simulation_fails_over_from_a_busy_server_as_the_gateway_does() -> None:
+    """Cold servers with room for one request waiting to load (OLLAMA_MAX_QUEUE=1) answer the
+    rest "server busy": the gateway halves their slots and moves each refused request to the
+    other server. The simulation must do the same, not count 503s the gateway never gave."""
+    config = make_config(
+        num_parallel=4,
+        max_queue=1,
+        load_seconds=0.3,
+        prefill_tps=2000,
+        decode_tps=200,
+        output_tokens=(20, 40),
+        models=(CHAT_MODEL,),
+        ports=2,
+    )
+    plan = Plan(
+        setups=(Setup("2 servers", "sim://2"),),
+        workload=Workload("ollama", "chat", CHAT_MODEL),
+        mode="concurrency",
+        levels=(8,),
+        requests=16,
+        warmup=0,
+    )
+    simulated = simulate(plan, config, {"2 servers": 2}).summaries()[0]
+    with sim_servers(config) as servers, gateway_for(servers, slots=4) as gateway:
+        real_plan = replace(plan, setups=(Setup("2 servers", gateway.url),))
+        real = asyncio.run(run_http(real_plan)).summaries()[0]
+        busy = sum(state(s.url)["outcomes"].get("rejected_busy", 0) for s in servers)
+    assert busy > 0  # the servers did say "server busy"
+    # Within one request (the burst's exact order differs): without failover the simulation
+    # completed 4 of 16 where the gateway completed all 16.
+    assert simulated.ok == pytest.approx(real.ok, abs=1)
+    assert sum(simulated.errors.values()) == pytest.approx(sum(real.errors.values()), abs=1)
 
 
 def plan(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 
 from parallama.bench.runner import Plan, Result, Runner, Setup
 from parallama.bench.stats import Sample
+from parallama.config import GatewaySettings
 from parallama.core.breaker import Breaker
+from parallama.core.forwarding import Forwarding
 from parallama.core.router import Policy
 from parallama.core.scheduler import (
     Backend,
     NoBackendError,
-    Outcome,
     QueueFullError,
     Scheduler,
     SchedulerSettings,
@@ -35,6 +36,7 @@ from parallama.sim.engine import Engine, Generation
 from parallama.sim.scheduler import ServerBusyError
 
 T = TypeVar("T")
+RETRIES: int = GatewaySettings.model_fields["retries"].default  # as `parallama serve` has it
 
 
 class _Skip(selectors.BaseSelector):
@@ -83,11 +85,19 @@ class SimulatedFleet:
     """`instances` emulated Ollama servers behind the gateway's scheduler, in one process."""
 
     def __init__(
-        self, plan: Plan, sim: SimConfig, instances: int, routing: Policy, queue_timeout: float
+        self,
+        plan: Plan,
+        sim: SimConfig,
+        instances: int,
+        routing: Policy,
+        queue_timeout: float,
+        *,
+        retries: int = RETRIES,
     ) -> None:
         loop = asyncio.get_running_loop()
         self._plan = plan
         self._sim = sim
+        self._retries = retries
         self._clock = loop.time
         slots = {m.name: 1 for m in sim.models if m.is_embedding}  # as Ollama forces
         self._engines = {
@@ -105,7 +115,8 @@ class SimulatedFleet:
 
     async def send(self, setup: Setup, n: int, sample: Sample) -> None:
         """The n-th request through the gateway's queue to an engine, as `parallama serve`
-        would send it."""
+        would send it: an engine's "server busy" is decided by the gateway's own `Forwarding`
+        (throttled, and moved to another engine while one is left)."""
         workload = self._plan.workload
         try:
             ticket = self.scheduler.submit(workload.model)
@@ -115,20 +126,30 @@ class SimulatedFleet:
         except NoBackendError:
             sample.error = "404"
             return
-        outcome = Outcome.FAILED
+        forwarding = Forwarding(self.scheduler, ticket, self._retries, self._waiting.changed)
         sent = self._clock()
         try:
-            await self._waiting.until_bound(ticket)
-            if ticket.backend is None:
-                sample.error = "503"  # timed out in the queue
+            while True:
+                await self._waiting.until_bound(ticket)
+                if ticket.backend is None:
+                    sample.error = "503"  # timed out in the queue
+                    return
+                try:
+                    await self._generate(self._engines[forwarding.backend], sample, n, sent)
+                except ServerBusyError:
+                    if (elsewhere := forwarding.answered(503)) is None:
+                        forwarding.ended(503)
+                        sample.error = "503"
+                        return
+                    if (given_up := forwarding.failed(elsewhere)) is not None:
+                        sample.error = str(given_up.status)
+                        return
+                    continue
+                forwarding.ended(200)
                 return
-            await self._generate(self._engines[ticket.backend.name], sample, n, sent)
-            outcome = Outcome.COMPLETED
-        except ServerBusyError:
-            sample.error = "503"
         finally:
-            self.scheduler.release(ticket, outcome)
-            self._waiting.changed()
+            if ticket.outcome is None:  # the run ended it early
+                forwarding.left()
 
     async def _generate(self, engine: Engine, sample: Sample, n: int, sent: float) -> None:
         workload = self._plan.workload

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from parallama import __version__
 from parallama.config import ConfigError, GatewaySettings
+from parallama.core.forwarding import Failure, Forwarding
 from parallama.core.scheduler import (
     NoBackendError,
     Outcome,
@@ -160,25 +161,11 @@ async def _stream(
 
 
 class _Failover(Exception):
-    """The attempt failed before a byte reached the client: another backend may try.
+    """The attempt failed before a byte reached the client: another backend may try."""
 
-    `worked_on`: the backend had the whole request and may have worked on it (it dropped the
-    connection or fell silent, rather than refusing or being unreachable)."""
-
-    def __init__(self, status: int, reason: str, *, worked_on: bool = False) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.worked_on = worked_on
-
-
-# A request that a backend may have worked on moves to at most this many others: one that makes
-# engines crash must not take down every engine in turn.
-_WORKED_ON_ELSEWHERE = 1
-
-
-# Backend answers that another backend may do better with: not installed here, or busy.
-_TRY_ELSEWHERE = frozenset({404, 503})
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
 
 
 class Gateway:
@@ -564,51 +551,37 @@ class Gateway:
         ticket: Ticket,
         exchange: Exchange,
     ) -> web.StreamResponse:
-        """Try the bound backend; before the first byte reached the client, a failed attempt
-        moves to another backend (up to `retries` times), else the client gets a clear error."""
+        """Try the bound backend; what happens next is `Forwarding`'s decision: before the
+        first byte reached the client, a failed attempt may move to another backend, else the
+        client gets a clear error."""
         outbound = _Outbound(
             request.path, request.raw_path.encode(), passable(request.raw_headers), body, info
         )
-        retries = self.settings.retries
-        worked_on = 0  # attempts whose backend may have worked on the request
-        reasons: list[str] = []
+        forwarding = Forwarding(self.scheduler, ticket, self.settings.retries, self._changed)
         while True:
             try:
-                return await self._attempt(
-                    request, outbound, ticket, exchange, may_retry=retries > 0
-                )
+                return await self._attempt(request, outbound, forwarding, exchange)
             except _Failover as failed:
-                assert ticket.backend is not None
-                reasons.append(failed.reason)
-                exchange.error = failed.reason
-                retries -= 1
-                worked_on += failed.worked_on
-                can_retry = retries >= 0 and ticket.outcome is None
-                can_retry &= worked_on <= _WORKED_ON_ELSEWHERE
-                if not (can_retry and self.scheduler.requeue(ticket)):
-                    self.scheduler.release(ticket, Outcome.FAILED)
-                    exchange.status = failed.status
-                    if worked_on > _WORKED_ON_ELSEWHERE:
-                        reasons.append("not tried on another: it may be what brings them down")
-                    return _error(info.dialect, failed.status, "; ".join(reasons))
-                self.metrics.failover(exchange.backend or "")
-                self._changed()
+                exchange.error = failed.failure.reason
+                left = forwarding.backend
+                given_up = forwarding.failed(failed.failure)
+                if given_up is not None:
+                    exchange.status = given_up.status
+                    return _error(info.dialect, given_up.status, given_up.message)
+                self.metrics.failover(left)
                 await self._bound(ticket)
 
     async def _attempt(
         self,
         request: web.Request,
         outbound: _Outbound,
-        ticket: Ticket,
+        forwarding: Forwarding,
         exchange: Exchange,
-        *,
-        may_retry: bool,
     ) -> web.StreamResponse:
-        assert ticket.backend is not None
-        base = exchange.backend = ticket.backend.name
-        relay = self._relay(outbound, ticket, exchange)
+        base = exchange.backend = forwarding.backend
+        relay = self._relay(outbound, forwarding, exchange)
         if relay.local is not None:  # nothing for the engine to do
-            self.scheduler.release(ticket, Outcome.COMPLETED)
+            forwarding.ended(200)
             content_type = ollama.NDJSON if outbound.info.stream else "application/json"
             return web.Response(body=relay.local, content_type=content_type)
         response: web.StreamResponse | None = None
@@ -619,7 +592,8 @@ class Gateway:
             reply = await self.fleet.upstream(base).send(b"POST", relay.target, sent, relay.body)
             upstream_status = reply.status
             exchange.status = status = relay.status(upstream_status)
-            self._judge(base, status, ticket, may_retry=may_retry)
+            if (elsewhere := forwarding.answered(status)) is not None:
+                raise _Failover(elsewhere)
             headers = relay.headers(upstream_status, reply.headers)
             if not outbound.info.stream or upstream_status != 200:  # one answer: whole
                 whole = relay.whole(upstream_status, await reply.read())
@@ -630,20 +604,19 @@ class Gateway:
                 tail = await _stream(request, reply, relay, response, exchange)
         except _ClientGone:
             assert response is not None
-            self.scheduler.cancel(ticket)  # frees the slot; closing upstream stops the work
+            forwarding.left()
             exchange.status = 499
             return response  # aiohttp closes the broken connection quietly
         except (UpstreamError, BadAnswer) as exc:
-            self._report(base, ok=False)
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             reason = f"backend {base} {exc}"
             log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
             if response is None or not response.prepared:
                 # It answered, however badly (BadAnswer), or may have been working on it.
                 worked_on = not isinstance(exc, UpstreamError) or exc.reached
-                raise _Failover(status, reason, worked_on=worked_on) from None
+                raise _Failover(Failure(status, reason, worked_on=worked_on)) from None
             exchange.error = reason
-            self.scheduler.release(ticket, Outcome.FAILED)
+            forwarding.broke()
             last_words = _error_chunk(response.content_type, reason)
             if last_words is None:
                 raise  # a whole answer cut in the middle: only closing the connection says so
@@ -655,34 +628,23 @@ class Gateway:
                 reply.release()  # back to the pool, or closed if the answer did not end
         if status == 200:
             exchange.usage = usage_from_tail(tail)
-        self.scheduler.release(ticket, Outcome.COMPLETED if status < 500 else Outcome.FAILED)
+        forwarding.ended(status)
         return response
 
-    def _judge(self, base: str, status: int, ticket: Ticket, *, may_retry: bool) -> None:
-        """What a backend's status says of it; `_Failover` if another backend should try."""
-        if status == 503:  # "server busy": alive, but give it less work for a while
-            self.scheduler.throttle(base)
-        if status in _TRY_ELSEWHERE and may_retry and self.scheduler.has_alternative(ticket):
-            raise _Failover(status, f"backend {base} answered {status}")
-        self._report(base, ok=status < 500 or status == 503)
-
-    def _relay(self, outbound: _Outbound, ticket: Ticket, exchange: Exchange) -> Relay:
+    def _relay(
+        self, outbound: _Outbound, forwarding: Forwarding, exchange: Exchange
+    ) -> Relay:
         """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
-        assert ticket.backend is not None
-        engine = self.fleet.dialect(ticket.backend.name)
+        engine = self.fleet.dialect(forwarding.backend)
         if outbound.info.dialect == "openai" or engine == "ollama":
             return PassThrough(outbound.target, outbound.body, json_body=engine == "openai")
         arrived = time.time() - (time.monotonic() - exchange.started)
         try:
             translated = ollama_request(outbound.path, outbound.body, time.time())
         except ApiError:  # a request this engine's dialect cannot express
-            self.scheduler.release(ticket, Outcome.REJECTED)
+            forwarding.rejected()
             raise
         return Translating(translated, arrived)
-
-    def _report(self, base: str, *, ok: bool) -> None:
-        if self.scheduler.report(base, ok):
-            self._changed()
 
     def _changed(self) -> None:
         """After any scheduler call: wake the requests it bound or timed out."""
