@@ -32,7 +32,7 @@ from parallama.runtime import run
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig
 from parallama.sim.run import running_servers
-from parallama.sim.scheduler import SchedulerSettings
+from parallama.sim.scheduler import OllamaSettings
 from parallama.sim.timing import TimingModel
 
 MODELS = ("qwen2.5:7b", "llama3.2:3b", "mistral:7b")
@@ -52,7 +52,7 @@ def backend_config(decode_tps: float, load_seconds: float) -> SimConfig:
         host="127.0.0.1",
         ports=(0,),
         models=tuple(spec_for(m) for m in MODELS),
-        scheduler=SchedulerSettings(num_parallel=2, max_loaded_models=2),
+        scheduler=OllamaSettings(num_parallel=2, max_loaded_models=2),
         timing=TimingModel(
             prefill_tps=2000, decode_tps=decode_tps, batch_slowdown=0.3, load_seconds=load_seconds
         ),

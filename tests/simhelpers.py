@@ -27,7 +27,7 @@ from parallama.gateway.run import running_gateway
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig
 from parallama.sim.run import running_servers
-from parallama.sim.scheduler import SchedulerSettings
+from parallama.sim.scheduler import OllamaSettings
 from parallama.sim.server import SimServer
 from parallama.sim.timing import TimingModel
 
@@ -57,7 +57,7 @@ def make_config(
         host="127.0.0.1",
         ports=(0,) * ports,
         models=tuple(spec_for(m) for m in models),
-        scheduler=SchedulerSettings(
+        scheduler=OllamaSettings(
             num_parallel=num_parallel,
             max_queue=max_queue,
             max_loaded_models=max_loaded_models,

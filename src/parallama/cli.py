@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from parallama import __version__, config, logs
 from parallama.bench.options import add_arguments as bench_arguments
 from parallama.bench.planning_options import add_arguments as plan_arguments
+from parallama.errors import ConfigError, ParallamaError
 from parallama.launch.options import add_arguments as up_arguments
 from parallama.runtime import run
 from parallama.sim import config as sim_config
@@ -96,61 +97,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "sim":
-            from parallama.sim.run import serve_until_stopped
-
-            try:
-                sim = sim_config.from_args(args)
-            except sim_config.ConfigError as exc:
-                parser.exit(2, f"parallama sim: error: {exc}\n")
-            run(serve_until_stopped(sim))
-        elif args.command == "serve":
-            from parallama.gateway.run import serve
-
-            try:
-                settings = config.from_args(args)
-            except config.ConfigError as exc:
-                parser.exit(2, f"parallama serve: error: {exc}\n")
-            logs.setup(settings.log_format, settings.log_level)
-            run(serve(settings, lambda: config.from_args(args)))
-        elif args.command == "up":
-            from parallama.launch.supervisor import LaunchError
-            from parallama.launch.up import plan, run_up
-
-            try:
-                settings, launches = plan(args)
-            except config.ConfigError as exc:
-                parser.exit(2, f"parallama up: error: {exc}\n")
-            logs.setup(settings.log_format, settings.log_level)
-            try:
-                run(run_up(settings, launches))
-            except LaunchError as exc:
-                print(f"parallama up: {exc}", file=sys.stderr)
-                return 1
-        elif args.command == "bench":
-            from parallama.bench.main import run_bench
-
-            return run_bench(args)
-        elif args.command == "plan":
-            from parallama.bench.main import BenchError
-            from parallama.bench.planning import plan_command
-
-            try:
-                return plan_command(args)
-            except BenchError as exc:
-                print(f"parallama plan: error: {exc}", file=sys.stderr)
-                return 2
-        elif args.command == "demo":
-            from parallama.demo import run_demo
-
-            if args.backends < 1 or not 0 <= args.port <= 65535:
-                parser.exit(
-                    2,
-                    "parallama demo: error: --backends must be positive and --port a port number\n",
-                )
-            logs.setup()
-            run(run_demo(args.port, args.backends, args.profile))
+        return _run(args)
+    except ParallamaError as exc:  # bad settings (2), an engine that will not start (1), ...
+        print(f"parallama {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
     except OSError as exc:  # e.g. the port is taken
         print(f"parallama {args.command}: {exc}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, to its end; its exit status."""
+    if args.command == "sim":
+        from parallama.sim.run import serve_until_stopped
+
+        run(serve_until_stopped(sim_config.from_args(args)))
+    elif args.command == "serve":
+        from parallama.gateway.run import serve
+
+        settings = config.from_args(args)
+        logs.setup(settings.log_format, settings.log_level)
+        run(serve(settings, lambda: config.from_args(args)))
+    elif args.command == "up":
+        from parallama.launch.up import plan, run_up
+
+        settings, launches = plan(args)
+        logs.setup(settings.log_format, settings.log_level)
+        run(run_up(settings, launches))
+    elif args.command == "bench":
+        from parallama.bench.main import run_bench
+
+        return run_bench(args)
+    elif args.command == "plan":
+        from parallama.bench.planning import plan_command
+
+        return plan_command(args)
+    elif args.command == "demo":
+        from parallama.demo import run_demo
+
+        if args.backends < 1 or not 0 <= args.port <= 65535:
+            raise ConfigError("--backends must be positive and --port a port number")
+        logs.setup()
+        run(run_demo(args.port, args.backends, args.profile))
     return 0

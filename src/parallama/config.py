@@ -20,15 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from parallama.core.router import Policy
 from parallama.core.scheduler import SchedulerSettings
+from parallama.errors import ConfigError
 from parallama.protocol.hosts import host_of
 from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
 
 ENV_PREFIX = "PARALLAMA_"
-
-
-class ConfigError(ValueError):
-    """Settings that cannot be used; the message names the setting, its source and the fault."""
+__all__ = ["BackendSettings", "ConfigError", "GatewaySettings", "ModelSettings"]
 
 
 class BackendSettings(BaseModel):

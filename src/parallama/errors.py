@@ -1,12 +1,27 @@
-"""The one error every parallama server answers with: an HTTP status and a message.
+"""parallama's errors: the one every server answers with (an HTTP status and a message), and
+the one every command ends with (a line and an exit status).
 
-Each route renders it in its own dialect (`{"error": ...}` for Ollama routes, the OpenAI error
-object for `/v1`), so code that finds a problem does not need to know who is asking.
+`ApiError`: each route renders it in its own dialect (`{"error": ...}` for Ollama routes, the
+OpenAI error object for `/v1`), so code that finds a problem does not need to know who is asking.
+`ParallamaError`: the command line catches it once, for every command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+
+class ParallamaError(Exception):
+    """A command cannot go on: its message is the one line the user reads."""
+
+    exit_status = 1
+
+
+class ConfigError(ParallamaError, ValueError):
+    """Settings or flags that cannot be used; the message names the setting, its source and
+    the fault (exit status 2, as argparse's own usage errors)."""
+
+    exit_status = 2
 
 
 class ApiError(Exception):

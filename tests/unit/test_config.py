@@ -10,7 +10,8 @@ import pytest
 
 from parallama import config
 from parallama.cli import build_parser
-from parallama.config import ConfigError, GatewaySettings
+from parallama.config import GatewaySettings
+from parallama.errors import ConfigError
 from parallama.gateway.app import Gateway
 from parallama.sim.server import SimServer
 from tests.simhelpers import make_config

@@ -7,12 +7,12 @@ import math
 import pytest
 
 from parallama.sim.scheduler import (
+    Admission,
+    AdmissionState,
     EvictionPolicy,
-    Scheduler,
-    SchedulerSettings,
+    OllamaScheduler,
+    OllamaSettings,
     ServerBusyError,
-    Ticket,
-    TicketState,
 )
 
 LOAD = 2.0
@@ -34,23 +34,23 @@ def make(
     max_loaded_models: int = 3,
     keep_alive: float = 300.0,
     eviction: EvictionPolicy = "ollama",
-) -> Scheduler:
-    settings = SchedulerSettings(
+) -> OllamaScheduler:
+    settings = OllamaSettings(
         num_parallel=num_parallel,
         max_queue=max_queue,
         max_loaded_models=max_loaded_models,
         default_keep_alive=keep_alive,
         eviction=eviction,
     )
-    return Scheduler(settings, clock, load_seconds=lambda _model: LOAD)
+    return OllamaScheduler(settings, clock, load_seconds=lambda _model: LOAD)
 
 
-def state_of(ticket: Ticket) -> TicketState:
+def state_of(ticket: Admission) -> AdmissionState:
     """Read the state afresh (mypy would otherwise keep an earlier assert's narrowing)."""
     return ticket.state
 
 
-def advance(clock: FakeClock, scheduler: Scheduler, to: float) -> None:
+def advance(clock: FakeClock, scheduler: OllamaScheduler, to: float) -> None:
     """Move time forward, firing every wakeup the scheduler asked for on the way."""
     while (wake := scheduler.next_wakeup()) is not None and wake <= to:
         clock.now = max(clock.now, wake)
@@ -63,7 +63,7 @@ def test_first_request_waits_for_the_load_then_runs() -> None:
     clock = FakeClock()
     s = make(clock)
     ticket = s.submit("m")
-    assert ticket.state is TicketState.SCHEDULED
+    assert ticket.state is AdmissionState.SCHEDULED
     assert s.next_wakeup() == LOAD
     advance(clock, s, LOAD)
     assert s.take_started() == [ticket]
@@ -126,9 +126,10 @@ def test_head_of_line_blocking_while_another_model_loads() -> None:
     s.take_started()
     s.submit("b")  # starts loading b
     behind = s.submit("a")  # a is loaded, but the queue is blocked by b's load
-    assert behind.state is TicketState.PENDING
+    assert behind.state is AdmissionState.PENDING
     advance(clock, s, 2 * LOAD)
-    assert state_of(behind) is TicketState.SCHEDULED  # a's slot is still held by the first request
+    # a's slot is still held by the first request
+    assert state_of(behind) is AdmissionState.SCHEDULED
 
 
 def test_cancel_while_pending_leaves_the_queue() -> None:
@@ -137,7 +138,7 @@ def test_cancel_while_pending_leaves_the_queue() -> None:
     s.submit("m")
     queued = s.submit("m")
     s.cancel(queued)
-    assert queued.state is TicketState.CANCELLED
+    assert queued.state is AdmissionState.CANCELLED
     assert not s.pending
 
 
@@ -186,7 +187,7 @@ def test_a_new_request_cancels_the_expiry_timer() -> None:
     advance(clock, s, LOAD + 5)
     second = s.submit("m")
     advance(clock, s, LOAD + 50)
-    assert second.state is TicketState.RUNNING
+    assert second.state is AdmissionState.RUNNING
     assert "m" in s.runners
 
 
@@ -214,10 +215,10 @@ def test_eviction_drains_a_busy_runner_and_blocks_the_queue() -> None:
     advance(clock, s, LOAD)
     s.take_started()
     other = s.submit("b")
-    assert other.state is TicketState.PENDING
+    assert other.state is AdmissionState.PENDING
     assert s.runners["a"].draining
     late_a = s.submit("a")  # behind b in the FIFO: waits too
-    assert late_a.state is TicketState.PENDING
+    assert late_a.state is AdmissionState.PENDING
     s.finish(busy)  # a drains and unloads; b loads
     assert "a" not in s.runners
     assert s.runners["b"].state.value == "loading"
@@ -235,7 +236,7 @@ def test_different_num_ctx_forces_a_reload() -> None:
     assert s.unloads == 1
     assert s.runners["m"].num_ctx == 8192
     advance(clock, s, 2 * LOAD)
-    assert second.state is TicketState.RUNNING
+    assert second.state is AdmissionState.RUNNING
 
 
 def test_preload_needs_no_slot() -> None:
@@ -246,7 +247,7 @@ def test_preload_needs_no_slot() -> None:
     s.take_started()
     preload = s.submit("m", needs_slot=False)
     assert s.take_started() == [preload]
-    assert running.state is TicketState.RUNNING
+    assert running.state is AdmissionState.RUNNING
 
 
 def test_unload_request_waits_for_the_runner_to_go_idle() -> None:

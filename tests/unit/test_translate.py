@@ -10,7 +10,7 @@ import pytest
 
 from parallama.errors import ApiError
 from parallama.protocol.translate import (
-    Answer,
+    AnswerTranslator,
     BadAnswer,
     error_message,
     ollama_request,
@@ -172,7 +172,7 @@ def test_a_whole_chat_answer_with_llama_cpp_timings() -> None:
     translated = ollama_request(
         "/api/chat", b'{"model":"m","stream":false,"messages":[{"role":"user"}]}', T0
     )
-    answer = Answer(translated, arrived=T0, sent=SENT)
+    answer = AnswerTranslator(translated, arrived=T0, sent=SENT)
     completion = {
         "choices": [
             {"message": {"role": "assistant", "content": "Blue."}, "finish_reason": "length"}
@@ -198,7 +198,7 @@ def test_a_whole_chat_answer_with_llama_cpp_timings() -> None:
 
 def test_a_whole_generate_answer_without_timings_counts_its_time_as_decoding() -> None:
     translated = ollama_request("/api/generate", b'{"model":"m","prompt":"x","stream":false}', T0)
-    answer = Answer(translated, arrived=T0, sent=SENT)
+    answer = AnswerTranslator(translated, arrived=T0, sent=SENT)
     completion = {
         "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 4, "completion_tokens": 1},
@@ -216,9 +216,8 @@ def test_tool_calls_come_back_with_object_arguments() -> None:
     )
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 2}'}}
     completion = {"choices": [{"message": {"content": None, "tool_calls": [call]}}]}
-    message = orjson.loads(Answer(translated, T0, SENT).whole(orjson.dumps(completion), SENT))[
-        "message"
-    ]
+    answer = AnswerTranslator(translated, T0, SENT)
+    message = orjson.loads(answer.whole(orjson.dumps(completion), SENT))["message"]
     assert message == {
         "role": "assistant",
         "content": "",
@@ -232,13 +231,14 @@ def test_embeddings_come_back_in_order_and_normalised() -> None:
         "data": [{"index": 1, "embedding": [0.0, 2.0]}, {"index": 0, "embedding": [3.0, 4.0]}],
         "usage": {"prompt_tokens": 2},
     }
-    ollama = orjson.loads(Answer(translated, T0, SENT).whole(orjson.dumps(reply), SENT + 0.1))
+    answer = AnswerTranslator(translated, T0, SENT)
+    ollama = orjson.loads(answer.whole(orjson.dumps(reply), SENT + 0.1))
     assert ollama["embeddings"] == [[0.6, 0.8], [0.0, 1.0]]
     assert all(math.isclose(math.hypot(*v), 1.0) for v in ollama["embeddings"])
     assert ollama["prompt_eval_count"] == 2
     legacy = ollama_request("/api/embeddings", b'{"model":"e","prompt":"a"}', T0)
     single = {"data": [{"index": 0, "embedding": [3.0, 4.0]}]}
-    assert orjson.loads(Answer(legacy, T0, SENT).whole(orjson.dumps(single), SENT)) == {
+    assert orjson.loads(AnswerTranslator(legacy, T0, SENT).whole(orjson.dumps(single), SENT)) == {
         "embedding": [3.0, 4.0]  # the legacy route does not normalise
     }
 
@@ -258,15 +258,15 @@ def test_answers_that_break_the_dialect_are_bad_answers(body: bytes) -> None:
     path = "/api/embed" if b"data" in body else "/api/chat"
     translated = ollama_request(path, b'{"model":"m","input":"a","messages":[{"role":"u"}]}', T0)
     with pytest.raises(BadAnswer):
-        Answer(translated, T0, SENT).whole(body, SENT)
+        AnswerTranslator(translated, T0, SENT).whole(body, SENT)
 
 
 # -- streams -----------------------------------------------------------------------------------
 
 
-def chat_stream() -> Answer:
+def chat_stream() -> AnswerTranslator:
     translated = ollama_request("/api/chat", b'{"model":"m","messages":[{"role":"user"}]}', T0)
-    return Answer(translated, arrived=T0, sent=SENT)
+    return AnswerTranslator(translated, arrived=T0, sent=SENT)
 
 
 def delta(content: str | None = None, finish: str | None = None, **more: Any) -> dict[str, Any]:
@@ -343,12 +343,12 @@ def test_an_error_event_ends_the_stream_with_ollamas_error_line() -> None:
 
 def test_generate_streams_carry_response_not_message() -> None:
     translated = ollama_request("/api/generate", b'{"model":"m","prompt":"p"}', T0)
-    answer = Answer(translated, T0, SENT)
+    answer = AnswerTranslator(translated, T0, SENT)
     out = answer.feed(sse(delta("x"), b"[DONE]"), SENT)
     assert [c["response"] for c in lines(out)] == ["x", ""]
     raw = ollama_request("/api/generate", b'{"model":"m","prompt":"p","raw":true}', T0)
     completion_chunk = {"choices": [{"text": "y", "finish_reason": None}]}
-    out = Answer(raw, T0, SENT).feed(sse(completion_chunk), SENT)
+    out = AnswerTranslator(raw, T0, SENT).feed(sse(completion_chunk), SENT)
     assert lines(out)[0]["response"] == "y"
 
 

@@ -15,12 +15,15 @@ import orjson
 from parallama.bench import report
 from parallama.bench.runner import Mode, Plan, Result, Setup, run_http
 from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
+from parallama.errors import ParallamaError
 
 LISTINGS = {"ollama": ("/api/tags", "models", "name"), "openai": ("/v1/models", "data", "id")}
 
 
-class BenchError(Exception):
+class BenchError(ParallamaError):
     """A benchmark that cannot run as asked; the message says why."""
+
+    exit_status = 2
 
 
 def setups(targets: list[str], compare_pooling: bool) -> tuple[Setup, ...]:
@@ -199,9 +202,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
     try:
         run(main())
-    except BenchError as exc:
-        print(f"parallama bench: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     return status[0]

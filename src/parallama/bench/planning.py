@@ -22,9 +22,10 @@ from parallama.bench.runner import Plan, Result, Setup
 from parallama.bench.simulate import simulate
 from parallama.bench.stats import Summary
 from parallama.bench.workload import SEED_QUESTIONS, PromptError, Workload, load_prompts
+from parallama.errors import ConfigError
 from parallama.sim.catalog import spec_for
-from parallama.sim.config import ConfigError, SimConfig, parse_output_tokens
-from parallama.sim.scheduler import SchedulerSettings
+from parallama.sim.config import SimConfig, parse_output_tokens
+from parallama.sim.scheduler import OllamaSettings
 from parallama.sim.timing import PROFILES
 
 
@@ -36,7 +37,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         raise BenchError(str(exc)) from None
     return SimConfig(
         models=(spec_for(args.model),),
-        scheduler=SchedulerSettings(num_parallel=args.num_parallel),
+        scheduler=OllamaSettings(num_parallel=args.num_parallel),
         timing=replace(timing, load_seconds=args.load_seconds),
         output_tokens=output_tokens,
         seed=args.seed,

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from parallama import __version__
-from parallama.config import ConfigError, GatewaySettings
+from parallama.config import GatewaySettings
 from parallama.core.forwarding import Failure, Forwarding
 from parallama.core.scheduler import (
     NoBackendError,
@@ -34,7 +34,7 @@ from parallama.core.scheduler import (
     Ticket,
     UnavailableError,
 )
-from parallama.errors import ApiError, excerpt
+from parallama.errors import ApiError, ConfigError, excerpt
 from parallama.gateway.exchange import Exchange
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, GuardedSite, usable_connections

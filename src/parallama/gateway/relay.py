@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from parallama.gateway.upstream import Headers
 from parallama.protocol import ollama
-from parallama.protocol.translate import Answer, Translated, error_message, ollama_status
+from parallama.protocol.translate import AnswerTranslator, Translated, error_message, ollama_status
 
 # Headers a proxy must not pass on (hop-by-hop), plus the framing each side sets itself.
 _HOP_HEADERS = frozenset(
@@ -90,7 +90,7 @@ class Translating:
         self.target = request.target
         self.body = request.body
         self._stream = request.stream
-        self._answer = Answer(request, arrived=arrived, sent=time.time())
+        self._answer = AnswerTranslator(request, arrived=arrived, sent=time.time())
 
     def request_headers(self, headers: Headers) -> Headers:
         """The client's headers, but for the body's type (clients such as curl may send none or

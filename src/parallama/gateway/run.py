@@ -9,7 +9,8 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 
-from parallama.config import ConfigError, GatewaySettings
+from parallama.config import GatewaySettings
+from parallama.errors import ConfigError
 from parallama.gateway.app import Gateway
 from parallama.runtime import stop_requested
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from parallama.errors import ParallamaError
 from parallama.gateway.upstream import Upstream
 from parallama.launch import ports
 from parallama.launch.engines import Launch
@@ -42,7 +43,7 @@ STABLE_SECONDS = 60.0  # up this long, a crash counts as the first again
 LOOK_EVERY = 0.2  # seconds between readiness checks of a starting engine
 
 
-class LaunchError(Exception):
+class LaunchError(ParallamaError):
     """An engine could not be started; the message names it and quotes its last words."""
 
 

@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from parallama import config
-from parallama.config import ConfigError, GatewaySettings
+from parallama.config import GatewaySettings
+from parallama.errors import ConfigError
 from parallama.gateway.app import Gateway
 from parallama.gateway.run import describe, running_gateway
 from parallama.launch.engines import (

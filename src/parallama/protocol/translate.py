@@ -2,11 +2,11 @@
 SGLang): requests one way, answers the other, streams included (sans-I/O).
 
 `ollama_request` turns an Ollama request into the OpenAI request that does the same work; the
-`Answer` it comes with turns the engine's answer back into what Ollama would have sent, whole
-or as NDJSON chunks fed in as the bytes arrive. The clock is passed in, so the timing fields of
-the final chunk (Ollama's `total_duration`, `load_duration`, ...) are computed from timestamps
-the caller supplies: the engine's own `timings` when it reports them (llama.cpp does), else the
-moments the bytes came.
+`AnswerTranslator` it comes with turns the engine's answer back into what Ollama would have
+sent, whole or as NDJSON chunks fed in as the bytes arrive. The clock is passed in, so the
+timing fields of the final chunk (Ollama's `total_duration`, `load_duration`, ...) are computed
+from timestamps the caller supplies: the engine's own `timings` when it reports them (llama.cpp
+does), else the moments the bytes came.
 
 Ollama's `/api/generate` applies the model's chat template unless `raw` is set, so it becomes a
 chat completion; only a raw prompt goes to `/v1/completions`.
@@ -264,7 +264,7 @@ def ollama_status(status: int) -> int:
 
 
 @dataclass
-class Answer:
+class AnswerTranslator:
     """The engine's answer to one translated request, turned back into Ollama's.
 
     `sent` is when the request left for the engine, `arrived` when the client's request reached

@@ -13,7 +13,7 @@ GENERATE_TEMPLATE_TOKENS = 4
 
 
 @dataclass(frozen=True)
-class Answer:
+class PlannedAnswer:
     tokens: list[str]
     done_reason: str  # "stop" or "length"
 
@@ -52,13 +52,13 @@ def plan_answer(
     request_seed: int | None,
     server_seed: int,
     length_range: tuple[int, int],
-) -> Answer:
+) -> PlannedAnswer:
     """The answer's tokens, deterministic in (model, prompt, seeds); cut at `num_predict`."""
     rng = random.Random(seed_for(model, prompt, request_seed, server_seed))
     natural = rng.randint(*length_range)
     if num_predict is not None and 0 <= num_predict < natural:
-        return Answer(generate_tokens(rng, prompt, num_predict), "length")
-    return Answer(generate_tokens(rng, prompt, natural), "stop")
+        return PlannedAnswer(generate_tokens(rng, prompt, num_predict), "length")
+    return PlannedAnswer(generate_tokens(rng, prompt, natural), "stop")
 
 
 def context_ids(prompt: str, answer: str, prompt_tokens: int, answer_tokens: int) -> list[int]:

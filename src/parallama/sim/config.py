@@ -7,18 +7,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from parallama.errors import ConfigError
 from parallama.protocol.durations import DurationError, env_keep_alive_seconds, keep_alive_seconds
 from parallama.sim.catalog import DEFAULT_MODELS, ModelSpec, spec_for
-from parallama.sim.scheduler import EvictionPolicy, SchedulerSettings
+from parallama.sim.scheduler import EvictionPolicy, OllamaSettings
 from parallama.sim.timing import DEFAULT_PROFILE, PROFILES, TimingModel
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
 CPU_MAX_LOADED_MODELS = 3  # Ollama: 0 means 3 per GPU, and 3 on a CPU-only machine
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +25,7 @@ class SimConfig:
     models: tuple[ModelSpec, ...] = field(
         default_factory=lambda: tuple(map(spec_for, DEFAULT_MODELS))
     )
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    scheduler: OllamaSettings = field(default_factory=OllamaSettings)
     timing: TimingModel = field(default_factory=lambda: PROFILES[DEFAULT_PROFILE].timing)
     output_tokens: tuple[int, int] = (40, 120)  # natural answer length range, before num_predict
     seed: int = 0
@@ -231,7 +228,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         host=host,
         ports=ports,
         models=tuple(spec_for(m) for m in (args.model or DEFAULT_MODELS)),
-        scheduler=SchedulerSettings(
+        scheduler=OllamaSettings(
             num_parallel=num_parallel,
             max_queue=max_queue,
             max_loaded_models=max_loaded,

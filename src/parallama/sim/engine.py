@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from parallama.alarm import Alarm
-from parallama.sim.scheduler import Scheduler, SchedulerSettings, Ticket, TicketState
+from parallama.sim.scheduler import Admission, AdmissionState, OllamaScheduler, OllamaSettings
 from parallama.sim.timing import TimingModel
 
 
@@ -32,7 +32,7 @@ class Engine:
 
     def __init__(
         self,
-        settings: SchedulerSettings,
+        settings: OllamaSettings,
         timing: TimingModel,
         slots_for: dict[str, int],
         clock: Callable[[], float] = time.monotonic,
@@ -42,13 +42,13 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.timing = timing
         self.now = clock
-        self.scheduler = Scheduler(
+        self.scheduler = OllamaScheduler(
             settings,
             clock=self.now,
             load_seconds=lambda _model: timing.load_seconds,
             slots_for=lambda model: slots_for.get(model, settings.num_parallel),
         )
-        self._waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self._waiters: dict[Admission, asyncio.Future[None]] = {}
         self._alarm = Alarm(self._on_alarm, clock)
         self._wall_offset = time.time() - self.now()
 
@@ -64,14 +64,14 @@ class Engine:
         keep_alive: float | None,
         num_ctx: int | None,
         needs_slot: bool = True,
-    ) -> AsyncIterator[Ticket]:
+    ) -> AsyncIterator[Admission]:
         """Hold a slot of `model` for the body of the `async with` (or raise ServerBusyError)."""
         ticket = self.scheduler.submit(
             model, keep_alive=keep_alive, num_ctx=num_ctx, needs_slot=needs_slot
         )
         done = False
         try:
-            if ticket.state is not TicketState.RUNNING:
+            if ticket.state is not AdmissionState.RUNNING:
                 future = self._loop.create_future()
                 self._waiters[ticket] = future
                 self._changed()
@@ -91,7 +91,7 @@ class Engine:
         self._changed()
 
     async def generate(
-        self, ticket: Ticket, prompt_tokens: int, tokens: Sequence[str], stats: Generation
+        self, ticket: Admission, prompt_tokens: int, tokens: Sequence[str], stats: Generation
     ) -> AsyncIterator[str]:
         """Yield `tokens` at the pace of the timing model, after the prompt's prefill."""
         now = self.now
@@ -108,7 +108,7 @@ class Engine:
             yield token
         stats.eval = now() - decode_start
 
-    async def prefill(self, ticket: Ticket, prompt_tokens: int, stats: Generation) -> None:
+    async def prefill(self, ticket: Admission, prompt_tokens: int, stats: Generation) -> None:
         """Spend the time an embedding (prefill only) takes."""
         async for _ in self.generate(ticket, prompt_tokens, (), stats):
             pass

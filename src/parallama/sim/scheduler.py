@@ -37,7 +37,7 @@ class ServerBusyError(Exception):
     """The pending queue is full (Ollama's `ErrMaxQueue`)."""
 
 
-class TicketState(enum.Enum):
+class AdmissionState(enum.Enum):
     PENDING = "pending"  # in the bounded pending queue
     SCHEDULED = "scheduled"  # attached to a runner, waiting for it to load or for a slot
     RUNNING = "running"  # holds a slot (or, for a preload, the runner is ready)
@@ -51,7 +51,7 @@ class RunnerState(enum.Enum):
 
 
 @dataclass(eq=False)
-class Ticket:
+class Admission:
     """One request's passage through the scheduler."""
 
     model: str
@@ -59,7 +59,7 @@ class Ticket:
     num_ctx: int
     arrived_at: float
     needs_slot: bool = True
-    state: TicketState = TicketState.PENDING
+    state: AdmissionState = AdmissionState.PENDING
     runner: Runner | None = None
     ready_at: float | None = None  # runner loaded and request attached: ends `load_duration`
     started_at: float | None = None  # slot acquired
@@ -78,8 +78,8 @@ class Runner:
     last_used: float
     draining: bool = False  # chosen for unload: takes no new requests, unloads when idle
     expires_at: float | None = None  # set while idle; None while busy or kept forever
-    running: list[Ticket] = field(default_factory=list)
-    waiting: deque[Ticket] = field(default_factory=deque)
+    running: list[Admission] = field(default_factory=list)
+    waiting: deque[Admission] = field(default_factory=deque)
 
     @property
     def busy_slots(self) -> int:
@@ -91,7 +91,7 @@ class Runner:
 
 
 @dataclass(frozen=True)
-class SchedulerSettings:
+class OllamaSettings:
     num_parallel: int = 1
     max_queue: int = 512
     max_loaded_models: int = 3
@@ -100,12 +100,12 @@ class SchedulerSettings:
     eviction: EvictionPolicy = "ollama"
 
 
-class Scheduler:
+class OllamaScheduler:
     """Pending queue, runners, slots and keep-alive timers of one emulated Ollama server."""
 
     def __init__(
         self,
-        settings: SchedulerSettings,
+        settings: OllamaSettings,
         clock: Clock,
         load_seconds: Callable[[str], float],
         slots_for: Callable[[str], int] | None = None,
@@ -114,10 +114,10 @@ class Scheduler:
         self._clock = clock
         self._load_seconds = load_seconds
         self._slots_for = slots_for or (lambda _model: settings.num_parallel)
-        self.pending: deque[Ticket] = deque()
+        self.pending: deque[Admission] = deque()
         self.runners: dict[str, Runner] = {}
         self._load_done_at: float | None = None  # the one load in progress
-        self._started: list[Ticket] = []
+        self._started: list[Admission] = []
         self.unloads = 0  # runners unloaded so far (observability)
 
     # -- requests -------------------------------------------------------------------------------
@@ -129,11 +129,11 @@ class Scheduler:
         keep_alive: float | None = None,
         num_ctx: int | None = None,
         needs_slot: bool = True,
-    ) -> Ticket:
+    ) -> Admission:
         """Queue a request; raises `ServerBusyError` when the pending queue is full."""
         if len(self.pending) >= self.settings.max_queue:
             raise ServerBusyError
-        ticket = Ticket(
+        ticket = Admission(
             model=model,
             keep_alive=self.settings.default_keep_alive if keep_alive is None else keep_alive,
             num_ctx=num_ctx or self.settings.default_num_ctx,
@@ -144,23 +144,23 @@ class Scheduler:
         self._pump()
         return ticket
 
-    def cancel(self, ticket: Ticket) -> None:
+    def cancel(self, ticket: Admission) -> None:
         """The client went away: drop the request wherever it is and free what it held."""
-        if ticket.state is TicketState.PENDING:
+        if ticket.state is AdmissionState.PENDING:
             self.pending.remove(ticket)
-        elif ticket.state in (TicketState.SCHEDULED, TicketState.RUNNING):
+        elif ticket.state in (AdmissionState.SCHEDULED, AdmissionState.RUNNING):
             self._detach(ticket)
         else:
             return
-        ticket.state = TicketState.CANCELLED
+        ticket.state = AdmissionState.CANCELLED
         self._pump()
 
-    def finish(self, ticket: Ticket) -> None:
+    def finish(self, ticket: Admission) -> None:
         """The request completed: free its slot."""
-        if ticket.state is not TicketState.RUNNING:
+        if ticket.state is not AdmissionState.RUNNING:
             return
         self._detach(ticket)
-        ticket.state = TicketState.DONE
+        ticket.state = AdmissionState.DONE
         self._pump()
 
     def unload(self, model: str) -> None:
@@ -177,7 +177,7 @@ class Scheduler:
         """Let time-based events happen: loads completing, keep-alive timers expiring."""
         self._pump()
 
-    def take_started(self) -> list[Ticket]:
+    def take_started(self) -> list[Admission]:
         """Tickets that reached RUNNING since the last call."""
         started, self._started = self._started, []
         return started
@@ -200,7 +200,7 @@ class Scheduler:
 
     # -- the machine ----------------------------------------------------------------------------
 
-    def _detach(self, ticket: Ticket) -> None:
+    def _detach(self, ticket: Admission) -> None:
         runner = ticket.runner
         assert runner is not None
         if ticket in runner.running:
@@ -286,7 +286,7 @@ class Scheduler:
         idle = [r for r in runners if r.refcount == 0]
         return idle[0] if idle else runners[0]
 
-    def _start_load(self, ticket: Ticket, now: float) -> None:
+    def _start_load(self, ticket: Admission, now: float) -> None:
         runner = Runner(
             model=ticket.model,
             num_ctx=ticket.num_ctx,
@@ -301,8 +301,8 @@ class Scheduler:
         self._attach(ticket, runner, now)
         self._finish_load(now)  # a zero-second load is ready at once
 
-    def _attach(self, ticket: Ticket, runner: Runner, now: float) -> None:
-        ticket.state = TicketState.SCHEDULED
+    def _attach(self, ticket: Admission, runner: Runner, now: float) -> None:
+        ticket.state = AdmissionState.SCHEDULED
         ticket.runner = runner
         runner.keep_alive = ticket.keep_alive
         runner.expires_at = None
@@ -314,7 +314,7 @@ class Scheduler:
     def _fill_slots(self, runner: Runner, now: float) -> None:
         if runner.state is not RunnerState.READY:
             return
-        kept: deque[Ticket] = deque()
+        kept: deque[Admission] = deque()
         while runner.waiting:
             ticket = runner.waiting.popleft()
             if ticket.needs_slot and runner.busy_slots >= runner.slots:
@@ -322,7 +322,7 @@ class Scheduler:
                 kept.extend(runner.waiting)
                 runner.waiting.clear()
                 break
-            ticket.state = TicketState.RUNNING
+            ticket.state = AdmissionState.RUNNING
             ticket.started_at = now
             runner.running.append(ticket)
             self._started.append(ticket)

@@ -26,7 +26,7 @@ from parallama.protocol.inspect import dialect_of, error_body, parse_json_object
 from parallama.protocol.ollama import normalize_name
 from parallama.runtime import http_url
 from parallama.sim.answers import (
-    Answer,
+    PlannedAnswer,
     chat_prompt,
     context_ids,
     generate_prompt,
@@ -36,7 +36,7 @@ from parallama.sim.catalog import ModelSpec
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
 from parallama.sim.requests import Body, option_int
-from parallama.sim.scheduler import RunnerState, ServerBusyError, Ticket, runner_rows
+from parallama.sim.scheduler import Admission, RunnerState, ServerBusyError, runner_rows
 from parallama.sim.text import count_tokens, embedding, normalise
 
 log = logging.getLogger("parallama.sim")
@@ -54,7 +54,7 @@ class Job:
     body: Body
     prompt: str
     prompt_tokens: int
-    answer: Answer
+    answer: PlannedAnswer
 
 
 def refuse_thinking(body: Body) -> None:
@@ -184,7 +184,7 @@ class SimServer:
     @asynccontextmanager
     async def admitted(
         self, spec: ModelSpec, body: Body, *, needs_slot: bool = True
-    ) -> AsyncIterator[Ticket]:
+    ) -> AsyncIterator[Admission]:
         """Wait for the scheduler to give this request its runner and slot."""
         num_ctx = option_int(body.options(), "num_ctx")
         try:
