@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from parallama.gateway.guard import ConnectionLimits, Connections, GuardedSite
+from parallama.gateway.guard import ConnectionLimits, Connections
+from parallama.gateway.server import Reply, Request, start_server
 from tests.rawhelpers import raw_server
 from tests.simhelpers import CHAT_MODEL, gateway_for, gateway_with, sim_server, wait_for_gateway
 
@@ -352,21 +352,17 @@ def test_past_max_connections_a_client_gets_a_clean_503_and_room_comes_back(
     assert again == 200
 
 
-async def ok(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+async def ok(request: Request, reply: Reply) -> None:
+    reply.send(200, b"ok", b"text/plain")
 
 
 async def test_connections_accepted_in_one_burst_still_respect_the_cap() -> None:
     """The kernel accepts a burst before the event loop sees any of it; the cap must hold for
     the whole burst, not only for connections that came one at a time."""
     connections = Connections(ConnectionLimits(header_timeout=5, send_timeout=5, max_connections=3))
-    app = web.Application()
-    app.router.add_get("/", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = GuardedSite(runner, "127.0.0.1", 0, connections)
-    await site.start()
-    burst = [socket.create_connection(("127.0.0.1", site.port)) for _ in range(20)]
+    server = await start_server(ok, connections, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    burst = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
     try:  # (the loop did not run while they connected)
         for sock in burst:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -376,7 +372,8 @@ async def test_connections_accepted_in_one_burst_still_respect_the_cap() -> None
     finally:
         for sock in burst:
             sock.close()
-        await runner.cleanup()
+        server.close()
+        await server.wait_closed()
     statuses = sorted(answer.split(b" ", 2)[1] for answer in answers)
     assert statuses == [b"200"] * 3 + [b"503"] * 17
 

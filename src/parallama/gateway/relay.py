@@ -32,14 +32,20 @@ _HOP_HEADERS = frozenset(
         "Content-Length",
     )
 )
-JSON = "application/json"
+# An answer's Date and Server are the gateway's own, as nginx sets them.
+_ANSWER_DROPPED = _HOP_HEADERS | {b"date", b"server"}
+_JSON_TYPE = (b"Content-Type", b"application/json")
+_NDJSON_TYPE = (b"Content-Type", ollama.NDJSON.encode())
 _CONTENT_TYPE = frozenset({b"content-type"})
 _REWRITTEN = _CONTENT_TYPE | {b"accept-encoding", b"accept"}
-_JSON_TYPE = (b"Content-Type", b"application/json")
 
 
 def passable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+
+
+def content_type_of(headers: Headers) -> bytes:
+    return next((v for k, v in headers if k.lower() == b"content-type"), b"")
 
 
 def _as_json(headers: Headers, dropped: frozenset[bytes]) -> Headers:
@@ -68,8 +74,8 @@ class PassThrough:
     def status(self, status: int) -> int:
         return status
 
-    def headers(self, status: int, upstream: Headers) -> list[tuple[str, str]]:
-        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in passable(upstream)]
+    def headers(self, status: int, upstream: Headers) -> Headers:
+        return [(k, v) for k, v in upstream if k.lower() not in _ANSWER_DROPPED]
 
     def whole(self, status: int, body: bytes) -> bytes:
         return body
@@ -100,9 +106,8 @@ class Translating:
     def status(self, status: int) -> int:
         return ollama_status(status)
 
-    def headers(self, status: int, upstream: Headers) -> list[tuple[str, str]]:
-        streams = status == 200 and self._stream
-        return [("Content-Type", ollama.NDJSON if streams else JSON)]
+    def headers(self, status: int, upstream: Headers) -> Headers:
+        return [_NDJSON_TYPE if status == 200 and self._stream else _JSON_TYPE]
 
     def whole(self, status: int, body: bytes) -> bytes:
         if status != 200:

@@ -1,0 +1,704 @@
+"""The gateway's HTTP/1.1 server: an asyncio Protocol around httptools (llhttp, Node's C parser).
+
+aiohttp's server did, per request, about as much work as the whole rest of the gateway (a
+request object with multidicts, a router, middlewares, a response object with its own header
+multidict, a payload writer): a profile at 32 concurrent clients put a quarter of the gateway's
+CPU there, and 1,000 streams relayed through its `StreamResponse` ran at half nginx's speed. A
+proxy needs much less: the request's head and body as bytes, and a way to write an answer
+whole or chunk by chunk. That is this module, with the limits a server facing clients must keep
+(as nginx keeps them):
+
+- the head within `header_timeout` of connecting or of the request's first byte, and within
+  `max_head_bytes` (else 408 or 431, and the connection closes);
+- the body within `max_body_bytes` (413) and without a pause longer than `body_timeout` (408),
+  enforced where the handler reads it (`Request.read`), since only it knows it wants the body;
+- an idle keep-alive connection closed after `idle_timeout`;
+- written answer bytes taken by the client at least every `send_timeout` (nginx's
+  `send_timeout`): a client that reads nothing cannot hold its connection and backend slot;
+- HTTP/1.1 as llhttp parses it: a request with both Content-Length and chunked framing, or any
+  other malformed head, is refused with 400 and the connection closed (no request smuggling).
+
+A request's handler runs as its own task from the moment its head arrived; the connection keeps
+reading meanwhile, so a client that goes away is seen at once (its EOF or reset cancels the
+task, as Go's net/http cancels a request's context): a queued request leaves the queue, and a
+backend mid-answer sees its connection closed. Pipelined requests wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import cast
+from urllib.parse import unquote
+
+import httptools
+import orjson
+
+from parallama.errors import ApiError
+from parallama.gateway.guard import Connections
+
+log = logging.getLogger("parallama.gateway")
+
+Headers = list[tuple[bytes, bytes]]
+Handler = Callable[["Request", "Reply"], Awaitable[None]]
+
+MAX_HEAD_BYTES = 32 * 1024  # a request line and headers; nginx's large_client_header_buffers
+MAX_HEADERS = 100
+# Pipelined requests read ahead of the one being answered; past this, reading pauses.
+_MAX_PIPELINED = 16
+# Unread body bytes past which a request's body stops being read until its handler takes it.
+_BODY_HIGH_WATER = 1024 * 1024
+_LINGER_SECONDS = 2.0  # after an early answer, time for the client to see it before we close
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection: nothing more can be written to it."""
+
+
+_STATUS_LINES = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus
+}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    second = 0
+    header = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.header = b"Date: %s\r\n" % email.utils.formatdate(second, usegmt=True).encode()
+        return cls.header
+
+
+class HeaderMap(Mapping[str, str]):
+    """A request's headers by case-insensitive name (the first of repeated ones), decoded as
+    Latin-1 as HTTP defines them; built on first use, since the hot path needs few."""
+
+    def __init__(self, raw: Headers) -> None:
+        self._by_name: dict[str, str] = {}
+        for name, value in raw:
+            self._by_name.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+
+    def __getitem__(self, name: str) -> str:
+        return self._by_name[name.lower()]
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self._by_name.get(name.lower(), default)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+class Request:
+    """One request: its head, and its body as the connection receives it."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_complete",
+        "_connection",
+        "_error",
+        "_headers",
+        "_waiter",
+        "http11",
+        "keep_alive",
+        "method",
+        "raw_headers",
+        "remote",
+        "target",
+    )
+
+    def __init__(
+        self,
+        connection: ServerConnection,
+        method: str,
+        target: bytes,
+        raw_headers: Headers,
+        *,
+        remote: str,
+        keep_alive: bool,
+        http11: bool,
+    ) -> None:
+        self._connection = connection
+        self.method = method
+        self.target = target  # the path and query as sent
+        self.raw_headers = raw_headers
+        self.remote = remote
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self._headers: HeaderMap | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._complete = False
+        self._error: ApiError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def path(self) -> str:
+        """The path without its query, percent-decoded."""
+        path = self.target.partition(b"?")[0].decode("latin-1")
+        return unquote(path) if "%" in path else path
+
+    @property
+    def headers(self) -> HeaderMap:
+        if self._headers is None:
+            self._headers = HeaderMap(self.raw_headers)
+        return self._headers
+
+    @property
+    def body_complete(self) -> bool:
+        return self._complete
+
+    async def read(self) -> bytes:
+        """The whole body: 413 past `max_body_bytes`, 408 if the client pauses longer than
+        `body_timeout` while sending it (nginx's client_body_timeout)."""
+        limits = self._connection.connections.limits
+        while not self._complete and self._error is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            self._connection.body_wanted(self)
+            try:
+                async with asyncio.timeout(limits.body_timeout):
+                    await self._waiter
+            except TimeoutError:
+                pause = limits.body_timeout
+                message = f"the request body stopped arriving for {pause:g} s"
+                self._error = ApiError(408, message)
+            finally:
+                self._waiter = None
+        if self._error is not None:
+            raise self._error
+        body = self._body
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    # -- fed by the connection ----------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return  # refused already: the rest is dropped
+        self._body_size += len(data)
+        limit = self._connection.connections.limits.max_body_bytes
+        if self._body_size > limit:
+            self._fail(ApiError(413, f"request body is larger than {limit} bytes"))
+            self._body.clear()
+            return
+        self._body.append(data)
+        self._wake()
+
+    def _fail(self, error: ApiError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _end(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Reply:
+    """How a handler answers its request: `send` a whole answer, or `start` one and `write` its
+    body chunk by chunk (chunked encoding), then `end` it."""
+
+    __slots__ = (
+        "_chunked",
+        "_connection",
+        "_head_only",
+        "_http11",
+        "ended",
+        "keep_alive",
+        "started",
+        "status",
+    )
+
+    def __init__(self, connection: ServerConnection, request: Request) -> None:
+        self._connection = connection
+        self._head_only = request.method == "HEAD"
+        self._http11 = request.http11
+        self.keep_alive = request.keep_alive  # the connection stays open after this answer
+        self._chunked = False
+        self.started = False  # the status line has been written
+        self.ended = False
+        self.status = 0
+
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes | None = b"application/json",
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """The whole answer, with its Content-Length (`content_type` None: `headers` say it)."""
+        head = self._head(status, headers, content_type)
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        self._connection.write_answer(head, b"" if self._head_only else body)
+        self.ended = True
+
+    def start(
+        self,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        content_type: bytes | None = None,
+    ) -> None:
+        """The status line and headers of an answer whose body follows in `write`s."""
+        if not self._http11 and not self._head_only:
+            self.keep_alive = False  # HTTP/1.0 has no chunks: the body ends with the connection
+        head = self._head(status, headers, content_type)
+        if self._head_only or not self._http11:
+            head += b"\r\n"
+        else:
+            self._chunked = True
+            head += b"Transfer-Encoding: chunked\r\n\r\n"
+        self._connection.write(head)
+
+    async def write(self, data: bytes) -> None:
+        """A piece of the body; waits while the client is behind (flow control)."""
+        if self._head_only or not data:
+            return
+        connection = self._connection
+        connection.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        if connection.paused:
+            await connection.drain()
+
+    def end(self) -> None:
+        """The end of a body begun with `start`."""
+        if self._chunked:
+            self._connection.write_answer(b"0\r\n\r\n", b"")
+        else:
+            self._connection.write_answer(b"", b"")
+        self.ended = True
+
+    def _head(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]], content_type: bytes | None
+    ) -> bytes:
+        if self.started:
+            raise RuntimeError("the answer has begun already")
+        if self._connection.gone:
+            raise ClientGone("the client closed the connection")
+        self.started = True
+        self.status = status
+        parts = [status_line(status), _Date.now()]
+        if content_type is not None:
+            parts.append(b"Content-Type: %s\r\n" % content_type)
+        parts.extend(b"%s: %s\r\n" % pair for pair in headers)
+        if not self.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not self._http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        return b"".join(parts)
+
+
+def error_answer(status: int, message: str, headers: bytes = b"") -> bytes:
+    """A whole answer that closes the connection, with Ollama's `{"error": ...}` body: for
+    faults found before a request's route is known (its head is bad, late or too large; too
+    many connections)."""
+    body = orjson.dumps({"error": message})
+    return (
+        b"%sContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n%s"
+        % (status_line(status), len(body), headers, body)
+    )
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: requests parsed as they arrive, each handed to `handler` in turn."""
+
+    def __init__(self, handler: Handler, connections: Connections) -> None:
+        self._handler = handler
+        self.connections = connections
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._remote = ""
+        self.gone = False
+        self.paused = False  # the client is behind: writing waits (`drain`)
+        self._drained: asyncio.Future[None] | None = None
+        # The request being parsed, its head so far, and the ones waiting for their turn.
+        self._parsing: Request | None = None
+        self._url = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._pending: deque[Request] = deque()
+        self._reading_paused = False
+        self._lingering = False
+        self._current: Request | None = None  # being answered
+        self._task: asyncio.Task[None] | None = None
+        # Timers: one at a time, for the deadline of the state the connection is in.
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_deadline: float | None = None
+        self._unsent = 0  # write buffer size when the send deadline was set
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)
+        self.connections.open[transport] = self
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) else ""
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # closing: what the client still sends is dropped
+        if self._current is None and self._head_deadline is None:
+            self._await_head()  # the first byte of the next request on an idle connection
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, f"the request's head is larger than {MAX_HEAD_BYTES} bytes")
+            else:
+                self._refuse(400, f"malformed HTTP request: {exc}")
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: as Go's net/http, take it as gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        transport = self._transport
+        if transport is not None:
+            self.connections.open.pop(transport, None)
+        self.connections.closed()
+        self._cancel_timers()
+        for request in (self._current, self._parsing, *self._pending):
+            if request is not None:
+                request._fail(ApiError(499, "request canceled"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the handler's awaits raise CancelledError
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self._watch_sending()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._send_timer is not None:  # it read enough to make room: progress
+            self._send_timer.cancel()
+            self._send_timer = None
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES or len(self._headers) > MAX_HEADERS:
+            self._head_bytes = MAX_HEAD_BYTES + 1
+            raise httptools.HttpParserError("head too large")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        request = Request(
+            self,
+            parser.get_method().decode("latin-1"),
+            self._url,
+            self._headers,
+            remote=self._remote,
+            keep_alive=parser.should_keep_alive(),
+            http11=parser.get_http_version() == "1.1",
+        )
+        self._head_deadline = None  # the head came in time
+        self._parsing = request
+        length = next((v for k, v in self._headers if k.lower() == b"content-length"), None)
+        limit = self.connections.limits.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            request._fail(ApiError(413, f"request body is larger than {limit} bytes"))
+        elif any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in self._headers):
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as curl waits for, before a body
+        if self._current is None:
+            self._begin(request)
+        else:
+            self._pending.append(request)
+            if len(self._pending) >= _MAX_PIPELINED:
+                self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is None:
+            return
+        request._feed(body)
+        if request._body_size > _BODY_HIGH_WATER and request is not self._current:
+            self._pause_reading()  # pipelined ahead of its turn: no more until it is taken
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is not None:
+            request._end()
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def _begin(self, request: Request) -> None:
+        self._current = request
+        self._cancel_timer()
+        self._task = self._loop.create_task(self._answer(request))
+
+    async def _answer(self, request: Request) -> None:
+        reply = Reply(self, request)
+        try:
+            await self._handler(request, reply)
+        except (ClientGone, asyncio.CancelledError):
+            self._close()
+            return
+        except Exception:
+            log.exception("unhandled error while answering a request")
+            if reply.started:
+                self._abort()  # an answer cut in the middle: only closing the connection says so
+                return
+            reply.send(500, orjson.dumps({"error": "internal server error"}))
+        if not reply.ended:
+            self._abort()
+            return
+        self._answered(request, reply.keep_alive)
+
+    def _answered(self, request: Request, keep_alive: bool) -> None:
+        """The answer is written (the client may not have read it yet): the next request, or
+        an idle wait for one, or the end of the connection."""
+        self._current = None
+        self._task = None
+        if self.gone:
+            return
+        if not keep_alive:
+            self._close()
+            return
+        if not request.body_complete:  # answered early, the body still coming: no next request
+            self._linger()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        if self._pending:
+            self._begin(self._pending.popleft())
+        else:
+            self._await_idle()
+
+    def body_wanted(self, request: Request) -> None:
+        """The handler waits for the body: let it come, if reading had paused."""
+        if self._reading_paused and request is self._current and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self.gone:
+            self._transport.write(data)
+
+    def write_answer(self, head: bytes, body: bytes) -> None:
+        """The last bytes of an answer: from now the client must take them within the send
+        deadline (a small answer left unread would otherwise hold its connection for ever)."""
+        transport = self._transport
+        if transport is None or self.gone:
+            raise ClientGone("the client closed the connection")
+        if body:
+            transport.writelines((head, body))
+        elif head:
+            transport.write(head)
+        self._watch_sending()
+
+    async def drain(self) -> None:
+        """Until the client has taken enough of what was written (or is gone)."""
+        while self.paused and not self.gone:
+            self._drained = self._loop.create_future()
+            await self._drained
+        if self.gone:
+            raise ClientGone("the client closed the connection")
+
+    # -- deadlines ----------------------------------------------------------------------------
+
+    def _await_head(self) -> None:
+        """A request's head must arrive within header_timeout (from connecting, or from its
+        first byte on a kept-alive connection)."""
+        self._head_deadline = deadline = self._loop.time() + self.connections.limits.header_timeout
+        self._cancel_timer()
+        self._timer = self._loop.call_at(deadline, self._head_late)
+
+    def _head_late(self) -> None:
+        self._timer = None
+        if self._head_deadline is None or self._current is not None or self.gone:
+            return
+        self.connections.timeouts["head"] += 1
+        limit = self.connections.limits.header_timeout
+        self._refuse(408, f"the request's head did not arrive within {limit:g} s")
+
+    def _await_idle(self) -> None:
+        """Between requests: an idle connection is closed after idle_timeout."""
+        self._head_deadline = None
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self.connections.limits.idle_timeout, self._close)
+
+    def _watch_sending(self) -> None:
+        """While written bytes wait for the client, it must take some of them every
+        `send_timeout` seconds (nginx's send_timeout, between two successive writes)."""
+        transport = self._transport
+        if self._send_timer is None and transport is not None and not self.gone:
+            self._unsent = transport.get_write_buffer_size()
+            if self._unsent:
+                limit = self.connections.limits.send_timeout
+                self._send_timer = self._loop.call_later(limit, self._send_late)
+
+    def _send_late(self) -> None:
+        self._send_timer = None
+        transport = self._transport
+        if transport is None or self.gone:
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent < self._unsent:  # it took some: another period for the rest
+            self._watch_sending()
+        elif unsent:
+            # Not a byte taken: its answer would wait in our buffers for ever, and a closing
+            # transport would wait for it to flush. (The backend's slot frees with it.)
+            self.connections.timeouts["send"] += 1
+            self._abort()
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _refuse(self, status: int, message: str) -> None:
+        """A fault before any handler could answer: say so and close."""
+        if self._current is None:
+            self.write(error_answer(status, message))
+            self._linger()
+        else:  # an answer is being written: only closing the connection can say it
+            self._abort()
+
+    def _linger(self) -> None:
+        """Close after an early answer without losing it: closing with the client's bytes
+        unread would send a reset, which can destroy the answer in flight. So the writing side
+        is closed first, and what the client still sends is read and dropped until it closes,
+        or for a short while."""
+        transport = self._transport
+        if transport is None or self.gone or self._lingering:
+            return
+        self._lingering = True
+        self._pending.clear()
+        self._parsing = None
+        self._cancel_timer()
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._reading_paused:
+            transport.resume_reading()
+        self._timer = self._loop.call_later(_LINGER_SECONDS, self._abort)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+
+# Refusals open at once: past it, a connection is closed as soon as it is accepted (a flood must
+# not take the descriptors that the refusals were to save).
+_MAX_REFUSING = 64
+
+
+class Refusal(asyncio.Protocol):
+    """A connection past the limit: answered 503 at once, then closed.
+
+    The answer goes before the request is read, and the writing side is closed first: closing
+    with the client's request unread would send a reset, which can destroy the answer in flight.
+    What the client still sends is read and dropped until it closes, or for a short while."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        connections = self._connections
+        transport = cast(asyncio.Transport, transport)
+        if connections.refusing >= _MAX_REFUSING:
+            transport.abort()
+            return
+        connections.refusing += 1
+        limit = connections.limits.max_connections
+        message = f"too many open connections (the limit is {limit}): try again in 1 s"
+        transport.write(error_answer(503, message, b"Retry-After: 1\r\n"))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        """Its request, read and dropped."""
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: close ours
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._connections.refusing -= 1
+
+
+async def start_server(
+    handler: Handler, connections: Connections, host: str, port: int
+) -> asyncio.Server:
+    """Listen on host:port; each connection is answered by `handler`, within `connections`'
+    limits. The cap counts a connection when it is accepted: the kernel accepts a burst before
+    the event loop sees any of it, and the cap must hold for the whole burst."""
+    loop = asyncio.get_running_loop()
+
+    def protocol() -> asyncio.Protocol:
+        if connections.accepted >= connections.limits.max_connections:
+            connections.refused += 1
+            return Refusal(connections)
+        connections.accepted += 1
+        return ServerConnection(handler, connections)
+
+    return await loop.create_server(protocol, host, port, reuse_address=True)
+
+
+def send_json(reply: Reply, payload: object, status: int = 200) -> None:
+    reply.send(status, orjson.dumps(payload))
