@@ -20,6 +20,8 @@ class Alarm:
 
     def set(self, deadline: float | None) -> None:
         """Ring at `deadline` (on the clock) instead of any earlier setting; None: never."""
+        if deadline == self._deadline and (deadline is None or self._handle is not None):
+            return  # as it is: the common case, asked after every change
         self.cancel()
         self._deadline = deadline
         if deadline is not None:

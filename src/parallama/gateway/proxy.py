@@ -97,7 +97,8 @@ class Proxy:
         exchange.model, exchange.stream, exchange.client = model, info.stream, info.client
         ticket = self._submit(info, model, exchange)
         try:
-            await self._bound(ticket)
+            if ticket.backend is None:
+                await self._bound(ticket)
             outbound = _Outbound(path, request.target, passable(request.raw_headers), body, info)
             await self._forward(reply, outbound, ticket, exchange)
         finally:
@@ -113,7 +114,9 @@ class Proxy:
     ) -> tuple[bytes, RequestInfo]:
         """The body and what routing needs of it; bad input is counted as rejected."""
         try:
-            body = await request.read()
+            body = request.body
+            if body is None:  # still coming, or refused
+                body = await request.read()
             info = inspect_request(path, body, request.headers, request.remote)
         except ApiError:
             self.scheduler.refuse()

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import http
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import cast
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Literal, cast
 from urllib.parse import unquote
 
 import httptools
@@ -54,6 +55,7 @@ _MAX_PIPELINED = 16
 # Unread body bytes past which a request's body stops being read until its handler takes it.
 _BODY_HIGH_WATER = 1024 * 1024
 _LINGER_SECONDS = 2.0  # after an early answer, time for the client to see it before we close
+_JOIN_BELOW = 64 * 1024  # a body this small is written with its head as one piece
 
 
 class ClientGone(ConnectionError):
@@ -85,23 +87,29 @@ class _Date:
         return cls.header
 
 
+@functools.lru_cache(maxsize=64)  # the names the gateway's code asks for
+def _key(name: str) -> bytes:
+    return name.lower().encode("latin-1")
+
+
 class HeaderMap(Mapping[str, str]):
     """A request's headers by case-insensitive name (the first of repeated ones), decoded as
-    Latin-1 as HTTP defines them; built on first use, since the hot path needs few."""
+    Latin-1 as HTTP defines them."""
 
-    def __init__(self, raw: Headers) -> None:
-        self._by_name: dict[str, str] = {}
-        for name, value in raw:
-            self._by_name.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    __slots__ = ("_by_name",)
+
+    def __init__(self, by_name: dict[bytes, bytes]) -> None:
+        self._by_name = by_name  # lower-case names
 
     def __getitem__(self, name: str) -> str:
-        return self._by_name[name.lower()]
+        return self._by_name[_key(name)].decode("latin-1")
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return self._by_name.get(name.lower(), default)
+        value = self._by_name.get(_key(name))
+        return default if value is None else value.decode("latin-1")
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._by_name)
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self._by_name)
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -116,8 +124,8 @@ class Request:
         "_complete",
         "_connection",
         "_error",
-        "_headers",
         "_waiter",
+        "headers",
         "http11",
         "keep_alive",
         "method",
@@ -132,6 +140,7 @@ class Request:
         method: str,
         target: bytes,
         raw_headers: Headers,
+        by_name: dict[bytes, bytes],
         *,
         remote: str,
         keep_alive: bool,
@@ -144,7 +153,7 @@ class Request:
         self.remote = remote
         self.keep_alive = keep_alive
         self.http11 = http11
-        self._headers: HeaderMap | None = None
+        self.headers = HeaderMap(by_name)
         self._body: list[bytes] = []
         self._body_size = 0
         self._complete = False
@@ -158,14 +167,17 @@ class Request:
         return unquote(path) if "%" in path else path
 
     @property
-    def headers(self) -> HeaderMap:
-        if self._headers is None:
-            self._headers = HeaderMap(self.raw_headers)
-        return self._headers
-
-    @property
     def body_complete(self) -> bool:
         return self._complete
+
+    @property
+    def body(self) -> bytes | None:
+        """The whole body if it has arrived within its limit (the usual case: it came with the
+        head), else None: then `read` it."""
+        if not self._complete or self._error is not None:
+            return None
+        body = self._body
+        return body[0] if len(body) == 1 else b"".join(body)
 
     async def read(self) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 if the client pauses longer than
@@ -320,6 +332,9 @@ def error_answer(status: int, message: str, headers: bytes = b"") -> bytes:
     )
 
 
+Waiting = Literal["head", "idle", "linger"]
+
+
 class ServerConnection(asyncio.Protocol):
     """One client connection: requests parsed as they arrive, each handed to `handler` in turn."""
 
@@ -335,17 +350,21 @@ class ServerConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         # The request being parsed, its head so far, and the ones waiting for their turn.
         self._parsing: Request | None = None
+        self._in_head = False  # a request's head has begun and not ended
         self._url = b""
         self._headers: Headers = []
+        self._by_name: dict[bytes, bytes] = {}
         self._head_bytes = 0
         self._pending: deque[Request] = deque()
         self._reading_paused = False
-        self._lingering = False
         self._current: Request | None = None  # being answered
         self._task: asyncio.Task[None] | None = None
-        # Timers: one at a time, for the deadline of the state the connection is in.
+        # What the connection waits for from the client, and until when. One timer serves every
+        # deadline and is pushed back lazily (when it rings early it is set again), so that a busy
+        # keep-alive connection arms and cancels no timer per request.
+        self._waiting: Waiting | None = None
+        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._head_deadline: float | None = None
         self._unsent = 0  # write buffer size when the send deadline was set
         self._send_timer: asyncio.TimerHandle | None = None
 
@@ -356,22 +375,26 @@ class ServerConnection(asyncio.Protocol):
         self.connections.open[transport] = self
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else ""
-        self._await_head()
+        # A connection that never sends a request is closed as late as a late head.
+        self._wait_for("head", self.connections.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._waiting == "linger":
             return  # closing: what the client still sends is dropped
-        if self._current is None and self._head_deadline is None:
-            self._await_head()  # the first byte of the next request on an idle connection
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"the request's head is larger than {MAX_HEAD_BYTES} bytes")
             else:
                 self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head and self._current is None and self._waiting != "head":
+            # Part of a head, between requests: the rest must follow within header_timeout.
+            self._wait_for("head", self.connections.limits.header_timeout)
 
     def eof_received(self) -> bool:
         return False  # the client closed its side: as Go's net/http, take it as gone
@@ -382,7 +405,10 @@ class ServerConnection(asyncio.Protocol):
         if transport is not None:
             self.connections.open.pop(transport, None)
         self.connections.closed()
-        self._cancel_timers()
+        self._waiting = None
+        for timer in (self._timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
         for request in (self._current, self._parsing, *self._pending):
             if request is not None:
                 request._fail(ApiError(499, "request canceled"))
@@ -406,8 +432,10 @@ class ServerConnection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._url = b""
         self._headers = []
+        self._by_name = {}
         self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
@@ -418,29 +446,34 @@ class ServerConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._by_name.setdefault(name.lower(), value)
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES or len(self._headers) > MAX_HEADERS:
             self._head_bytes = MAX_HEAD_BYTES + 1
             raise httptools.HttpParserError("head too large")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._waiting == "head":
+            self._waiting = None  # the head came in time
         parser = self._parser
+        by_name = self._by_name
         request = Request(
             self,
             parser.get_method().decode("latin-1"),
             self._url,
             self._headers,
+            by_name,
             remote=self._remote,
             keep_alive=parser.should_keep_alive(),
             http11=parser.get_http_version() == "1.1",
         )
-        self._head_deadline = None  # the head came in time
         self._parsing = request
-        length = next((v for k, v in self._headers if k.lower() == b"content-length"), None)
+        length = by_name.get(b"content-length")
         limit = self.connections.limits.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             request._fail(ApiError(413, f"request body is larger than {limit} bytes"))
-        elif any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in self._headers):
+        elif by_name.get(b"expect", b"").lower() == b"100-continue":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as curl waits for, before a body
         if self._current is None:
             self._begin(request)
@@ -467,7 +500,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _begin(self, request: Request) -> None:
         self._current = request
-        self._cancel_timer()
+        self._waiting = None
         self._task = self._loop.create_task(self._answer(request))
 
     async def _answer(self, request: Request) -> None:
@@ -505,10 +538,13 @@ class ServerConnection(asyncio.Protocol):
             self._reading_paused = False
             assert self._transport is not None
             self._transport.resume_reading()
+        limits = self.connections.limits
         if self._pending:
             self._begin(self._pending.popleft())
+        elif self._in_head:  # the next request's head has begun
+            self._wait_for("head", limits.header_timeout)
         else:
-            self._await_idle()
+            self._wait_for("idle", limits.idle_timeout)
 
     def body_wanted(self, request: Request) -> None:
         """The handler waits for the body: let it come, if reading had paused."""
@@ -526,11 +562,12 @@ class ServerConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.gone:
             raise ClientGone("the client closed the connection")
-        if body:
+        if len(body) > _JOIN_BELOW:
             transport.writelines((head, body))
-        elif head:
-            transport.write(head)
-        self._watch_sending()
+        else:
+            transport.write(head + body)
+        if transport.get_write_buffer_size():
+            self._watch_sending()
 
     async def drain(self) -> None:
         """Until the client has taken enough of what was written (or is gone)."""
@@ -542,26 +579,34 @@ class ServerConnection(asyncio.Protocol):
 
     # -- deadlines ----------------------------------------------------------------------------
 
-    def _await_head(self) -> None:
-        """A request's head must arrive within header_timeout (from connecting, or from its
-        first byte on a kept-alive connection)."""
-        self._head_deadline = deadline = self._loop.time() + self.connections.limits.header_timeout
-        self._cancel_timer()
-        self._timer = self._loop.call_at(deadline, self._head_late)
+    def _wait_for(self, what: Waiting, seconds: float) -> None:
+        """From now, `what` must happen within `seconds`: a request's head (else 408), the next
+        request on a kept-alive connection (else it closes), or the client's close (lingering)."""
+        self._waiting = what
+        self._deadline = deadline = self._loop.time() + seconds
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._rang)
 
-    def _head_late(self) -> None:
+    def _rang(self) -> None:
         self._timer = None
-        if self._head_deadline is None or self._current is not None or self.gone:
+        waiting = self._waiting
+        if waiting is None or self.gone:
             return
-        self.connections.timeouts["head"] += 1
-        limit = self.connections.limits.header_timeout
-        self._refuse(408, f"the request's head did not arrive within {limit:g} s")
-
-    def _await_idle(self) -> None:
-        """Between requests: an idle connection is closed after idle_timeout."""
-        self._head_deadline = None
-        self._cancel_timer()
-        self._timer = self._loop.call_later(self.connections.limits.idle_timeout, self._close)
+        if self._loop.time() < self._deadline:  # pushed back since it was set
+            self._timer = self._loop.call_at(self._deadline, self._rang)
+            return
+        self._waiting = None
+        if waiting == "head":
+            self.connections.timeouts["head"] += 1
+            limit = self.connections.limits.header_timeout
+            self._refuse(408, f"the request's head did not arrive within {limit:g} s")
+        elif waiting == "idle":
+            self._close()
+        else:
+            self._abort()
 
     def _watch_sending(self) -> None:
         """While written bytes wait for the client, it must take some of them every
@@ -603,17 +648,15 @@ class ServerConnection(asyncio.Protocol):
         is closed first, and what the client still sends is read and dropped until it closes,
         or for a short while."""
         transport = self._transport
-        if transport is None or self.gone or self._lingering:
+        if transport is None or self.gone or self._waiting == "linger":
             return
-        self._lingering = True
         self._pending.clear()
         self._parsing = None
-        self._cancel_timer()
         if transport.can_write_eof():
             transport.write_eof()
         if self._reading_paused:
             transport.resume_reading()
-        self._timer = self._loop.call_later(_LINGER_SECONDS, self._abort)
+        self._wait_for("linger", _LINGER_SECONDS)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:
@@ -627,17 +670,6 @@ class ServerConnection(asyncio.Protocol):
     def _abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_timer()
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
 
 
 # Refusals open at once: past it, a connection is closed as soon as it is accepted (a flood must

@@ -6,6 +6,7 @@ Shared by the emulator (which speaks it) and the gateway (which relays and somet
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
 import orjson
@@ -49,6 +50,7 @@ def name_parts(name: str) -> dict[str, str]:
     return {"host": "/".join(above), "namespace": namespace, "model": model, "tag": tag}
 
 
+@functools.lru_cache(maxsize=1024)  # the names a fleet's clients use, checked once each
 def name_too_long(name: str) -> str | None:
     """Why a model name cannot be one Ollama accepts for its length, or None. Only lengths are
     checked: OpenAI-dialect engines name models more freely than Ollama (paths, capitals)."""

@@ -33,12 +33,14 @@ def keep_tail(tail: bytes, chunk: bytes) -> bytes:
 
 
 def usage_from_tail(tail: bytes) -> Usage | None:
-    counts = {name.decode(): int(value) for name, value in _COUNT.findall(tail)}  # last wins
+    counts = dict(_COUNT.findall(tail))  # the last of each wins
     if not counts:
         return None
-    duration = counts.get("eval_duration")
+    prompt = counts.get(b"prompt_eval_count", counts.get(b"prompt_tokens"))
+    generated = counts.get(b"eval_count", counts.get(b"completion_tokens"))
+    duration = int(counts.get(b"eval_duration", 0))
     return Usage(
-        prompt_tokens=counts.get("prompt_eval_count", counts.get("prompt_tokens")),
-        generated_tokens=counts.get("eval_count", counts.get("completion_tokens")),
+        prompt_tokens=None if prompt is None else int(prompt),
+        generated_tokens=None if generated is None else int(generated),
         generation_seconds=duration / 1e9 if duration else None,
     )
