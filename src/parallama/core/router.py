@@ -22,6 +22,8 @@ POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
 
 def _least_loaded(model: str, free: Sequence[Backend]) -> Backend:
     """Least busy for its capacity, preferring one that has the model loaded (no load time)."""
+    if len(free) == 1:
+        return free[0]
     return min(free, key=lambda b: (model not in b.loaded, b.load(), b.name))
 
 

@@ -64,7 +64,7 @@ class UnavailableError(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     model: str
     client: str
@@ -75,7 +75,7 @@ class Ticket:
     backend: Backend | None = None
     dispatched_at: float | None = None
     outcome: Outcome | None = None
-    avoid: set[str] = field(default_factory=set)  # backends it failed on
+    avoid: frozenset[str] = frozenset()  # backends it failed on
     waited: float = 0.0  # seconds in the queue before its latest wait, summed over requeues
     queued_since: float | None = None  # when its current wait began; None while bound
 
@@ -326,6 +326,11 @@ class Scheduler:
         The queue bounds apply only to requests that would have to wait."""
         self.total += 1
         ticket = Ticket(model, client, priority, self._clock(), next(self._seq), session)
+        if self.queue_depth(model) == 0:
+            backend = self._choose(ticket, waiting=1)
+            if backend is not None:  # a free slot and nobody ahead: bind at once
+                self._bind(ticket, backend)
+                return ticket
         offering = [b for b in self.backends.values() if b.offers(model)]
         if not offering:
             self._end(ticket, Outcome.REJECTED)
@@ -335,11 +340,6 @@ class Scheduler:
             reopen = [b.breaker.next_change() or 0.0 for b in offering if not b.draining]
             wait = min(reopen, default=0.0) - self._clock()
             raise UnavailableError(model, max(1.0, math.ceil(wait)))
-        if self.queue_depth(model) == 0:
-            backend = self._choose(ticket, waiting=1)
-            if backend is not None:  # a free slot and nobody ahead: bind at once
-                self._bind(ticket, backend)
-                return ticket
         if self.queued >= self.settings.max_queue:
             self._end(ticket, Outcome.REJECTED)
             raise QueueFullError("gateway", self.retry_after(model))
@@ -390,7 +390,7 @@ class Scheduler:
         model = ticket.model
         alternative = self.has_alternative(ticket)
         self._free(ticket)
-        ticket.avoid.add(ticket.backend.name)
+        ticket.avoid |= {ticket.backend.name}
         ticket.backend = None
         ticket.dispatched_at = None
         ticket.queued_since = self._clock()

@@ -81,6 +81,10 @@ class Connection(asyncio.Protocol):
         self._readable: select.poll | None = None  # whether the socket has anything to read
         self.closed = False
         self.idle_since = 0.0
+        # The silence timer: one per connection, pushed back lazily (it re-arms itself when it
+        # rings early), not armed and cancelled for every request and chunk.
+        self._heard_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._begin()
 
     def _begin(self) -> None:
@@ -96,8 +100,6 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._heard_at = 0.0
-        self._timer: asyncio.TimerHandle | None = None
 
     # -- the request ----------------------------------------------------------------------------
 
@@ -105,10 +107,9 @@ class Connection(asyncio.Protocol):
         """Send a request and wait for the head of its answer."""
         assert self._transport is not None
         self._begin()
-        self._heard_at = self._loop.time()
-        self._timer = self._loop.call_at(
-            self._heard_at + self._upstream.read_timeout, self._on_silence
-        )
+        self._heard_at = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self._upstream.read_timeout, self._on_silence)
         if body:
             self._transport.writelines((request, body))
         else:
@@ -144,7 +145,6 @@ class Connection(asyncio.Protocol):
     def release(self) -> None:
         """Done with this answer: keep the connection for the next request if the answer ended
         cleanly, else close it (mid-answer, that tells the backend to stop working)."""
-        self._cancel_timer()
         if self._complete and self._keep_alive and not self.closed:
             self._upstream.keep(self)
         else:
@@ -237,7 +237,6 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()
-        self._cancel_timer()
         self._wake()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -261,10 +260,9 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _on_silence(self) -> None:
-        """One timer per request, pushed back lazily: cheaper than re-arming it per chunk."""
         self._timer = None
         if self._complete or self.closed:
-            return
+            return  # no answer awaited: the next request arms it again
         timeout = self._upstream.read_timeout
         now = self._loop.time()
         if self._paused:  # waiting on our consumer, not on the backend
