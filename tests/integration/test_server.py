@@ -1,0 +1,169 @@
+"""The gateway's own HTTP/1.1 server, over raw sockets: what clients other than httpx send
+(HEAD, HTTP/1.0, `Expect: 100-continue`, chunked bodies, pipelined requests) and what an
+attacker sends (smuggling, huge heads, garbage)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from parallama.config import BackendSettings
+from parallama.gateway.app import Gateway
+from tests.simhelpers import CHAT_MODEL, gateway_status, gateway_with, sim_server
+
+GENERATE = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi", "stream": False})
+STREAM = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi"})
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    with (
+        sim_server() as backend,
+        gateway_with((BackendSettings(url=backend.url),)) as running,
+    ):
+        yield running
+
+
+async def until_closed(port: int, *parts: bytes, wait_for: bytes | None = None) -> bytes:
+    """Send `parts` on one connection and read until the server closes it. With `wait_for`,
+    the parts after the first go only once the answer so far holds those bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = b""
+    try:
+        async with asyncio.timeout(10):
+            writer.write(parts[0])
+            if wait_for is not None:
+                while wait_for not in received:
+                    received += await reader.read(65536)
+            for part in parts[1:]:
+                writer.write(part)
+            return received + await reader.read()
+    finally:
+        writer.close()
+
+
+def post(path: str, body: bytes, *headers: bytes, version: bytes = b"1.1") -> bytes:
+    head = b"POST %s HTTP/%s\r\nHost: localhost\r\nContent-Length: %d\r\n" % (
+        path.encode(),
+        version,
+        len(body),
+    )
+    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
+def answers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """Whole answers with a Content-Length, in order: (head, body) each."""
+    found = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        found.append((head, raw[:length]))
+        raw = raw[length:]
+    return found
+
+
+def test_head_is_answered_with_gets_headers_and_no_body(gateway: Gateway) -> None:
+    close = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    raw = asyncio.run(
+        until_closed(gateway.port, b"HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\n" + close)
+    )
+    head_answer, _, rest = raw.partition(b"\r\n\r\n")
+    assert head_answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"Content-Length: 17" in head_answer
+    ((_, text),) = answers(rest)  # no body between the two answers
+    assert text == b"Ollama is running"  # and the connection still served the next request
+
+
+def test_an_http10_client_gets_its_stream_unchunked_until_the_connection_closes(
+    gateway: Gateway,
+) -> None:
+    raw = asyncio.run(until_closed(gateway.port, post("/api/generate", STREAM, version=b"1.0")))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"Connection: close" in head
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert len(lines) > 2
+    assert lines[-1]["done"] is True
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body(gateway: Gateway) -> None:
+    whole = post("/api/generate", GENERATE, b"Expect: 100-continue", b"Connection: close")
+    head, _, body = whole.partition(b"\r\n\r\n")
+    raw = asyncio.run(until_closed(gateway.port, head + b"\r\n\r\n", body, wait_for=b"\r\n\r\n"))
+    assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+    assert orjson.loads(raw.partition(b"\r\n\r\n")[2].partition(b"\r\n\r\n")[2])["done"]
+
+
+def test_a_chunked_request_body_is_read_whole(gateway: Gateway) -> None:
+    half = len(GENERATE) // 2
+    chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        half,
+        GENERATE[:half],
+        len(GENERATE) - half,
+        GENERATE[half:],
+    )
+    head = (
+        b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    ((status, body),) = answers(asyncio.run(until_closed(gateway.port, head + chunks)))
+    assert status.startswith(b"HTTP/1.1 200 OK")
+    assert orjson.loads(body)["done"] is True
+
+
+def test_a_request_framed_two_ways_is_refused_and_never_forwarded(gateway: Gateway) -> None:
+    """Content-Length and chunked together is how requests are smuggled past a proxy."""
+    before = gateway_status(gateway.url)["total"]
+    smuggled = (
+        b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /parallama/status HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    )
+    raw = asyncio.run(until_closed(gateway.port, smuggled))
+    ((head, body),) = answers(raw)  # one answer, and the connection closed
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert "malformed HTTP request" in orjson.loads(body)["error"]
+    assert gateway_status(gateway.url)["total"] == before
+
+
+def test_a_head_larger_than_32_kib_is_431(gateway: Gateway) -> None:
+    huge = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n"
+    ((head, body),) = answers(asyncio.run(until_closed(gateway.port, huge)))
+    assert head.startswith(b"HTTP/1.1 431 ")
+    assert "larger than 32768 bytes" in orjson.loads(body)["error"]
+
+
+def test_garbage_is_a_400(gateway: Gateway) -> None:
+    ((head, body),) = answers(asyncio.run(until_closed(gateway.port, b"HELLO THERE\r\n\r\n")))
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert "error" in orjson.loads(body)
+
+
+def test_pipelined_requests_are_answered_in_order(gateway: Gateway) -> None:
+    requests = (
+        post("/api/generate", GENERATE)
+        + b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        + b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    first, second, third = answers(asyncio.run(until_closed(gateway.port, requests)))
+    assert orjson.loads(first[1])["done"] is True
+    assert "version" in orjson.loads(second[1])
+    assert third[1] == b"Ollama is running"
+
+
+def test_unknown_routes_and_methods_are_answered_in_the_routes_dialect(gateway: Gateway) -> None:
+    requests = (
+        b"GET /v1/nothing HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"GET /api/chat HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    (not_found, openai_error), (not_allowed, ollama_error) = answers(
+        asyncio.run(until_closed(gateway.port, requests))
+    )
+    assert not_found.startswith(b"HTTP/1.1 404 ")
+    assert orjson.loads(openai_error)["error"]["message"] == "no route GET /v1/nothing"
+    assert not_allowed.startswith(b"HTTP/1.1 405 ")
+    assert orjson.loads(ollama_error) == {"error": "method GET not allowed on /api/chat"}
