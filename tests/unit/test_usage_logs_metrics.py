@@ -6,7 +6,7 @@ import logging
 
 import orjson
 
-from parallama.gateway.exchange import Exchange
+from parallama.core.exchange import Exchange
 from parallama.gateway.metrics import ModelLabels
 from parallama.logs import JsonFormatter, LogfmtFormatter
 from parallama.protocol.usage import TAIL_BYTES, Usage, keep_tail, usage_from_tail

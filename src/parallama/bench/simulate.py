@@ -19,16 +19,11 @@ from parallama.bench.runner import Plan, Result, Runner, Setup
 from parallama.bench.stats import Sample
 from parallama.config import GatewaySettings
 from parallama.core.breaker import Breaker
-from parallama.core.forwarding import Forwarding
+from parallama.core.exchange import Exchange
+from parallama.core.lifecycle import Lifecycle
 from parallama.core.router import Policy
-from parallama.core.scheduler import (
-    Backend,
-    NoBackendError,
-    QueueFullError,
-    Scheduler,
-    SchedulerSettings,
-    UnavailableError,
-)
+from parallama.core.scheduler import Backend, Scheduler, SchedulerSettings
+from parallama.errors import ApiError
 from parallama.gateway.waiting import Waiting
 from parallama.sim.answers import chat_prompt, generate_prompt, plan_answer
 from parallama.sim.config import SimConfig
@@ -115,41 +110,35 @@ class SimulatedFleet:
 
     async def send(self, setup: Setup, n: int, sample: Sample) -> None:
         """The n-th request through the gateway's queue to an engine, as `parallama serve`
-        would send it: an engine's "server busy" is decided by the gateway's own `Forwarding`
-        (throttled, and moved to another engine while one is left)."""
+        would send it: every decision (admission, "server busy" throttled and moved to another
+        engine while one is left, the outcome) is the gateway's own `Lifecycle`'s."""
         workload = self._plan.workload
-        try:
-            ticket = self.scheduler.submit(workload.model)
-        except (QueueFullError, UnavailableError):
-            sample.error = "503"
-            return
-        except NoBackendError:
-            sample.error = "404"
-            return
-        forwarding = Forwarding(self.scheduler, ticket, self._retries, self._waiting.changed)
+        exchange = Exchange("POST", "/api/generate", "bench", self._clock())
+        life = Lifecycle(self.scheduler, exchange, self._retries, self._waiting.changed)
         sent = self._clock()
         try:
+            life.admit(workload.model, workload.model, client="bench")
             while True:
-                await self._waiting.until_bound(ticket)
-                if ticket.backend is None:
-                    sample.error = "503"  # timed out in the queue
-                    return
+                if life.waiting:
+                    await self._waiting.until_bound(life.ticket)
+                engine = self._engines[life.attempt()]
                 try:
-                    await self._generate(self._engines[forwarding.backend], sample, n, sent)
+                    await self._generate(engine, sample, n, sent)
                 except ServerBusyError:
-                    if (elsewhere := forwarding.answered(503)) is None:
-                        forwarding.ended(503)
+                    if (elsewhere := life.answered(503)) is None:
+                        life.ended(503)
                         sample.error = "503"
                         return
-                    if (given_up := forwarding.failed(elsewhere)) is not None:
+                    if (given_up := life.failed(elsewhere)) is not None:
                         sample.error = str(given_up.status)
                         return
                     continue
-                forwarding.ended(200)
+                life.ended(200)
                 return
+        except ApiError as refused:  # turned away, or timed out in the queue
+            sample.error = str(refused.status)
         finally:
-            if ticket.outcome is None:  # the run ended it early
-                forwarding.left()
+            life.close(self._clock())  # the run may have ended it early
 
     async def _generate(self, engine: Engine, sample: Sample, n: int, sent: float) -> None:
         workload = self._plan.workload

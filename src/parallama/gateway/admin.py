@@ -8,8 +8,8 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from parallama import __version__
+from parallama.core.exchange import Exchange
 from parallama.errors import ApiError, ConfigError
-from parallama.gateway.exchange import Exchange
 from parallama.gateway.metrics import CONTENT_TYPE
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from parallama.config import GatewaySettings
+from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, ConfigError, excerpt
 from parallama.gateway.admin import Admin
-from parallama.gateway.exchange import Exchange
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
 from parallama.gateway.listings import Listings
@@ -49,7 +49,7 @@ class Gateway:
         self.fleet = Fleet(self.scheduler, settings, self._waiting.changed)
         self.connections = Connections(self._connection_limits(settings))
         self.metrics = GatewayMetrics(self.scheduler, self.connections)
-        self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, self.metrics, settings)
+        self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, settings)
         self._listings = Listings(self.scheduler, self.fleet, settings.connect_timeout)
         admin = Admin(self)
         self.routes: dict[str, dict[str, Route]] = {

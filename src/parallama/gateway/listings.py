@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.exchange import Exchange
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama

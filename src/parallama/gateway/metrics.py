@@ -26,8 +26,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.exchange import Exchange
 from parallama.gateway.guard import Connections, Phase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -255,9 +255,6 @@ class GatewayMetrics:
         registry.register(_SchedulerCollector(scheduler, self._models))
         registry.register(_ConnectionCollector(connections))
 
-    def failover(self, backend: str) -> None:
-        self._failovers.inc((backend,))
-
     def observe(self, exchange: Exchange) -> None:
         """Count a finished request of a model route (model "" when its body had none)."""
         outcome = exchange.outcome
@@ -267,6 +264,8 @@ class GatewayMetrics:
         self._requests.inc((*model, outcome))
         if exchange.backend is not None:
             self._backend_requests.inc((exchange.backend, outcome))
+        for backend in exchange.failed_over:
+            self._failovers.inc((backend,))
         if exchange.queue_seconds is not None:
             self._queue_wait.observe(model, exchange.queue_seconds)
         if outcome != "completed":

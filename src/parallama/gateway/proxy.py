@@ -3,7 +3,8 @@ queued in the scheduler, then forwarded to the backend it binds it to, its answe
 
 Answers are relayed as they arrive, chunk by chunk, without being parsed; only the last few
 kilobytes are kept, for the token counts at their end. What happens after an attempt fails is
-`Forwarding`'s decision (sans-I/O); this only does the I/O. A client that goes away leaves the
+`Lifecycle`'s decision (sans-I/O), as is every update of the request's record; this only does
+the I/O. A client that goes away leaves the
 queue (its task is cancelled) or, mid-answer, closes the upstream request so the backend's slot
 frees.
 """
@@ -15,19 +16,11 @@ import time
 from dataclasses import dataclass
 
 from parallama.config import GatewaySettings
-from parallama.core.forwarding import Failure, Forwarding
-from parallama.core.scheduler import (
-    NoBackendError,
-    Outcome,
-    QueueFullError,
-    Scheduler,
-    Ticket,
-    UnavailableError,
-)
+from parallama.core.exchange import Exchange
+from parallama.core.lifecycle import Failure, Lifecycle, refuse_input
+from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError
-from parallama.gateway.exchange import Exchange
 from parallama.gateway.fleet import Fleet
-from parallama.gateway.metrics import GatewayMetrics
 from parallama.gateway.relay import PassThrough, Relay, Translating, content_type_of, passable
 from parallama.gateway.server import ClientGone, Reply, Request
 from parallama.gateway.upstream import Connection, Headers, UpstreamError, UpstreamTimeout
@@ -74,16 +67,10 @@ class _Failover(Exception):
 
 class Proxy:
     def __init__(
-        self,
-        scheduler: Scheduler,
-        fleet: Fleet,
-        waiting: Waiting,
-        metrics: GatewayMetrics,
-        settings: GatewaySettings,
+        self, scheduler: Scheduler, fleet: Fleet, waiting: Waiting, settings: GatewaySettings
     ) -> None:
         self.scheduler = scheduler
         self.fleet = fleet
-        self.metrics = metrics
         self.settings = settings  # replaced on reload
         self._waiting = waiting
 
@@ -94,20 +81,33 @@ class Proxy:
         target = self.settings.aliases.get(model)
         if target is not None:
             body, model = with_model(body, target), target
-        exchange.model, exchange.stream, exchange.client = model, info.stream, info.client
-        ticket = self._submit(info, model, exchange)
+        exchange.stream = info.stream
+        scheduler, waiting = self.scheduler, self._waiting
+        life = Lifecycle(scheduler, exchange, self.settings.retries, waiting.changed)
+        affine = scheduler.policy(model) == "session-affinity"
+        life.admit(
+            model,
+            info.model,
+            client=info.client,
+            priority=info.priority,
+            session=info.session if affine else "",  # hashed only when it is used
+        )
         try:
-            if ticket.backend is None:
-                await self._bound(ticket)
             outbound = _Outbound(path, request.target, passable(request.raw_headers), body, info)
-            await self._forward(reply, outbound, ticket, exchange)
+            while True:
+                if life.waiting:
+                    await waiting.until_bound(life.ticket)
+                try:
+                    await self._attempt(reply, outbound, life)
+                    return
+                except _Failover as failed:
+                    given_up = life.failed(failed.failure)
+                    if given_up is not None:
+                        status = given_up.status
+                        reply.send(status, error_body(info.dialect, status, given_up.message))
+                        return
         finally:
-            if ticket.outcome is None:  # cancelled, or an error escaped
-                self.scheduler.cancel(ticket)
-                self._waiting.changed()
-            assert ticket.outcome is not None
-            exchange.outcome = ticket.outcome.value
-            exchange.queue_seconds = ticket.queue_seconds(time.monotonic())
+            life.close(time.monotonic())
 
     async def _read(
         self, request: Request, path: str, exchange: Exchange
@@ -119,70 +119,17 @@ class Proxy:
                 body = await request.read()
             info = inspect_request(path, body, request.headers, request.remote)
         except ApiError:
-            self.scheduler.refuse()
-            exchange.outcome = Outcome.REJECTED.value
+            refuse_input(self.scheduler, exchange)
             raise
         return body, info
 
-    def _submit(self, info: RequestInfo, model: str, exchange: Exchange) -> Ticket:
-        """Into the gateway's queue (or bound at once to a backend with a free slot)."""
-        scheduler = self.scheduler
-        try:
-            affine = scheduler.policy(model) == "session-affinity"
-            return scheduler.submit(
-                model,
-                client=info.client,
-                priority=info.priority,
-                session=info.session if affine else "",  # hashed only when it is used
-            )
-        except (QueueFullError, UnavailableError) as refused:
-            exchange.outcome = Outcome.REJECTED.value
-            retry = str(int(refused.retry_after))
-            message = f"{refused}: try again in {retry} s"
-            raise ApiError(503, message, {"Retry-After": retry}) from None
-        except NoBackendError:
-            exchange.outcome = Outcome.REJECTED.value
-            raise ApiError(404, ollama.model_not_found(info.model)) from None
-
-    async def _bound(self, ticket: Ticket) -> None:
-        """Until the ticket has a backend; 503 if it waited longer than the queue allows."""
-        await self._waiting.until_bound(ticket)
-        if ticket.outcome is Outcome.TIMED_OUT:
-            retry = str(int(self.scheduler.retry_after(ticket.model)))
-            waited = self.settings.queue_timeout
-            message = f"timed out after {waited:g} s waiting in the queue"
-            raise ApiError(503, message, {"Retry-After": retry})
-
-    async def _forward(
-        self, reply: Reply, outbound: _Outbound, ticket: Ticket, exchange: Exchange
-    ) -> None:
-        """Try the bound backend; what happens next is `Forwarding`'s decision: before the
-        first byte reached the client, a failed attempt may move to another backend, else the
-        client gets a clear error."""
-        retries = self.settings.retries
-        forwarding = Forwarding(self.scheduler, ticket, retries, self._waiting.changed)
-        while True:
-            try:
-                await self._attempt(reply, outbound, forwarding, exchange)
-                return
-            except _Failover as failed:
-                exchange.error = failed.failure.reason
-                left = forwarding.backend
-                given_up = forwarding.failed(failed.failure)
-                if given_up is not None:
-                    exchange.status = status = given_up.status
-                    reply.send(status, error_body(outbound.info.dialect, status, given_up.message))
-                    return
-                self.metrics.failover(left)
-                await self._bound(ticket)
-
-    async def _attempt(
-        self, reply: Reply, outbound: _Outbound, forwarding: Forwarding, exchange: Exchange
-    ) -> None:
-        base = exchange.backend = forwarding.backend
-        relay = self._relay(outbound, forwarding, exchange)
+    async def _attempt(self, reply: Reply, outbound: _Outbound, life: Lifecycle) -> None:
+        """One backend's try at the request; `_Failover` if it failed before a byte reached
+        the client (then `life` decides whether another backend may try)."""
+        base = life.attempt()
+        relay = self._relay(outbound, life)
         if relay.local is not None:  # nothing for the engine to do
-            forwarding.ended(200)
+            life.ended(200)
             reply.send(200, relay.local, _NDJSON if outbound.info.stream else _JSON)
             return
         answer: Connection | None = None
@@ -192,8 +139,8 @@ class Proxy:
             sent = relay.request_headers(outbound.headers)
             answer = await self.fleet.upstream(base).send(b"POST", relay.target, sent, relay.body)
             upstream_status = answer.status
-            exchange.status = status = relay.status(upstream_status)
-            if (elsewhere := forwarding.answered(status)) is not None:
+            status = relay.status(upstream_status)
+            if (elsewhere := life.answered(status)) is not None:
                 raise _Failover(elsewhere)
             headers = relay.headers(upstream_status, answer.headers)
             if not outbound.info.stream or upstream_status != 200:  # one answer: whole
@@ -201,10 +148,9 @@ class Proxy:
                 tail = whole[-TAIL_BYTES:]
                 reply.send(status, whole, None, headers)
             else:
-                tail = await _stream(answer, relay, reply, exchange, status=status, headers=headers)
+                tail = await _stream(answer, relay, reply, life, status=status, headers=headers)
         except ClientGone:
-            forwarding.left()
-            exchange.status = 499
+            life.left()
             raise
         except (UpstreamError, BadAnswer) as exc:
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
@@ -214,8 +160,7 @@ class Proxy:
                 # It answered, however badly (BadAnswer), or may have been working on it.
                 worked_on = not isinstance(exc, UpstreamError) or exc.reached
                 raise _Failover(Failure(status, reason, worked_on=worked_on)) from None
-            exchange.error = reason
-            forwarding.broke()
+            life.broke(reason)
             last_words = _error_chunk(content_type_of(headers), reason)
             if last_words is not None:
                 await reply.write(last_words)
@@ -226,20 +171,19 @@ class Proxy:
         finally:
             if answer is not None:
                 answer.release()  # back to the pool, or closed if the answer did not end
-        if status == 200:
-            exchange.usage = usage_from_tail(tail)
-        forwarding.ended(status)
+        life.ended(status, usage_from_tail(tail) if status == 200 else None)
 
-    def _relay(self, outbound: _Outbound, forwarding: Forwarding, exchange: Exchange) -> Relay:
+    def _relay(self, outbound: _Outbound, life: Lifecycle) -> Relay:
         """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
-        engine = self.fleet.dialect(forwarding.backend)
+        engine = self.fleet.dialect(life.backend)
         if outbound.info.dialect == "openai" or engine == "ollama":
             return PassThrough(outbound.target, outbound.body, json_body=engine == "openai")
+        exchange = life.exchange
         arrived = time.time() - (time.monotonic() - exchange.started)
         try:
             translated = ollama_request(outbound.path, outbound.body, time.time())
         except ApiError:  # a request this engine's dialect cannot express
-            forwarding.rejected()
+            life.rejected()
             raise
         return Translating(translated, arrived)
 
@@ -248,7 +192,7 @@ async def _stream(
     answer: Connection,
     relay: Relay,
     reply: Reply,
-    exchange: Exchange,
+    life: Lifecycle,
     *,
     status: int,
     headers: Headers,
@@ -262,7 +206,7 @@ async def _stream(
     while (data := await answer.next_chunk()) is not None:
         if chunk := relay.chunk(data):
             if not reply.started:
-                exchange.first_byte_at = time.monotonic()
+                life.first_byte(time.monotonic())
                 reply.start(status, headers)
             tail = keep_tail(tail, chunk)
             await reply.write(chunk)

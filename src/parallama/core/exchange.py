@@ -29,6 +29,7 @@ class Exchange:
     first_byte_at: float | None = None
     finished_at: float | None = None
     usage: Usage | None = None
+    failed_over: tuple[str, ...] = ()  # the backends it moved away from, in order
 
     @property
     def seconds(self) -> float | None:
