@@ -157,11 +157,7 @@ class Lifecycle:
         scheduler, backend = self._scheduler, self.backend
         if status == 503:  # "server busy": alive, but give it less work for a while
             scheduler.throttle(backend)
-        if (
-            status in TRY_ELSEWHERE
-            and self._retries > 0
-            and scheduler.has_alternative(self.ticket)
-        ):
+        if status in TRY_ELSEWHERE and self._retries > 0 and scheduler.has_alternative(self.ticket):
             return Failure(status, f"backend {backend} answered {status}", broken=False)
         self._report(ok=status < 500 or status == 503)
         return None

@@ -21,9 +21,10 @@ from parallama.core.lifecycle import Failure, Lifecycle, refuse_input
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError
 from parallama.gateway.fleet import Fleet
+from parallama.gateway.http1 import Headers
 from parallama.gateway.relay import PassThrough, Relay, Translating, content_type_of, passable
 from parallama.gateway.server import ClientGone, Reply, Request
-from parallama.gateway.upstream import Connection, Headers, UpstreamError, UpstreamTimeout
+from parallama.gateway.upstream import Connection, UpstreamError, UpstreamTimeout
 from parallama.gateway.waiting import Waiting
 from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import RequestInfo, error_body, inspect_request, with_model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from parallama.gateway.upstream import Headers
+from parallama.gateway.http1 import Headers
 from parallama.protocol import ollama
 from parallama.protocol.translate import AnswerTranslator, Translated, error_message, ollama_status
 

@@ -27,11 +27,8 @@ backend mid-answer sees its connection closed. Pipelined requests wait their tur
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
-import http
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Literal, cast
@@ -42,10 +39,10 @@ import orjson
 
 from parallama.errors import ApiError
 from parallama.gateway.guard import Connections
+from parallama.gateway.http1 import Headers, date_header, error_answer, status_line
 
 log = logging.getLogger("parallama.gateway")
 
-Headers = list[tuple[bytes, bytes]]
 Handler = Callable[["Request", "Reply"], Awaitable[None]]
 
 MAX_HEAD_BYTES = 32 * 1024  # a request line and headers; nginx's large_client_header_buffers
@@ -60,31 +57,6 @@ _JOIN_BELOW = 64 * 1024  # a body this small is written with its head as one pie
 
 class ClientGone(ConnectionError):
     """The client closed its connection: nothing more can be written to it."""
-
-
-_STATUS_LINES = {
-    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus
-}
-
-
-def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
-
-
-class _Date:
-    """The Date header, formatted once a second."""
-
-    second = 0
-    header = b""
-
-    @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.header = b"Date: %s\r\n" % email.utils.formatdate(second, usegmt=True).encode()
-        return cls.header
 
 
 @functools.lru_cache(maxsize=64)  # the names the gateway's code asks for
@@ -310,7 +282,7 @@ class Reply:
             raise ClientGone("the client closed the connection")
         self.started = True
         self.status = status
-        parts = [status_line(status), _Date.now()]
+        parts = [status_line(status), date_header()]
         if content_type is not None:
             parts.append(b"Content-Type: %s\r\n" % content_type)
         parts.extend(b"%s: %s\r\n" % pair for pair in headers)
@@ -319,17 +291,6 @@ class Reply:
         elif not self._http11:
             parts.append(b"Connection: keep-alive\r\n")
         return b"".join(parts)
-
-
-def error_answer(status: int, message: str, headers: bytes = b"") -> bytes:
-    """A whole answer that closes the connection, with Ollama's `{"error": ...}` body: for
-    faults found before a request's route is known (its head is bad, late or too large; too
-    many connections)."""
-    body = orjson.dumps({"error": message})
-    return (
-        b"%sContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n%s"
-        % (status_line(status), len(body), headers, body)
-    )
 
 
 Waiting = Literal["head", "idle", "linger"]

@@ -27,10 +27,9 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-import httptools
 import orjson
 
-Headers = list[tuple[bytes, bytes]]
+from parallama.gateway.http1 import AnswerReader, Headers, ProtocolError, request_head
 
 # Reading from the backend pauses above this many unread body bytes and resumes below the low mark.
 _HIGH_WATER = 256 * 1024
@@ -40,8 +39,6 @@ _LOW_WATER = 64 * 1024
 # seldom closes a connection just as it is reused.
 _MAX_IDLE = 256
 _IDLE_SECONDS = 4.0
-# Statuses whose answers never have a body, whatever their headers say.
-_BODYLESS = frozenset({204, 304})
 
 
 class UpstreamError(Exception):
@@ -66,6 +63,28 @@ class UpstreamTimeout(UpstreamError):
 DROPPED = "closed the connection while processing this request (it may have crashed)"
 
 
+class _ReadFlow:
+    """Reading from the backend pauses above `_HIGH_WATER` unread body bytes and resumes below
+    `_LOW_WATER`: a slow client slows the backend instead of filling memory."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.paused = False
+
+    def received(self, unread: int) -> None:
+        if unread > _HIGH_WATER and not self.paused:
+            self.paused = True
+            self._transport.pause_reading()
+
+    def taken(self, unread: int) -> bool:
+        """True if reading resumed."""
+        if self.paused and unread < _LOW_WATER:
+            self.paused = False
+            self._transport.resume_reading()
+            return True
+        return False
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection, and the answer it is receiving.
 
@@ -76,37 +95,35 @@ class Connection(asyncio.Protocol):
     def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream
         self._loop = upstream.loop
-        self._parser = httptools.HttpResponseParser(self)
+        self._answer = AnswerReader()
         self._transport: asyncio.Transport | None = None
+        self._flow: _ReadFlow | None = None
         self._readable: select.poll | None = None  # whether the socket has anything to read
         self.closed = False
         self.idle_since = 0.0
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
         # The silence timer: one per connection, pushed back lazily (it re-arms itself when it
         # rings early), not armed and cancelled for every request and chunk.
         self._heard_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._begin()
 
-    def _begin(self) -> None:
-        """Forget the previous answer: the connection is about to carry a new request."""
-        self.status = 0
-        self.headers: Headers = []
-        self._head_done = False
-        self._complete = False
-        self._keep_alive = False
-        self._framed = False  # Content-Length or chunked: else the body ends when the socket does
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._paused = False
-        self._error: UpstreamError | None = None
-        self._waiter: asyncio.Future[None] | None = None
+    @property
+    def status(self) -> int:
+        return self._answer.status
+
+    @property
+    def headers(self) -> Headers:
+        return self._answer.headers
 
     # -- the request ----------------------------------------------------------------------------
 
     async def start(self, request: bytes, body: bytes) -> None:
         """Send a request and wait for the head of its answer."""
         assert self._transport is not None
-        self._begin()
+        answer = self._answer
+        answer.reset()
+        self._error = None
         self._heard_at = now = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(now + self._upstream.read_timeout, self._on_silence)
@@ -114,25 +131,22 @@ class Connection(asyncio.Protocol):
             self._transport.writelines((request, body))
         else:
             self._transport.write(request)
-        while not self._head_done:
+        while not answer.head_done:
             if self._error is not None:
                 raise self._error
             await self._wait()
 
     async def next_chunk(self) -> bytes | None:
         """The next piece of the body as it arrived; None once the answer is complete."""
-        while not self._chunks:
-            if self._complete:
+        answer = self._answer
+        while (chunk := answer.take()) is None:
+            if answer.complete:
                 return None
             if self._error is not None:
                 raise self._error
             await self._wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered < _LOW_WATER and self._transport is not None:
-            self._paused = False
+        if self._flow is not None and self._flow.taken(answer.buffered):
             self._heard_at = self._loop.time()  # the silence so far was ours, not the backend's
-            self._transport.resume_reading()
         return chunk
 
     async def read(self) -> bytes:
@@ -145,7 +159,8 @@ class Connection(asyncio.Protocol):
     def release(self) -> None:
         """Done with this answer: keep the connection for the next request if the answer ended
         cleanly, else close it (mid-answer, that tells the backend to stop working)."""
-        if self._complete and self._keep_alive and not self.closed:
+        answer = self._answer
+        if answer.complete and answer.keep_alive and not self.closed:
             self._upstream.keep(self)
         else:
             self.close()
@@ -174,6 +189,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._flow = _ReadFlow(self._transport)
         socket = transport.get_extra_info("socket")
         if socket is not None:  # made once: `usable` then costs one system call
             self._readable = select.poll()
@@ -181,10 +197,15 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._heard_at = self._loop.time()
+        answer = self._answer
         try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(UpstreamError(f"sent invalid HTTP: {exc}"))
+            answer.feed(data)
+        except ProtocolError as exc:
+            self._fail(UpstreamError(str(exc)))
+            return
+        if self._flow is not None:
+            self._flow.received(answer.buffered)
+        self._wake()
 
     def eof_received(self) -> bool:
         return False  # half-closed is closed: let the transport close itself
@@ -193,9 +214,8 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._upstream.forget(self)
         self._cancel_timer()
-        if self._head_done and not self._complete and not self._framed and exc is None:
-            self._complete = True  # an unframed body ends where the connection does
-        elif not self._complete and self._error is None:
+        ended = self._answer.connection_ended() if exc is None else self._answer.complete
+        if not ended and self._error is None:
             self._error = UpstreamError(DROPPED)
         self._wake()
 
@@ -204,40 +224,6 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         """See pause_writing."""
-
-    # -- httptools callbacks --------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._complete:  # raising here makes feed_data raise, and the connection close
-            raise UpstreamError("sent bytes after its answer")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        lowered = name.lower()
-        if lowered == b"content-length" or (
-            lowered == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
-            self._framed = True
-
-    def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        self._head_done = True
-        if self.status in _BODYLESS:
-            self._framed = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
-        self._wake()
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -254,18 +240,18 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
-        if not self._complete and self._error is None:
+        if not self._answer.complete and self._error is None:
             self._error = error
         self.close()
         self._wake()
 
     def _on_silence(self) -> None:
         self._timer = None
-        if self._complete or self.closed:
+        if self._answer.complete or self.closed:
             return  # no answer awaited: the next request arms it again
         timeout = self._upstream.read_timeout
         now = self._loop.time()
-        if self._paused:  # waiting on our consumer, not on the backend
+        if self._flow is not None and self._flow.paused:  # waiting on our consumer, not on it
             self._heard_at = now
         deadline = self._heard_at + timeout
         if now >= deadline:
@@ -310,9 +296,7 @@ class Upstream:
         `target` is the path (and query) after the backend's base URL; `headers` must not
         include Host, Content-Length or hop-by-hop headers: they are set here.
         """
-        start = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (method, self._prefix, target, self._host)
-        fields = b"".join([b"%s: %s\r\n" % pair for pair in headers])
-        request = b"%s%sContent-Length: %d\r\n\r\n" % (start, fields, len(body))
+        request = request_head(method, self._prefix + target, self._host, headers, len(body))
         conn = self._take_idle() or await self._connect()
         await self._started(conn, request, body)
         return conn
