@@ -98,25 +98,50 @@ def final_statistics(
     return {k: v for k, v in fields.items() if v}
 
 
+def model_details(
+    family: str = "", parameter_size: str = "", quantization_level: str = "", fmt: str = "gguf"
+) -> dict[str, Any]:
+    """A model row's `details`, as Ollama marshals them (no family: `families` is null)."""
+    return {
+        "parent_model": "",
+        "format": fmt,
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": parameter_size,
+        "quantization_level": quantization_level,
+    }
+
+
+def model_row(
+    name: str, *, size: int, digest: str, details: dict[str, Any], **more: Any
+) -> dict[str, Any]:
+    """A row of `/api/tags` (with `modified_at`) or of `/api/ps` (with `expires_at`,
+    `size_vram`, `context_length`)."""
+    return {"name": name, "model": name, "size": size, "digest": digest, "details": details, **more}
+
+
 def served_model(name: str, *, expires: bool) -> dict[str, Any]:
     """An `/api/tags` row (or with `expires`, an `/api/ps` row) for a model that an
     OpenAI-dialect engine serves: its name is all such an engine tells."""
-    row: dict[str, Any] = {
-        "name": name,
-        "model": name,
-        "size": 0,
-        "digest": "",
-        "details": {
-            "parent_model": "",
-            "format": "",
-            "family": "",
-            "families": None,
-            "parameter_size": "",
-            "quantization_level": "",
-        },
-    }
+    details = model_details(fmt="")
     if expires:  # the engine keeps it loaded for as long as it runs
-        row |= {"expires_at": rfc3339(FOREVER_SECONDS), "size_vram": 0}
-    else:
-        row["modified_at"] = GO_ZERO_TIME
-    return row
+        return model_row(
+            name,
+            size=0,
+            digest="",
+            details=details,
+            expires_at=rfc3339(FOREVER_SECONDS),
+            size_vram=0,
+        )
+    return model_row(name, size=0, digest="", details=details, modified_at=GO_ZERO_TIME)
+
+
+def generate_chunk(model: str, created_at: str, text: str) -> dict[str, Any]:
+    """A streamed `/api/generate` chunk (the final one adds `done: true` and its statistics)."""
+    return {"model": model, "created_at": created_at, "response": text, "done": False}
+
+
+def chat_chunk(model: str, created_at: str, text: str) -> dict[str, Any]:
+    """A streamed `/api/chat` chunk (the final one adds `done: true` and its statistics)."""
+    message = {"role": "assistant", "content": text}
+    return {"model": model, "created_at": created_at, "message": message, "done": False}

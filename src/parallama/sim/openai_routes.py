@@ -1,7 +1,7 @@
 """The emulator's OpenAI-compatible routes, shaped as Ollama's `openai` middleware answers.
 
-Ollama serves these by translating to its native handlers; here they share the same scheduler,
-answers and timing, so a request costs the same whichever dialect it comes in.
+Ollama serves these by translating to its native handlers; here they share the same `Emulator`
+(scheduler, answers and timing), so a request costs the same whichever dialect it comes in.
 """
 
 from __future__ import annotations
@@ -11,43 +11,25 @@ import itertools
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
 from aiohttp import web
 
 from parallama.errors import ApiError
 from parallama.protocol import openai
 from parallama.sim.answers import chat_prompt, generate_prompt
+from parallama.sim.emulator import Emulator, Job, json_response
 from parallama.sim.engine import Generation
 
-if TYPE_CHECKING:
-    from parallama.sim.server import Job, SimServer
-
-FINGERPRINT = "fp_ollama"
 _ids = itertools.count(1)
 
 
 def _usage(job: Job) -> dict[str, int]:
-    completion = len(job.answer.tokens)
-    return {
-        "prompt_tokens": job.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": job.prompt_tokens + completion,
-    }
+    return openai.usage(job.prompt_tokens, len(job.answer.tokens))
 
 
-def _header(completion_id: str, model: str) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": FINGERPRINT,
-    }
-
-
-def add_openai_routes(app: web.Application, server: SimServer) -> None:
-    routes = OpenAIRoutes(server)
+def add_openai_routes(app: web.Application, emulator: Emulator) -> None:
+    routes = OpenAIRoutes(emulator)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/embeddings", routes.embeddings)
@@ -56,12 +38,12 @@ def add_openai_routes(app: web.Application, server: SimServer) -> None:
 
 
 class OpenAIRoutes:
-    def __init__(self, server: SimServer) -> None:
-        self.server = server
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self.server.read_body(request, "ChatCompletionRequest")
-        spec = self.server.find_model(body.model())
+        body = await self.emulator.read_body(request, "ChatCompletionRequest")
+        spec = self.emulator.find_model(body.model())
         messages = body.get("messages", list, [])
         if not messages:
             raise ApiError(400, "[] is too short - 'messages'")
@@ -69,43 +51,35 @@ class OpenAIRoutes:
             raise ApiError(400, "invalid message format")
         if spec.is_embedding:
             raise ApiError(400, f'"{body.model()}" does not support chat')
-        job = self.server.job(spec, body, *chat_prompt(messages), openai=True)
-        header = _header(f"chatcmpl-{next(_ids)}", spec.name)
+        job = self.emulator.job(spec, body, *chat_prompt(messages), openai=True)
+        header = openai.completion_header(f"chatcmpl-{next(_ids)}", spec.name, int(time.time()))
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            delta = {"role": "assistant", "content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return {**header, "object": "chat.completion.chunk", "choices": [choice]}
+            return openai.chat_chunk(header, text, finish)
 
         def whole() -> dict[str, Any]:
-            message = {"role": "assistant", "content": job.answer.text}
-            choice = {"index": 0, "message": message, "finish_reason": job.answer.done_reason}
-            return {
-                **header,
-                "object": "chat.completion",
-                "choices": [choice],
-                "usage": _usage(job),
-            }
+            answer = job.answer
+            return openai.chat_completion(header, answer.text, answer.done_reason, _usage(job))
 
         return await self._run(request, job, chunk, whole)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self.server.read_body(request, "CompletionRequest")
-        spec = self.server.find_model(body.model())
+        body = await self.emulator.read_body(request, "CompletionRequest")
+        spec = self.emulator.find_model(body.model())
         raw_prompt = body.get("prompt", str, "")  # Ollama takes a string only (its issue #5259)
         if spec.is_embedding:
             raise ApiError(400, f'"{body.model()}" does not support generate')
-        job = self.server.job(
+        job = self.emulator.job(
             spec, body, *generate_prompt(raw_prompt, "", [], raw=False), openai=True
         )
-        header = _header(f"cmpl-{next(_ids)}", spec.name)
+        header = openai.completion_header(f"cmpl-{next(_ids)}", spec.name, int(time.time()))
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"text": text, "index": 0, "finish_reason": finish}
-            return {**header, "object": "text_completion", "choices": [choice]}
+            return openai.text_completion(header, text, finish)
 
         def whole() -> dict[str, Any]:
-            return {**chunk(job.answer.text, job.answer.done_reason), "usage": _usage(job)}
+            answer = job.answer
+            return {**chunk(answer.text, answer.done_reason), "usage": _usage(job)}
 
         return await self._run(request, job, chunk, whole)
 
@@ -117,17 +91,17 @@ class OpenAIRoutes:
         whole: Callable[[], dict[str, Any]],
     ) -> web.StreamResponse:
         """Generate, then answer as SSE (`data: …`, `data: [DONE]`) or as one JSON object."""
-        server = self.server
+        emulator = self.emulator
         stream = job.body.get("stream", bool, False)
         include_usage = bool(job.body.get("stream_options", dict, {}).get("include_usage"))
         stats = Generation()
-        async with server.admitted(job.spec, job.body) as ticket:
-            tokens = server.engine.generate(ticket, job.prompt_tokens, job.answer.tokens, stats)
+        async with emulator.admitted(job.spec, job.body) as ticket:
+            tokens = emulator.engine.generate(ticket, job.prompt_tokens, job.answer.tokens, stats)
             if not stream:
                 async for _ in tokens:
                     pass
-                server.outcomes["completed"] += 1
-                return web.Response(body=orjson.dumps(whole()), content_type="application/json")
+                emulator.outcomes["completed"] += 1
+                return json_response(whole())
             response = web.StreamResponse(headers={"Content-Type": openai.EVENT_STREAM})
             await response.prepare(request)
             async for token in tokens:
@@ -138,12 +112,12 @@ class OpenAIRoutes:
             await response.write(openai.sse_event({**last, "choices": [], "usage": _usage(job)}))
         await response.write(openai.SSE_DONE)
         await response.write_eof()
-        server.outcomes["completed"] += 1
+        emulator.outcomes["completed"] += 1
         return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await self.server.read_body(request, "EmbedRequest")
-        spec = self.server.find_model(body.model())
+        body = await self.emulator.read_body(request, "EmbedRequest")
+        spec = self.emulator.find_model(body.model())
         raw = body.data.get("input")
         if isinstance(raw, str):
             inputs = [raw]
@@ -154,35 +128,22 @@ class OpenAIRoutes:
         encoding = body.get("encoding_format", str, "float")
         if encoding not in ("float", "base64"):
             raise ApiError(400, f"invalid encoding_format {encoding!r}: use 'float' or 'base64'")
-        vectors, prompt_tokens, _, _ = await self.server.embed_vectors(spec, body, inputs)
+        vectors, prompt_tokens, _, _ = await self.emulator.embed_vectors(spec, body, inputs)
         data = [
             {"object": "embedding", "embedding": _encode(v, encoding), "index": i}
             for i, v in enumerate(vectors)
         ]
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
-        payload = {"object": "list", "data": data, "model": spec.name, "usage": usage}
-        return web.Response(body=orjson.dumps(payload), content_type="application/json")
-
-    def _model_entry(self, name: str) -> dict[str, Any]:
-        owner = name.split("/", maxsplit=1)[0] if "/" in name else "library"
-        return {
-            "id": name,
-            "object": "model",
-            "created": int(self.server.started_at),
-            "owned_by": owner,
-        }
+        return json_response({"object": "list", "data": data, "model": spec.name, "usage": usage})
 
     async def list_models(self, request: web.Request) -> web.Response:
-        data = [self._model_entry(name) for name in self.server.models]
-        return web.Response(
-            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
-        )
+        created = int(self.emulator.started_at)
+        data = [openai.model_entry(name, created) for name in self.emulator.models]
+        return json_response({"object": "list", "data": data})
 
     async def retrieve_model(self, request: web.Request) -> web.Response:
-        spec = self.server.find_model(request.match_info["model"])
-        return web.Response(
-            body=orjson.dumps(self._model_entry(spec.name)), content_type="application/json"
-        )
+        spec = self.emulator.find_model(request.match_info["model"])
+        return json_response(openai.model_entry(spec.name, int(self.emulator.started_at)))
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:
