@@ -151,29 +151,27 @@ def gateway_status(url: str) -> dict[str, Any]:
     return result
 
 
-def _poll(
-    read: Callable[[str], dict[str, Any]], url: str, predicate: Any, timeout: float
-) -> dict[str, Any]:
-    """Read a server's state until `predicate(state)` holds (the state is only observable
-    over HTTP, so this is waiting for an event, not sleeping for time to pass)."""
+def eventually(read: Callable[[], T], holds: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """What `read()` returns once `holds` is true of it (a server's state is only observable
+    by asking it, so this waits for an event; it is not sleeping for time to pass)."""
     deadline = time.monotonic() + timeout
     while True:
-        current = read(url)
-        if predicate(current):
+        current = read()
+        if holds(current):
             return current
         if time.monotonic() > deadline:
-            raise AssertionError(f"state never satisfied the condition: {current}")
+            raise AssertionError(f"the condition never held: {current}")
         time.sleep(0.01)
 
 
 def wait_for_state(url: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
     """The emulator's `/_sim/state`, once `predicate` holds."""
-    return _poll(state, url, predicate, timeout)
+    return eventually(lambda: state(url), predicate, timeout)
 
 
 def wait_for_gateway(url: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
     """The gateway's `/parallama/status`, once `predicate` holds."""
-    return _poll(gateway_status, url, predicate, timeout)
+    return eventually(lambda: gateway_status(url), predicate, timeout)
 
 
 def model_state(current: dict[str, Any], name: str) -> dict[str, Any]:

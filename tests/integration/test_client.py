@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
 from parallama.client import AsyncClient, Client, ResponseError, RetryPolicy, UnreachableError
+from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
+    eventually,
     gateway_for,
+    in_thread,
     make_config,
     model_state,
     sim_server,
@@ -81,45 +83,23 @@ class Scripted:
 
 @contextlib.contextmanager
 def scripted(*answers: bytes | Cut | None) -> Iterator[Scripted]:
+    """A `Scripted` server on its own thread (the sync client blocks the test's)."""
     script = Scripted(list(answers))
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-le")]
-                await reader.readexactly(int(length[0].split(b":")[1]) if length else 0)
-                if head.startswith(b"GET"):
-                    answer: bytes | Cut | None = script.version
-                else:
-                    script.times.append(time.monotonic())
-                    answer = script.answers.pop(0) if script.answers else None
-                if answer is None:
-                    break
-                writer.write(answer.data if isinstance(answer, Cut) else answer)
-                await writer.drain()
-                if isinstance(answer, Cut):
-                    break
-        writer.close()
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if request.is_probe:
+            reply: bytes | Cut | None = script.version
+        else:
+            script.times.append(time.monotonic())
+            reply = script.answers.pop(0) if script.answers else None
+        if reply is None:
+            return False
+        writer.write(reply.data if isinstance(reply, Cut) else reply)
+        return not isinstance(reply, Cut)
 
-    async def main() -> None:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        script.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        ready.set()
-        await stop.wait()
-        server.close()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    ready.wait(5)
-    try:
+    with in_thread(lambda: raw_backend(answer)) as backend:
+        script.url = backend.url
         yield script
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(5)
 
 
 def http(status: str, body: bytes, *headers: str) -> bytes:
@@ -154,13 +134,6 @@ def test_client_errors_are_not_retried_and_busy_ones_are_given_up_on() -> None:
         assert len(server.times) == 3  # the first try and two retries
 
 
-def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.01)
-
-
 def test_failover_skips_a_dead_endpoint_and_finds_it_again_when_it_is_back() -> None:
     with sim_server() as healthy, scripted(None, None, None) as dead:  # closed without a word
         client = Client([dead.url, healthy.url], failure_threshold=3, recheck_interval=0.05)
@@ -172,7 +145,7 @@ def test_failover_skips_a_dead_endpoint_and_finds_it_again_when_it_is_back() -> 
             # Back: it answers the background check, and takes its turn again.
             dead.version = http("200 OK", b'{"version":"0.1"}')
             dead.answers[:] = [http("200 OK", DONE)]
-            until(lambda: client.endpoints.open() == [])
+            eventually(client.endpoints.open, lambda opened: opened == [])
             replies = [client.chat(CHAT_MODEL, HI) for _ in range(2)]
             assert {r.model for r in replies} == {CHAT_MODEL, "m"}  # one from each
 

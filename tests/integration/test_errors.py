@@ -8,12 +8,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.simhelpers import CHAT_MODEL, EMBED_MODEL, sim_server
+from parallama.sim.server import SimServer
+from tests.simhelpers import CHAT_MODEL, EMBED_MODEL
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    with sim_server() as server, httpx.Client(base_url=server.url, timeout=10) as client:
+def http(sim: SimServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim.url, timeout=10) as client:
         yield client
 
 

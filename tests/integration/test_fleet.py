@@ -17,7 +17,7 @@ import pytest
 from parallama.config import BackendSettings
 from parallama.gateway.upstream import DROPPED
 from parallama.protocol.ollama import SERVER_BUSY
-from tests.rawhelpers import raw_server
+from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
@@ -128,7 +128,7 @@ def test_model_affinity_keeps_a_model_on_one_backend_until_it_is_saturated(
 
 
 @asynccontextmanager
-async def raw_backend(
+async def scripted_backend(
     answer: bytes | list[bytes | None] | None,
     saw: Callable[[bytes], None] | None = None,
     *,
@@ -141,29 +141,20 @@ async def raw_backend(
     answers = answer if isinstance(answer, list) else [answer]
     served = 0
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def reply(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         nonlocal served
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if saw is not None:
-                    saw(head.split(b"\r\n", 1)[0])
-                length = [line for line in head.split(b"\r\n") if line.startswith(b"Content-")]
-                size = next((int(h.split(b":")[1]) for h in length if b"Length" in h), 0)
-                await reader.readexactly(size)
-                reply = answers[min(served, len(answers) - 1)]
-                served += head.startswith(b"POST")  # probes do not move the script on
-                await asyncio.sleep(work)  # the engine at work (part of the scenario)
-                if reply is None:
-                    break
-                writer.write(reply)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        if saw is not None:
+            saw(request.line)
+        chosen = answers[min(served, len(answers) - 1)]
+        served += not request.is_probe  # probes do not move the script on
+        await asyncio.sleep(work)  # the engine at work (part of the scenario)
+        if chosen is None:
+            return False
+        writer.write(chosen)
+        return True
 
-    async with raw_server(serve) as url:
-        yield url
+    async with raw_backend(reply) as backend:
+        yield backend.url
 
 
 BUSY = b'{"error":"%s"}' % SERVER_BUSY.encode()
@@ -176,7 +167,7 @@ def test_a_failure_before_the_first_byte_moves_the_request_to_another_backend(
     answer: bytes | None,
 ) -> None:
     async def scenario() -> tuple[httpx.Response, dict[str, Any], str]:
-        async with raw_backend(answer, work=0.3) as broken:
+        async with scripted_backend(answer, work=0.3) as broken:
             with (
                 sim_servers(make_config()) as servers,
                 # round-robin, the broken backend first: the first request goes there
@@ -211,7 +202,7 @@ def test_a_failure_before_the_first_byte_moves_the_request_to_another_backend(
 
 def test_the_last_backend_failing_gives_a_clear_502() -> None:
     async def scenario() -> httpx.Response:
-        async with raw_backend(None) as broken:
+        async with scripted_backend(None) as broken:
             with gateway_with((BackendSettings(url=broken),), retries=2) as gateway:
                 async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
                     return await client.post("/api/chat", json={"model": CHAT_MODEL})
@@ -236,9 +227,9 @@ def test_a_request_that_engines_drop_goes_to_one_other_engine_at_most() -> None:
 
     async def scenario() -> tuple[httpx.Response, dict[str, Any]]:
         async with (
-            raw_backend(None, seen[0].append) as a,
-            raw_backend(None, seen[1].append) as b,
-            raw_backend(None, seen[2].append) as c,
+            scripted_backend(None, seen[0].append) as a,
+            scripted_backend(None, seen[1].append) as b,
+            scripted_backend(None, seen[2].append) as c,
         ):
             backends = tuple(BackendSettings(url=url) for url in (a, b, c))
             with gateway_with(backends, routing="round-robin", retries=2) as gateway:
@@ -263,7 +254,7 @@ def test_a_dropped_request_is_not_sent_again_on_a_reused_connection() -> None:
     seen: list[bytes] = []
 
     async def scenario() -> tuple[list[int], str]:
-        async with raw_backend([OK_ANSWER, None], seen.append, work=0.2) as backend:
+        async with scripted_backend([OK_ANSWER, None], seen.append, work=0.2) as backend:
             with gateway_with((BackendSettings(url=backend),)) as gateway:
                 async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
                     first = await client.post("/api/generate", json=GENERATE)
@@ -368,7 +359,7 @@ def test_an_engine_that_answers_every_path_alike_still_gets_every_model() -> Non
             if asked[-2:] == [b"/api/ps", b"/api/version"]:
                 probed.set()
 
-        async with raw_backend(answer, saw) as engine:
+        async with scripted_backend(answer, saw) as engine:
             with gateway_with((BackendSettings(url=engine),), **FAST_HEALTH) as gateway:
                 await asyncio.wait_for(probed.wait(), 10)
                 async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:

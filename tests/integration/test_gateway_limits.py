@@ -24,16 +24,11 @@ from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
 from parallama.gateway.guard import ConnectionLimits, Connections
 from parallama.gateway.server import Reply, Request, start_server
-from tests.rawhelpers import raw_server
+from parallama.sim.server import SimServer
+from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import CHAT_MODEL, gateway_for, gateway_with, sim_server, wait_for_gateway
 
 GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
-
-
-@pytest.fixture(scope="module")
-def backend_url() -> Iterator[str]:
-    with sim_server() as server:
-        yield server.url
 
 
 @contextlib.contextmanager
@@ -70,7 +65,7 @@ def metric(gateway: Gateway, line_start: str) -> float:
 # -- slow clients ---------------------------------------------------------------------------------
 
 
-def test_clients_that_send_their_head_a_byte_at_a_time_are_cut_off(backend_url: str) -> None:
+def test_clients_that_send_their_head_a_byte_at_a_time_are_cut_off(sim: SimServer) -> None:
     """Slowloris: the head must arrive within header_timeout, however steadily it trickles."""
     head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 200
 
@@ -97,7 +92,7 @@ def test_clients_that_send_their_head_a_byte_at_a_time_are_cut_off(backend_url: 
             meanwhile = await client.post("/api/generate", json=GENERATE)
         return await answers, meanwhile.status_code
 
-    with gateway(backend_url, header_timeout=1.0) as running:
+    with gateway(sim.url, header_timeout=1.0) as running:
         answers, meanwhile = asyncio.run(attack(running))
         assert metric(running, 'parallama_client_timeouts_total{phase="head"}') == 20
     assert meanwhile == 200  # normal clients are served during the attack
@@ -105,7 +100,7 @@ def test_clients_that_send_their_head_a_byte_at_a_time_are_cut_off(backend_url: 
     assert all(b"did not arrive within 1 s" in answer for answer in answers)
 
 
-def test_a_connection_that_never_sends_a_request_is_closed(backend_url: str) -> None:
+def test_a_connection_that_never_sends_a_request_is_closed(sim: SimServer) -> None:
     async def silent(host: str, port: int) -> bytes:
         reader, writer = await asyncio.open_connection(host, port)
         try:
@@ -113,7 +108,7 @@ def test_a_connection_that_never_sends_a_request_is_closed(backend_url: str) -> 
         finally:
             writer.close()
 
-    with gateway(backend_url, header_timeout=0.5) as running:
+    with gateway(sim.url, header_timeout=0.5) as running:
         assert asyncio.run(silent(*address(running))).startswith(b"HTTP/1.1 408 ")
 
 
@@ -125,7 +120,7 @@ def test_a_connection_that_never_sends_a_request_is_closed(backend_url: str) -> 
     ],
 )
 def test_a_body_that_stops_arriving_is_a_408_in_the_routes_format(
-    backend_url: str, path: str, error: Any
+    sim: SimServer, path: str, error: Any
 ) -> None:
     async def stalled(host: str, port: int) -> bytes:
         reader, writer = await asyncio.open_connection(host, port)
@@ -136,7 +131,7 @@ def test_a_body_that_stops_arriving_is_a_408_in_the_routes_format(
         finally:
             writer.close()
 
-    with gateway(backend_url, body_timeout=0.5) as running:
+    with gateway(sim.url, body_timeout=0.5) as running:
         answer = asyncio.run(stalled(*address(running)))
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
@@ -147,29 +142,24 @@ def test_a_body_that_stops_arriving_is_a_408_in_the_routes_format(
 async def endless_stream_backend(closed: asyncio.Event) -> AsyncIterator[str]:
     """A backend that streams NDJSON lines as fast as it may write them, forever."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if request.is_probe:
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+        line = b'{"response":"' + b"x" * 4000 + b'","done":false}\n'
+        chunk = b"%x\r\n%s\r\n" % (len(line), line)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if head.startswith(b"GET"):  # a probe
-                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-                return
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n")
-            writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
-            line = b'{"response":"' + b"x" * 4000 + b'","done":false}\n'
-            chunk = b"%x\r\n%s\r\n" % (len(line), line)
             while True:
                 writer.write(chunk)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ConnectionError:
             closed.set()
-        finally:
-            writer.close()
+            raise
 
-    async with raw_server(serve) as url:
-        yield url
+    async with raw_backend(answer) as backend:
+        yield backend.url
 
 
 def test_a_client_that_stops_reading_its_answer_is_cut_off_and_the_backend_freed() -> None:
@@ -207,18 +197,12 @@ async def big_answer_backend(size: int) -> AsyncIterator[str]:
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
     answer += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = head.lower().partition(b"content-length:")[2].split(b"\r\n")[0]
-                await reader.readexactly(int(length or 0))
-                writer.write(answer)
-                await writer.drain()
-        writer.close()
+    async def reply(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer)
+        return True
 
-    async with raw_server(serve) as url:
-        yield url
+    async with raw_backend(reply) as backend:
+        yield backend.url
 
 
 def request_bytes(path: str, body: bytes) -> bytes:
@@ -301,7 +285,7 @@ def test_a_pipelined_request_is_not_timed_out_while_the_answer_before_it_is_read
     assert b"HTTP/1.1 408" not in received
 
 
-def test_an_early_error_with_its_body_still_coming_gets_no_408_after_it(backend_url: str) -> None:
+def test_an_early_error_with_its_body_still_coming_gets_no_408_after_it(sim: SimServer) -> None:
     async def scenario(gateway: Gateway) -> bytes:
         reader, writer = await asyncio.open_connection(*address(gateway))
         head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n\r\n"
@@ -315,7 +299,7 @@ def test_an_early_error_with_its_body_still_coming_gets_no_408_after_it(backend_
         writer.close()
         return refused
 
-    with gateway(backend_url, max_body_bytes=1024, header_timeout=0.5) as running:
+    with gateway(sim.url, max_body_bytes=1024, header_timeout=0.5) as running:
         answer = asyncio.run(scenario(running))
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"408" not in answer
@@ -325,7 +309,7 @@ def test_an_early_error_with_its_body_still_coming_gets_no_408_after_it(backend_
 
 
 def test_past_max_connections_a_client_gets_a_clean_503_and_room_comes_back(
-    backend_url: str,
+    sim: SimServer,
 ) -> None:
     version = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
@@ -342,7 +326,7 @@ def test_past_max_connections_a_client_gets_a_clean_503_and_room_comes_back(
             held_writer.close()
         return refused, await asyncio.to_thread(served_once_room_is_back, gateway.url)
 
-    with gateway(backend_url, max_connections=3, header_timeout=30) as running:
+    with gateway(sim.url, max_connections=3, header_timeout=30) as running:
         refused, again = asyncio.run(scenario(running))
         assert metric(running, "parallama_client_connections_refused_total") >= 1
     head, _, body = refused.partition(b"\r\n\r\n")
@@ -392,8 +376,8 @@ def served_once_room_is_back(url: str) -> int:
 # -- the Host check -------------------------------------------------------------------------------
 
 
-def test_a_foreign_host_is_refused_on_loopback_in_the_routes_format(backend_url: str) -> None:
-    with gateway(backend_url) as running, httpx.Client(base_url=running.url, timeout=10) as http:
+def test_a_foreign_host_is_refused_on_loopback_in_the_routes_format(sim: SimServer) -> None:
+    with gateway(sim.url) as running, httpx.Client(base_url=running.url, timeout=10) as http:
         evil = {"Host": "attacker.example"}
         ollama_route = http.post("/api/generate", json=GENERATE, headers=evil)
         openai_route = http.post(
@@ -411,9 +395,9 @@ def test_a_foreign_host_is_refused_on_loopback_in_the_routes_format(backend_url:
     assert status["rejected"] == 0 and status["total"] == 1  # refused before it was a request
 
 
-def test_allowed_hosts_widens_the_check(backend_url: str) -> None:
+def test_allowed_hosts_widens_the_check(sim: SimServer) -> None:
     hosts = ("llm.example.com", ".corp.example")
-    with gateway(backend_url, allowed_hosts=hosts) as running:
+    with gateway(sim.url, allowed_hosts=hosts) as running:
         codes = [
             httpx.get(f"{running.url}/api/version", headers={"Host": host}).status_code
             for host in ("llm.example.com", "a.b.corp.example", "corp.example", "other.com")
@@ -433,9 +417,9 @@ def test_allowed_hosts_widens_the_check(backend_url: str) -> None:
     ],
 )
 def test_a_model_name_longer_than_ollamas_limits_is_a_400(
-    backend_url: str, path: str, body: dict[str, Any], error: Any
+    sim: SimServer, path: str, body: dict[str, Any], error: Any
 ) -> None:
-    with gateway(backend_url) as running, httpx.Client(base_url=running.url, timeout=10) as http:
+    with gateway(sim.url) as running, httpx.Client(base_url=running.url, timeout=10) as http:
         huge = http.post(path, json={**body, "model": "m" * 2_000_000})
         long_tag = http.post(path, json={**body, "model": "qwen2.5:" + "7" * 81})
     for reply in (huge, long_tag):
@@ -466,14 +450,14 @@ def test_model_names_clients_make_up_do_not_grow_the_metrics() -> None:
 
 
 def test_under_a_low_file_limit_a_flood_of_slow_clients_gets_clean_answers(
-    backend_url: str, tmp_path: Path
+    sim: SimServer, tmp_path: Path
 ) -> None:
     """With 256 descriptors, 150 slow clients once took them all and normal requests got
     resets. Now at most half the limit are client connections, the rest are refused with a 503,
     the slow ones are cut off at the head deadline, and the gateway serves again."""
 
     log = tmp_path / "serve.log"
-    args = ["--backend", backend_url, "--port", "0", "--header-timeout", "2"]
+    args = ["--backend", sim.url, "--port", "0", "--header-timeout", "2"]
     serve = shlex.join([sys.executable, "-m", "parallama", "serve", *args])
     process = subprocess.Popen(  # the shell's ulimit sets both the soft and the hard limit
         ["sh", "-c", f"ulimit -n 256 && exec {serve}"],

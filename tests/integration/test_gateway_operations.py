@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from parallama.config import BackendSettings
 from parallama.gateway.upstream import DROPPED
 from parallama.logs import JsonFormatter, LogfmtFormatter
-from tests.rawhelpers import raw_server
+from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
     CHAT_MODEL,
     gateway_for,
@@ -206,16 +206,15 @@ async def backend_that_dies_mid_stream(content_type: str, first: bytes) -> Async
     """A server that starts a streamed answer, sends one chunk, and drops the connection: what
     a crashing engine looks like on the wire."""
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
         writer.write(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
         writer.write(b"%x\r\n%s\r\n" % (len(first), first))
         await writer.drain()
-        writer.close()
+        return False
 
-    async with raw_server(answer) as url:
-        yield url
+    async with raw_backend(answer) as backend:
+        yield backend.url
 
 
 @pytest.mark.parametrize("dialect", ["ollama", "openai"])

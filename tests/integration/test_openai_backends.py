@@ -22,7 +22,7 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from tests.rawhelpers import raw_server
+from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
@@ -138,29 +138,22 @@ async def engine_that_dies_after_its_first_chunk() -> AsyncIterator[str]:
     text (as llama.cpp's first one, the role), and is gone."""
     listing = orjson.dumps({"object": "list", "data": [{"id": CHAT_MODEL}]})
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                size = re.search(rb"(?i)content-length: *(\d+)", head)
-                await reader.readexactly(int(size.group(1)) if size else 0)
-                if head.startswith(b"GET /v1/models"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(listing))
-                    writer.write(listing)
-                elif head.startswith(b"GET"):
-                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                else:
-                    role = b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
-                    writer.write(
-                        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(role), role)
-                    )
-                    await writer.drain()
-                    break
-        writer.close()
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if request.line.startswith(b"GET /v1/models"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(listing))
+            writer.write(listing)
+            return True
+        if request.is_probe:
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return True
+        role = b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(role), role))
+        await writer.drain()
+        return False
 
-    async with raw_server(serve) as url:
-        yield url
+    async with raw_backend(answer) as backend:
+        yield backend.url
 
 
 def test_a_stream_that_fails_before_its_first_text_moves_to_another_engine() -> None:

@@ -12,18 +12,16 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from tests.simhelpers import CHAT_MODEL, gateway_status, gateway_with, sim_server
+from parallama.sim.server import SimServer
+from tests.simhelpers import CHAT_MODEL, gateway_status, gateway_with
 
 GENERATE = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi", "stream": False})
 STREAM = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi"})
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
-    with (
-        sim_server() as backend,
-        gateway_with((BackendSettings(url=backend.url),)) as running,
-    ):
+def gateway(sim: SimServer) -> Iterator[Gateway]:
+    with gateway_with((BackendSettings(url=sim.url),)) as running:
         yield running
 
 

@@ -11,71 +11,18 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
 from parallama.gateway.upstream import DROPPED, Upstream, UpstreamError, UpstreamTimeout
+from tests.rawhelpers import Answer, RawBackend, RawRequest, raw_backend
 
-Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
 
 
-@dataclass
-class Backend:
-    url: str
-    connections: int = 0
-    requests: list[bytes] = field(default_factory=list)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@asynccontextmanager
-async def backend(answer: Answer) -> AsyncIterator[Backend]:
-    """A server that reads each request head and lets `answer(n, head, writer)` reply to the
-    n-th request on that connection; the connection ends when `answer` returns False."""
-    state = Backend("")
-    handlers: set[asyncio.Task[Any]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        state.connections += 1
-        try:
-            n = 0
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":")[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                state.requests.append(head + await reader.readexactly(length))
-                n += 1
-                if not await answer(n, head, writer):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            state.closed.set()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/base"
-    try:
-        yield state
-    finally:
-        server.close()
-        for handler in handlers:
-            handler.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
+def backend(answer: Answer) -> contextlib.AbstractAsyncContextManager[RawBackend]:
+    """A hand-written backend under a base path, which the upstream client must keep."""
+    return raw_backend(answer, base_path="/base")
 
 
 def upstream(url: str, read_timeout: float = 5.0) -> Upstream:
@@ -91,7 +38,7 @@ async def fetch(up: Upstream, body: bytes = b"{}") -> tuple[int, bytes]:
 
 
 async def test_requests_reuse_one_connection_and_carry_host_length_and_base_path() -> None:
-    async def ok(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def ok(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         writer.write(OK + b'{"done":true}')
         return True
 
@@ -101,7 +48,7 @@ async def test_requests_reuse_one_connection_and_carry_host_length_and_base_path
         await up.close()
     assert answers == [(200, b'{"done":true}')] * 5
     assert server.connections == 1
-    first = server.requests[0]
+    first = server.requests[0].head + server.requests[0].body
     assert first.startswith(b"POST /base/api/chat HTTP/1.1\r\n")
     host = server.url.removeprefix("http://").removesuffix("/base").encode()
     assert b"\r\nHost: " + host + b"\r\n" in first
@@ -112,8 +59,8 @@ async def test_a_request_the_backend_read_and_then_dropped_is_never_sent_to_it_a
     """The backend may have worked on it (an engine that crashed on this very prompt): sending
     it again here would repeat the work, or the crash. Only the gateway may try elsewhere."""
 
-    async def drop_the_second(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if n == 1:  # answer, promise keep-alive, then read the next request and drop it
+    async def drop_the_second(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if request.n == 1:  # answer, promise keep-alive, then read the next request and drop it
             writer.write(OK + b'{"done":true}')
             return True
         return False
@@ -129,7 +76,7 @@ async def test_a_request_the_backend_read_and_then_dropped_is_never_sent_to_it_a
 
 
 async def test_a_backend_that_resets_after_reading_the_request_is_reported_as_crashed() -> None:
-    async def crash(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def crash(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # linger 0: a reset, as a killed process with input unread
@@ -207,7 +154,7 @@ def read_request(conn: socket.socket) -> bytes:
 
 
 async def test_an_answer_cut_after_its_first_byte_is_not_retried() -> None:
-    async def cut(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def cut(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
         return False
 
@@ -220,8 +167,8 @@ async def test_an_answer_cut_after_its_first_byte_is_not_retried() -> None:
 
 
 async def test_silence_is_a_timeout_but_a_slow_steady_stream_is_not() -> None:
-    async def trickle(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if b"silent" in head:
+    async def trickle(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if b"silent" in request.head:
             await asyncio.Event().wait()  # never answers
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(6):  # 0.6 s in all, never 0.3 s quiet
@@ -239,12 +186,12 @@ async def test_silence_is_a_timeout_but_a_slow_steady_stream_is_not() -> None:
 
 
 async def test_chunked_unframed_and_bodyless_answers() -> None:
-    async def framed(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
-        if b"/chunked" in head:
+    async def framed(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if b"/chunked" in request.head:
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             writer.write(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
             return True
-        if b"/empty" in head:
+        if b"/empty" in request.head:
             writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
             return True
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
@@ -266,7 +213,7 @@ async def test_a_reader_that_falls_behind_slows_the_backend_instead_of_filling_m
     big = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's socket buffers hold
     written = asyncio.Event()
 
-    async def flood(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def flood(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big))
         writer.write(big)
         await writer.drain()
@@ -289,7 +236,7 @@ async def test_a_reader_that_falls_behind_slows_the_backend_instead_of_filling_m
 
 
 async def test_releasing_mid_answer_closes_the_connection_so_the_backend_stops() -> None:
-    async def endless(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def endless(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         return True
 
@@ -304,7 +251,7 @@ async def test_releasing_mid_answer_closes_the_connection_so_the_backend_stops()
 
 
 async def test_unreachable_and_invalid_backends_fail_with_a_reason() -> None:
-    async def garbage(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def garbage(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"SMTP ready\r\n\r\n")
         return True
 

@@ -17,7 +17,8 @@ from parallama.core.scheduler import (
     Ticket,
     UnavailableError,
 )
-from tests.unit.test_gateway_scheduler import FakeClock, M, adds_up, make
+from tests.clock import FakeClock
+from tests.unit.schedulers import M, adds_up, make
 
 OTHER = "llama3.2:3b"
 

@@ -10,35 +10,10 @@ from parallama.core.scheduler import (
     Outcome,
     QueueFullError,
     Scheduler,
-    SchedulerSettings,
     Ticket,
 )
-
-M = "qwen2.5:7b"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(*backends: Backend, clock: FakeClock | None = None, **settings: object) -> Scheduler:
-    scheduler = Scheduler(SchedulerSettings(**settings), clock or FakeClock())  # type: ignore[arg-type]
-    for backend in backends:
-        scheduler.add_backend(backend)
-    return scheduler
-
-
-def adds_up(s: Scheduler) -> bool:
-    counts = s.accounting()
-    return counts["total"] == sum(v for k, v in counts.items() if k != "total")
-
-
-def names(tickets: list[Ticket]) -> list[str]:
-    return [t.backend.name if t.backend else "-" for t in tickets]
+from tests.clock import FakeClock
+from tests.unit.schedulers import M, adds_up, make, names
 
 
 def test_requests_wait_in_the_gateway_until_a_slot_frees() -> None:

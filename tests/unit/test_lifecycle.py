@@ -11,7 +11,8 @@ from parallama.core.lifecycle import Failure, GiveUp, Lifecycle, refuse_input
 from parallama.core.scheduler import Backend, Outcome, Scheduler
 from parallama.errors import ApiError
 from parallama.protocol.usage import Usage
-from tests.unit.test_gateway_scheduler import FakeClock, M, adds_up, make
+from tests.clock import FakeClock
+from tests.unit.schedulers import M, adds_up, make
 
 
 def fleet(*names: str, threshold: int = 3, slots: int = 2, **settings: object) -> Scheduler:

@@ -14,16 +14,10 @@ from parallama.sim.scheduler import (
     OllamaSettings,
     ServerBusyError,
 )
+from tests.clock import FakeClock
 
 LOAD = 2.0
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(
