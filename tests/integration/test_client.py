@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from parallama.client import AsyncClient, Client, ResponseError, RetryPolicy, UnreachableError
+from parallama.client import (
+    AsyncClient,
+    Client,
+    ClientError,
+    ResponseError,
+    RetryPolicy,
+    TransportError,
+    UnreachableError,
+)
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
     CHAT_MODEL,
@@ -168,9 +176,38 @@ def test_a_stream_is_never_retried_after_its_first_chunk() -> None:
     with scripted(Cut(cut), http("200 OK", DONE)) as server, Client(server.url) as client:
         stream = client.chat("m", HI, stream=True)
         assert next(stream).message.content == "Hel"
-        with pytest.raises(httpx.HTTPError):
+        with pytest.raises(ClientError) as broken:
             list(stream)
+        assert isinstance(broken.value, TransportError)  # the library's error, not httpx's
+        assert not isinstance(broken.value, httpx.HTTPError)
+        assert "incomplete" in str(broken.value)
         assert len(server.times) == 1  # the rest of the script was never asked for
+
+
+def test_ollama_host_is_where_a_client_without_a_host_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with sim_server() as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.url.removeprefix("http://"))  # as users set it
+        with Client() as client:
+            assert client.chat(CHAT_MODEL, HI).done
+
+
+def test_requests_go_through_the_transport_given() -> None:
+    class Counting(httpx.HTTPTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.paths: list[str] = []
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            self.paths.append(request.url.path)
+            return super().handle_request(request)
+
+    transport = Counting()
+    with sim_server() as server, Client(server.url, transport=transport) as client:
+        client.chat(CHAT_MODEL, HI)
+        client.list()
+    assert transport.paths == ["/api/chat", "/api/tags"]
 
 
 def test_cancelling_an_async_stream_frees_the_servers_slot() -> None:

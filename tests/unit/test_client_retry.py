@@ -6,8 +6,10 @@ import random
 
 import pytest
 
-from parallama.client.calls import Answer, ResponseError, chunk, error_of
-from parallama.client.retry import Attempts, Endpoints, GiveUp, RetryPolicy, parse_retry_after
+from parallama.client.calls import Answer, chunk, error_of
+from parallama.client.errors import ResponseError
+from parallama.client.options import parse_host
+from parallama.client.retry import Attempts, Endpoints, OutOfTries, RetryPolicy, parse_retry_after
 
 A, B = "http://a:1", "http://b:1"
 
@@ -28,7 +30,7 @@ def test_a_failed_try_moves_on_at_once_and_backs_off_only_when_all_failed() -> N
     assert tries.next(0)[1] == 0.0
     tries.failed(B, 0)
     assert 0 <= tries.next(0)[1] <= 1.5  # doubled, but capped
-    with pytest.raises(GiveUp):  # 1 + 4 tries
+    with pytest.raises(OutOfTries):  # 1 + 4 tries
         tries.next(0)
 
 
@@ -43,7 +45,7 @@ def test_the_deadline_ends_the_call_before_a_wait_would_pass_it() -> None:
     tries = attempts(Endpoints([A]), retries=5, deadline=3.0)
     tries.next(0)
     tries.failed(A, 0, retry_after=5, dead=False)
-    with pytest.raises(GiveUp):
+    with pytest.raises(OutOfTries):
         tries.next(0)
 
 
@@ -88,4 +90,23 @@ def test_answers_read_as_dicts_and_by_attribute() -> None:
     reply = Answer({"message": {"content": "hi", "tool_calls": [{"function": {"name": "f"}}]}})
     assert reply["message"]["content"] == reply.message.content == "hi"
     assert reply.message.tool_calls[0].function.name == "f"
-    assert reply.absent is None
+    assert reply.eval_count is None  # a field of the API that this answer leaves out
+    with pytest.raises(AttributeError, match="'mesage' is no field of this answer"):
+        _ = reply.mesage  # a misspelt name is a mistake, not a None
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        (None, "http://127.0.0.1:11434"),
+        ("", "http://127.0.0.1:11434"),
+        (":56789", "http://127.0.0.1:56789"),
+        ("example.com", "http://example.com:11434"),
+        ("example.com:56789/path/", "http://example.com:56789/path"),
+        ("http://example.com", "http://example.com:80"),
+        ("https://example.com", "https://example.com:443"),
+        ("[::1]:56789", "http://[::1]:56789"),
+    ],
+)
+def test_hosts_are_read_as_ollamas_own_client_reads_them(host: str | None, url: str) -> None:
+    assert parse_host(host) == url

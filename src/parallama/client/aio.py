@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, Literal, TypeVar, overload
 
 import httpx
+from typing_extensions import Unpack
 
 from parallama.client import calls
-from parallama.client.calls import Answer, Call
-from parallama.client.options import Options, UnreachableError
-from parallama.client.retry import Attempts, GiveUp
+from parallama.client.calls import Answer, Call, ChatFields, EmbedFields, GenerateFields
+from parallama.client.errors import TransportError, UnreachableError, transport_errors
+from parallama.client.options import ClientSettings, Options
+from parallama.client.retry import Attempts, OutOfTries
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -26,13 +28,21 @@ class AsyncClient:
     """The asyncio twin of `Client`: the same calls, awaited; streams are async iterators.
     Cancelling a call closes its connection, so the server frees its slot at once."""
 
-    def __init__(self, host: str | Sequence[str] | None = None, **options: Any) -> None:
-        self.options = Options.of(host, **options)
+    def __init__(
+        self,
+        host: str | Sequence[str] | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **settings: Unpack[ClientSettings],
+    ) -> None:
+        """As `Client`'s; `transport`: httpx's async one, for tests."""
+        self.options = Options.of(host, **settings)
         self.endpoints = self.options.endpoints()
         self._http = httpx.AsyncClient(
             timeout=self.options.timeout,
             limits=self.options.limits,
             headers=self.options.headers,
+            transport=transport,
         )
         self._rng = random.Random()
         self._checker: asyncio.Task[None] | None = None
@@ -59,7 +69,7 @@ class AsyncClient:
         messages: Sequence[Mapping[str, Any]] | None = ...,
         *,
         stream: Literal[False] = ...,
-        **more: Any,
+        **fields: Unpack[ChatFields],
     ) -> Answer: ...
     @overload
     async def chat(
@@ -68,7 +78,7 @@ class AsyncClient:
         messages: Sequence[Mapping[str, Any]] | None = ...,
         *,
         stream: Literal[True],
-        **more: Any,
+        **fields: Unpack[ChatFields],
     ) -> AsyncIterator[Answer]: ...
     async def chat(
         self,
@@ -76,25 +86,42 @@ class AsyncClient:
         messages: Sequence[Mapping[str, Any]] | None = None,
         *,
         stream: bool = False,
-        **more: Any,
+        **fields: Unpack[ChatFields],
     ) -> Answer | AsyncIterator[Answer]:
-        return await self._call(calls.chat(model, messages, stream=stream, **more))
+        return await self._call(calls.chat(model, messages, stream=stream, **fields))
 
     @overload
     async def generate(
-        self, model: str, prompt: str = ..., *, stream: Literal[False] = ..., **more: Any
+        self,
+        model: str,
+        prompt: str = ...,
+        *,
+        stream: Literal[False] = ...,
+        **fields: Unpack[GenerateFields],
     ) -> Answer: ...
     @overload
     async def generate(
-        self, model: str, prompt: str = ..., *, stream: Literal[True], **more: Any
+        self,
+        model: str,
+        prompt: str = ...,
+        *,
+        stream: Literal[True],
+        **fields: Unpack[GenerateFields],
     ) -> AsyncIterator[Answer]: ...
     async def generate(
-        self, model: str, prompt: str = "", *, stream: bool = False, **more: Any
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        stream: bool = False,
+        **fields: Unpack[GenerateFields],
     ) -> Answer | AsyncIterator[Answer]:
-        return await self._call(calls.generate(model, prompt, stream=stream, **more))
+        return await self._call(calls.generate(model, prompt, stream=stream, **fields))
 
-    async def embed(self, model: str, input: str | Sequence[str] = "", **more: Any) -> Answer:
-        return await self._whole(calls.embed(model, input, **more))
+    async def embed(
+        self, model: str, input: str | Sequence[str] = "", **fields: Unpack[EmbedFields]
+    ) -> Answer:
+        return await self._whole(calls.embed(model, input, **fields))
 
     async def list(self) -> Answer:
         return await self._whole(calls.LIST)
@@ -143,16 +170,18 @@ class AsyncClient:
     async def _whole(self, call: Call) -> Answer:
         reply = await self._open(call)
         try:
-            return calls.answer(await reply.aread())
+            with transport_errors(str(reply.url)):
+                return calls.answer(await reply.aread())
         finally:
             await reply.aclose()
 
     async def _stream(self, call: Call) -> AsyncIterator[Answer]:
         reply = await self._open(call)  # retries end here: what follows is the answer itself
         try:
-            async for line in reply.aiter_lines():
-                if (part := calls.chunk(line.encode())) is not None:
-                    yield part
+            with transport_errors(str(reply.url)):
+                async for line in reply.aiter_lines():
+                    if (part := calls.chunk(line.encode())) is not None:
+                        yield part
         finally:
             await reply.aclose()
 
@@ -164,7 +193,7 @@ class AsyncClient:
         while True:
             try:
                 url, wait = attempts.next(time.monotonic())
-            except GiveUp:
+            except OutOfTries:
                 raise last from None
             if wait:
                 await asyncio.sleep(wait)
@@ -177,17 +206,19 @@ class AsyncClient:
                 attempts.failed(url, time.monotonic())
                 last = UnreachableError(f"{url}: {exc or type(exc).__name__}")
                 continue
+            except httpx.HTTPError as exc:
+                raise TransportError(f"{url}: {exc or type(exc).__name__}") from exc
             retry_after = reply.headers.get("Retry-After")
-            if attempts.answered(url, reply.status_code, retry_after, time.monotonic()):
+            retry = attempts.answered(url, reply.status_code, retry_after, time.monotonic())
+            if reply.status_code < 400 and not retry:
+                return reply
+            with transport_errors(url):
                 await reply.aread()
-                await reply.aclose()
-                last = calls.error_of(reply.status_code, reply.content)
-                continue
-            if reply.status_code >= 400:
-                await reply.aread()
-                await reply.aclose()
-                raise calls.error_of(reply.status_code, reply.content)
-            return reply
+            await reply.aclose()
+            error = calls.error_of(reply.status_code, reply.content)
+            if not retry:
+                raise error
+            last = error
 
     def _start_checker(self) -> None:
         if self._checker is None and len(self.endpoints.urls) > 1:

@@ -73,7 +73,7 @@ class Endpoints:
             return [u for u in self.urls if self._breakers[u].state is not BreakerState.CLOSED]
 
 
-class GiveUp(Exception):
+class OutOfTries(Exception):
     """No try left (or no time): the caller raises the last error."""
 
 
@@ -92,9 +92,9 @@ class Attempts:
         self._retry_after: float | None = None
 
     def next(self, now: float) -> tuple[str, float]:
-        """The endpoint to try next and the seconds to wait before; `GiveUp` if none."""
+        """The endpoint to try next and the seconds to wait before; `OutOfTries` if none."""
         if self._tries > self._policy.retries:
-            raise GiveUp
+            raise OutOfTries
         round_, position = divmod(self._tries, len(self._order))
         wait = 0.0
         if self._tries and position == 0:  # every endpoint failed this round: back off
@@ -103,7 +103,7 @@ class Attempts:
             self._retry_after = None
         deadline = self._policy.deadline
         if deadline is not None and now + wait - self._started > deadline:
-            raise GiveUp
+            raise OutOfTries
         self._tries += 1
         return self._order[position], wait
 

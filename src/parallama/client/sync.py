@@ -9,24 +9,35 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import httpx
+from typing_extensions import Unpack
 
 from parallama.client import calls
-from parallama.client.calls import Answer, Call
-from parallama.client.options import Options, UnreachableError
-from parallama.client.retry import Attempts, GiveUp
+from parallama.client.calls import Answer, Call, ChatFields, EmbedFields, GenerateFields
+from parallama.client.errors import TransportError, UnreachableError, transport_errors
+from parallama.client.options import ClientSettings, Options
+from parallama.client.retry import Attempts, OutOfTries
 
 
 class Client:
     """A pooled, retrying client for one or several Ollama-API servers (parallama's gateway,
     `ollama serve`, the emulator). See `Options` for what each setting does."""
 
-    def __init__(self, host: str | Sequence[str] | None = None, **options: Any) -> None:
-        self.options = Options.of(host, **options)
+    def __init__(
+        self,
+        host: str | Sequence[str] | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **settings: Unpack[ClientSettings],
+    ) -> None:
+        """`host`: one base URL or several; none: `OLLAMA_HOST`, else 127.0.0.1:11434.
+        `transport`: httpx's, for tests (an `httpx.MockTransport`)."""
+        self.options = Options.of(host, **settings)
         self.endpoints = self.options.endpoints()
         self._http = httpx.Client(
             timeout=self.options.timeout,
             limits=self.options.limits,
             headers=self.options.headers,
+            transport=transport,
         )
         self._rng = random.Random()
         self._closed = threading.Event()
@@ -56,7 +67,7 @@ class Client:
         messages: Sequence[Mapping[str, Any]] | None = ...,
         *,
         stream: Literal[False] = ...,
-        **more: Any,
+        **fields: Unpack[ChatFields],
     ) -> Answer: ...
     @overload
     def chat(
@@ -65,7 +76,7 @@ class Client:
         messages: Sequence[Mapping[str, Any]] | None = ...,
         *,
         stream: Literal[True],
-        **more: Any,
+        **fields: Unpack[ChatFields],
     ) -> Iterator[Answer]: ...
     def chat(
         self,
@@ -73,25 +84,42 @@ class Client:
         messages: Sequence[Mapping[str, Any]] | None = None,
         *,
         stream: bool = False,
-        **more: Any,
+        **fields: Unpack[ChatFields],
     ) -> Answer | Iterator[Answer]:
-        return self._call(calls.chat(model, messages, stream=stream, **more))
+        return self._call(calls.chat(model, messages, stream=stream, **fields))
 
     @overload
     def generate(
-        self, model: str, prompt: str = ..., *, stream: Literal[False] = ..., **more: Any
+        self,
+        model: str,
+        prompt: str = ...,
+        *,
+        stream: Literal[False] = ...,
+        **fields: Unpack[GenerateFields],
     ) -> Answer: ...
     @overload
     def generate(
-        self, model: str, prompt: str = ..., *, stream: Literal[True], **more: Any
+        self,
+        model: str,
+        prompt: str = ...,
+        *,
+        stream: Literal[True],
+        **fields: Unpack[GenerateFields],
     ) -> Iterator[Answer]: ...
     def generate(
-        self, model: str, prompt: str = "", *, stream: bool = False, **more: Any
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        stream: bool = False,
+        **fields: Unpack[GenerateFields],
     ) -> Answer | Iterator[Answer]:
-        return self._call(calls.generate(model, prompt, stream=stream, **more))
+        return self._call(calls.generate(model, prompt, stream=stream, **fields))
 
-    def embed(self, model: str, input: str | Sequence[str] = "", **more: Any) -> Answer:
-        return self._whole(calls.embed(model, input, **more))
+    def embed(
+        self, model: str, input: str | Sequence[str] = "", **fields: Unpack[EmbedFields]
+    ) -> Answer:
+        return self._whole(calls.embed(model, input, **fields))
 
     def list(self) -> Answer:
         return self._whole(calls.LIST)
@@ -110,16 +138,18 @@ class Client:
     def _whole(self, call: Call) -> Answer:
         reply = self._open(call)
         try:
-            return calls.answer(reply.read())
+            with transport_errors(str(reply.url)):
+                return calls.answer(reply.read())
         finally:
             reply.close()
 
     def _stream(self, call: Call) -> Iterator[Answer]:
         reply = self._open(call)  # retries end here: what follows is the answer itself
         try:
-            for line in reply.iter_lines():
-                if (part := calls.chunk(line.encode())) is not None:
-                    yield part
+            with transport_errors(str(reply.url)):
+                for line in reply.iter_lines():
+                    if (part := calls.chunk(line.encode())) is not None:
+                        yield part
         finally:
             reply.close()
 
@@ -131,7 +161,7 @@ class Client:
         while True:
             try:
                 url, wait = attempts.next(time.monotonic())
-            except GiveUp:
+            except OutOfTries:
                 raise last from None
             if wait:
                 time.sleep(wait)
@@ -144,17 +174,19 @@ class Client:
                 attempts.failed(url, time.monotonic())
                 last = UnreachableError(f"{url}: {exc or type(exc).__name__}")
                 continue
+            except httpx.HTTPError as exc:
+                raise TransportError(f"{url}: {exc or type(exc).__name__}") from exc
             retry_after = reply.headers.get("Retry-After")
-            if attempts.answered(url, reply.status_code, retry_after, time.monotonic()):
+            retry = attempts.answered(url, reply.status_code, retry_after, time.monotonic())
+            if reply.status_code < 400 and not retry:
+                return reply
+            with transport_errors(url):
                 reply.read()
-                reply.close()
-                last = calls.error_of(reply.status_code, reply.content)
-                continue
-            if reply.status_code >= 400:
-                reply.read()
-                reply.close()
-                raise calls.error_of(reply.status_code, reply.content)
-            return reply
+            reply.close()
+            error = calls.error_of(reply.status_code, reply.content)
+            if not retry:
+                raise error
+            last = error
 
     def _recheck(self) -> None:
         """While the client lives: ask each endpoint with an open breaker whether it is back."""
