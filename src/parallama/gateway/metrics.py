@@ -27,7 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from parallama.core.exchange import Exchange
-from parallama.core.scheduler import Scheduler
+from parallama.core.scheduler import Backend, Scheduler
 from parallama.gateway.guard import Connections, Phase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -54,6 +54,27 @@ class ModelLabels:
         return self.OTHER
 
 
+# Each backend's state, read at scrape time: name, help, value.
+_BACKEND_GAUGES: tuple[tuple[str, str, Callable[[Backend], float]], ...] = (
+    ("parallama_backend_in_flight", "Requests a backend is answering", lambda b: b.active),
+    (
+        "parallama_backend_slots",
+        "A backend's parallel slots per model (halved for a while after 'server busy')",
+        lambda b: b.capacity,
+    ),
+    (
+        "parallama_backend_healthy",
+        "1 unless the backend's circuit breaker is open",
+        lambda b: 1 if b.healthy else 0,
+    ),
+    (
+        "parallama_backend_draining",
+        "1 if the backend takes no new work",
+        lambda b: 1 if b.draining else 0,
+    ),
+)
+
+
 class _SchedulerCollector(Collector):
     """The scheduler's live state, read at scrape time."""
 
@@ -73,35 +94,20 @@ class _SchedulerCollector(Collector):
         for model, waiting in depths.items():
             depth.add_metric([model], waiting)
         yield depth
-        in_flight = GaugeMetricFamily(
-            "parallama_backend_in_flight", "Requests a backend is answering", labels=["backend"]
-        )
-        slots = GaugeMetricFamily(
-            "parallama_backend_slots",
-            "A backend's parallel slots per model (halved for a while after 'server busy')",
-            labels=["backend"],
-        )
-        healthy = GaugeMetricFamily(
-            "parallama_backend_healthy",
-            "1 unless the backend's circuit breaker is open",
-            labels=["backend"],
-        )
-        draining = GaugeMetricFamily(
-            "parallama_backend_draining", "1 if the backend takes no new work", labels=["backend"]
-        )
+        backends = s.backends.values()
+        for name, documentation, value in _BACKEND_GAUGES:
+            gauge = GaugeMetricFamily(name, documentation, labels=["backend"])
+            for backend in backends:
+                gauge.add_metric([backend.name], value(backend))
+            yield gauge
         trips = CounterMetricFamily(
             "parallama_backend_breaker_trips",
             "Times the backend's circuit breaker opened",
             labels=["backend"],
         )
-        for backend in s.backends.values():
-            name = [backend.name]
-            in_flight.add_metric(name, backend.active)
-            slots.add_metric(name, backend.capacity)
-            healthy.add_metric(name, 1 if backend.healthy else 0)
-            draining.add_metric(name, 1 if backend.draining else 0)
-            trips.add_metric(name, backend.breaker.trips)
-        yield from (in_flight, slots, healthy, draining, trips)
+        for backend in backends:
+            trips.add_metric([backend.name], backend.breaker.trips)
+        yield trips
 
 
 class _ConnectionCollector(Collector):

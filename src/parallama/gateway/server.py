@@ -37,6 +37,7 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
+from parallama.alarm import Alarm
 from parallama.errors import ApiError
 from parallama.gateway.guard import Connections
 from parallama.gateway.http1 import Headers, date_header, error_answer, status_line
@@ -320,14 +321,13 @@ class ServerConnection(asyncio.Protocol):
         self._reading_paused = False
         self._current: Request | None = None  # being answered
         self._task: asyncio.Task[None] | None = None
-        # What the connection waits for from the client, and until when. One timer serves every
-        # deadline and is pushed back lazily (when it rings early it is set again), so that a busy
-        # keep-alive connection arms and cancels no timer per request.
+        # What the connection waits for from the client, and until when: one alarm serves
+        # every deadline (pushed back lazily, so a busy keep-alive connection arms no timer per
+        # request); the send deadline has its own, as it runs alongside the others.
         self._waiting: Waiting | None = None
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._alarm = Alarm(self._rang, self._loop.time)
         self._unsent = 0  # write buffer size when the send deadline was set
-        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_alarm = Alarm(self._send_late, self._loop.time)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -367,9 +367,8 @@ class ServerConnection(asyncio.Protocol):
             self.connections.open.pop(transport, None)
         self.connections.closed()
         self._waiting = None
-        for timer in (self._timer, self._send_timer):
-            if timer is not None:
-                timer.cancel()
+        self._alarm.cancel()
+        self._send_alarm.cancel()
         for request in (self._current, self._parsing, *self._pending):
             if request is not None:
                 request._fail(ApiError(499, "request canceled"))
@@ -384,9 +383,7 @@ class ServerConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self._send_timer is not None:  # it read enough to make room: progress
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send_alarm.cancel()  # it read enough to make room: progress
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -544,20 +541,11 @@ class ServerConnection(asyncio.Protocol):
         """From now, `what` must happen within `seconds`: a request's head (else 408), the next
         request on a kept-alive connection (else it closes), or the client's close (lingering)."""
         self._waiting = what
-        self._deadline = deadline = self._loop.time() + seconds
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._rang)
+        self._alarm.set(self._loop.time() + seconds)
 
     def _rang(self) -> None:
-        self._timer = None
         waiting = self._waiting
         if waiting is None or self.gone:
-            return
-        if self._loop.time() < self._deadline:  # pushed back since it was set
-            self._timer = self._loop.call_at(self._deadline, self._rang)
             return
         self._waiting = None
         if waiting == "head":
@@ -573,14 +561,13 @@ class ServerConnection(asyncio.Protocol):
         """While written bytes wait for the client, it must take some of them every
         `send_timeout` seconds (nginx's send_timeout, between two successive writes)."""
         transport = self._transport
-        if self._send_timer is None and transport is not None and not self.gone:
+        if self._send_alarm.deadline is None and transport is not None and not self.gone:
             self._unsent = transport.get_write_buffer_size()
             if self._unsent:
                 limit = self.connections.limits.send_timeout
-                self._send_timer = self._loop.call_later(limit, self._send_late)
+                self._send_alarm.set(self._loop.time() + limit)
 
     def _send_late(self) -> None:
-        self._send_timer = None
         transport = self._transport
         if transport is None or self.gone:
             return

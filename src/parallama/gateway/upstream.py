@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from parallama.alarm import Alarm
 from parallama.gateway.http1 import AnswerReader, Headers, ProtocolError, request_head
 
 # Reading from the backend pauses above this many unread body bytes and resumes below the low mark.
@@ -103,10 +104,10 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        # The silence timer: one per connection, pushed back lazily (it re-arms itself when it
-        # rings early), not armed and cancelled for every request and chunk.
+        # The silence deadline: last heard + read_timeout, moved on by every chunk. Its alarm is
+        # set once per request and looks again when it rings, not re-armed for every chunk.
         self._heard_at = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._silence = Alarm(self._on_silence, self._loop.time)
 
     @property
     def status(self) -> int:
@@ -125,8 +126,7 @@ class Connection(asyncio.Protocol):
         answer.reset()
         self._error = None
         self._heard_at = now = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_at(now + self._upstream.read_timeout, self._on_silence)
+        self._silence.set(now + self._upstream.read_timeout)
         if body:
             self._transport.writelines((request, body))
         else:
@@ -178,7 +178,7 @@ class Connection(asyncio.Protocol):
         return self._readable is None or not self._readable.poll(0)
 
     def close(self) -> None:
-        self._cancel_timer()
+        self._silence.cancel()
         if not self.closed:
             self.closed = True
             self._upstream.forget(self)
@@ -213,7 +213,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._upstream.forget(self)
-        self._cancel_timer()
+        self._silence.cancel()
         ended = self._answer.connection_ended() if exc is None else self._answer.complete
         if not ended and self._error is None:
             self._error = UpstreamError(DROPPED)
@@ -246,9 +246,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _on_silence(self) -> None:
-        self._timer = None
         if self._answer.complete or self.closed:
-            return  # no answer awaited: the next request arms it again
+            return  # no answer awaited: the next request sets it again
         timeout = self._upstream.read_timeout
         now = self._loop.time()
         if self._flow is not None and self._flow.paused:  # waiting on our consumer, not on it
@@ -257,12 +256,7 @@ class Connection(asyncio.Protocol):
         if now >= deadline:
             self._fail(UpstreamTimeout(f"was silent for {timeout:g} s"))
         else:
-            self._timer = self._loop.call_at(deadline, self._on_silence)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self._silence.set(deadline)
 
 
 class Upstream:
