@@ -430,13 +430,16 @@ class Scheduler:
                 self._timed_out.append(ticket)
 
     def next_wakeup(self) -> float | None:
-        while self._waiting and not _current(self._waiting[0]):
-            heapq.heappop(self._waiting)
-        times = [b.breaker.next_change() for b in self.backends.values()]
-        times += [b.cap_until for b in self.backends.values() if b.cap is not None]
-        if self._waiting:
-            times.append(self._waiting[0][0] + self.settings.queue_timeout)
-        return min((t for t in times if t is not None), default=None)
+        waiting = self._waiting
+        while waiting and not _current(waiting[0]):
+            heapq.heappop(waiting)
+        soonest = waiting[0][0] + self.settings.queue_timeout if waiting else math.inf
+        for b in self.backends.values():  # asked after every change: no lists built
+            if (change := b.breaker.next_change()) is not None:
+                soonest = min(soonest, change)
+            if b.cap is not None:
+                soonest = min(soonest, b.cap_until)
+        return None if soonest == math.inf else soonest
 
     def take_dispatched(self) -> list[Ticket]:
         dispatched, self._dispatched = self._dispatched, []

@@ -7,7 +7,6 @@ itself is passed on untouched.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ STREAM_DEFAULTS: dict[str, tuple[Dialect, bool]] = {
 PRIORITY_RANGE = range(-10, 11)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestInfo:
     dialect: Dialect
     model: str
@@ -44,11 +43,11 @@ class RequestInfo:
     session_id: str = ""  # the X-Session-Id header
     leading: Any = None  # the conversation's beginning (see `leading_part`)
 
-    @functools.cached_property
+    @property
     def session(self) -> str:
         """What makes two requests one conversation: `X-Session-Id`, else the client and the
         conversation's beginning, which stays the same as the conversation grows. Hashed (it
-        may hold prompt text), and only when session affinity asks: hashing costs."""
+        may hold prompt text), and only when session affinity asks for it: hashing costs."""
         if self.session_id:
             return "id:" + self.session_id
         if self.leading is None:

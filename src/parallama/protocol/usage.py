@@ -18,7 +18,7 @@ _COUNT = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
