@@ -496,3 +496,37 @@ def test_under_a_low_file_limit_a_flood_of_slow_clients_gets_clean_answers(
     assert set(during) <= {200, 503}
     assert after.status_code == 200
     assert "max_connections lowered to fit the file limit" in log.read_text()
+
+
+async def test_the_send_deadline_still_runs_after_the_client_took_some_of_a_whole_answer() -> None:
+    """The client reads part of an answer (the server resumes writing), then stops: what is
+    left must still be taken within send_timeout, or the connection goes. Making room once
+    switched the deadline off for good (found by review)."""
+
+    async def big(request: Request, reply: Reply) -> None:
+        reply.send(200, b"x" * 300_000, b"text/plain")
+
+    limits = ConnectionLimits(header_timeout=5, send_timeout=1, max_connections=8, idle_timeout=1)
+    connections = Connections(limits)
+    server = await start_server(big, connections, "127.0.0.1", 0)
+    # Small kernel buffers on both sides, so that the answer waits in the server's own.
+    server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted inherit
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, server.sockets[0].getsockname())
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await loop.sock_recv(sock, 2048)  # the answer has begun: its connection is known
+        ((transport, connection),) = connections.open.items()
+        async with asyncio.timeout(10):  # read until the server has made room, bytes left
+            while connection.paused or not transport.get_write_buffer_size():  # type: ignore[attr-defined]
+                await loop.sock_recv(sock, 2048)
+        await asyncio.sleep(3 * limits.send_timeout)  # and then the client reads nothing
+    finally:
+        sock.close()
+        server.close()
+        await server.wait_closed()
+    assert connections.timeouts["send"] == 1
+    assert not connections.open

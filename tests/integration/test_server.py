@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import httpx
 import orjson
 import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
 from parallama.sim.server import SimServer
-from tests.simhelpers import CHAT_MODEL, gateway_status, gateway_with
+from tests.simhelpers import CHAT_MODEL, gateway_status, gateway_with, sim_server
 
 GENERATE = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi", "stream": False})
 STREAM = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi"})
@@ -165,3 +166,97 @@ def test_unknown_routes_and_methods_are_answered_in_the_routes_dialect(gateway: 
     assert orjson.loads(openai_error)["error"]["message"] == "no route GET /v1/nothing"
     assert not_allowed.startswith(b"HTTP/1.1 405 ")
     assert orjson.loads(ollama_error) == {"error": "method GET not allowed on /api/chat"}
+
+
+# -- found by review: each of these failed before its fix ---------------------------------------
+
+
+def test_a_client_that_pipelines_without_end_is_cut_off(gateway: Gateway) -> None:
+    """Requests parsed ahead of their turn are bounded (they once piled up by the million)."""
+    flood = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n" * 500
+    try:
+        raw = asyncio.run(until_closed(gateway.port, flood))
+    except ConnectionResetError:
+        raw = b""  # cut off at once
+    assert raw.count(b"HTTP/1.1 200 OK") < 500
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:  # the others are served
+        assert http.get("/api/version").status_code == 200
+
+
+def test_a_header_that_keeps_coming_is_a_431_before_the_head_deadline(gateway: Gateway) -> None:
+    """The parser holds a header value whole before showing it: the bound must hold before."""
+
+    async def endless_header() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Pad: ")
+        answer = asyncio.ensure_future(reader.read(65536))
+        try:
+            async with asyncio.timeout(5):  # header_timeout is 10 s
+                while not answer.done():
+                    writer.write(b"a" * 4096)
+                    await writer.drain()
+                    await asyncio.wait([answer], timeout=0.01)  # the client's own pace
+                return answer.result()
+        finally:
+            answer.cancel()
+            writer.close()
+
+    answer = asyncio.run(endless_header())
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_100_continue_never_lands_inside_the_answer_before_it(gateway: Gateway) -> None:
+    expecting = post("/api/generate", GENERATE, b"Expect: 100-continue", b"Connection: close")
+    head, _, body = expecting.partition(b"\r\n\r\n")
+    first = post("/api/generate", STREAM)
+    raw = asyncio.run(
+        until_closed(gateway.port, first + head + b"\r\n\r\n", body, wait_for=b"100 Continue")
+    )
+    stream, _, rest = raw.partition(b"0\r\n\r\n")  # the first answer ends with its last chunk
+    assert b"100 Continue" not in stream
+    assert rest.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+
+
+def test_a_chunked_bodys_trailers_are_not_headers(gateway: Gateway) -> None:
+    """A trailer once became a header of the request: here an X-Priority out of range."""
+    chunks = b"%x\r\n%s\r\n0\r\nX-Priority: 99\r\n\r\n" % (len(GENERATE), GENERATE)
+    head = (
+        b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: X-Priority\r\nConnection: close\r\n\r\n"
+    )
+    ((status, body),) = answers(asyncio.run(until_closed(gateway.port, head + chunks)))
+    assert status.startswith(b"HTTP/1.1 200 OK"), body
+
+
+def test_an_upgrade_request_is_answered_in_http11_and_the_connection_closed(
+    gateway: Gateway,
+) -> None:
+    """What `curl --http2` sends to an http:// URL."""
+    h2c = (
+        b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+    )
+    ((status, body),) = answers(asyncio.run(until_closed(gateway.port, h2c)))
+    assert status.startswith(b"HTTP/1.1 200 OK")
+    assert "version" in orjson.loads(body)
+
+
+def test_an_absolute_form_target_is_served(gateway: Gateway) -> None:
+    request = b"GET http://localhost/api/version HTTP/1.1\r\nHost: localhost\r\n"
+    ((status, body),) = answers(
+        asyncio.run(until_closed(gateway.port, request + b"Connection: close\r\n\r\n"))
+    )
+    assert status.startswith(b"HTTP/1.1 200 OK")
+    assert "version" in orjson.loads(body)
+
+
+def test_an_answer_given_before_the_body_came_says_the_connection_closes() -> None:
+    with (
+        sim_server() as backend,
+        gateway_with((BackendSettings(url=backend.url),), max_body_bytes=1024) as running,
+    ):
+        head = b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n"
+        ((status, _),) = answers(asyncio.run(until_closed(running.port, head + b"{")))
+    assert status.startswith(b"HTTP/1.1 413 ")
+    assert b"\r\nConnection: close" in status
+    assert b"\r\nDate: " in status

@@ -264,3 +264,29 @@ async def test_unreachable_and_invalid_backends_fail_with_a_reason() -> None:
     with pytest.raises(UpstreamError, match="could not be reached") as unreachable:
         await fetch(refused)
     assert not unreachable.value.reached  # so any backend may take the request
+
+
+async def test_a_connection_whose_reading_was_paused_serves_the_next_request() -> None:
+    """A slow reader paused reading; its client left once the whole answer was in, so the
+    connection went back to the pool complete but still paused: the next request on it was
+    written, answered, and never read (found by review)."""
+    big = b"x" * 270_000  # just past the pause threshold (256 KiB), in one write
+
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if request.n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big))
+        else:
+            writer.write(OK + b'{"done":true}')
+        return True
+
+    async with backend(answer) as server:
+        up = upstream(server.url, read_timeout=2.0)
+        reply = await up.send(b"POST", b"/api/generate", [], b"{}")
+        async with asyncio.timeout(5):  # its client reads nothing; the whole answer arrives
+            while not reply._answer.complete:  # noqa: ASYNC110 (no event says so)
+                await asyncio.sleep(0.01)
+        reply.release()  # and the client is gone
+        async with asyncio.timeout(5):
+            assert await fetch(up) == (200, b'{"done":true}')
+        await up.close()
+    assert server.connections == 1  # the same connection, reused

@@ -47,9 +47,13 @@ def error_answer(status: int, message: str, headers: bytes = b"") -> bytes:
     faults found before a request's route is known (its head is bad, late or too large; too
     many connections)."""
     body = orjson.dumps({"error": message})
-    return (
-        b"%sContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n%s"
-        % (status_line(status), len(body), headers, body)
+    return b"%s%sContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+        status_line(status),
+        date_header(),
+        len(body),
+        b"Connection: close\r\n",
+        headers,
+        body,
     )
 
 

@@ -9,7 +9,7 @@ whole or chunk by chunk. That is this module, with the limits a server facing cl
 (as nginx keeps them):
 
 - the head within `header_timeout` of connecting or of the request's first byte, and within
-  `max_head_bytes` (else 408 or 431, and the connection closes);
+  32 KiB and 100 headers (else 408 or 431, and the connection closes);
 - the body within `max_body_bytes` (413) and without a pause longer than `body_timeout` (408),
   enforced where the handler reads it (`Request.read`), since only it knows it wants the body;
 - an idle keep-alive connection closed after `idle_timeout`;
@@ -48,8 +48,9 @@ Handler = Callable[["Request", "Reply"], Awaitable[None]]
 
 MAX_HEAD_BYTES = 32 * 1024  # a request line and headers; nginx's large_client_header_buffers
 MAX_HEADERS = 100
-# Pipelined requests read ahead of the one being answered; past this, reading pauses.
-_MAX_PIPELINED = 16
+# Pipelined requests read ahead of the one being answered; a client that sends more at once
+# is cut off (reading is not paused for them: a paused connection would not see its client go).
+_MAX_PIPELINED = 64
 # Unread body bytes past which a request's body stops being read until its handler takes it.
 _BODY_HIGH_WATER = 1024 * 1024
 _LINGER_SECONDS = 2.0  # after an early answer, time for the client to see it before we close
@@ -93,7 +94,6 @@ class Request:
 
     __slots__ = (
         "_body",
-        "_body_size",
         "_complete",
         "_connection",
         "_error",
@@ -127,16 +127,21 @@ class Request:
         self.keep_alive = keep_alive
         self.http11 = http11
         self.headers = HeaderMap(by_name)
-        self._body: list[bytes] = []
-        self._body_size = 0
+        # The body as it came: one piece (the usual case, taken as it is), or a bytearray that
+        # pieces are added to (a chunked body of 2-byte chunks must not cost an object each).
+        self._body: bytes | bytearray = b""
         self._complete = False
         self._error: ApiError | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     @property
     def path(self) -> str:
-        """The path without its query, percent-decoded."""
-        path = self.target.partition(b"?")[0].decode("latin-1")
+        """The path without its query, percent-decoded (of an absolute-form target too, as a
+        proxy may send: http://host/path)."""
+        target = self.target
+        if not target.startswith(b"/") and b"://" in target:
+            target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+        path = target.partition(b"?")[0].decode("latin-1")
         return unquote(path) if "%" in path else path
 
     @property
@@ -149,8 +154,7 @@ class Request:
         head), else None: then `read` it."""
         if not self._complete or self._error is not None:
             return None
-        body = self._body
-        return body[0] if len(body) == 1 else b"".join(body)
+        return bytes(self._body) if isinstance(self._body, bytearray) else self._body
 
     async def read(self) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 if the client pauses longer than
@@ -170,21 +174,28 @@ class Request:
                 self._waiter = None
         if self._error is not None:
             raise self._error
-        body = self._body
-        return body[0] if len(body) == 1 else b"".join(body)
+        return bytes(self._body) if isinstance(self._body, bytearray) else self._body
 
     # -- fed by the connection ----------------------------------------------------------------
+
+    @property
+    def body_size(self) -> int:
+        return len(self._body)
 
     def _feed(self, data: bytes) -> None:
         if self._error is not None:
             return  # refused already: the rest is dropped
-        self._body_size += len(data)
         limit = self._connection.connections.limits.max_body_bytes
-        if self._body_size > limit:
+        if len(self._body) + len(data) > limit:
             self._fail(ApiError(413, f"request body is larger than {limit} bytes"))
-            self._body.clear()
+            self._body = b""
             return
-        self._body.append(data)
+        if not self._body:
+            self._body = data
+        elif isinstance(self._body, bytearray):
+            self._body += data
+        else:
+            self._body = bytearray(self._body) + data
         self._wake()
 
     def _fail(self, error: ApiError) -> None:
@@ -211,6 +222,7 @@ class Reply:
         "_connection",
         "_head_only",
         "_http11",
+        "_request",
         "ended",
         "keep_alive",
         "started",
@@ -219,6 +231,7 @@ class Reply:
 
     def __init__(self, connection: ServerConnection, request: Request) -> None:
         self._connection = connection
+        self._request = request
         self._head_only = request.method == "HEAD"
         self._http11 = request.http11
         self.keep_alive = request.keep_alive  # the connection stays open after this answer
@@ -283,6 +296,8 @@ class Reply:
             raise ClientGone("the client closed the connection")
         self.started = True
         self.status = status
+        if not self._request.body_complete:
+            self.keep_alive = False  # answered before its body came: the connection closes
         parts = [status_line(status), date_header()]
         if content_type is not None:
             parts.append(b"Content-Type: %s\r\n" % content_type)
@@ -317,8 +332,10 @@ class ServerConnection(asyncio.Protocol):
         self._headers: Headers = []
         self._by_name: dict[bytes, bytes] = {}
         self._head_bytes = 0
+        self._head_arriving = 0
         self._pending: deque[Request] = deque()
         self._reading_paused = False
+        self._upgraded = False  # an upgrade request came: nothing after it is HTTP/1.1
         self._current: Request | None = None  # being answered
         self._task: asyncio.Task[None] | None = None
         # What the connection waits for from the client, and until when: one alarm serves
@@ -340,12 +357,19 @@ class ServerConnection(asyncio.Protocol):
         self._wait_for("head", self.connections.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiting == "linger":
-            return  # closing: what the client still sends is dropped
+        if self._waiting == "linger" or self._upgraded:
+            return  # closing, or past an upgrade request: what the client sends is dropped
+        if self._in_head:
+            # The parser holds a header value whole before it shows it (growing it by copies):
+            # a head that keeps coming is bounded here, before it reaches the parser.
+            self._head_arriving += len(data)
+            if self._head_arriving > MAX_HEAD_BYTES:
+                self._refuse(431, f"the request's head is larger than {MAX_HEAD_BYTES} bytes")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "protocol upgrades are not supported")
+            self._upgrade_refused()
             return
         except httptools.HttpParserError as exc:
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -383,18 +407,22 @@ class ServerConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self._send_alarm.cancel()  # it read enough to make room: progress
+        self._send_alarm.cancel()  # it read enough to make room: progress,
+        self._watch_sending()  # and what is still unsent has another send_timeout to go
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if len(self._pending) >= _MAX_PIPELINED:  # raising here makes feed_data raise
+            raise httptools.HttpParserError(f"more than {_MAX_PIPELINED} pipelined requests")
         self._in_head = True
         self._url = b""
         self._headers = []
         self._by_name = {}
-        self._head_bytes = 0
+        self._head_bytes = 0  # in the fields seen so far
+        self._head_arriving = 0  # received after the read that began the head
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -403,6 +431,8 @@ class ServerConnection(asyncio.Protocol):
             raise httptools.HttpParserError("head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailer: never a header of the request
         self._headers.append((name, value))
         self._by_name.setdefault(name.lower(), value)
         self._head_bytes += len(name) + len(value) + 4
@@ -431,21 +461,17 @@ class ServerConnection(asyncio.Protocol):
         limit = self.connections.limits.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             request._fail(ApiError(413, f"request body is larger than {limit} bytes"))
-        elif by_name.get(b"expect", b"").lower() == b"100-continue":
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as curl waits for, before a body
         if self._current is None:
             self._begin(request)
         else:
             self._pending.append(request)
-            if len(self._pending) >= _MAX_PIPELINED:
-                self._pause_reading()
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
         if request is None:
             return
         request._feed(body)
-        if request._body_size > _BODY_HIGH_WATER and request is not self._current:
+        if request.body_size > _BODY_HIGH_WATER and request is not self._current:
             self._pause_reading()  # pipelined ahead of its turn: no more until it is taken
 
     def on_message_complete(self) -> None:
@@ -459,6 +485,9 @@ class ServerConnection(asyncio.Protocol):
     def _begin(self, request: Request) -> None:
         self._current = request
         self._waiting = None
+        expects = (request.headers.get("Expect") or "").lower() == "100-continue"
+        if expects and request.http11 and not request.body_complete and request._error is None:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it, to send
         self._task = self._loop.create_task(self._answer(request))
 
     async def _answer(self, request: Request) -> None:
@@ -486,11 +515,11 @@ class ServerConnection(asyncio.Protocol):
         self._task = None
         if self.gone:
             return
-        if not keep_alive:
-            self._close()
-            return
         if not request.body_complete:  # answered early, the body still coming: no next request
             self._linger()
+            return
+        if not keep_alive or self._upgraded:
+            self._close()
             return
         if self._reading_paused:
             self._reading_paused = False
@@ -579,6 +608,19 @@ class ServerConnection(asyncio.Protocol):
             # transport would wait for it to flush. (The backend's slot frees with it.)
             self.connections.timeouts["send"] += 1
             self._abort()
+
+    def _upgrade_refused(self) -> None:
+        """A request asked to switch protocols (curl --http2 asks for h2c): it is answered in
+        HTTP/1.1, as the RFC lets a server, and the connection closes after it (what follows
+        the request is the other protocol's). A body it has is not parsed: it is refused."""
+        self._upgraded = True
+        request = self._current if not self._pending else self._pending[-1]
+        if request is None:
+            self._refuse(400, "protocol upgrades are not supported")
+            return
+        framing = request.headers.get("Content-Length") or request.headers.get("Transfer-Encoding")
+        if framing not in (None, "0"):
+            request._fail(ApiError(400, "a request that asks for a protocol upgrade has no body"))
 
     # -- the end ------------------------------------------------------------------------------
 

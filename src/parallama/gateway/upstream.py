@@ -80,10 +80,14 @@ class _ReadFlow:
     def taken(self, unread: int) -> bool:
         """True if reading resumed."""
         if self.paused and unread < _LOW_WATER:
-            self.paused = False
-            self._transport.resume_reading()
+            self.resume()
             return True
         return False
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._transport.resume_reading()
 
 
 class Connection(asyncio.Protocol):
@@ -123,7 +127,9 @@ class Connection(asyncio.Protocol):
         """Send a request and wait for the head of its answer."""
         assert self._transport is not None
         answer = self._answer
-        answer.reset()
+        answer.reset()  # what was left unread of the last answer goes, and with it any pause
+        if self._flow is not None:
+            self._flow.resume()
         self._error = None
         self._heard_at = now = self._loop.time()
         self._silence.set(now + self._upstream.read_timeout)
@@ -203,7 +209,7 @@ class Connection(asyncio.Protocol):
         except ProtocolError as exc:
             self._fail(UpstreamError(str(exc)))
             return
-        if self._flow is not None:
+        if self._flow is not None and not answer.complete:  # a whole answer needs no brake
             self._flow.received(answer.buffered)
         self._wake()
 
