@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -101,7 +102,7 @@ def running(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextlib.contextmanager
-def nginx(server_block: str, port: int, cpu: str) -> Iterator[None]:
+def nginx(server_block: str, port: int, cpu: str) -> Iterator[subprocess.Popen[bytes]]:
     """An nginx with one worker, in a scratch prefix directory, logging nothing."""
     with tempfile.TemporaryDirectory(prefix="parallama-bench-nginx-") as prefix:
         conf = Path(prefix) / "nginx.conf"
@@ -125,8 +126,8 @@ http {{
 """
         )
         argv = ["nginx", "-p", prefix, "-c", str(conf), "-g", "daemon off; user root;"]
-        with running(pinned(cpu, argv), port):
-            yield
+        with running(pinned(cpu, argv), port) as master:
+            yield master
 
 
 def fixed_upstream(port: int) -> str:
@@ -327,32 +328,53 @@ def _rss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _with_children(pid: int) -> list[int]:
+    """The process and its children (nginx's worker does the work, not its master)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [pid, *map(int, children.read().split())]
+
+
 @dataclass(frozen=True)
 class StreamResult:
     rate_p50: float  # tokens/s the median stream saw
     ttft_p50_ms: float
     errors: int
     peak_rss_mb: float | None  # the proxy's, while the streams were open
+    cpu_share: float | None  # of one core, the proxy's, over the whole run
 
 
 def measure_streams(
-    port: int, streams: int, tokens: int, ramp: float, proxy_pid: int | None
+    port: int, streams: int, tokens: int, ramp: float, proxy: list[int] | None, *, rss: bool
 ) -> StreamResult:
-    """The clients in their own process on the load CPU; the proxy's RSS sampled meanwhile."""
+    """The clients in their own process on the load CPU; the proxy's CPU time over the run,
+    and with `rss`, the peak RSS of its first process, sampled meanwhile."""
     argv = [sys.executable, __file__, "--clients", str(port), str(streams), str(tokens), str(ramp)]
+    began, cpu_before = time.monotonic(), _cpu_seconds(proxy or [])
     clients = subprocess.Popen(pinned(LOAD_CPU, argv), stdout=subprocess.PIPE)
     peak = 0.0
     while clients.poll() is None:
-        if proxy_pid is not None:
-            peak = max(peak, _rss_mb(proxy_pid))
+        if rss and proxy is not None:
+            peak = max(peak, _rss_mb(proxy[0]))
         time.sleep(0.2)
+    cpu = (_cpu_seconds(proxy or []) - cpu_before) / (time.monotonic() - began)
     assert clients.stdout is not None
     out = orjson.loads(clients.stdout.read())
     return StreamResult(
         rate_p50=statistics.median(out["rates"]),
         ttft_p50_ms=statistics.median(out["ttft"]) * 1000,
         errors=out["errors"],
-        peak_rss_mb=peak if proxy_pid is not None else None,
+        peak_rss_mb=peak if rss else None,
+        cpu_share=cpu if proxy is not None else None,
     )
 
 
@@ -391,13 +413,15 @@ def streaming(streams: int, rate: float, tokens: int, ramp: float) -> dict[str, 
     results: dict[str, StreamResult] = {}
     with (
         running(pinned(LOAD_CPU, upstream_argv), upstream),
-        nginx(reverse_proxy(via_nginx, upstream), via_nginx, PROXY_CPU),
+        nginx(reverse_proxy(via_nginx, upstream), via_nginx, PROXY_CPU) as proxy,
         running(parallama(via_parallama, upstream, slots=streams), via_parallama) as gateway,
     ):
-        targets = {"direct": (upstream, None), "parallama": (via_parallama, gateway.pid)}
-        targets["nginx"] = (via_nginx, None)
-        for name, (port, pid) in targets.items():
-            results[name] = measure_streams(port, streams, tokens, ramp, pid)
+        targets: dict[str, tuple[int, list[int] | None]] = {"direct": (upstream, None)}
+        targets["parallama"] = (via_parallama, [gateway.pid])
+        targets["nginx"] = (via_nginx, _with_children(proxy.pid))
+        for name, (port, pids) in targets.items():
+            rss = name == "parallama"
+            results[name] = measure_streams(port, streams, tokens, ramp, pids, rss=rss)
     return results
 
 
@@ -442,6 +466,8 @@ def main() -> None:
     row("time to first token, p50 (ms)", sd.ttft_p50_ms, sg.ttft_p50_ms, sn.ttft_p50_ms, digits=2)
     row("streams that failed", sd.errors, sg.errors, sn.errors)
     row("parallama peak RSS (MB)", None, sg.peak_rss_mb, None)
+    cpu = [None, *(x.cpu_share and 100 * x.cpu_share for x in (sg, sn))]
+    row("proxy CPU, % of one core", *cpu)
 
     gw_rps, ngx_rps = gw["c32"].requests_per_second, ngx["c32"].requests_per_second
     print("\nRatios measured in this run (target in brackets):")

@@ -290,3 +290,41 @@ async def test_a_connection_whose_reading_was_paused_serves_the_next_request() -
             assert await fetch(up) == (200, b'{"done":true}')
         await up.close()
     assert server.connections == 1  # the same connection, reused
+
+
+async def test_pumping_pauses_the_backend_while_the_consumer_is_behind() -> None:
+    """`pump` hands the body over from the socket's callback: a consumer that says it is behind
+    must still slow the backend (it cannot finish writing) until it has drained."""
+    big = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's socket buffers hold
+    written, drained = asyncio.Event(), asyncio.Event()
+
+    async def flood(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big))
+        await writer.drain()
+        written.set()
+        return True
+
+    digest = hashlib.sha256()
+    behind = True
+
+    def sink(data: bytes) -> bool:
+        digest.update(data)
+        return not behind
+
+    async def wait_for_room() -> None:
+        nonlocal behind
+        await drained.wait()
+        behind = False
+
+    async with backend(flood) as server:
+        up = upstream(server.url)
+        reply = await up.send(b"GET", b"/big", [], b"")
+        pumping = asyncio.ensure_future(reply.pump(sink, wait_for_room))
+        with pytest.raises(TimeoutError):  # the consumer is behind: the backend cannot finish
+            await asyncio.wait_for(asyncio.shield(written.wait()), 0.5)
+        drained.set()
+        await asyncio.wait_for(pumping, 10)
+        reply.release()
+        await up.close()
+    assert written.is_set()
+    assert digest.digest() == hashlib.sha256(big).digest()

@@ -108,6 +108,17 @@ class AnswerReader:
         self.buffered -= len(chunk)
         return chunk
 
+    def take_all(self) -> bytes | None:
+        """All the pieces of the body received and not yet taken, as one (what one read of
+        the socket brought: a stream behind schedule may bring several chunks at once)."""
+        chunks = self._chunks
+        if not chunks:
+            return None
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        return data
+
     def connection_ended(self) -> bool:
         """The connection closed: whether that completed the answer (a body without framing
         ends where the connection does)."""

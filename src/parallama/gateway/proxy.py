@@ -200,17 +200,24 @@ async def _stream(
 ) -> bytes:
     """Relay the answer chunk by chunk as it comes; return its last few kilobytes.
 
-    The status line goes out with the first bytes for the client, not before: until then a
-    backend that fails can still be replaced by another (a translated stream may begin with
-    chunks that carry nothing for the client)."""
+    The chunks go to the client from the backend socket's own callback (`Connection.pump`),
+    not through this task: a task switch per chunk was most of what a stream cost. The status
+    line goes out with the first bytes for the client, not before: until then a backend that
+    fails can still be replaced by another (a translated stream may begin with chunks that carry
+    nothing for the client)."""
     tail = b""
-    while (data := await answer.next_chunk()) is not None:
+
+    def to_client(data: bytes) -> bool:
+        nonlocal tail
         if chunk := relay.chunk(data):
             if not reply.started:
                 life.first_byte(time.monotonic())
                 reply.start(status, headers)
             tail = keep_tail(tail, chunk)
-            await reply.write(chunk)
+            reply.write_now(chunk)
+        return not reply.behind
+
+    await answer.pump(to_client, reply.drain)
     if not reply.started:
         reply.start(status, headers)
     if last := relay.end():

@@ -272,12 +272,25 @@ class Reply:
 
     async def write(self, data: bytes) -> None:
         """A piece of the body; waits while the client is behind (flow control)."""
+        self.write_now(data)
+        if self._connection.paused:
+            await self._connection.drain()
+
+    def write_now(self, data: bytes) -> None:
+        """A piece of the body, without waiting: whoever calls this watches `behind`."""
         if self._head_only or not data:
             return
-        connection = self._connection
-        connection.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
-        if connection.paused:
-            await connection.drain()
+        if self._connection.gone:
+            raise ClientGone("the client closed the connection")
+        self._connection.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+
+    @property
+    def behind(self) -> bool:
+        """The client has not taken what was written so far: wait for `drain` before more."""
+        return self._connection.paused
+
+    async def drain(self) -> None:
+        await self._connection.drain()
 
     def end(self) -> None:
         """The end of a body begun with `start`."""

@@ -24,6 +24,7 @@ import select
 import ssl
 import typing
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,25 +67,30 @@ DROPPED = "closed the connection while processing this request (it may have cras
 
 class _ReadFlow:
     """Reading from the backend pauses above `_HIGH_WATER` unread body bytes and resumes below
-    `_LOW_WATER`: a slow client slows the backend instead of filling memory."""
+    `_LOW_WATER`, or (while pumping) while the consumer is behind: a slow client slows the
+    backend instead of filling memory."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self.paused = False
 
     def received(self, unread: int) -> None:
-        if unread > _HIGH_WATER and not self.paused:
-            self.paused = True
-            self._transport.pause_reading()
+        if unread > _HIGH_WATER:
+            self.hold()
 
     def taken(self, unread: int) -> bool:
         """True if reading resumed."""
         if self.paused and unread < _LOW_WATER:
-            self.resume()
+            self.release()
             return True
         return False
 
-    def resume(self) -> None:
+    def hold(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._transport.pause_reading()
+
+    def release(self) -> None:
         if self.paused:
             self.paused = False
             self._transport.resume_reading()
@@ -108,6 +114,11 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # While `pump` runs: where the body goes, whether its consumer is behind, and what it
+        # raised (it runs in the socket's callback, not in the task that awaits the pump).
+        self._sink: Callable[[bytes], bool] | None = None
+        self._held = False
+        self._sink_error: BaseException | None = None
         # The silence deadline: last heard + read_timeout, moved on by every chunk. Its alarm is
         # set once per request and looks again when it rings, not re-armed for every chunk.
         self._heard_at = 0.0
@@ -129,7 +140,7 @@ class Connection(asyncio.Protocol):
         answer = self._answer
         answer.reset()  # what was left unread of the last answer goes, and with it any pause
         if self._flow is not None:
-            self._flow.resume()
+            self._flow.release()
         self._error = None
         self._heard_at = now = self._loop.time()
         self._silence.set(now + self._upstream.read_timeout)
@@ -154,6 +165,51 @@ class Connection(asyncio.Protocol):
         if self._flow is not None and self._flow.taken(answer.buffered):
             self._heard_at = self._loop.time()  # the silence so far was ours, not the backend's
         return chunk
+
+    async def pump(
+        self, sink: Callable[[bytes], bool], drained: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Hand the body to `sink` piece by piece as it arrives, from the socket's own callback:
+        no task switch per piece, which is most of what relaying a stream costs. `sink` returns
+        False while its consumer is behind; reading from the backend then pauses until
+        `drained()` returns. Returns once the answer is complete; raises what `sink` raised, or
+        the connection's error."""
+        answer = self._answer
+        self._sink, self._held, self._sink_error = sink, False, None
+        try:
+            self._feed_sink()
+            while True:
+                if self._sink_error is not None:
+                    raise self._sink_error
+                if self._held:
+                    await drained()
+                    self._held = False
+                    if self._flow is not None:
+                        self._flow.release()
+                    self._heard_at = self._loop.time()  # the wait was ours, not the backend's
+                    self._feed_sink()
+                    continue
+                if answer.complete and not answer.buffered:
+                    return
+                if self._error is not None:
+                    raise self._error
+                await self._wait()
+        finally:
+            self._sink = None
+
+    def _feed_sink(self) -> None:
+        sink, answer = self._sink, self._answer
+        assert sink is not None
+        while not self._held and (chunk := answer.take_all()) is not None:
+            try:
+                keep_going = sink(chunk)
+            except Exception as exc:  # the consumer's: told to the task that pumps
+                self._sink_error = exc
+                return
+            if not keep_going:
+                self._held = True
+                if self._flow is not None:
+                    self._flow.hold()
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -209,7 +265,12 @@ class Connection(asyncio.Protocol):
         except ProtocolError as exc:
             self._fail(UpstreamError(str(exc)))
             return
-        if self._flow is not None and not answer.complete:  # a whole answer needs no brake
+        if self._sink is not None:  # pumping: the task is woken only when it has to act
+            if not self._held:
+                self._feed_sink()
+            if not (answer.complete or self._held or self._sink_error is not None):
+                return
+        elif self._flow is not None and not answer.complete:  # a whole answer needs no brake
             self._flow.received(answer.buffered)
         self._wake()
 
