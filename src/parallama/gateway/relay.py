@@ -2,7 +2,7 @@
 the client's dialect, or translated (`protocol.translate`) when an Ollama request went to an
 OpenAI-dialect engine.
 
-The gateway's forwarding loop is the same either way; only these few steps differ.
+The proxy's attempts are the same either way; only these few steps differ.
 """
 
 from __future__ import annotations
