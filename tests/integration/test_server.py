@@ -239,6 +239,10 @@ def test_an_upgrade_request_is_answered_in_http11_and_the_connection_closed(
     ((status, body),) = answers(asyncio.run(until_closed(gateway.port, h2c)))
     assert status.startswith(b"HTTP/1.1 200 OK")
     assert "version" in orjson.loads(body)
+    ahead = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"  # pipelined before it: answered too
+    (_, root), (_, version) = answers(asyncio.run(until_closed(gateway.port, ahead + h2c)))
+    assert root == b"Ollama is running"
+    assert "version" in orjson.loads(version)
 
 
 def test_an_absolute_form_target_is_served(gateway: Gateway) -> None:

@@ -531,7 +531,7 @@ class ServerConnection(asyncio.Protocol):
         if not request.body_complete:  # answered early, the body still coming: no next request
             self._linger()
             return
-        if not keep_alive or self._upgraded:
+        if not keep_alive:
             self._close()
             return
         if self._reading_paused:
@@ -541,6 +541,8 @@ class ServerConnection(asyncio.Protocol):
         limits = self.connections.limits
         if self._pending:
             self._begin(self._pending.popleft())
+        elif self._upgraded:  # what came after it is another protocol's
+            self._close()
         elif self._in_head:  # the next request's head has begun
             self._wait_for("head", limits.header_timeout)
         else:
