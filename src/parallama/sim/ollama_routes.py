@@ -19,19 +19,6 @@ from parallama.sim.requests import Body
 from parallama.sim.scheduler import runner_rows
 
 
-def add_ollama_routes(app: web.Application, emulator: Emulator) -> None:
-    routes = OllamaRoutes(emulator)
-    app.router.add_get("/", routes.root)  # aiohttp adds HEAD for GET routes
-    app.router.add_get("/api/version", routes.version)
-    app.router.add_get("/api/tags", routes.tags)
-    app.router.add_get("/api/ps", routes.ps)
-    app.router.add_post("/api/show", routes.show)
-    app.router.add_post("/api/generate", routes.generate)
-    app.router.add_post("/api/chat", routes.chat)
-    app.router.add_post("/api/embed", routes.embed)
-    app.router.add_post("/api/embeddings", routes.embeddings)
-
-
 class OllamaRoutes:
     def __init__(self, emulator: Emulator) -> None:
         self.emulator = emulator

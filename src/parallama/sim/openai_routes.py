@@ -28,15 +28,6 @@ def _usage(job: Job) -> dict[str, int]:
     return openai.usage(job.prompt_tokens, len(job.answer.tokens))
 
 
-def add_openai_routes(app: web.Application, emulator: Emulator) -> None:
-    routes = OpenAIRoutes(emulator)
-    app.router.add_post("/v1/chat/completions", routes.chat_completions)
-    app.router.add_post("/v1/completions", routes.completions)
-    app.router.add_post("/v1/embeddings", routes.embeddings)
-    app.router.add_get("/v1/models", routes.list_models)
-    app.router.add_get("/v1/models/{model:.+}", routes.retrieve_model)
-
-
 class OpenAIRoutes:
     def __init__(self, emulator: Emulator) -> None:
         self.emulator = emulator

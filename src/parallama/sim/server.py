@@ -24,8 +24,8 @@ from parallama.runtime import http_url
 from parallama.sim.config import SimConfig
 from parallama.sim.emulator import Emulator, json_response
 from parallama.sim.engine import Engine
-from parallama.sim.ollama_routes import add_ollama_routes
-from parallama.sim.openai_routes import add_openai_routes
+from parallama.sim.ollama_routes import OllamaRoutes
+from parallama.sim.openai_routes import OpenAIRoutes
 from parallama.sim.scheduler import RunnerState
 
 log = logging.getLogger("parallama.sim")
@@ -58,9 +58,28 @@ class SimServer:
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
-        add_ollama_routes(app, self.emulator)
-        add_openai_routes(app, self.emulator)
-        app.router.add_get(STATE_PATH, self.state)
+        native, compatible = OllamaRoutes(self.emulator), OpenAIRoutes(self.emulator)
+        for method, path, handler in (
+            ("GET", "/", native.root),  # aiohttp adds HEAD to GET routes, as Ollama has it
+            ("GET", "/api/version", native.version),
+            ("GET", "/api/tags", native.tags),
+            ("GET", "/api/ps", native.ps),
+            ("POST", "/api/show", native.show),
+            ("POST", "/api/generate", native.generate),
+            ("POST", "/api/chat", native.chat),
+            ("POST", "/api/embed", native.embed),
+            ("POST", "/api/embeddings", native.embeddings),
+            ("POST", "/v1/chat/completions", compatible.chat_completions),
+            ("POST", "/v1/completions", compatible.completions),
+            ("POST", "/v1/embeddings", compatible.embeddings),
+            ("GET", "/v1/models", compatible.list_models),
+            ("GET", "/v1/models/{model:.+}", compatible.retrieve_model),
+            ("GET", STATE_PATH, self.state),
+        ):
+            if method == "GET":
+                app.router.add_get(path, handler)
+            else:
+                app.router.add_route(method, path, handler)
         return app
 
     async def start(self) -> None:
