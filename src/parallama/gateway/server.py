@@ -97,6 +97,7 @@ class Request:
         "_complete",
         "_connection",
         "_error",
+        "_path",
         "_waiter",
         "headers",
         "http11",
@@ -122,6 +123,7 @@ class Request:
         self._connection = connection
         self.method = method
         self.target = target  # the path and query as sent
+        self._path: str | None = None
         self.raw_headers = raw_headers
         self.remote = remote
         self.keep_alive = keep_alive
@@ -137,12 +139,15 @@ class Request:
     @property
     def path(self) -> str:
         """The path without its query, percent-decoded (of an absolute-form target too, as a
-        proxy may send: http://host/path)."""
-        target = self.target
-        if not target.startswith(b"/") and b"://" in target:
-            target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
-        path = target.partition(b"?")[0].decode("latin-1")
-        return unquote(path) if "%" in path else path
+        proxy may send: http://host/path); worked out once, as the gateway and the route both
+        ask for it."""
+        if self._path is None:
+            target = self.target
+            if not target.startswith(b"/") and b"://" in target:
+                target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+            path = target.partition(b"?")[0].decode("latin-1")
+            self._path = unquote(path) if "%" in path else path
+        return self._path
 
     @property
     def body_complete(self) -> bool:
@@ -498,9 +503,10 @@ class ServerConnection(asyncio.Protocol):
     def _begin(self, request: Request) -> None:
         self._current = request
         self._waiting = None
-        expects = (request.headers.get("Expect") or "").lower() == "100-continue"
-        if expects and request.http11 and not request.body_complete and request._error is None:
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it, to send
+        if not request.body_complete and request.http11 and request._error is None:
+            expects = request.headers.get("Expect") or ""  # asked only while a body is due
+            if expects.lower() == "100-continue":
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it, to send
         self._task = self._loop.create_task(self._answer(request))
 
     async def _answer(self, request: Request) -> None:
