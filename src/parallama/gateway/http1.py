@@ -19,6 +19,9 @@ Headers = list[tuple[bytes, bytes]]
 _STATUS_LINES = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus
 }
+# A body this small goes out with its head as one piece: one small write costs less than a
+# gathered one, and a big one is not worth copying.
+JOIN_BELOW = 64 * 1024
 # Statuses whose answers never have a body, whatever their headers say.
 BODYLESS = frozenset({204, 304})
 

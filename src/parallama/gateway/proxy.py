@@ -77,7 +77,10 @@ class Proxy:
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         path = request.path
-        body, info = await self._read(request, path, exchange)
+        body = request.body
+        if body is None:  # still coming, or refused
+            body = await self._read_body(request, exchange)
+        info = self._inspect(request, path, body, exchange)
         model = normalize_name(info.model)
         target = self.settings.aliases.get(model)
         if target is not None:
@@ -110,19 +113,20 @@ class Proxy:
         finally:
             life.close(time.monotonic())
 
-    async def _read(
-        self, request: Request, path: str, exchange: Exchange
-    ) -> tuple[bytes, RequestInfo]:
-        """The body and what routing needs of it; bad input is counted as rejected."""
+    async def _read_body(self, request: Request, exchange: Exchange) -> bytes:
         try:
-            body = request.body
-            if body is None:  # still coming, or refused
-                body = await request.read()
-            info = inspect_request(path, body, request.headers, request.remote)
+            return await request.read()
+        except ApiError:  # too big, too slow, or malformed: counted as rejected
+            refuse_input(self.scheduler, exchange)
+            raise
+
+    def _inspect(self, request: Request, path: str, body: bytes, exchange: Exchange) -> RequestInfo:
+        """What routing needs of the body; bad input is counted as rejected."""
+        try:
+            return inspect_request(path, body, request.headers, request.remote)
         except ApiError:
             refuse_input(self.scheduler, exchange)
             raise
-        return body, info
 
     async def _attempt(self, reply: Reply, outbound: _Outbound, life: Lifecycle) -> None:
         """One backend's try at the request; `_Failover` if it failed before a byte reached

@@ -40,7 +40,7 @@ import orjson
 from parallama.alarm import Alarm
 from parallama.errors import ApiError
 from parallama.gateway.guard import Connections
-from parallama.gateway.http1 import Headers, date_header, error_answer, status_line
+from parallama.gateway.http1 import JOIN_BELOW, Headers, date_header, error_answer, status_line
 
 log = logging.getLogger("parallama.gateway")
 
@@ -54,7 +54,6 @@ _MAX_PIPELINED = 64
 # Unread body bytes past which a request's body stops being read until its handler takes it.
 _BODY_HIGH_WATER = 1024 * 1024
 _LINGER_SECONDS = 2.0  # after an early answer, time for the client to see it before we close
-_JOIN_BELOW = 64 * 1024  # a body this small is written with its head as one piece
 
 
 class ClientGone(ConnectionError):
@@ -570,7 +569,7 @@ class ServerConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.gone:
             raise ClientGone("the client closed the connection")
-        if len(body) > _JOIN_BELOW:
+        if len(body) > JOIN_BELOW:
             transport.writelines((head, body))
         else:
             transport.write(head + body)

@@ -31,7 +31,13 @@ from urllib.parse import urlsplit
 import orjson
 
 from parallama.alarm import Alarm
-from parallama.gateway.http1 import AnswerReader, Headers, ProtocolError, request_head
+from parallama.gateway.http1 import (
+    JOIN_BELOW,
+    AnswerReader,
+    Headers,
+    ProtocolError,
+    request_head,
+)
 
 # Reading from the backend pauses above this many unread body bytes and resumes below the low mark.
 _HIGH_WATER = 256 * 1024
@@ -144,10 +150,10 @@ class Connection(asyncio.Protocol):
         self._error = None
         self._heard_at = now = self._loop.time()
         self._silence.set(now + self._upstream.read_timeout)
-        if body:
+        if len(body) > JOIN_BELOW:
             self._transport.writelines((request, body))
         else:
-            self._transport.write(request)
+            self._transport.write(request + body)
         while not answer.head_done:
             if self._error is not None:
                 raise self._error
@@ -359,7 +365,11 @@ class Upstream:
         """
         request = request_head(method, self._prefix + target, self._host, headers, len(body))
         conn = self._take_idle() or await self._connect()
-        await self._started(conn, request, body)
+        try:
+            await conn.start(request, body)
+        except BaseException:
+            conn.close()  # on cancellation too: closing tells the backend to stop
+            raise
         return conn
 
     def keep(self, conn: Connection) -> None:
@@ -411,13 +421,6 @@ class Upstream:
             conn.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports run their close callbacks
-
-    async def _started(self, conn: Connection, request: bytes, body: bytes) -> None:
-        try:
-            await conn.start(request, body)
-        except BaseException:
-            conn.close()  # on cancellation too: closing tells the backend to stop
-            raise
 
     def forget(self, conn: Connection) -> None:
         """A connection closed: by us, or by the backend."""
