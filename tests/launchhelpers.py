@@ -107,3 +107,40 @@ def finished(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 def up_until_it_ends(*args: str, log_dir: Path) -> subprocess.CompletedProcess[str]:
     """`parallama up ARGS` that is expected to give up, its engines' log files in `log_dir`."""
     return finished("up", "--log-dir", str(log_dir), *args, timeout=30)
+
+
+@contextmanager
+def sim_process(
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: str = "sim",
+    printed: list[str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Start `parallama sim` (or another command), wait until it has printed its addresses and
+    "Ctrl-C", stop it at the end. The gateway's address comes first; `printed` collects the
+    lines read."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parallama", command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    urls: list[str] = []
+    try:
+        for line in process.stdout:
+            if printed is not None:
+                printed.append(line.rstrip("\n"))
+            found = re.match(r"(?:\s+|parallama \w+: gateway on )(http://127\.0\.0\.1:\d+)", line)
+            if found:
+                urls.append(found.group(1))
+            if "Ctrl-C" in line:
+                break
+        else:
+            raise AssertionError(f"parallama sim exited early with {process.wait()}")
+        yield process, urls
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -14,6 +14,8 @@ from parallama.launch.options import add_arguments as up_arguments
 from parallama.runtime import run
 from parallama.sim import config as sim_config
 from parallama.sim.timing import PROFILES
+from parallama.teams.commands import add_keys_arguments as keys_arguments
+from parallama.teams.commands import add_usage_arguments as usage_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
         "instance count and, with --target-qps and --target-p99, the fewest instances needed.",
     )
     plan_arguments(plan)
+    keys = commands.add_parser(
+        "keys",
+        help="API keys: create, list, show, update, revoke",
+        description='API keys for `auth = "keys"`, kept in the gateway\'s database (found '
+        "as `parallama serve` finds it). A new key is printed once; only its hash is stored.",
+    )
+    keys_arguments(keys)
+    usage = commands.add_parser(
+        "usage",
+        help="who used what: the usage ledger summed",
+        description="Requests, tokens and times from the usage ledger, grouped as asked.",
+    )
+    usage_arguments(usage)
     demo = commands.add_parser(
         "demo",
         help="try the gateway with emulated backends (no GPU, no Ollama)",
@@ -132,6 +147,14 @@ def _run(args: argparse.Namespace) -> int:
         from parallama.bench.planning import plan_command
 
         return plan_command(args)
+    elif args.command == "keys":
+        from parallama.teams.commands import run_keys
+
+        return run_keys(args)
+    elif args.command == "usage":
+        from parallama.teams.commands import run_usage
+
+        return run_usage(args)
     elif args.command == "demo":
         from parallama.demo import run_demo
 

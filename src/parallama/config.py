@@ -82,6 +82,13 @@ class ModelSettings(BaseModel):
     )
 
 
+def default_database() -> str:
+    """A SQLite file in the platform's state directory (~/.local/state/parallama on Linux)."""
+    import platformdirs
+
+    return str(platformdirs.user_state_path("parallama") / "parallama.db")
+
+
 class GatewaySettings(BaseModel):
     """Everything `parallama serve` can be told; the top level of the TOML file."""
 
@@ -179,6 +186,26 @@ class GatewaySettings(BaseModel):
         None,
         description="bearer token for POST /parallama/reload (unset: loopback clients only)",
     )
+    auth: Literal["off", "keys"] = Field(
+        "off",
+        description="off: anyone who reaches the gateway may use it; keys: model routes and "
+        "listings need an API key (parallama keys create)",
+    )
+    database: str = Field(
+        default_factory=default_database,
+        description="where keys and the usage ledger are kept: a SQLite file path, or "
+        "postgresql://user:password@host/name",
+    )
+    ledger: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="write one row per finished model request to the database (auto: on "
+        "when auth = keys)",
+    )
+    ledger_buffer: int = Field(
+        100_000,
+        ge=100,
+        description="ledger rows kept in memory while the database is unreachable",
+    )
     models: dict[str, ModelSettings] = Field(
         default_factory=dict, description='per-model settings: [models."name"] tables'
     )
@@ -228,6 +255,10 @@ class GatewaySettings(BaseModel):
             },
             busy_seconds=self.busy_seconds,
         )
+
+    @property
+    def ledger_on(self) -> bool:
+        return self.ledger == "on" or (self.ledger == "auto" and self.auth == "keys")
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -313,6 +344,21 @@ def load(
         raise ConfigError(describe_error(exc, sources)) from None
 
 
+def database_of(
+    path: Path | None, env: Mapping[str, str] | None = None, flag: str | None = None
+) -> str:
+    """The `database` setting as `parallama serve` would read it (file, environment, flag),
+    for the commands that need only the database (`parallama keys`, `parallama usage`)."""
+    env = os.environ if env is None else env
+    path = config_path(path, env)
+    found = read_file(path).get("database") if path is not None else None
+    found = env.get(env_name("database"), "").strip() or found
+    found = flag or found
+    if found is not None and not isinstance(found, str):
+        raise ConfigError(f"{path}: database: a file path or a postgresql:// URL")
+    return found or default_database()
+
+
 # -- flags -------------------------------------------------------------------------------------
 
 
@@ -336,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for name, info in _scalar_settings().items():
         flag = "--" + name.replace("_", "-")
-        default = info.default
+        default = info.default if info.default_factory is None else info.default_factory()
         shown = str(default).lower() if isinstance(default, bool) else default
         help_text = f"{info.description} (default: {shown}; env {env_name(name)})"
         help_text = help_text.replace("%", "%%")

@@ -25,11 +25,18 @@ class ConfigError(ParallamaError, ValueError):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})  # e.g. Retry-After on a 503
+        self.code = code  # the OpenAI error object's `code`, e.g. invalid_api_key
 
 
 def excerpt(text: str, limit: int = 64) -> str:

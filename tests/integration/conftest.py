@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from parallama.sim.server import SimServer
+from tests.dbhelpers import Postgres, postgres_server
 from tests.simhelpers import sim_server
 
 
@@ -16,3 +18,20 @@ def sim() -> Iterator[SimServer]:
     tests (those that need another configuration start their own)."""
     with sim_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL server for the whole run (each test takes a database of its
+    own on it)."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind: the teams tests run against both."""
+    if request.param == "sqlite":
+        return str(tmp_path / "parallama.db")
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.new_database()

@@ -2,59 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from parallama.cli import build_parser
-from tests.launchhelpers import finished
+from tests.launchhelpers import finished, sim_process
 from tests.simhelpers import wait_for_gateway
-
-
-@contextmanager
-def sim_process(
-    *args: str,
-    env: dict[str, str] | None = None,
-    command: str = "sim",
-    printed: list[str] | None = None,
-) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """Start `parallama sim` (or another command), wait until it has printed its addresses and
-    "Ctrl-C", stop it at the end. The gateway's address comes first; `printed` collects the
-    lines read."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "parallama", command, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    urls: list[str] = []
-    try:
-        for line in process.stdout:
-            if printed is not None:
-                printed.append(line.rstrip("\n"))
-            found = re.match(r"(?:\s+|parallama \w+: gateway on )(http://127\.0\.0\.1:\d+)", line)
-            if found:
-                urls.append(found.group(1))
-            if "Ctrl-C" in line:
-                break
-        else:
-            raise AssertionError(f"parallama sim exited early with {process.wait()}")
-        yield process, urls
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_several_servers_in_one_process_stop_cleanly_on_ctrl_c() -> None:

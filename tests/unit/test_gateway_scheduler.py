@@ -241,3 +241,37 @@ def test_a_request_requeued_after_a_long_time_on_a_backend_keeps_its_queue_time(
     assert ticket.outcome is Outcome.TIMED_OUT
     assert ticket.queue_seconds(clock.now) == 60.0
     assert busy_b.backend is not None
+
+
+def test_fair_turns_follow_each_clients_weight() -> None:
+    s = make(Backend("a"), discipline="fair")
+    running = s.submit(M, client="x")
+    heavy = [s.submit(M, client="gold", weight=3.0) for _ in range(9)]
+    light = [s.submit(M, client="basic", weight=1.0) for _ in range(9)]
+    order = serve_in_turn(s, running, 12)
+    # Three of gold's for each of basic's, however many either sent.
+    assert [("gold" if t in heavy else "basic") for t in order[:8]].count("gold") == 6
+    assert sum(t in light for t in order) == 3
+    assert [t for t in order if t in heavy] == heavy[:9]  # each client's own order kept
+
+
+def test_a_client_back_from_a_pause_gets_no_saved_up_turns() -> None:
+    s = make(Backend("a"), discipline="fair")
+    running = s.submit(M, client="x")
+    busy = [s.submit(M, client="busy") for _ in range(6)]
+    order = serve_in_turn(s, running, 3)  # only busy waits: it takes the turns
+    assert order == busy[:3]
+    late = [s.submit(M, client="late") for _ in range(3)]
+    order = serve_in_turn(s, order[-1], 4)
+    # The newcomer alternates with busy from now: it is not owed the turns it was away.
+    assert order == [late[0], busy[3], late[1], busy[4]]
+
+
+def test_a_cancelled_clients_turn_goes_to_the_next() -> None:
+    s = make(Backend("a"), discipline="fair")
+    running = s.submit(M, client="x")
+    gone = s.submit(M, client="gone")
+    staying = [s.submit(M, client="stays") for _ in range(2)]
+    s.cancel(gone)
+    assert serve_in_turn(s, running, 2) == staying
+    assert adds_up(s)

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 
 from parallama.bench import report
-from parallama.bench.runner import Mode, Plan, Result, Setup, run_http
+from parallama.bench.runner import Mode, Plan, Result, Setup, authorization, run_http
 from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
 from parallama.errors import ParallamaError
 
@@ -47,12 +47,14 @@ def setups(targets: list[str], compare_pooling: bool) -> tuple[Setup, ...]:
     )
 
 
-async def listed_models(setup: Setup, api: Api) -> list[str]:
+async def listed_models(setup: Setup, api: Api, api_key: str | None) -> list[str]:
     """The models a target lists; `BenchError` if it cannot be reached at all."""
     path, list_key, name_key = LISTINGS[api]
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10), headers=authorization(api_key)
+            ) as session,
             session.get(setup.url + path) as answer,
         ):
             body = await answer.read()
@@ -97,7 +99,7 @@ def default_rounds(setups: int, requests: int | None, mode: Mode, levels: tuple[
 async def plan_from(args: argparse.Namespace) -> Plan:
     chosen = setups(args.targets, args.compare_pooling)
     distinct = {setup.url: setup for setup in chosen}  # --compare-pooling: one target, twice
-    models = [await listed_models(setup, args.api) for setup in distinct.values()]
+    models = [await listed_models(setup, args.api, args.api_key) for setup in distinct.values()]
     model = args.model or choose_model(models[0], args.kind, chosen[0])
     try:
         prompts = tuple(load_prompts(Path(args.prompts))) if args.prompts else SEED_QUESTIONS
@@ -134,6 +136,7 @@ async def plan_from(args: argparse.Namespace) -> Plan:
         timeout=args.timeout,
         warmup=max(args.warmup, 0),
         seed=args.seed,
+        api_key=args.api_key,
     )
 
 

@@ -4,6 +4,7 @@ not load it)."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import get_args
 
 from parallama.bench.workload import Api, Kind
@@ -32,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--api", choices=get_args(Api), default="ollama", help="default: ollama")
     what.add_argument("--kind", choices=get_args(Kind), default="chat", help="default: chat")
     what.add_argument("--model", help="default: the first one the first target lists")
+    what.add_argument(
+        "--api-key",
+        default=os.environ.get("PARALLAMA_API_KEY") or None,
+        help="sent as Authorization: Bearer, for a gateway with auth = keys "
+        "(default: env PARALLAMA_API_KEY)",
+    )
     what.add_argument(
         "--prompts",
         metavar="FILE",

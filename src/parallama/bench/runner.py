@@ -51,6 +51,7 @@ class Plan:
     timeout: float = 300.0
     warmup: int = 0  # requests per setup before measuring, not counted
     seed: int = 0
+    api_key: str | None = field(default=None, repr=False)  # sent as a bearer; never reported
 
 
 @dataclass
@@ -218,13 +219,14 @@ class HttpClient:
     def __init__(self, plan: Plan) -> None:
         self._workload = plan.workload
         self._timeout = plan.timeout
+        self._api_key = plan.api_key
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def send(self, setup: Setup, n: int, sample: Sample) -> None:
         workload = self._workload
         session = self._sessions.get(setup.label)
         if session is None:
-            session = self._sessions[setup.label] = _session(setup, self._timeout)
+            session = self._sessions[setup.label] = _session(setup, self._timeout, self._api_key)
         reader = AnswerReader(workload, sample)
         started = time.perf_counter()
         try:
@@ -258,11 +260,16 @@ async def run_http(plan: Plan, on_request: Callable[[], None] | None = None) -> 
         await client.close()
 
 
-def _session(setup: Setup, timeout: float) -> aiohttp.ClientSession:
+def authorization(api_key: str | None) -> dict[str, str]:
+    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+def _session(setup: Setup, timeout: float, api_key: str | None) -> aiohttp.ClientSession:
     # limit=0: the benchmark's concurrency, not the pool, bounds the connections.
     connector = aiohttp.TCPConnector(limit=0, force_close=setup.fresh_connections)
     return aiohttp.ClientSession(
         connector=connector,
+        headers=authorization(api_key),
         timeout=aiohttp.ClientTimeout(total=timeout),
         read_bufsize=1 << 20,  # a long streamed line must still fit
     )

@@ -19,6 +19,7 @@ class Exchange:
     path: str
     client: str
     started: float
+    key: str | None = None  # the API key's name, when keys are required
     model: str | None = None  # set on model routes, once the body is read
     stream: bool = False
     backend: str | None = None
@@ -66,6 +67,8 @@ class Exchange:
             "status": self.status,
             "client": self.client,
         }
+        if self.key is not None:
+            fields["key"] = self.key  # its name: never the key
         if self.model is not None:
             fields.update(model=self.model, stream=self.stream, outcome=self.outcome)
         if self.backend is not None:

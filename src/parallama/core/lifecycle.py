@@ -117,7 +117,14 @@ class Lifecycle:
         return backend.name
 
     def admit(
-        self, model: str, requested: str, *, client: str, priority: int = 0, session: str = ""
+        self,
+        model: str,
+        requested: str,
+        *,
+        client: str,
+        priority: int = 0,
+        weight: float = 1.0,
+        session: str = "",
     ) -> None:
         """Into the gateway's queue, or bound at once to a backend with a free slot; else an
         `ApiError`: 503 with Retry-After (the queue is full, or no backend is healthy), or 404
@@ -126,7 +133,7 @@ class Lifecycle:
         exchange.model, exchange.client = model, client
         try:
             self._ticket = scheduler.submit(
-                model, client=client, priority=priority, session=session
+                model, client=client, priority=priority, session=session, weight=weight
             )
         except (QueueFullError, UnavailableError) as refused:
             exchange.outcome = Outcome.REJECTED.value

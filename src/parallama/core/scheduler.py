@@ -23,7 +23,7 @@ import enum
 import heapq
 import itertools
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -72,6 +72,7 @@ class Ticket:
     arrived_at: float
     seq: int
     session: str = ""  # for session affinity
+    weight: float = 1.0  # its client's share in the fair discipline (an API key's priority)
     backend: Backend | None = None
     dispatched_at: float | None = None
     outcome: Outcome | None = None
@@ -164,13 +165,32 @@ class SchedulerSettings:
     busy_seconds: float = 30.0  # how long a "server busy" answer halves a backend's slots
 
 
+class _Client:
+    """One client's waiting requests in a fair queue, and when its next turn falls."""
+
+    __slots__ = ("heap", "turn")
+
+    def __init__(self, turn: float) -> None:
+        self.heap: list[tuple[int, int, Ticket]] = []  # (-priority, seq, ticket)
+        self.turn = turn
+
+
 class _ModelQueue:
-    """One model's waiting requests: by priority, then FIFO, or round-robin over clients."""
+    """One model's waiting requests: by priority, then FIFO; or, fair, in turns over clients.
+
+    Fair turns are stride scheduling: each client's next turn falls `1 / weight` after its
+    last, on a virtual clock that is the turn last taken. A client of weight 2 so gets two
+    turns for each of a weight-1 client, however many requests either sends; a client that
+    comes back after a pause starts at the current turn, with no credit saved up; within one
+    client, X-Priority then arrival decide.
+    """
 
     def __init__(self, discipline: Discipline) -> None:
         self._fair = discipline == "fair"
-        self._heap: list[tuple[int, int, Ticket]] = []  # (-priority, seq, ticket)
-        self._by_client: OrderedDict[str, list[tuple[int, int, Ticket]]] = OrderedDict()
+        self._heap: list[tuple[int, int, Ticket]] = []  # fifo: (-priority, seq, ticket)
+        self._clients: dict[str, _Client] = {}  # fair: clients waiting, or owing turns
+        self._turns: list[tuple[float, int, str]] = []  # fair: (turn, seq, client) if waiting
+        self._now = 0.0  # fair: the turn last taken
         self._len = 0
 
     def __len__(self) -> int:
@@ -178,35 +198,58 @@ class _ModelQueue:
 
     def peek(self) -> Ticket:
         """The ticket `pop` would return."""
-        heap = next(iter(self._by_client.values())) if self._fair else self._heap
-        return heap[0][2]
+        if not self._fair:
+            return self._heap[0][2]
+        return self._clients[self._turns[0][2]].heap[0][2]
 
     def push(self, ticket: Ticket) -> None:
         entry = (-ticket.priority, ticket.seq, ticket)
-        heap = self._by_client.setdefault(ticket.client, []) if self._fair else self._heap
-        heapq.heappush(heap, entry)
         self._len += 1
+        if not self._fair:
+            heapq.heappush(self._heap, entry)
+            return
+        client = self._clients.get(ticket.client)
+        if client is None:
+            client = self._clients[ticket.client] = _Client(self._now)
+        if not client.heap:  # it waits again: its turn, or now if that has passed
+            client.turn = max(client.turn, self._now)
+            heapq.heappush(self._turns, (client.turn, ticket.seq, ticket.client))
+        heapq.heappush(client.heap, entry)
 
     def pop(self) -> Ticket:
-        if not self._fair:
-            self._len -= 1
-            return heapq.heappop(self._heap)[2]
-        # Fair: the client whose turn it is gives its best request, then goes to the back.
-        client, heap = next(iter(self._by_client.items()))
-        ticket = heapq.heappop(heap)[2]
-        del self._by_client[client]
-        if heap:
-            self._by_client[client] = heap
         self._len -= 1
+        if not self._fair:
+            return heapq.heappop(self._heap)[2]
+        turn, _, name = heapq.heappop(self._turns)
+        client = self._clients[name]
+        ticket = heapq.heappop(client.heap)[2]
+        self._now = turn
+        client.turn = turn + 1.0 / ticket.weight
+        if client.heap:
+            heapq.heappush(self._turns, (client.turn, client.heap[0][1], name))
+        elif len(self._clients) > 2 * len(self._turns) + 64:
+            self._forget_idle()
         return ticket
 
     def remove(self, ticket: Ticket) -> None:
-        heap = self._by_client[ticket.client] if self._fair else self._heap
-        heap.remove((-ticket.priority, ticket.seq, ticket))
-        heapq.heapify(heap)
-        if self._fair and not heap:
-            del self._by_client[ticket.client]
         self._len -= 1
+        entry = (-ticket.priority, ticket.seq, ticket)
+        if not self._fair:
+            self._heap.remove(entry)
+            heapq.heapify(self._heap)
+            return
+        heap = self._clients[ticket.client].heap
+        heap.remove(entry)
+        heapq.heapify(heap)
+        if not heap:  # no turn while it has nothing waiting
+            self._turns = [t for t in self._turns if t[2] != ticket.client]
+            heapq.heapify(self._turns)
+
+    def _forget_idle(self) -> None:
+        """Clients with nothing waiting whose next turn has come: they would start at the
+        current turn anyway (this bounds the clients remembered)."""
+        now = self._now
+        self._clients = {n: c for n, c in self._clients.items() if c.heap or c.turn > now}
 
 
 def _current(entry: tuple[float, int, Ticket]) -> bool:
@@ -318,14 +361,20 @@ class Scheduler:
         self.outcomes[Outcome.REJECTED] += 1
 
     def submit(
-        self, model: str, *, client: str = "", priority: int = 0, session: str = ""
+        self,
+        model: str,
+        *,
+        client: str = "",
+        priority: int = 0,
+        session: str = "",
+        weight: float = 1.0,
     ) -> Ticket:
         """Admit a request, or raise `QueueFullError`, `NoBackendError` or `UnavailableError`
         (counted as rejected).
 
         The queue bounds apply only to requests that would have to wait."""
         self.total += 1
-        ticket = Ticket(model, client, priority, self._clock(), next(self._seq), session)
+        ticket = Ticket(model, client, priority, self._clock(), next(self._seq), session, weight)
         if self.queue_depth(model) == 0:
             backend = self._choose(ticket, waiting=1)
             if backend is not None:  # a free slot and nobody ahead: bind at once

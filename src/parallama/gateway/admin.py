@@ -1,11 +1,18 @@
 """The gateway's own routes: `/`, `/api/version`, `/metrics`, `/parallama/status` and the admin
-route `POST /parallama/reload` (the admin token, or a loopback client when none is set)."""
+routes (the admin token, or a loopback client when none is set): `POST /parallama/reload`, and
+for scripts what `parallama keys` and `parallama usage` do: `GET`/`POST /parallama/keys`,
+`POST /parallama/keys/revoke`, `GET /parallama/usage?since=7d&by=key,model`."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import TYPE_CHECKING
+import time
+import urllib.parse
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
 
 from parallama import __version__
 from parallama.core.exchange import Exchange
@@ -13,6 +20,11 @@ from parallama.errors import ApiError, ConfigError
 from parallama.gateway.metrics import CONTENT_TYPE
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama
+from parallama.teams.access import Access, describe
+from parallama.teams.keys import LIMITS, parse_age
+from parallama.teams.store import GROUPS, KeyExists, UnknownKey
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from parallama.gateway.app import Gateway
@@ -86,6 +98,50 @@ class Admin:
             raise ApiError(400, str(exc)) from None
         send_json(reply, {"reloaded": True, "changes": changes})
 
+    async def keys(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """`GET /parallama/keys`: every key (never a hash); `POST`: a new key, shown once."""
+        access = self._access(request)
+        if request.method != "POST":
+            send_json(reply, [describe(k) for k in await access.list_keys()])
+            return
+        given = await _json_object(request)
+        name = given.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "name: the new key's name is required")
+        unknown = set(given) - {"name", *LIMITS}
+        if unknown:
+            raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+        key, record = await _refusing_bad_input(access.create_key(name, given))
+        send_json(reply, {"key": key, **describe(record)}, status=201)
+
+    async def revoke_key(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """`POST /parallama/keys/revoke` with `{"name": ...}`."""
+        access = self._access(request)
+        name = (await _json_object(request)).get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "name: the key to revoke is required")
+        send_json(reply, describe(await _refusing_bad_input(access.revoke_key(name))))
+
+    async def usage(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """`GET /parallama/usage?since=7d&by=key,model`: the ledger summed."""
+        access = self._access(request)
+        query = urllib.parse.parse_qs(request.target.partition(b"?")[2].decode("latin-1"))
+        by = [g for g in query.get("by", ["key,model"])[0].split(",") if g]
+        if not set(by) <= set(GROUPS):
+            raise ApiError(400, f"by: some of {','.join(GROUPS)}")
+        try:
+            since = time.time() - parse_age(query.get("since", ["7d"])[0])
+        except ConfigError as exc:
+            raise ApiError(400, f"since: {exc}") from None
+        send_json(reply, await access.usage(since, by))
+
+    def _access(self, request: Request) -> Access:
+        self.authorize(request)
+        access = self._gateway.access
+        if access is None:
+            raise ApiError(404, 'no keys or ledger here: set auth = "keys" (or ledger = "on")')
+        return access
+
     def authorize(self, request: Request) -> None:
         token = self._gateway.settings.admin_token
         if token is None:
@@ -97,3 +153,23 @@ class Admin:
         given = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError(401, "admin routes need Authorization: Bearer <admin_token>")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        given = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "the body must be a JSON object") from None
+    if not isinstance(given, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return given
+
+
+async def _refusing_bad_input(operation: Awaitable[T]) -> T:
+    """Bad limits, a taken name, an unknown key: 400 or 404 with the reason."""
+    try:
+        return await operation
+    except UnknownKey as exc:
+        raise ApiError(404, str(exc)) from None
+    except (ConfigError, KeyExists) as exc:
+        raise ApiError(400 if isinstance(exc, ConfigError) else 409, str(exc)) from None

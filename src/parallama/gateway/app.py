@@ -30,9 +30,15 @@ from parallama.gateway.waiting import Waiting
 from parallama.protocol.hosts import host_of, local_host, loopback_only
 from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of, error_body
 from parallama.runtime import http_url
+from parallama.teams.access import Access
+from parallama.teams.store import Store
 
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
+_READ_AT_START = (
+    *("host", "port", "log_format", "log_level", "max_connections"),
+    *("auth", "database", "ledger", "ledger_buffer"),
+)
 log = logging.getLogger("parallama.gateway")
 
 
@@ -49,7 +55,10 @@ class Gateway:
         self.fleet = Fleet(self.scheduler, settings, self._waiting.changed)
         self.connections = Connections(self._connection_limits(settings))
         self.metrics = GatewayMetrics(self.scheduler, self.connections)
-        self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, settings)
+        self.access = _access(settings)
+        if self.access is not None:
+            self.metrics.registry.register(self.access.collector())
+        self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, settings, self.access)
         self._listings = Listings(self.scheduler, self.fleet, settings.connect_timeout)
         admin = Admin(self)
         self.routes: dict[str, dict[str, Route]] = {
@@ -61,8 +70,13 @@ class Gateway:
             "/metrics": {"GET": admin.prometheus},
             "/parallama/status": {"GET": admin.status},
             "/parallama/reload": {"POST": admin.reload},
+            "/parallama/keys": {"GET": admin.keys, "POST": admin.keys},
+            "/parallama/keys/revoke": {"POST": admin.revoke_key},
+            "/parallama/usage": {"GET": admin.usage},
             **{path: {"POST": self._proxy} for path in STREAM_DEFAULTS},
         }
+        # What needs an API key when keys are required: the models, not the gateway's own.
+        self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}
         self._server: asyncio.Server | None = None
         self.port = settings.port
         # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
@@ -92,6 +106,8 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        if self.access is not None:
+            await self.access.start()
         await self.fleet.start()
         self._server = server = await start_server(
             self.handle, self.connections, self.settings.host, self.settings.port
@@ -109,11 +125,13 @@ class Gateway:
             await asyncio.sleep(0)  # let the cancelled requests end
         await self.fleet.stop()
         self._waiting.close()
+        if self.access is not None:
+            await self.access.stop()  # after the requests: their rows are in the ledger
 
     def reconfigure(self, settings: GatewaySettings) -> list[str]:
-        """Apply new settings while requests flow; return what changed. The address and the
-        log settings are read at start only."""
-        fixed = ("host", "port", "log_format", "log_level", "max_connections")
+        """Apply new settings while requests flow; return what changed. The address, the log
+        settings and those of keys and the ledger are read at start only."""
+        fixed = _READ_AT_START
         ignored = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in fixed})
         changes = self.fleet.apply(settings)
@@ -141,11 +159,16 @@ class Gateway:
         try:
             try:
                 self._check_host_header(request)
-                await self._route(request.method, path)(request, reply, exchange)
+                route = self._route(request.method, path)
+                access = self.access
+                if access is not None and access.keys_required and path in self._keyed:
+                    authorization = request.headers.get("Authorization")
+                    exchange.key = access.authenticate(authorization, request.target).name
+                await route(request, reply, exchange)
             except ApiError as exc:
                 exchange.error = exc.message
                 status = exc.status
-                body = error_body(dialect_of(path), status, exc.message)
+                body = error_body(dialect_of(path), status, exc.message, exc.code)
                 headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
                 reply.send(status, body, headers=headers)
             exchange.status = exchange.status or reply.status
@@ -189,9 +212,23 @@ class Gateway:
 
     def _record(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange)
+        if self.access is not None:
+            self.access.record(exchange)
         if not self.settings.log_requests:
             return
         # Model routes are the traffic; scrapes and listings would drown them at info level.
         level = logging.INFO if exchange.model is not None else logging.DEBUG
         if access_log.isEnabledFor(level):
             access_log.log(level, "request", extra={"fields": exchange.log_fields()})
+
+
+def _access(settings: GatewaySettings) -> Access | None:
+    """Keys, limits and the ledger, when keys are required or the ledger is on."""
+    if settings.auth == "off" and not settings.ledger_on:
+        return None
+    return Access(
+        Store(settings.database),
+        keys_required=settings.auth == "keys",
+        ledger=settings.ledger_on,
+        ledger_capacity=settings.ledger_buffer,
+    )

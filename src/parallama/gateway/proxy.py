@@ -31,6 +31,7 @@ from parallama.protocol.inspect import RequestInfo, error_body, inspect_request,
 from parallama.protocol.ollama import normalize_name
 from parallama.protocol.translate import BadAnswer, ollama_request
 from parallama.protocol.usage import TAIL_BYTES, keep_tail, usage_from_tail
+from parallama.teams.access import Access
 
 log = logging.getLogger("parallama.gateway")
 _NDJSON = ollama.NDJSON.encode()
@@ -68,12 +69,18 @@ class _Failover(Exception):
 
 class Proxy:
     def __init__(
-        self, scheduler: Scheduler, fleet: Fleet, waiting: Waiting, settings: GatewaySettings
+        self,
+        scheduler: Scheduler,
+        fleet: Fleet,
+        waiting: Waiting,
+        settings: GatewaySettings,
+        access: Access | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.fleet = fleet
         self.settings = settings  # replaced on reload
         self._waiting = waiting
+        self._access = access  # keys and their limits, when keys are required
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         path = request.path
@@ -87,16 +94,22 @@ class Proxy:
             body, model = with_model(body, target), target
         exchange.stream = info.stream
         scheduler, waiting = self.scheduler, self._waiting
+        key = exchange.key
+        client, weight = info.client, 1.0
+        if key is not None and self._access is not None:
+            client, weight = f"key:{key}", self._access.weight(key)
+            self._admit(key, model, reply, exchange)
         life = Lifecycle(scheduler, exchange, self.settings.retries, waiting.changed)
         affine = scheduler.policy(model) == "session-affinity"
-        life.admit(
-            model,
-            info.model,
-            client=info.client,
-            priority=info.priority,
-            session=info.session if affine else "",  # hashed only when it is used
-        )
         try:
+            life.admit(
+                model,
+                info.model,
+                client=client,
+                priority=info.priority,
+                weight=weight,
+                session=info.session if affine else "",  # hashed only when it is used
+            )
             outbound = _Outbound(path, request.target, passable(request.raw_headers), body, info)
             while True:
                 if life.waiting:
@@ -112,6 +125,18 @@ class Proxy:
                         return
         finally:
             life.close(time.monotonic())
+            if key is not None and self._access is not None:
+                self._access.finish(key, exchange)
+
+    def _admit(self, key: str, model: str, reply: Reply, exchange: Exchange) -> None:
+        """The key's say: may it use the model, is it within its limits (else 403, 429)."""
+        assert self._access is not None
+        exchange.model = model
+        try:
+            reply.extra_headers = self._access.admit(key, model)
+        except ApiError:
+            refuse_input(self.scheduler, exchange)
+            raise
 
     async def _read_body(self, request: Request, exchange: Exchange) -> bytes:
         try:

@@ -228,6 +228,7 @@ class Reply:
         "_http11",
         "_request",
         "ended",
+        "extra_headers",
         "keep_alive",
         "started",
         "status",
@@ -243,6 +244,7 @@ class Reply:
         self.started = False  # the status line has been written
         self.ended = False
         self.status = 0
+        self.extra_headers: Headers = []  # on whatever answer goes out (rate-limit headers)
 
     def send(
         self,
@@ -319,6 +321,8 @@ class Reply:
         if content_type is not None:
             parts.append(b"Content-Type: %s\r\n" % content_type)
         parts.extend(b"%s: %s\r\n" % pair for pair in headers)
+        if self.extra_headers:
+            parts.extend(b"%s: %s\r\n" % pair for pair in self.extra_headers)
         if not self.keep_alive:
             parts.append(b"Connection: close\r\n")
         elif not self._http11:

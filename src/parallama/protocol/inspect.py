@@ -149,8 +149,8 @@ def with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(data)
 
 
-def error_body(dialect: Dialect, status: int, message: str) -> bytes:
-    """An error in the dialect's own format."""
+def error_body(dialect: Dialect, status: int, message: str, code: str | None = None) -> bytes:
+    """An error in the dialect's own format (only OpenAI's has a `code`)."""
     if dialect == "openai":
-        return openai.error_body(status, message)
+        return openai.error_body(status, message, code)
     return ollama.error_body(message)

@@ -12,20 +12,23 @@ EVENT_STREAM = "text/event-stream"
 
 
 def error_type(status: int) -> str:
-    """Ollama's mapping from HTTP status to the OpenAI error `type` (`openai.NewError`)."""
-    if status == 400:
+    """Ollama's mapping from HTTP status to the OpenAI error `type` (`openai.NewError`), with
+    OpenAI's own types for the statuses Ollama never sends (a bad key, a limit)."""
+    if status in (400, 401, 403):
         return "invalid_request_error"
     if status == 404:
         return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
     return "api_error"
 
 
-def error_object(status: int, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type(status), "param": None, "code": None}}
+def error_object(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
 
 
-def error_body(status: int, message: str) -> bytes:
-    return orjson.dumps(error_object(status, message))
+def error_body(status: int, message: str, code: str | None = None) -> bytes:
+    return orjson.dumps(error_object(status, message, code))
 
 
 def sse_event(payload: Any) -> bytes:

@@ -1,0 +1,469 @@
+"""Teams: API keys, their limits and the usage ledger, through a real gateway in front of the
+emulator, against a real database of each kind (a SQLite file, a throwaway PostgreSQL server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from parallama.cli import main
+from parallama.sim.server import SimServer
+from parallama.teams.store import open_store
+from tests.dbhelpers import free_port, postgres_server
+from tests.launchhelpers import sim_process
+from tests.simhelpers import CHAT_MODEL, OTHER_MODEL, eventually, gateway_for, sim_server
+
+GENERATE = {"model": CHAT_MODEL, "prompt": "Why is the sky blue?", "stream": False}
+
+
+def cli(*args: str) -> str:
+    """`parallama ...` as a user runs it; its output (a non-zero exit fails the test)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(list(args))
+    assert status == 0, out.getvalue()
+    return out.getvalue()
+
+
+def new_key(database: str, name: str, *limits: str) -> str:
+    created = json.loads(cli("keys", "create", name, "--database", database, "--json", *limits))
+    key: str = created["key"]
+    return key
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def generate(url: str, key: str, body: dict[str, Any] = GENERATE) -> httpx.Response:
+    return httpx.post(f"{url}/api/generate", json=body, headers=bearer(key), timeout=30)
+
+
+def ledger_rows(database: str) -> list[dict[str, Any]]:
+    store = open_store(database)
+    try:
+        return store.usage(0.0, ["key", "outcome"])
+    finally:
+        store.close()
+
+
+def ledger_count(database: str) -> int:
+    return sum(row["requests"] for row in ledger_rows(database))
+
+
+@contextlib.contextmanager
+def keyed_gateway(sim: SimServer, database: str, **settings: Any) -> Iterator[str]:
+    with gateway_for([sim], auth="keys", database=database, **settings) as gateway:
+        yield gateway.url
+
+
+def test_requests_without_a_good_key_get_401_in_each_routes_format(
+    sim: SimServer, database: str
+) -> None:
+    good = new_key(database, "alice")
+    revoked = new_key(database, "bob")
+    expired = new_key(database, "carol", "--expires", "2020-01-31")
+    cli("keys", "revoke", "bob", "--database", database)
+    forged = good[:-4] + "AAAA"  # right id, wrong secret
+    with keyed_gateway(sim, database) as url:
+        refused = {
+            "missing": {},
+            "not bearer": {"Authorization": f"Basic {good}"},
+            "malformed": bearer("sk-not-one-of-ours"),
+            "forged": bearer(forged),
+            "revoked": bearer(revoked),
+            "expired": bearer(expired),
+        }
+        for case, headers in refused.items():
+            ollama = httpx.post(f"{url}/api/generate", json=GENERATE, headers=headers)
+            assert ollama.status_code == 401, case
+            assert set(ollama.json()) == {"error"}, case
+            assert ollama.headers["WWW-Authenticate"] == "Bearer"
+            openai = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                headers=headers,
+            )
+            assert openai.status_code == 401, case
+            assert openai.json()["error"]["code"] == "invalid_api_key", case
+        assert "revoked" in httpx.post(f"{url}/api/generate", headers=bearer(revoked)).text
+        assert "expired" in httpx.post(f"{url}/api/generate", headers=bearer(expired)).text
+        # The listings need a key too; the gateway's own routes do not.
+        assert httpx.get(f"{url}/api/tags").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=bearer(good)).status_code == 200
+        assert httpx.get(f"{url}/api/version").status_code == 200
+        answer = generate(url, good)
+        assert answer.status_code == 200
+        assert answer.json()["done"] is True
+
+
+def test_both_official_clients_send_their_key_as_a_bearer(sim: SimServer, database: str) -> None:
+    import ollama
+    import openai
+
+    key = new_key(database, "apps")
+    with keyed_gateway(sim, database) as url:
+        answer = ollama.Client(host=url, headers=bearer(key)).generate(
+            model=CHAT_MODEL, prompt="hi"
+        )
+        assert answer.done
+        chat = openai.OpenAI(base_url=f"{url}/v1", api_key=key).chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert chat.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="pk-wrong").models.list()
+
+
+def test_a_revoked_key_stops_working_within_a_second(sim: SimServer, database: str) -> None:
+    key = new_key(database, "leaver")
+    with keyed_gateway(sim, database) as url:
+        assert generate(url, key).is_success
+        cli("keys", "revoke", "leaver", "--database", database)
+        revoked_at = time.monotonic()
+        eventually(
+            lambda: generate(url, key),
+            lambda answer: answer.status_code == 401,
+        )
+        # Polled twice a second: a second is the promise (here, plus a loaded machine's slack).
+        assert time.monotonic() - revoked_at < 3.0
+
+
+def test_a_key_in_the_query_string_is_refused_and_not_logged(
+    sim: SimServer, database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = new_key(database, "careless")
+    with caplog.at_level(logging.DEBUG), keyed_gateway(sim, database) as url:
+        for parameter in ("api_key", "key", "token"):
+            answer = httpx.post(
+                f"{url}/api/generate?{parameter}={key}", json=GENERATE, headers=bearer(key)
+            )
+            assert answer.status_code == 401
+            assert "Authorization header" in answer.json()["error"]
+    # The gateway's own lines, with all their fields (the client library logs its URLs).
+    ours = [vars(r) for r in caplog.records if r.name.startswith("parallama")]
+    assert any(line.get("fields", {}).get("status") == 401 for line in ours)  # logged...
+    assert key[-20:] not in str(ours)  # ...without the key
+
+
+def test_a_key_may_use_only_its_models(sim: SimServer, database: str) -> None:
+    key = new_key(database, "qwen-only", "--models", "qwen2.5:*")
+    with keyed_gateway(sim, database) as url:
+        allowed = generate(url, key)
+        assert allowed.status_code == 200
+        other = {**GENERATE, "model": OTHER_MODEL}
+        refused = generate(url, key, other)
+        assert refused.status_code == 403
+        assert OTHER_MODEL in refused.json()["error"]
+
+
+async def burst(url: str, key: str, count: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        asked = (
+            client.post("/api/generate", json=GENERATE, headers=bearer(key)) for _ in range(count)
+        )
+        return await asyncio.gather(*asked)
+
+
+def test_a_burst_of_200_with_rpm_60_admits_exactly_60(sim: SimServer, database: str) -> None:
+    key = new_key(database, "bursty", "--rpm", "60")
+    with keyed_gateway(sim, database) as url:
+        started = time.monotonic()
+        answers = asyncio.run(burst(url, key, 200))
+        elapsed = time.monotonic() - started
+    admitted = [a for a in answers if a.status_code == 200]
+    limited = [a for a in answers if a.status_code == 429]
+    assert len(admitted) == 60
+    assert len(limited) == 140
+    for answer in limited:
+        # The window frees when the first of the 60 is a minute old: within a minute of now.
+        retry = int(answer.headers["Retry-After"])
+        assert 60 - elapsed - 1 <= retry <= 60
+        assert answer.headers["x-ratelimit-limit-requests"] == "60"
+        assert answer.headers["x-ratelimit-remaining-requests"] == "0"
+        assert "60 requests per minute" in answer.json()["error"]
+    remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted)
+    assert remaining == list(range(60))  # each admitted answer says what is left after it
+
+
+def test_token_limits_count_what_answers_used(sim: SimServer, database: str) -> None:
+    key = new_key(database, "wordy", "--tpm", "10")
+    with keyed_gateway(sim, database) as url:
+        first = generate(url, key)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-tokens"] == "10"
+        used = first.json()["prompt_eval_count"] + first.json()["eval_count"]
+        assert used > 10  # one answer in flight may overshoot: it is counted when it ends
+        second = generate(url, key)
+        assert second.status_code == 429
+        assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 55 <= int(second.headers["Retry-After"]) <= 60
+        # OpenAI's clients read the same: RateLimitError, with the headers.
+        import openai
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.RateLimitError) as raised:
+            client.chat.completions.create(
+                model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert raised.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_a_budget_runs_out_until_its_period_ends(sim: SimServer, database: str) -> None:
+    key = new_key(database, "thrifty", "--budget", "5/day")
+    with keyed_gateway(sim, database) as url:
+        assert generate(url, key).is_success
+        refused = generate(url, key)
+    assert refused.status_code == 429
+    assert "budget of 5 per day" in refused.json()["error"]
+    until_midnight = 86400 - time.time() % 86400
+    assert abs(int(refused.headers["Retry-After"]) - until_midnight) < 60
+    # The budget is in the ledger, so a gateway started later still knows it is spent.
+    with keyed_gateway(sim, database) as url:
+        again = generate(url, key)
+        assert again.status_code == 429
+
+
+def test_max_concurrent_refuses_what_is_beyond_it(database: str) -> None:
+    with sim_server(decode_tps=40.0, output_tokens=(40, 40), num_parallel=4) as slow:
+        key = new_key(database, "one-at-a-time", "--max-concurrent", "1")
+        with keyed_gateway(slow, database) as url:
+            answers = asyncio.run(burst(url, key, 3))
+    assert sorted(a.status_code for a in answers) == [200, 429, 429]
+    assert "1 concurrent requests" in next(a for a in answers if a.status_code == 429).text
+
+
+def test_the_ledger_has_a_row_per_finished_request_and_usage_sums_it(
+    sim: SimServer, database: str
+) -> None:
+    alice = new_key(database, "alice", "--models", "qwen2.5:*")
+    bob = new_key(database, "bob")
+    with keyed_gateway(sim, database) as url:
+        for _ in range(3):
+            assert generate(url, alice)
+        stream = {**GENERATE, "model": OTHER_MODEL, "stream": True}
+        assert generate(url, bob, stream).is_success
+        other = {**GENERATE, "model": OTHER_MODEL}
+        assert generate(url, alice, other).status_code == 403
+        metrics = httpx.get(f"{url}/metrics").text
+        eventually(lambda: ledger_count(database), lambda n: n == 5)  # written within a second
+    assert 'parallama_key_requests_total{key="alice",outcome="completed"} 3.0' in metrics
+    assert 'parallama_key_requests_total{key="alice",outcome="rejected"} 1.0' in metrics
+    assert "parallama_ledger_up 1.0" in metrics
+    rows = json.loads(cli("usage", "--database", database, "--by", "key,model,day", "--json"))
+    by = {(r["key"], r["model"]): r for r in rows}
+    assert by["alice", CHAT_MODEL]["requests"] == 3
+    assert by["alice", CHAT_MODEL]["prompt_tokens"] > 0
+    assert by["alice", CHAT_MODEL]["generated_tokens"] > 0
+    assert by["alice", OTHER_MODEL]["errors"] == 1  # the 403
+    assert by["bob", OTHER_MODEL]["generated_tokens"] > 0  # a stream's counts too
+    assert by["bob", OTHER_MODEL]["day"] == time.strftime("%Y-%m-%d", time.gmtime())
+    table = cli("usage", "--database", database, "--since", "1h")
+    assert "alice" in table and "bob" in table
+    csv_text = cli("usage", "--database", database, "--csv", "--by", "key")
+    assert csv_text.splitlines()[0].startswith("key,requests,errors,prompt_tokens")
+
+
+def test_the_admin_api_makes_lists_and_revokes_keys(sim: SimServer, database: str) -> None:
+    with keyed_gateway(sim, database, admin_token="s3cret") as url:
+        admin = {"Authorization": "Bearer s3cret"}
+        made = httpx.post(
+            f"{url}/parallama/keys",
+            json={"name": "ci-bot", "rpm": 100, "models": ["qwen2.5:*"], "budget": "1000/week"},
+            headers=admin,
+        )
+        assert made.status_code == 201
+        key = made.json()["key"]
+        assert made.json()["rpm"] == 100 and made.json()["budget"] == "1000/week"
+        assert generate(url, key).is_success
+        listed = httpx.get(f"{url}/parallama/keys", headers=admin).json()
+        assert [k["name"] for k in listed] == ["ci-bot"]
+        assert "key_hash" not in listed[0] and key not in json.dumps(listed)
+        taken = httpx.post(f"{url}/parallama/keys", json={"name": "ci-bot"}, headers=admin)
+        assert taken.status_code == 409
+        bad = httpx.post(f"{url}/parallama/keys", json={"name": "x", "rpm": -1}, headers=admin)
+        assert bad.status_code == 400 and "rpm" in bad.json()["error"]
+        assert httpx.get(f"{url}/parallama/keys").status_code == 401  # no admin token
+        usage = eventually(
+            lambda: httpx.get(f"{url}/parallama/usage?since=1d&by=key", headers=admin).json(),
+            lambda rows: bool(rows) and rows[0]["requests"] == 1,
+        )
+        assert usage[0]["key"] == "ci-bot"
+        revoked = httpx.post(f"{url}/parallama/keys/revoke", json={"name": "ci-bot"}, headers=admin)
+        assert revoked.json()["revoked_at"] is not None
+        # Revoked through the gateway: refused at once, not within a second.
+        assert generate(url, key).status_code == 401
+        revoke = f"{url}/parallama/keys/revoke"
+        assert httpx.post(revoke, json={"name": "nobody"}, headers=admin).status_code == 404
+
+
+def test_two_gateways_on_one_sqlite_file_share_keys_and_ledger(
+    sim: SimServer, tmp_path: Any
+) -> None:
+    database = str(tmp_path / "shared.db")
+    key = new_key(database, "shared")
+    with keyed_gateway(sim, database) as first, keyed_gateway(sim, database) as second:
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(f"{url}/api/generate", json=GENERATE, headers=bearer(key))
+                        for url in (first, second)
+                        for _ in range(20)
+                    )
+                )
+
+        assert all(a.status_code == 200 for a in asyncio.run(both()))
+        cli("keys", "revoke", "shared", "--database", database)
+        served_since = 0  # until each gateway has seen the revocation
+
+        def ask(url: str) -> httpx.Response:
+            nonlocal served_since
+            answer = generate(url, key)
+            served_since += answer.status_code == 200
+            return answer
+
+        for url in (first, second):
+            eventually(functools.partial(ask, url), lambda answer: answer.status_code == 401)
+    # Every request either gateway served, in the one ledger (a 401 is no model request).
+    assert ledger_count(database) == 40 + served_since
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+def test_postgresql_killed_mid_burst_fails_no_request_and_loses_no_row(sim: SimServer) -> None:
+    with postgres_server() as pg:  # its own: this test kills it
+        database = pg.new_database()
+        key = new_key(database, "steady", "--rpm", "1000")
+        with keyed_gateway(sim, database) as url:
+
+            async def run() -> tuple[list[int], str]:
+                statuses: list[int] = []
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
+                    async def one() -> None:
+                        answer = await client.post(
+                            "/api/generate", json=GENERATE, headers=bearer(key)
+                        )
+                        statuses.append(answer.status_code)
+
+                    await asyncio.gather(*(one() for _ in range(40)))
+                    await asyncio.to_thread(pg.kill)  # mid-burst: a crash, connections cut
+                    await asyncio.gather(*(one() for _ in range(40)))
+                    down = await asyncio.to_thread(
+                        eventually,
+                        lambda: httpx.get(f"{url}/metrics").text,
+                        lambda text: "parallama_ledger_up 0.0" in text,
+                        30.0,
+                    )
+                    await asyncio.gather(*(one() for _ in range(40)))  # still down
+                return statuses, down
+
+            statuses, down_metrics = asyncio.run(run())
+            assert statuses == [200] * 120  # known keys kept working
+            assert "parallama_database_up 0.0" in down_metrics
+            pg.start()
+            # Backoff is at most 10 s; then the buffered rows go in.
+            eventually(lambda: ledger_count(database), lambda n: n == 120, timeout=40.0)
+            eventually(
+                lambda: httpx.get(f"{url}/metrics").text,
+                lambda text: "parallama_ledger_up 1.0" in text,
+            )
+
+
+def test_an_outage_longer_than_the_buffer_loses_the_oldest_rows_and_says_so(
+    sim: SimServer,
+) -> None:
+    with postgres_server() as pg:
+        database = pg.new_database()
+        key = new_key(database, "busy")
+        with keyed_gateway(sim, database, ledger_buffer=100) as url:
+            pg.kill()
+
+            async def run() -> list[int]:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    asked = (
+                        client.post("/api/generate", json=GENERATE, headers=bearer(key))
+                        for _ in range(130)
+                    )
+                    return [a.status_code for a in await asyncio.gather(*asked)]
+
+            assert asyncio.run(run()) == [200] * 130
+            metrics = eventually(
+                lambda: httpx.get(f"{url}/metrics").text,
+                lambda text: "parallama_ledger_dropped_rows_total 30.0" in text,
+            )
+            assert "parallama_ledger_buffered_rows 100.0" in metrics
+            pg.start()
+            eventually(lambda: ledger_count(database), lambda n: n == 100, timeout=40.0)
+
+
+def serve_process(database: str, backend: str, *more: str) -> Any:
+    return sim_process(
+        "--port", "0", "--backend", backend, "--auth", "keys", "--database", database, *more,
+        command="serve",
+    )  # fmt: skip
+
+
+def test_sigterm_writes_every_row_and_sigkill_loses_at_most_the_last_second(
+    sim: SimServer, tmp_path: Any
+) -> None:
+    database = str(tmp_path / "ledger.db")
+    key = new_key(database, "worker")
+    with serve_process(database, sim.url) as (gateway, urls):
+        for _ in range(10):
+            assert generate(urls[0], key).status_code == 200
+        gateway.send_signal(signal.SIGTERM)  # at once: the rows are still in memory
+        assert gateway.wait(timeout=30) == 0
+    assert ledger_count(database) == 10
+    with serve_process(database, sim.url) as (gateway, urls):
+        for _ in range(10):
+            assert generate(urls[0], key).status_code == 200
+        eventually(lambda: ledger_count(database), lambda n: n == 20)  # a second's batch
+        for _ in range(5):
+            assert generate(urls[0], key).status_code == 200
+        gateway.kill()  # SIGKILL: no chance to write
+        gateway.wait(timeout=10)
+    assert 20 <= ledger_count(database) <= 25
+
+
+def test_a_database_that_cannot_be_reached_at_start_is_a_clear_error(sim: SimServer) -> None:
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    started = subprocess.run(
+        [sys.executable, "-m", "parallama", "serve", "--port", "0", "--backend", sim.url,
+         "--auth", "keys", "--database", closed],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert started.returncode == 1
+    assert "parallama serve: error: database:" in started.stderr
+    assert "Traceback" not in started.stderr
+
+
+def test_bench_measures_through_a_keyed_gateway_with_its_api_key(
+    sim: SimServer, database: str
+) -> None:
+    key = new_key(database, "bencher")
+    with keyed_gateway(sim, database) as url:
+        args = ["bench", url, "--requests", "6", "--concurrency", "2", "--model", CHAT_MODEL]
+        args += ["--max-error-rate", "0"]  # any error fails the run
+        assert main([*args, "--api-key", key]) == 0
+        assert main(args) == 1  # without it: 401s
+    rows = ledger_rows(database)
+    assert {row["key"] for row in rows} == {"bencher"}
+    assert sum(row["requests"] for row in rows) >= 6
