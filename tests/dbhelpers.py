@@ -95,3 +95,15 @@ def postgres_server() -> Iterator[Postgres]:
         with contextlib.suppress(subprocess.SubprocessError):
             server.pg_ctl("stop", "-m", "fast", "-w")
         shutil.rmtree(home, ignore_errors=True)
+
+
+def postgres_pids(server: Postgres) -> list[int]:
+    """The server's processes: the postmaster (found by its data directory) and its children
+    (the backends serving each connection, the background workers)."""
+
+    def pgrep(*args: str) -> list[int]:
+        found = subprocess.run(["pgrep", *args], capture_output=True, text=True, check=False)
+        return [int(pid) for pid in found.stdout.split()]
+
+    postmasters = pgrep("-f", f"postgres -D {server.data}")
+    return [*postmasters, *(child for pid in postmasters for child in pgrep("-P", str(pid)))]

@@ -4,11 +4,13 @@ emulator, against a real database of each kind (a SQLite file, a throwaway Postg
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -20,11 +22,20 @@ import httpx
 import pytest
 
 from parallama.cli import main
+from parallama.config import BackendSettings
 from parallama.sim.server import SimServer
 from parallama.teams.store import open_store
-from tests.dbhelpers import free_port, postgres_server
+from tests.dbhelpers import Postgres, free_port, postgres_pids, postgres_server
 from tests.launchhelpers import sim_process
-from tests.simhelpers import CHAT_MODEL, OTHER_MODEL, eventually, gateway_for, sim_server
+from tests.rawhelpers import RawRequest, raw_backend
+from tests.simhelpers import (
+    CHAT_MODEL,
+    OTHER_MODEL,
+    eventually,
+    gateway_for,
+    gateway_with,
+    sim_server,
+)
 
 GENERATE = {"model": CHAT_MODEL, "prompt": "Why is the sky blue?", "stream": False}
 
@@ -160,7 +171,7 @@ def test_a_key_in_the_query_string_is_refused_and_not_logged(
 
 
 def test_a_key_may_use_only_its_models(sim: SimServer, database: str) -> None:
-    key = new_key(database, "qwen-only", "--models", "qwen2.5:*")
+    key = new_key(database, "qwen-only", "--models", "qwen2.5:*", "--rpm", "100")
     with keyed_gateway(sim, database) as url:
         allowed = generate(url, key)
         assert allowed.status_code == 200
@@ -168,6 +179,10 @@ def test_a_key_may_use_only_its_models(sim: SimServer, database: str) -> None:
         refused = generate(url, key, other)
         assert refused.status_code == 403
         assert OTHER_MODEL in refused.json()["error"]
+        # The rate-limit headers on every answer to the key, refusals and listings too.
+        listed = httpx.get(f"{url}/api/tags", headers=bearer(key))
+        for answer in (refused, listed):
+            assert answer.headers["x-ratelimit-remaining-requests"] == "99"
 
 
 async def burst(url: str, key: str, count: int) -> list[httpx.Response]:
@@ -467,3 +482,133 @@ def test_bench_measures_through_a_keyed_gateway_with_its_api_key(
     rows = ledger_rows(database)
     assert {row["key"] for row in rows} == {"bencher"}
     assert sum(row["requests"] for row in rows) >= 6
+
+
+# -- what an attacker with a key tries -----------------------------------------------------------
+
+ANSWER = b'{"done":true,"prompt_eval_count":3,"eval_count":2}'
+HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+HTTP_ANSWER += b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+
+
+def test_the_backend_never_sees_the_key_and_runs_only_the_model_checked(database: str) -> None:
+    key = new_key(database, "narrow", "--models", "qwen2.5:*")
+
+    async def scenario() -> list[RawRequest]:
+        async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+            writer.write(HTTP_ANSWER)
+
+        async with raw_backend(answer) as backend:
+            settings = {"auth": "keys", "database": database}
+            with gateway_with((BackendSettings(url=backend.url),), **settings) as gateway:
+                async with httpx.AsyncClient(base_url=gateway.url, headers=bearer(key)) as client:
+                    asked = await client.post("/api/generate", json=GENERATE)
+                    assert asked.status_code == 200
+                    # Ollama's JSON decoder takes "MODEL" as "model" (the last one wins).
+                    sneaky = b'{"model":"qwen2.5:7b","MODEL":"secret:70b","Name":"x","prompt":"hi"}'
+                    answer_ = await client.post("/api/generate", content=sneaky)
+                    assert answer_.status_code == 200
+            return [r for r in backend.requests if not r.is_probe]
+
+    sent = asyncio.run(scenario())
+    assert len(sent) == 2
+    for request in sent:
+        assert b"authorization" not in request.head.lower()
+        assert key.encode() not in request.head + request.body
+    assert json.loads(sent[1].body) == {"model": "qwen2.5:7b", "prompt": "hi"}
+
+
+def test_openai_streams_without_usage_still_count_against_token_limits(
+    sim: SimServer, database: str
+) -> None:
+    key = new_key(database, "streamer", "--tpm", "10")
+    body = {"model": CHAT_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with keyed_gateway(sim, database) as url:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=bearer(key)
+        ) as streamed:
+            chunks = list(streamed.iter_lines())
+        assert streamed.status_code == 200
+        assert not any('"usage":{' in line for line in chunks)  # the client did not ask for it
+        again = httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(key))
+        assert again.status_code == 429
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'parallama_key_tokens_total{key="streamer",kind="generated"}' in metrics
+
+
+def test_a_key_anywhere_in_the_url_is_refused(sim: SimServer, database: str) -> None:
+    key = new_key(database, "careless2")
+    with keyed_gateway(sim, database) as url:
+        for query in (f"api%5Fkey={key}", f"x={key}", f"q=a%20{key}"):
+            answer = httpx.post(f"{url}/api/generate?{query}", json=GENERATE, headers=bearer(key))
+            assert answer.status_code == 401, query
+
+
+def test_admin_routes_refuse_web_pages_and_forms(sim: SimServer, database: str) -> None:
+    new_key(database, "victim")
+    key = new_key(database, "victim2")
+    with keyed_gateway(sim, database) as url:
+        revoke = f"{url}/parallama/keys/revoke"
+        from_a_page = httpx.post(
+            revoke,
+            content=b'{"name":"victim"}',
+            headers={"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        )
+        assert from_a_page.status_code == 403
+        as_a_form = httpx.post(
+            revoke, content=b'{"name":"victim"}', headers={"Content-Type": "text/plain"}
+        )
+        assert as_a_form.status_code == 415
+        rebound = httpx.get(f"{url}/parallama/keys", headers={"Host": "evil.example"})
+        assert rebound.status_code == 403
+        assert generate(url, key).status_code == 200
+        assert httpx.post(revoke, json={"name": "victim"}).status_code == 200  # a script: fine
+
+
+def test_a_model_name_postgresql_cannot_store_does_not_stop_the_ledger(
+    sim: SimServer, postgres: Postgres
+) -> None:
+    database = postgres.new_database()
+    key = new_key(database, "odd")
+    with keyed_gateway(sim, database) as url:
+        odd = generate(url, key, {**GENERATE, "model": "m\u0000"})
+        assert odd.status_code == 404
+        assert generate(url, key).status_code == 200
+        eventually(lambda: ledger_count(database), lambda n: n == 2)
+        assert "parallama_ledger_up 1.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_gateways_starting_together_on_a_new_postgresql_database_all_start(
+    postgres: Postgres,
+) -> None:
+    for _ in range(3):
+        database = postgres.new_database()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            opened = list(pool.map(open_store, [database] * 3))
+        for store in opened:
+            assert store.revision() == 0
+            store.close()
+
+
+def test_a_paused_postgresql_shows_as_down_and_the_gateway_still_serves_and_stops(
+    sim: SimServer,
+) -> None:
+    with postgres_server() as pg:
+        database = pg.new_database()
+        key = new_key(database, "patient")
+        paused = []
+        try:
+            with keyed_gateway(sim, database) as url:
+                for pid in postgres_pids(pg):  # alive to TCP, silent to queries
+                    os.kill(pid, signal.SIGSTOP)
+                    paused.append(pid)
+                eventually(
+                    lambda: httpx.get(f"{url}/metrics").text,
+                    lambda text: "parallama_database_up 0.0" in text,
+                )
+                for _ in range(5):
+                    assert generate(url, key).status_code == 200
+            # ...and the block's end stopped the gateway, the database still silent.
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)

@@ -275,3 +275,13 @@ def test_a_cancelled_clients_turn_goes_to_the_next() -> None:
     s.cancel(gone)
     assert serve_in_turn(s, running, 2) == staying
     assert adds_up(s)
+
+
+def test_clients_that_come_and_go_are_not_remembered_without_bound() -> None:
+    s = make(Backend("a"), discipline="fair")
+    running = s.submit(M, client="x")
+    staying = s.submit(M, client="stays")  # one client always waiting
+    for n in range(10_000):  # each with its own X-Client-Id, leaving before its turn
+        s.cancel(s.submit(M, client=f"passer-by {n}"))
+    assert s._queues[M].clients <= 2 * 1 + 64 + 1
+    assert serve_in_turn(s, running, 1) == [staying]

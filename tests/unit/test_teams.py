@@ -99,7 +99,7 @@ def test_tokens_per_minute_overshoot_by_the_answers_in_flight_then_wait() -> Non
         limits.admit(team, 30.0, NOON)
     # Under 100 again once the first answer's 80 leave the window at 70 s.
     assert refused.value.headers["Retry-After"] == "40"
-    assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert dict(refused.value.rate_headers)[b"x-ratelimit-remaining-tokens"] == b"0"
     assert dict(limits.admit(team, 70.5, NOON))[b"x-ratelimit-remaining-tokens"] == b"20"
 
 
@@ -131,3 +131,17 @@ def test_durations_read_as_openai_writes_them() -> None:
     assert [duration(s) for s in (0.02, 1.5, 59.96, 360, 3723)] == [
         "20ms", "1.5s", "60s", "6m0s", "1h2m3s"
     ]  # fmt: skip
+
+
+def test_none_lifts_a_keys_models_too() -> None:
+    assert key_fields({"models": "none"}) == {"models": ()}
+
+
+def test_when_several_limits_are_reached_the_longest_wait_is_the_answer() -> None:
+    limits, team = Limits(), key(rpm=1, max_concurrent=1)
+    limits.admit(team, 0.0, NOON)
+    with pytest.raises(RateLimited) as refused:
+        limits.admit(team, 1.0, NOON)  # one running, and one a minute allowed
+    assert refused.value.limit == "requests"
+    assert refused.value.headers["Retry-After"] == "59"
+    assert dict(refused.value.rate_headers)[b"x-ratelimit-remaining-requests"] == b"0"

@@ -11,6 +11,7 @@ from typing import Any
 
 from parallama.errors import excerpt
 from parallama.protocol.usage import Usage
+from parallama.teams.keys import redact_keys
 
 
 @dataclass(eq=False, slots=True)
@@ -63,7 +64,7 @@ class Exchange:
 
         fields: dict[str, Any] = {
             "method": self.method,
-            "path": excerpt(self.path),
+            "path": excerpt(redact_keys(self.path)),
             "status": self.status,
             "client": self.client,
         }

@@ -227,7 +227,7 @@ class _ModelQueue:
         client.turn = turn + 1.0 / ticket.weight
         if client.heap:
             heapq.heappush(self._turns, (client.turn, client.heap[0][1], name))
-        elif len(self._clients) > 2 * len(self._turns) + 64:
+        else:
             self._forget_idle()
         return ticket
 
@@ -244,10 +244,19 @@ class _ModelQueue:
         if not heap:  # no turn while it has nothing waiting
             self._turns = [t for t in self._turns if t[2] != ticket.client]
             heapq.heapify(self._turns)
+            self._forget_idle()
+
+    @property
+    def clients(self) -> int:
+        """Clients remembered: those waiting, and those whose next turn is still to come."""
+        return len(self._clients)
 
     def _forget_idle(self) -> None:
         """Clients with nothing waiting whose next turn has come: they would start at the
-        current turn anyway (this bounds the clients remembered)."""
+        current turn anyway. Swept when they outnumber the waiting ones (two to one, past 64),
+        so that clients that come and go cannot grow the queue, at a cost spread thin."""
+        if len(self._clients) <= 2 * len(self._turns) + 64:
+            return
         now = self._now
         self._clients = {n: c for n, c in self._clients.items() if c.heap or c.turn > now}
 

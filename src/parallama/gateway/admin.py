@@ -20,6 +20,7 @@ from parallama.errors import ApiError, ConfigError
 from parallama.gateway.metrics import CONTENT_TYPE
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama
+from parallama.protocol.hosts import host_of, local_host
 from parallama.teams.access import Access, describe
 from parallama.teams.keys import LIMITS, parse_age
 from parallama.teams.store import GROUPS, KeyExists, UnknownKey
@@ -143,9 +144,17 @@ class Admin:
         return access
 
     def authorize(self, request: Request) -> None:
+        """The admin token, or (none set) a loopback client naming a local host. Never a web
+        page, whatever the client: a browser on this machine is a loopback client, and any page
+        it shows could post to these routes (a browser says where a request comes from in
+        `Origin`)."""
+        origin = request.headers.get("Origin")
+        if origin is not None and not _loopback_origin(origin):
+            raise ApiError(403, "admin routes do not answer requests from web pages")
         token = self._gateway.settings.admin_token
         if token is None:
-            if not _is_loopback(request.remote):
+            host = request.headers.get("Host") or ""
+            if not _is_loopback(request.remote) or not local_host(host):
                 raise ApiError(
                     403, "admin routes: loopback clients only, unless admin_token is set"
                 )
@@ -155,7 +164,21 @@ class Admin:
             raise ApiError(401, "admin routes need Authorization: Bearer <admin_token>")
 
 
+def _loopback_origin(origin: str) -> bool:
+    """A page served from this machine's loopback (`http://localhost:3000`), not from the
+    network, and not an opaque origin (`null`: a file, a sandboxed frame)."""
+    host = host_of(urllib.parse.urlsplit(origin).netloc)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    return _is_loopback(host)
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
+    """The body, which must say it is JSON: a form or `text/plain` (what a web page may post
+    to any address without asking) is refused."""
+    content_type = request.headers.get("Content-Type") or ""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "send the body as Content-Type: application/json")
     try:
         given = orjson.loads(await request.read())
     except orjson.JSONDecodeError:

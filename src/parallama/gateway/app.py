@@ -163,7 +163,8 @@ class Gateway:
                 access = self.access
                 if access is not None and access.keys_required and path in self._keyed:
                     authorization = request.headers.get("Authorization")
-                    exchange.key = access.authenticate(authorization, request.target).name
+                    exchange.key = name = access.authenticate(authorization, request.target).name
+                    reply.extra_headers = access.headers(name)  # on whatever it is answered
                 await route(request, reply, exchange)
             except ApiError as exc:
                 exchange.error = exc.message

@@ -30,12 +30,22 @@ from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import RequestInfo, error_body, inspect_request, with_model
 from parallama.protocol.ollama import normalize_name
 from parallama.protocol.translate import BadAnswer, ollama_request
-from parallama.protocol.usage import TAIL_BYTES, keep_tail, usage_from_tail
+from parallama.protocol.usage import (
+    TAIL_BYTES,
+    Usage,
+    estimated_usage,
+    keep_tail,
+    usage_from_tail,
+)
 from parallama.teams.access import Access
+from parallama.teams.limits import RateLimited
 
 log = logging.getLogger("parallama.gateway")
 _NDJSON = ollama.NDJSON.encode()
+_EVENT_STREAM = openai.EVENT_STREAM.encode()
 _JSON = b"application/json"
+# A client's credentials for the gateway, never sent on to a backend.
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 
 def _error_chunk(content_type: bytes, message: str) -> bytes | None:
@@ -96,9 +106,13 @@ class Proxy:
         scheduler, waiting = self.scheduler, self._waiting
         key = exchange.key
         client, weight = info.client, 1.0
+        forwarded = passable(request.raw_headers)
         if key is not None and self._access is not None:
             client, weight = f"key:{key}", self._access.weight(key)
             self._admit(key, model, reply, exchange)
+            forwarded = [(k, v) for k, v in forwarded if k.lower() not in _CREDENTIALS]
+            if self._access.restricts_models(key):  # exactly the model checked, and no other
+                body = with_model(body, model)
         life = Lifecycle(scheduler, exchange, self.settings.retries, waiting.changed)
         affine = scheduler.policy(model) == "session-affinity"
         try:
@@ -110,7 +124,7 @@ class Proxy:
                 weight=weight,
                 session=info.session if affine else "",  # hashed only when it is used
             )
-            outbound = _Outbound(path, request.target, passable(request.raw_headers), body, info)
+            outbound = _Outbound(path, request.target, forwarded, body, info)
             while True:
                 if life.waiting:
                     await waiting.until_bound(life.ticket)
@@ -134,8 +148,10 @@ class Proxy:
         exchange.model = model
         try:
             reply.extra_headers = self._access.admit(key, model)
-        except ApiError:
+        except ApiError as refused:
             refuse_input(self.scheduler, exchange)
+            if isinstance(refused, RateLimited):
+                reply.extra_headers = refused.rate_headers
             raise
 
     async def _read_body(self, request: Request, exchange: Exchange) -> bytes:
@@ -164,7 +180,7 @@ class Proxy:
             return
         answer: Connection | None = None
         headers: Headers = []
-        tail = b""
+        relayed = _Relayed()
         try:
             sent = relay.request_headers(outbound.headers)
             answer = await self.fleet.upstream(base).send(b"POST", relay.target, sent, relay.body)
@@ -175,11 +191,12 @@ class Proxy:
             headers = relay.headers(upstream_status, answer.headers)
             if not outbound.info.stream or upstream_status != 200:  # one answer: whole
                 whole = relay.whole(upstream_status, await answer.read())
-                tail = whole[-TAIL_BYTES:]
+                relayed.tail = whole[-TAIL_BYTES:]
                 reply.send(status, whole, None, headers)
             else:
-                tail = await _stream(answer, relay, reply, life, status=status, headers=headers)
+                await _stream(answer, relay, reply, life, relayed, status=status, headers=headers)
         except ClientGone:
+            life.exchange.usage = relayed.usage(outbound.body)  # what it used until it left
             life.left()
             raise
         except (UpstreamError, BadAnswer) as exc:
@@ -190,6 +207,7 @@ class Proxy:
                 # It answered, however badly (BadAnswer), or may have been working on it.
                 worked_on = not isinstance(exc, UpstreamError) or exc.reached
                 raise _Failover(Failure(status, reason, worked_on=worked_on)) from None
+            life.exchange.usage = relayed.usage(outbound.body)
             life.broke(reason)
             last_words = _error_chunk(content_type_of(headers), reason)
             if last_words is not None:
@@ -201,7 +219,7 @@ class Proxy:
         finally:
             if answer is not None:
                 answer.release()  # back to the pool, or closed if the answer did not end
-        life.ended(status, usage_from_tail(tail) if status == 200 else None)
+        life.ended(status, relayed.usage(outbound.body) if status == 200 else None)
 
     def _relay(self, outbound: _Outbound, life: Lifecycle) -> Relay:
         """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
@@ -218,31 +236,50 @@ class Proxy:
         return Translating(translated, arrived)
 
 
+@dataclass(slots=True)
+class _Relayed:
+    """What of an answer reached the client: its last few kilobytes (the engine's counts are
+    at the end) and, for a stream, the pieces (lines) relayed."""
+
+    tail: bytes = b""
+    lines: int = 0
+    event_stream: bool = False
+
+    def usage(self, body: bytes) -> Usage | None:
+        """The engine's counts, else (a stream that gave none) the gateway's estimate."""
+        said = usage_from_tail(self.tail)
+        if said is not None or not self.lines:
+            return said
+        pieces = self.lines // 2 if self.event_stream else self.lines  # "data: ...\n\n"
+        return estimated_usage(len(body), pieces)
+
+
 async def _stream(
     answer: Connection,
     relay: Relay,
     reply: Reply,
     life: Lifecycle,
+    relayed: _Relayed,
     *,
     status: int,
     headers: Headers,
-) -> bytes:
-    """Relay the answer chunk by chunk as it comes; return its last few kilobytes.
+) -> None:
+    """Relay the answer chunk by chunk as it comes, noting in `relayed` what went.
 
     The chunks go to the client from the backend socket's own callback (`Connection.pump`),
     not through this task: a task switch per chunk was most of what a stream cost. The status
     line goes out with the first bytes for the client, not before: until then a backend that
     fails can still be replaced by another (a translated stream may begin with chunks that carry
     nothing for the client)."""
-    tail = b""
+    relayed.event_stream = content_type_of(headers).startswith(_EVENT_STREAM)
 
     def to_client(data: bytes) -> bool:
-        nonlocal tail
         if chunk := relay.chunk(data):
             if not reply.started:
                 life.first_byte(time.monotonic())
                 reply.start(status, headers)
-            tail = keep_tail(tail, chunk)
+            relayed.tail = keep_tail(relayed.tail, chunk)
+            relayed.lines += chunk.count(b"\n")
             reply.write_now(chunk)
         return not reply.behind
 
@@ -250,7 +287,6 @@ async def _stream(
     if not reply.started:
         reply.start(status, headers)
     if last := relay.end():
-        tail = keep_tail(tail, last)
+        relayed.tail = keep_tail(relayed.tail, last)
         await reply.write(last)
     reply.end()
-    return tail

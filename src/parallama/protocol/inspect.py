@@ -142,10 +142,15 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
 
 
 def with_model(body: bytes, model: str) -> bytes:
-    """The body with another model name: what an alias is sent to the backends as."""
+    """The body naming `model` and no other: what an alias is sent to the backends as, and a
+    request of a key held to some models. Go's JSON decoder, Ollama's, matches field names
+    whatever their case (the last one wins), so `"MODEL"` beside `"model"` would run another
+    model than the one checked: every spelling of `model` and `name` goes (`name` is
+    /api/show's old field, which would win over `model` at an old Ollama)."""
     data = orjson.loads(body)
+    for field in [f for f in data if f.casefold() in ("model", "name")]:
+        del data[field]
     data["model"] = model
-    data.pop("name", None)  # /api/show's old field would win over "model" at an old Ollama
     return orjson.dumps(data)
 
 

@@ -23,6 +23,15 @@ class Usage:
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     generation_seconds: float | None = None  # the engine's own decode time, when it says
+    estimated: bool = False  # counted by the gateway, not said by the engine
+
+
+def estimated_usage(prompt_bytes: int, pieces: int) -> Usage:
+    """What a stream that said nothing of its counts used, as far as the gateway saw it: an
+    OpenAI stream whose client did not ask for `include_usage`, or one cut short. Engines
+    stream a token per piece (an NDJSON line, an SSE event); a prompt is about four bytes a
+    token. Never zero for a prompt that was sent, so that token limits cannot be dodged."""
+    return Usage(prompt_tokens=max(1, prompt_bytes // 4), generated_tokens=pieces, estimated=True)
 
 
 def keep_tail(tail: bytes, chunk: bytes) -> bytes:

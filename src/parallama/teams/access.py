@@ -15,10 +15,10 @@ import contextlib
 import functools
 import logging
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,16 +26,27 @@ from prometheus_client.registry import Collector
 
 from parallama.core.exchange import Exchange
 from parallama.errors import ApiError, ParallamaError
-from parallama.teams.keys import PERIODS, ApiKey, key_id_of, make_key, matches, period_start
+from parallama.teams.keys import (
+    KEY_SHAPE,
+    PERIODS,
+    ApiKey,
+    key_id_of,
+    make_key,
+    matches,
+    period_start,
+)
 from parallama.teams.ledger import Ledger
 from parallama.teams.limits import Headers, Limits, RateLimited
 from parallama.teams.store import Store, UsageRow
+from parallama.teams.worker import DatabaseThread
 
 log = logging.getLogger("parallama.teams")
 T = TypeVar("T")
 
 _KEY_POLL_SECONDS = 0.5
 _BUDGET_POLL_SECONDS = 5.0
+_POLL_TIMEOUT = 2.0  # a database slower than this to answer a poll counts as down
+_STOP_SECONDS = 3.0  # for writing out the ledger at stop
 # Query parameters that would carry a key in the URL, where proxies and logs keep it.
 _KEY_PARAMETERS = frozenset({"key", "api_key", "api-key", "apikey", "token", "access_token"})
 
@@ -46,7 +57,7 @@ class Access:
     ) -> None:
         self.store = store
         self.keys_required = keys_required
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="parallama-db")
+        self._thread = DatabaseThread()
         self.limits = Limits()
         self.ledger = Ledger(self._in_thread_write, capacity=ledger_capacity) if ledger else None
         self._by_id: dict[str, ApiKey] = {}
@@ -72,20 +83,24 @@ class Access:
         self._task = asyncio.create_task(self._poll(), name="parallama-keys")
 
     async def stop(self) -> None:
+        """Write out the ledger and close the database, within bounds: a database that stopped
+        answering must not keep the gateway from stopping."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.ledger is not None:
-            await self.ledger.stop()
-        await self._in_thread(self.store.close)
-        self._executor.shutdown(wait=True)
+            await self.ledger.stop(timeout=_STOP_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_POLL_TIMEOUT):
+                await self._in_thread(self.store.close)
+        self._thread.stop()
 
     # -- every request --------------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None, target: bytes) -> ApiKey:
         """The request's key, or a 401."""
-        if b"?" in target and _key_in_query(target):
+        if b"?" in target and _key_in_url(target):
             raise _unauthorized("API keys go in the Authorization header, never in the URL")
         scheme, _, given = (authorization or "").strip().partition(" ")
         given = given.strip()
@@ -101,11 +116,21 @@ class Access:
             raise _unauthorized(f"API key {key.name!r} has expired")
         return key
 
-    def admit(self, name: str, model: str) -> Headers:
-        """A model request by the key `name`: 403 if the key may not use the model, 429 if a
-        limit is reached; else counted in, and the rate-limit headers for its answer."""
+    def headers(self, name: str) -> Headers:
+        """The key's rate-limit headers as they stand: for answers that count nothing."""
         key = self._by_name.get(name)
-        if key is None:  # revoked and removed between authentication and now
+        return [] if key is None else self.limits.headers(key, time.monotonic())
+
+    def restricts_models(self, name: str) -> bool:
+        key = self._by_name.get(name)
+        return key is not None and bool(key.models)
+
+    def admit(self, name: str, model: str) -> Headers:
+        """A model request by the key `name`: 403 if the key may not use the model, 429
+        (`RateLimited`, with the headers of its answer) if a limit is reached; else counted
+        in, and the rate-limit headers for its answer."""
+        key = self._by_name.get(name)
+        if key is None:  # removed between authentication and now
             raise _unauthorized("invalid API key")
         if not key.may_use(model):
             raise ApiError(
@@ -168,12 +193,13 @@ class Access:
         while True:
             await asyncio.sleep(_KEY_POLL_SECONDS)
             try:
-                await self._refresh()
-            except ParallamaError as exc:
+                async with asyncio.timeout(_POLL_TIMEOUT):  # silent counts as down
+                    await self._refresh()
+            except (ParallamaError, TimeoutError) as exc:
                 if self.database_up:
                     log.warning(
                         "database unreachable: serving the keys known so far",
-                        extra={"fields": {"error": str(exc)}},
+                        extra={"fields": {"error": str(exc) or "no answer in time"}},
                     )
                 self.database_up = False
             else:
@@ -216,7 +242,7 @@ class Access:
                 self.limits.set_budget_used(name, stored.get(name, 0) + pending.get(name, 0), since)
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._thread.run(call)
 
     async def _in_thread_write(self, rows: Sequence[UsageRow]) -> None:
         await self._in_thread(functools.partial(self.store.write_usage, rows))
@@ -275,6 +301,11 @@ class _AccessCollector(Collector):
             "parallama_ledger_written_rows", "Usage rows written", value=ledger.written
         )
         yield CounterMetricFamily(
+            "parallama_ledger_failed_writes",
+            "Tries to write the ledger that found the database unreachable (with backoff)",
+            value=ledger.failed_writes,
+        )
+        yield CounterMetricFamily(
             "parallama_ledger_dropped_rows",
             "Usage rows lost: the buffer was full while the database was unreachable",
             value=ledger.dropped,
@@ -285,8 +316,11 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, message, {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
 
-def _key_in_query(target: bytes) -> bool:
-    query = target.partition(b"?")[2].decode("latin-1")
+def _key_in_url(target: bytes) -> bool:
+    """A parameter named as keys are, or anything shaped like one of ours, in the query."""
+    query = urllib.parse.unquote(target.partition(b"?")[2].decode("latin-1"))
+    if KEY_SHAPE.search(query):
+        return True
     names = (part.partition("=")[0].strip().lower() for part in query.split("&"))
     return any(name in _KEY_PARAMETERS for name in names)
 

@@ -23,7 +23,7 @@ from parallama.errors import ConfigError
 
 PREFIX = "pk-"
 _ID_LENGTH = 8
-_SHAPE = re.compile(r"pk-([A-Za-z0-9]{8})-[A-Za-z0-9_-]{32}")
+KEY_SHAPE = re.compile(r"pk-([A-Za-z0-9]{8})-[A-Za-z0-9_-]{32}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _AGE = re.compile(r"(\d+)([mhdw])")
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -91,9 +91,14 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def redact_keys(text: str) -> str:
+    """`text` with anything shaped like a key replaced: for what reaches a log line."""
+    return KEY_SHAPE.sub("pk-<redacted>", text) if "pk-" in text else text
+
+
 def key_id_of(key: str) -> str | None:
     """The id inside a key of the right shape, else None (then it is no key of ours)."""
-    match = _SHAPE.fullmatch(key)
+    match = KEY_SHAPE.fullmatch(key)
     return None if match is None else match[1]
 
 
@@ -164,7 +169,9 @@ def key_fields(given: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if value == "none" and name != "priority":
-            found["expires_at" if name == "expires" else name] = None
+            lifted = {"expires": ("expires_at", None), "models": ("models", ())}
+            field_name, nothing = lifted.get(name, (name, None))
+            found[field_name] = nothing
         elif name == "models":
             patterns = value.split(",") if isinstance(value, str) else value
             if not isinstance(patterns, list | tuple) or not all(

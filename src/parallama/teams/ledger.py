@@ -16,8 +16,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
-from parallama.errors import ParallamaError
-from parallama.teams.store import UsageRow
+from parallama.teams.store import StoreError, StoreUnavailable, UsageRow
 
 log = logging.getLogger("parallama.ledger")
 
@@ -33,12 +32,14 @@ class Ledger:
         batch: int = 1000,
         interval: float = 1.0,
         max_backoff: float = 10.0,
+        write_timeout: float = 15.0,
     ) -> None:
         self._write = write
         self.capacity = capacity
         self._batch = batch
         self._interval = interval
         self._max_backoff = max_backoff
+        self._write_timeout = write_timeout  # a database that stopped answering is down
         self._rows: deque[UsageRow] = deque()
         self._in_transit: Sequence[UsageRow] = ()
         self._full = asyncio.Event()
@@ -46,6 +47,7 @@ class Ledger:
         self.up = True  # the last write succeeded
         self.written = 0
         self.dropped = 0
+        self.failed_writes = 0  # tries that found the database unreachable
 
     @property
     def buffered(self) -> int:
@@ -95,9 +97,12 @@ class Ledger:
     async def _run(self) -> None:
         backoff = self._interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._full.wait()
+            if self.up:  # a full batch goes at once, else what a second gathered
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval):
+                        await self._full.wait()
+            else:  # down: every request must not be a try; wait out the backoff
+                await asyncio.sleep(backoff)
             self._full.clear()
             while self._rows:
                 if not await self._flush():
@@ -108,12 +113,15 @@ class Ledger:
                     break
 
     async def _flush(self) -> bool:
-        """Write one batch; False if the database refused it (the rows go back in front)."""
+        """Write one batch; False if the database cannot be reached (the rows go back in
+        front). A batch the database refuses for what it holds is written row by row, and a
+        row it still refuses is dropped and counted, so that one bad row cannot stop the rest."""
         rows = self._rows
         batch = [rows.popleft() for _ in range(min(self._batch, len(rows)))]
         self._in_transit = batch
         try:
-            await self._write(batch)
+            async with asyncio.timeout(self._write_timeout):
+                written = await self._write_refusing_bad_rows(batch)
         except BaseException as exc:
             # Back in front, in order; written twice is harmless (rows have ids), and a write
             # cancelled by `stop` may still have committed.
@@ -121,12 +129,13 @@ class Ledger:
             while len(rows) > self.capacity:
                 rows.popleft()
                 self.dropped += 1
-            if not isinstance(exc, ParallamaError):
+            if not isinstance(exc, StoreUnavailable | TimeoutError):
                 raise
+            self.failed_writes += 1
             if self.up:
                 log.warning(
                     "usage ledger: cannot write; rows kept in memory until the database is back",
-                    extra={"fields": {"error": str(exc), "buffered": len(rows)}},
+                    extra={"fields": {"error": str(exc) or "no answer", "buffered": len(rows)}},
                 )
             self.up = False
             return False
@@ -135,5 +144,28 @@ class Ledger:
         if not self.up:
             log.info("usage ledger: writing again", extra={"fields": {"buffered": len(rows)}})
         self.up = True
-        self.written += len(batch)
+        self.written += written
+        self.dropped += len(batch) - written
         return True
+
+    async def _write_refusing_bad_rows(self, batch: Sequence[UsageRow]) -> int:
+        try:
+            await self._write(batch)
+            return len(batch)
+        except StoreUnavailable:
+            raise
+        except StoreError:
+            pass
+        written = 0
+        for row in batch:
+            try:
+                await self._write((row,))
+                written += 1
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                log.error(
+                    "usage ledger: a row the database refuses is dropped",
+                    extra={"fields": {"error": str(exc), "model": str(row.model)[:64]}},
+                )
+        return written

@@ -26,14 +26,15 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class RateLimited(ApiError):
-    """429: a limit of the key is reached; `Retry-After` says when it has room again."""
+    """429: a limit of the key is reached; `Retry-After` says when it has room again, and
+    `rate_headers` are the key's rate-limit headers for the answer."""
 
     def __init__(self, limit: str, message: str, retry_after: float, headers: Headers) -> None:
         wait = max(1, math.ceil(retry_after))
-        given = {k.decode(): v.decode() for k, v in headers}
-        given["Retry-After"] = str(wait)
-        super().__init__(429, f"{message}; try again in {wait} s", given, "rate_limit_exceeded")
+        retry = {"Retry-After": str(wait)}
+        super().__init__(429, f"{message}; try again in {wait} s", retry, "rate_limit_exceeded")
         self.limit = limit
+        self.rate_headers = headers
 
 
 @dataclass(slots=True)
@@ -54,29 +55,34 @@ class Limits:
 
     def admit(self, key: ApiKey, now: float, wall: float) -> Headers:
         """Count a request in, or raise `RateLimited`; the headers for its answer.
-        `now` is monotonic (the windows), `wall` is Unix time (the budget's calendar)."""
+        `now` is monotonic (the windows), `wall` is Unix time (the budget's calendar). When
+        several limits are reached, the one that frees last is the answer: its wait is the
+        one that holds."""
         use = self._use.setdefault(key.name, _Use())
         self._expire(use, now)
-        headers = self._headers(key, use, now)
+        reached: list[tuple[float, str, str]] = []  # (wait, limit, message)
         if key.max_concurrent is not None and use.in_flight >= key.max_concurrent:
             message = f"{key.max_concurrent} concurrent requests allowed for this key"
-            raise RateLimited("concurrent", message, 1.0, headers)
+            reached.append((1.0, "concurrent", message))  # an answer's end is not foreseen
         if key.rpm is not None and len(use.requests) >= key.rpm:
             wait = use.requests[0] + WINDOW - now
-            raise RateLimited("requests", f"limit of {key.rpm} requests per minute", wait, headers)
+            reached.append((wait, "requests", f"limit of {key.rpm} requests per minute"))
         if key.tpm is not None and use.window_tokens >= key.tpm:
             wait = self._tokens_free_at(use, key.tpm) - now
-            raise RateLimited("tokens", f"limit of {key.tpm} tokens per minute", wait, headers)
+            reached.append((wait, "tokens", f"limit of {key.tpm} tokens per minute"))
         budget = key.budget
         if budget is not None:
             self._renew_budget(key, use, wall)
             if use.budget_used >= budget.tokens:
                 wait = period_end(budget.period, wall) - wall
                 message = f"token budget of {budget.tokens} per {budget.period} used"
-                raise RateLimited("budget", message, wait, headers)
+                reached.append((wait, "budget", message))
+        if reached:
+            wait, limit, message = max(reached)
+            raise RateLimited(limit, message, wait, self.headers(key, now))
         use.requests.append(now)
         use.in_flight += 1
-        return self._headers(key, use, now)
+        return self.headers(key, now)
 
     def finish(self, key: ApiKey, tokens: int, now: float, wall: float) -> None:
         """An admitted request is over, having used `tokens` (prompt + generated)."""
@@ -134,8 +140,13 @@ class Limits:
         if use.budget_since != since:
             use.budget_used, use.budget_since = 0, since
 
-    @staticmethod
-    def _headers(key: ApiKey, use: _Use, now: float) -> Headers:
+    def headers(self, key: ApiKey, now: float) -> Headers:
+        """The key's rate-limit headers as its windows stand at `now`."""
+        use = self._use.get(key.name)
+        if use is None:
+            use = _Use()
+        else:
+            self._expire(use, now)
         headers: Headers = []
         if key.rpm is not None:
             reset = use.requests[-1] + WINDOW - now if use.requests else 0.0

@@ -64,7 +64,11 @@ _KEY_COLUMNS = (
 
 
 class StoreError(ParallamaError):
-    """The database cannot be reached or refused the operation."""
+    """The database refused the operation, or cannot be reached (`StoreUnavailable`)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (or stopped answering): try again later."""
 
 
 class KeyExists(ParallamaError):
@@ -154,7 +158,19 @@ class _Postgres:
     def connect(self) -> _Connection:
         import psycopg
 
-        conn: _Connection = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        # A server that stops answering (paused, unplugged) must not hold the thread for ever:
+        # TCP keepalives and a user timeout end the connection, a statement timeout the query.
+        conn: _Connection = psycopg.connect(
+            self.url,
+            autocommit=True,
+            connect_timeout=5,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            tcp_user_timeout=10_000,
+            options="-c statement_timeout=10000",
+        )
         return conn
 
     def sql(self, text: str) -> str:
@@ -257,7 +273,7 @@ class Store:
             "ON CONFLICT (id) DO NOTHING"
         )
         with self._write() as conn:
-            self._dialect.executemany(conn, sql, [astuple(row) for row in rows])
+            self._dialect.executemany(conn, sql, [_storable(row) for row in rows])
 
     def tokens_since(self, since: float) -> dict[str, int]:
         """Tokens (prompt + generated) each key used since `since`."""
@@ -304,9 +320,9 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema up to date; its version."""
         with self._write() as conn:
-            self._run(conn, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            if isinstance(self._dialect, _Postgres):  # DDL under a lock of its own
+            if isinstance(self._dialect, _Postgres):  # SQLite's write lock is taken already
                 self._run(conn, "SELECT pg_advisory_xact_lock(7213546)")
+            self._run(conn, "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             rows = self._fetch(conn, "SELECT version FROM schema_version")
             version = int(rows[0][0]) if rows else 0
             if version > len(_MIGRATIONS):
@@ -343,11 +359,14 @@ class Store:
         except ParallamaError:
             raise
         except Exception as exc:
-            if self._dialect.broken(exc) and self._conn is not None:
+            message = f"database: {type(exc).__name__}: {exc}".strip()
+            if not self._dialect.broken(exc):
+                raise StoreError(message) from exc
+            if self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._conn.close()
                 self._conn = None
-            raise StoreError(f"database: {type(exc).__name__}: {exc}".strip()) from exc
+            raise StoreUnavailable(message) from exc
 
     def _connection(self) -> _Connection:
         if self._conn is None:
@@ -373,6 +392,12 @@ def open_store(url: str) -> Store:
         store.close()
         raise
     return store
+
+
+def _storable(row: UsageRow) -> tuple[Any, ...]:
+    """A row's values as both databases take them: PostgreSQL's text holds no NUL character
+    (a client's model name may), so it becomes U+FFFD, as an undecodable byte would."""
+    return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in astuple(row))
 
 
 def _row(key: ApiKey) -> tuple[Any, ...]:
