@@ -186,6 +186,11 @@ class GatewaySettings(BaseModel):
         None,
         description="bearer token for POST /parallama/reload (unset: loopback clients only)",
     )
+    state: str = Field(
+        "memory",
+        description="memory: this process alone; redis://host:port/db: every gateway naming "
+        "the same Redis shares the backends' slots",
+    )
     auth: Literal["off", "keys"] = Field(
         "off",
         description="off: anyone who reaches the gateway may use it; keys: model routes and "
@@ -209,6 +214,13 @@ class GatewaySettings(BaseModel):
     models: dict[str, ModelSettings] = Field(
         default_factory=dict, description='per-model settings: [models."name"] tables'
     )
+
+    @field_validator("state")
+    @classmethod
+    def _state_url(cls, state: str) -> str:
+        if state != "memory" and not state.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("memory, or a Redis URL: redis://host:port/db")
+        return state
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -254,6 +266,7 @@ class GatewaySettings(BaseModel):
                 if model.routing is not None
             },
             busy_seconds=self.busy_seconds,
+            shared_slots=self.state != "memory",
         )
 
     @property

@@ -285,3 +285,35 @@ def test_clients_that_come_and_go_are_not_remembered_without_bound() -> None:
         s.cancel(s.submit(M, client=f"passer-by {n}"))
     assert s._queues[M].clients <= 2 * 1 + 64 + 1
     assert serve_in_turn(s, running, 1) == [staying]
+
+
+def test_shared_slots_bind_only_on_a_lease_and_give_it_back_when_done() -> None:
+    s = make(Backend("a", slots=2), Backend("b", slots=2), shared_slots=True)
+    first = s.submit(M)
+    assert first.queued  # free slots, but none leased by this gateway
+    assert s.wanted() == {M: 1}
+    assert [b.name for b in s.candidates(M)] == ["a", "b"]
+    s.grant("b", M)
+    assert first.backend is not None and first.backend.name == "b"
+    assert s.wanted() == {}
+    s.release(first)
+    assert s.take_returned() == [("b", M)]  # the lease goes back with the slot
+    assert adds_up(s)
+
+
+def test_a_lease_nobody_takes_is_given_back_at_once() -> None:
+    s = make(Backend("a"), shared_slots=True)
+    gone = s.submit(M)
+    s.cancel(gone)  # left while its lease was being acquired
+    s.grant("a", M)
+    assert s.take_returned() == [("a", M)]
+    assert s.backends["a"].active == 0
+
+
+def test_a_lease_is_not_asked_of_the_backend_the_request_failed_on() -> None:
+    s = make(Backend("a"), Backend("b"), shared_slots=True)
+    ticket = s.submit(M)
+    s.grant("a", M)
+    assert s.requeue(ticket)
+    assert s.take_returned() == [("a", M)]
+    assert [b.name for b in s.candidates(M)] == ["b"]

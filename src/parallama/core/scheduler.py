@@ -122,6 +122,8 @@ class Backend:
     online: bool = True  # False while the engine process behind it is not serving (`up`)
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0
+    # Slots shared with other gateways: the leases this one holds per model (None: not shared).
+    leased: Counter[str] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -147,6 +149,8 @@ class Backend:
     def has_free_slot(self, model: str) -> bool:
         if self.breaker.state is BreakerState.HALF_OPEN and self.active:
             return False  # one trial request at a time
+        if self.leased is not None and self.in_flight[model] >= self.leased[model]:
+            return False  # shared: a slot of its own only with a lease on it
         return self.in_flight[model] < self.capacity
 
     def load(self) -> float:
@@ -163,6 +167,10 @@ class SchedulerSettings:
     routing: Policy = "least-loaded"
     routing_by_model: Mapping[str, Policy] = field(default_factory=dict)
     busy_seconds: float = 30.0  # how long a "server busy" answer halves a backend's slots
+    # Slots shared with other gateways (`state = "redis://..."`): a request is bound only to a
+    # slot this gateway holds a lease on; the driver acquires leases for what waits (`wanted`,
+    # `grant`) and gives back those freed (`take_returned`).
+    shared_slots: bool = False
 
 
 class _Client:
@@ -278,6 +286,7 @@ class Scheduler:
         self._waiting: list[tuple[float, int, Ticket]] = []
         self._seq = itertools.count()
         self._dispatched: list[Ticket] = []
+        self._returned: list[tuple[str, str]] = []  # shared slots' leases given back
         self._timed_out: list[Ticket] = []
         self._service_seconds: dict[str, float] = {}  # EWMA per model, for Retry-After
         self._router = Router()
@@ -287,6 +296,8 @@ class Scheduler:
     # -- backends -------------------------------------------------------------------------------
 
     def add_backend(self, backend: Backend) -> None:
+        if self.settings.shared_slots and backend.leased is None:
+            backend.leased = Counter()
         self.backends[backend.name] = backend
         self._dispatch_all()
 
@@ -534,6 +545,50 @@ class Scheduler:
         backend.in_flight[ticket.model] -= 1
         if backend.in_flight[ticket.model] <= 0:
             del backend.in_flight[ticket.model]
+        if backend.leased is not None:  # its lease goes back to all gateways
+            self._return_lease(backend, ticket.model)
+
+    # -- slots shared with other gateways -------------------------------------------------------
+
+    def wanted(self) -> dict[str, int]:
+        """Leases to acquire, per model: one for each request waiting."""
+        return {model: len(queue) for model, queue in self._queues.items() if queue}
+
+    def candidates(self, model: str) -> list[Backend]:
+        """The backends a lease for `model` may be asked of, least loaded first: those that
+        serve it, with room here, and that the next request has not failed on."""
+        queue = self._queues.get(model)
+        avoid = queue.peek().avoid if queue else frozenset()
+        serving = [
+            b
+            for b in self.backends.values()
+            if b.serves(model) and b.name not in avoid and b.in_flight[model] < b.capacity
+        ]
+        return sorted(serving, key=lambda b: b.load())
+
+    def grant(self, name: str, model: str) -> None:
+        """A lease on one of `name`'s slots for `model` was acquired: bind a waiting request
+        to it. One that no request takes (it left meanwhile) is given back at once."""
+        backend = self.backends.get(name)
+        if backend is None or backend.leased is None:
+            self._returned.append((name, model))
+            return
+        backend.leased[model] += 1
+        self._dispatch(model)
+        if backend.leased[model] > backend.in_flight[model]:
+            self._return_lease(backend, model)
+
+    def take_returned(self) -> list[tuple[str, str]]:
+        """The leases given back since the last call: (backend, model) each."""
+        returned, self._returned = self._returned, []
+        return returned
+
+    def _return_lease(self, backend: Backend, model: str) -> None:
+        assert backend.leased is not None
+        backend.leased[model] -= 1
+        if backend.leased[model] <= 0:
+            del backend.leased[model]
+        self._returned.append((backend.name, model))
 
     def policy(self, model: str) -> Policy:
         return self.settings.routing_by_model.get(model, self.settings.routing)

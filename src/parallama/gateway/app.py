@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 
 from parallama.config import GatewaySettings
 from parallama.core.exchange import Exchange
@@ -26,6 +30,7 @@ from parallama.gateway.listings import Listings
 from parallama.gateway.metrics import GatewayMetrics
 from parallama.gateway.proxy import Proxy
 from parallama.gateway.server import ClientGone, Reply, Request, start_server
+from parallama.gateway.shared import SharedSlots
 from parallama.gateway.waiting import Waiting
 from parallama.protocol.hosts import host_of, local_host, loopback_only
 from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of, error_body
@@ -36,7 +41,7 @@ from parallama.teams.store import Store
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
 _READ_AT_START = (
-    *("host", "port", "log_format", "log_level", "max_connections"),
+    *("host", "port", "log_format", "log_level", "max_connections", "state"),
     *("auth", "database", "ledger", "ledger_buffer"),
 )
 log = logging.getLogger("parallama.gateway")
@@ -55,6 +60,11 @@ class Gateway:
         self.fleet = Fleet(self.scheduler, settings, self._waiting.changed)
         self.connections = Connections(self._connection_limits(settings))
         self.metrics = GatewayMetrics(self.scheduler, self.connections)
+        self.shared: SharedSlots | None = None
+        if settings.state != "memory":
+            self.shared = SharedSlots(settings.state, self.scheduler, self._waiting.changed)
+            self._waiting.also = self.shared.changed
+            self.metrics.registry.register(_SharedCollector(self.shared))
         self.access = _access(settings)
         if self.access is not None:
             self.metrics.registry.register(self.access.collector())
@@ -106,6 +116,13 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        if self.shared is not None:
+            try:
+                await self.shared.start()
+            except (RedisError, OSError) as exc:
+                raise ConfigError(
+                    f"state {self.settings.state}: cannot reach Redis: {exc}"
+                ) from None
         if self.access is not None:
             await self.access.start()
         await self.fleet.start()
@@ -125,6 +142,8 @@ class Gateway:
             await asyncio.sleep(0)  # let the cancelled requests end
         await self.fleet.stop()
         self._waiting.close()
+        if self.shared is not None:
+            await self.shared.stop()  # the leases back at once, not after their TTL
         if self.access is not None:
             await self.access.stop()  # after the requests: their rows are in the ledger
 
@@ -233,3 +252,27 @@ def _access(settings: GatewaySettings) -> Access | None:
         ledger=settings.ledger_on,
         ledger_capacity=settings.ledger_buffer,
     )
+
+
+class _SharedCollector(Collector):
+    """Slots shared through Redis: whether it answers, and how many gateways share them."""
+
+    def __init__(self, shared: SharedSlots) -> None:
+        self._shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "parallama_shared_state_up",
+            "1 while Redis answers; 0: serving with this gateway's share of each backend's slots",
+            value=1 if self._shared.up else 0,
+        )
+        yield GaugeMetricFamily(
+            "parallama_gateways_alive",
+            "Gateways sharing the backends' slots, this one included, at the last renewal",
+            value=self._shared.gateways,
+        )
+        yield CounterMetricFamily(
+            "parallama_slot_leases_acquired",
+            "Slot leases this gateway acquired in Redis",
+            value=self._shared.acquired,
+        )

@@ -20,6 +20,7 @@ class Waiting:
         self.scheduler = scheduler
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
         self._alarm = Alarm(self._on_alarm, clock)
+        self.also: Callable[[], None] | None = None  # told of every change (shared slots)
 
     async def until_bound(self, ticket: Ticket) -> None:
         """Until the scheduler binds `ticket` to a backend, or ends it (a queue timeout)."""
@@ -41,6 +42,8 @@ class Waiting:
             if future is not None and not future.done():
                 future.set_result(None)
         self._alarm.set(s.next_wakeup())
+        if self.also is not None:
+            self.also()
 
     def close(self) -> None:
         self._alarm.cancel()

@@ -1,0 +1,168 @@
+"""Several gateways in front of the same backends, sharing their slots through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from parallama.config import BackendSettings
+from parallama.gateway.app import Gateway
+from tests.launchhelpers import sim_process
+from tests.rawhelpers import RawRequest, raw_backend
+from tests.redishelpers import RedisServer, redis_server
+from tests.simhelpers import eventually, gateway_with
+
+BODY = {"model": "m", "prompt": "hi", "stream": False}
+ANSWER = b'{"done":true,"prompt_eval_count":3,"eval_count":2}'
+HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+HTTP_ANSWER += b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+
+
+@dataclass
+class Counted:
+    """A backend that counts the requests it runs at once."""
+
+    work: float
+    running: int = 0
+    peak: int = 0
+    served: int = 0
+    hold: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def counted_backend(work: float) -> AsyncIterator[tuple[str, Counted]]:
+    counted = Counted(work)
+
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        if request.is_probe:
+            writer.write(HTTP_ANSWER)
+            return
+        counted.running += 1
+        counted.peak = max(counted.peak, counted.running)
+        try:
+            await asyncio.sleep(counted.work)  # the engine at work
+            writer.write(HTTP_ANSWER)
+            counted.served += 1
+        finally:
+            counted.running -= 1
+
+    async with raw_backend(answer) as backend:
+        yield backend.url, counted
+
+
+@contextmanager
+def gateways(url: str, count: int, **settings: object) -> Iterator[list[Gateway]]:
+    backend = (BackendSettings(url=url, slots=2),)
+    with ExitStack() as stack:
+        yield [stack.enter_context(gateway_with(backend, **settings)) for _ in range(count)]
+
+
+async def burst(urls: list[str], requests: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=400)) as client:
+        asked = (
+            client.post(f"{urls[n % len(urls)]}/api/generate", json=BODY) for n in range(requests)
+        )
+        return [a.status_code for a in await asyncio.gather(*asked)]
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_gateways_sharing_redis_never_run_more_than_a_backends_slots(
+    redis: RedisServer, count: int
+) -> None:
+    async def scenario() -> tuple[list[int], Counted, list[dict[str, int]]]:
+        async with counted_backend(work=0.02) as (url, counted):
+            with gateways(url, count, state=redis.url, queue_timeout=120) as fleet:
+                statuses = await burst([g.url for g in fleet], 300)
+                return statuses, counted, [g.scheduler.accounting() for g in fleet]
+
+    statuses, counted, accounts = asyncio.run(scenario())
+    assert statuses == [200] * 300
+    assert counted.peak <= 2  # the backend's slots, whichever gateway sent them
+    assert counted.served == 300
+    assert sum(a["completed"] for a in accounts) == 300  # every request counted once
+    assert all(a["total"] == a["completed"] for a in accounts)
+    assert not redis.client().keys("parallama:slots:*")  # every lease given back
+
+
+def test_without_shared_state_the_same_gateways_oversubscribe() -> None:
+    async def scenario() -> Counted:
+        async with counted_backend(work=0.05) as (url, counted):
+            with gateways(url, 2) as fleet:
+                assert await burst([g.url for g in fleet], 40) == [200] * 40
+                return counted
+
+    assert asyncio.run(scenario()).peak > 2  # what the shared leases prevent
+
+
+def test_a_killed_gateways_slots_come_back_within_the_lease_ttl(redis: RedisServer) -> None:
+    async def scenario() -> int:
+        async with counted_backend(work=30.0) as (url, counted):  # answers nobody waits for
+            args = ["--port", "0", "--backend", url, "--slots", "2", "--state", redis.url]
+            with sim_process(*args, command="serve") as (doomed, urls):
+                async with httpx.AsyncClient(timeout=60) as client:
+                    held = [
+                        asyncio.ensure_future(client.post(f"{urls[0]}/api/generate", json=BODY))
+                        for _ in range(2)
+                    ]
+                    await asyncio.to_thread(eventually, lambda: counted.running, lambda n: n == 2)
+                    assert len(redis.client().zrange(f"parallama:slots:{url}|m:latest", 0, -1)) == 2
+                    doomed.send_signal(signal.SIGKILL)  # no chance to give its leases back
+                    doomed.wait(10)
+                    for request in held:
+                        with pytest.raises(httpx.TransportError):
+                            await request
+            counted.work = 0.01
+            with gateways(url, 1, state=redis.url) as (survivor,):
+                async with httpx.AsyncClient(timeout=60) as client:
+                    answer = await client.post(f"{survivor.url}/api/generate", json=BODY)
+                return answer.status_code
+
+    assert asyncio.run(scenario()) == 200  # once the dead gateway's leases lapsed
+
+
+def test_redis_killed_and_restarted_loses_and_repeats_no_request(redis: RedisServer) -> None:
+    async def scenario() -> tuple[list[int], Counted, list[int], str]:
+        async with counted_backend(work=0.02) as (url, counted):
+            with gateways(url, 2, state=redis.url, queue_timeout=120) as fleet:
+                urls = [g.url for g in fleet]
+                peaks, statuses = [], await burst(urls, 60)
+                peaks.append(counted.peak)
+                redis.kill()
+                down = await asyncio.to_thread(
+                    eventually,
+                    lambda: httpx.get(f"{urls[0]}/metrics").text,
+                    lambda text: "parallama_shared_state_up 0.0" in text,
+                )
+                counted.peak = 0
+                statuses += await burst(urls, 60)  # each gateway on its share: one slot
+                peaks.append(counted.peak)
+                redis.start()  # back, empty
+                await asyncio.to_thread(
+                    eventually,
+                    lambda: httpx.get(f"{urls[0]}/metrics").text,
+                    lambda text: "parallama_shared_state_up 1.0" in text,
+                )
+                counted.peak = 0
+                statuses += await burst(urls, 60)
+                peaks.append(counted.peak)
+                alive = [line for line in down.splitlines() if line.startswith("parallama_gate")]
+                return statuses, counted, peaks, alive[0]
+
+    statuses, counted, peaks, alive = asyncio.run(scenario())
+    assert statuses == [200] * 180
+    assert counted.served == 180  # none lost, none sent twice
+    assert peaks[0] <= 2 and peaks[2] <= 2  # shared, before and after
+    assert peaks[1] <= 2  # during the outage, each its share: 2 slots over 2 gateways
+    assert alive == "parallama_gateways_alive 2.0"
