@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, sys.argv[1:] if argv is None else list(argv))
     except ParallamaError as exc:  # bad settings (2), an engine that will not start (1), ...
         print(f"parallama {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -121,17 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    """The command, to its end; its exit status."""
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command, to its end; its exit status. `argv`: the arguments it was given (the
+    workers of `serve --workers N` are started with them again)."""
     if args.command == "sim":
         from parallama.sim.run import serve_until_stopped
 
         run(serve_until_stopped(sim_config.from_args(args)))
     elif args.command == "serve":
+        from parallama.gateway import workers
         from parallama.gateway.run import serve
 
         settings = config.from_args(args)
         logs.setup(settings.log_format, settings.log_level)
+        workers.check(settings)
+        if settings.workers > 1 and workers.worker_index() is None:
+            return workers.run_workers(settings, argv)
         run(serve(settings, lambda: config.from_args(args)))
     elif args.command == "up":
         from parallama.launch.up import plan, run_up

@@ -191,6 +191,13 @@ class GatewaySettings(BaseModel):
         description="memory: this process alone; redis://host:port/db: every gateway naming "
         "the same Redis shares the backends' slots",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="gateway processes on one port (SO_REUSEPORT), for more cores; more than "
+        "one needs state = redis://",
+    )
     auth: Literal["off", "keys"] = Field(
         "off",
         description="off: anyone who reaches the gateway may use it; keys: model routes and "

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -13,7 +16,8 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from tests.launchhelpers import sim_process
+from tests.dbhelpers import free_port
+from tests.launchhelpers import alive, sim_process
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.redishelpers import RedisServer, redis_server
 from tests.simhelpers import eventually, gateway_with
@@ -166,3 +170,43 @@ def test_redis_killed_and_restarted_loses_and_repeats_no_request(redis: RedisSer
     assert peaks[0] <= 2 and peaks[2] <= 2  # shared, before and after
     assert peaks[1] <= 2  # during the outage, each its share: 2 slots over 2 gateways
     assert alive == "parallama_gateways_alive 2.0"
+
+
+def test_workers_share_one_port_and_the_slots(redis: RedisServer) -> None:
+    port = free_port()
+
+    async def scenario() -> tuple[list[int], Counted, str, list[int], int]:
+        async with counted_backend(work=0.02) as (url, counted):
+            args = ["--port", str(port), "--backend", url, "--slots", "2", "--workers", "2"]
+            printed: list[str] = []
+            with sim_process(*args, "--state", redis.url, command="serve", printed=printed) as (
+                parent,
+                _,
+            ):
+                statuses = await burst([f"http://127.0.0.1:{port}"], 100)
+                metrics = (
+                    await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")
+                ).text
+                pids = [
+                    int(p) for p in re.findall(r"\d+", printed[0].split("pids")[1].split(")")[0])
+                ]
+                parent.send_signal(signal.SIGTERM)
+                status = await asyncio.to_thread(parent.wait, 30)
+            return statuses, counted, metrics, pids, status
+
+    statuses, counted, metrics, pids, status = asyncio.run(scenario())
+    assert statuses == [200] * 100
+    assert counted.peak <= 2
+    assert "parallama_gateways_alive 2.0" in metrics
+    assert status == 0
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)  # stopped with it
+
+
+def test_workers_without_shared_state_are_refused_with_the_reason() -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "parallama", "serve", "--port", str(free_port()),
+         "--backend", "http://127.0.0.1:9", "--workers", "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert 'needs state = "redis://...' in refused.stderr

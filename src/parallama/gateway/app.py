@@ -41,7 +41,7 @@ from parallama.teams.store import Store
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
 _READ_AT_START = (
-    *("host", "port", "log_format", "log_level", "max_connections", "state"),
+    *("host", "port", "log_format", "log_level", "max_connections", "state", "workers"),
     *("auth", "database", "ledger", "ledger_buffer"),
 )
 log = logging.getLogger("parallama.gateway")
@@ -127,7 +127,11 @@ class Gateway:
             await self.access.start()
         await self.fleet.start()
         self._server = server = await start_server(
-            self.handle, self.connections, self.settings.host, self.settings.port
+            self.handle,
+            self.connections,
+            self.settings.host,
+            self.settings.port,
+            reuse_port=self.settings.workers > 1,  # the workers of `serve --workers N`
         )
         self.port = server.sockets[0].getsockname()[1]  # the bound port, when 0 was asked for
 

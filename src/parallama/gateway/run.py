@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from parallama.config import GatewaySettings
 from parallama.errors import ConfigError
 from parallama.gateway.app import Gateway
+from parallama.gateway.workers import worker_index
 from parallama.runtime import stop_requested
 
 log = logging.getLogger("parallama.gateway")
@@ -53,5 +54,6 @@ def _reload_on_sighup(gateway: Gateway) -> None:
 async def serve(settings: GatewaySettings, reload: Callable[[], GatewaySettings]) -> None:
     async with running_gateway(settings, reload) as gateway:
         _reload_on_sighup(gateway)
-        print(f"{describe(gateway)}\nCtrl-C to stop, SIGHUP to reload the settings", flush=True)
+        if (worker_index() or 0) == 0:  # one banner, not one per worker
+            print(f"{describe(gateway)}\nCtrl-C to stop, SIGHUP to reload the settings", flush=True)
         await stop_requested()

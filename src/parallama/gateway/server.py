@@ -729,7 +729,7 @@ class Refusal(asyncio.Protocol):
 
 
 async def start_server(
-    handler: Handler, connections: Connections, host: str, port: int
+    handler: Handler, connections: Connections, host: str, port: int, *, reuse_port: bool = False
 ) -> asyncio.Server:
     """Listen on host:port; each connection is answered by `handler`, within `connections`'
     limits. The cap counts a connection when it is accepted: the kernel accepts a burst before
@@ -743,7 +743,9 @@ async def start_server(
         connections.accepted += 1
         return ServerConnection(handler, connections)
 
-    return await loop.create_server(protocol, host, port, reuse_address=True)
+    return await loop.create_server(
+        protocol, host, port, reuse_address=True, reuse_port=reuse_port or None
+    )
 
 
 def send_json(reply: Reply, payload: object, status: int = 200) -> None:

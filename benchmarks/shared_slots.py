@@ -1,0 +1,127 @@
+"""What sharing slots through Redis costs a request, in one run: the same gateway in front of the
+same emulated backend, with `state = "memory"` and with `state = "redis://..."` (a local
+redis-server, started here), one request at a time, and at concurrency 8 over 2 workers.
+
+Printed: p50 latency at concurrency 1 for each and the difference (target, issue 16: Redis adds
+at most 0.3 ms on loopback), and requests/s at concurrency 8.
+
+    python benchmarks/shared_slots.py [--requests 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import aiohttp
+
+BODY = {"model": "qwen2.5:7b", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def started(*args: str) -> Iterator[str]:
+    """A `parallama` process; the first address it prints. Stopped by its process id."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parallama", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    try:
+        urls: list[str] = []
+        for line in process.stdout:  # until it serves: "Ctrl-C to stop"
+            urls += re.findall(r"http://127\.0\.0\.1:\d+", line)
+            if "Ctrl-C" in line:
+                break
+        else:
+            raise RuntimeError(f"parallama {args[0]} exited with {process.wait()}")
+        yield urls[0]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@contextlib.contextmanager
+def redis() -> Iterator[str]:
+    port, folder = free_port(), tempfile.mkdtemp()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def latencies(url: str, requests: int, concurrency: int) -> tuple[list[float], float]:
+    times: list[float] = []
+    async with aiohttp.ClientSession() as session:
+
+        async def loop(count: int) -> None:
+            for _ in range(count):
+                started_at = time.perf_counter()
+                async with session.post(f"{url}/api/generate", json=BODY) as answer:
+                    await answer.read()
+                    assert answer.status == 200, answer.status
+                times.append(time.perf_counter() - started_at)
+
+        await loop(50)  # warm: connections, the model loaded
+        times.clear()
+        begun = time.perf_counter()
+        await asyncio.gather(*(loop(requests // concurrency) for _ in range(concurrency)))
+        return times, len(times) / (time.perf_counter() - begun)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    requests = parser.parse_args().requests
+    sim = ("sim", "--port", "0", "--profile", "fast", "--num-parallel", "8")
+    rows = {}
+    with started(*sim) as backend, redis() as state:
+        for name, extra in (
+            ("memory", ()),
+            ("redis", ("--state", state)),
+            ("redis, 2 workers", ("--state", state, "--workers", "2")),
+        ):
+            port = free_port()
+            serve = ("serve", "--port", str(port), "--backend", backend, "--slots", "8")
+            with started(*serve, "--no-log-requests", *extra):
+                url = f"http://127.0.0.1:{port}"
+                one, _ = asyncio.run(latencies(url, requests, 1))
+                _, rate = asyncio.run(latencies(url, requests, 8))
+                rows[name] = (statistics.median(one), rate)
+    print(f"{'state':20}{'p50 at c=1 (ms)':>18}{'req/s at c=8':>14}")
+    for name, (p50, rate) in rows.items():
+        print(f"{name:20}{p50 * 1000:>18.3f}{rate:>14.0f}")
+    added = (rows["redis"][0] - rows["memory"][0]) * 1000
+    print(f"\nadded by Redis at p50, c=1: {added:.3f} ms  [<= 0.3 ms]")
+
+
+if __name__ == "__main__":
+    main()
