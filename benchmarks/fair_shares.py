@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+from processes import started
 
 from parallama.runtime import run
 from parallama.teams.keys import make_key
@@ -44,31 +42,6 @@ HEAVY_CLIENTS = 10 * LIGHT_CLIENTS
 
 
 @contextlib.contextmanager
-def started(*args: str) -> Iterator[str]:
-    """`parallama ARGS` in a process of its own (so that its CPU is not the clients'); the
-    first address it prints. Stopped by its process id at the end."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "parallama", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    try:
-        urls = []
-        for line in process.stdout:
-            urls += re.findall(r"http://127\.0\.0\.1:\d+", line)
-            if "Ctrl-C" in line:
-                break
-        else:
-            raise RuntimeError(f"parallama {args[0]} exited with {process.wait()}")
-        yield " ".join(urls)
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-@contextlib.contextmanager
 def fleet(discipline: str, database: Path) -> Iterator[str]:
     sim = ["sim", "--port", "0", "--port", "0", "--num-parallel", "4", "--decode-tps", "200"]
     sim += ["--prefill-tps", "50000", "--batch-slowdown", "0", "--load-seconds", "0"]
@@ -76,10 +49,10 @@ def fleet(discipline: str, database: Path) -> Iterator[str]:
     with started(*sim) as backends:
         serve = ["serve", "--port", "0", "--slots", "4", "--discipline", discipline]
         serve += ["--auth", "keys", "--database", str(database), "--no-log-requests"]
-        for url in backends.split():
+        for url in backends:
             serve += ["--backend", url]
         with started(*serve) as gateway:
-            yield gateway.split()[0]
+            yield gateway[0]
 
 
 async def closed_loop(url: str, key: str, until: float, latencies: list[float]) -> None:

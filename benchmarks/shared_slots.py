@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 
 import aiohttp
+from processes import started
 
 BODY = {"model": "qwen2.5:7b", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
 
@@ -33,30 +32,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-@contextlib.contextmanager
-def started(*args: str) -> Iterator[str]:
-    """A `parallama` process; the first address it prints. Stopped by its process id."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "parallama", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    try:
-        urls: list[str] = []
-        for line in process.stdout:  # until it serves: "Ctrl-C to stop"
-            urls += re.findall(r"http://127\.0\.0\.1:\d+", line)
-            if "Ctrl-C" in line:
-                break
-        else:
-            raise RuntimeError(f"parallama {args[0]} exited with {process.wait()}")
-        yield urls[0]
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 @contextlib.contextmanager
@@ -103,7 +78,7 @@ def main() -> None:
     requests = parser.parse_args().requests
     sim = ("sim", "--port", "0", "--profile", "fast", "--num-parallel", "8")
     rows = {}
-    with started(*sim) as backend, redis() as state:
+    with started(*sim) as (backend, *_), redis() as state:
         for name, extra in (
             ("memory", ()),
             ("redis", ("--state", state)),
