@@ -144,6 +144,8 @@ class SharedSlots:
                 await self._pump()
             except (RedisError, OSError) as exc:
                 self._down(exc)
+            except Exception:  # a bug must not leave every waiting request without a lease
+                log.exception("shared slots: a round failed; the next one runs as usual")
 
     async def _pump(self) -> None:
         async with self._pumping:  # whole rounds: `stop` waits for the one under way
