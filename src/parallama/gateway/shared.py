@@ -220,7 +220,8 @@ class SharedSlots:
         while True:
             await asyncio.sleep(self._ttl_ms / 3000)
             try:
-                await self._renew_all()
+                async with self._pumping:  # else it could write back a lease just given back
+                    await self._renew_all()
             except (RedisError, OSError) as exc:
                 self._down(exc)
 
