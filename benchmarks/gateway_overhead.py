@@ -45,9 +45,12 @@ from typing import Any, ClassVar, TypeVar, cast
 import httptools
 import orjson
 
+from parallama.launch.supervisor import free_port
+
 T = TypeVar("T")
 
 PROXY_CPU, LOAD_CPU = "0", "1"
+LOOPBACK = "127.0.0.1"
 ANSWER = orjson.dumps(
     {
         "model": "qwen2.5:7b",
@@ -62,13 +65,6 @@ ANSWER = orjson.dumps(
     }
 ).decode()
 REQUEST = orjson.dumps({"model": "qwen2.5:7b", "prompt": "Why is the sky blue?", "stream": False})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -382,7 +378,7 @@ def measure_streams(
 
 
 def overhead(seconds: int) -> dict[str, dict[str, WrkResult]]:
-    upstream, via_nginx, via_parallama = free_port(), free_port(), free_port()
+    upstream, via_nginx, via_parallama = (free_port(LOOPBACK) for _ in range(3))
     results: dict[str, dict[str, WrkResult]] = {}
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         body = REQUEST.decode().replace("\\", "\\\\").replace('"', '\\"')
@@ -408,7 +404,7 @@ def overhead(seconds: int) -> dict[str, dict[str, WrkResult]]:
 
 
 def streaming(streams: int, rate: float, tokens: int, ramp: float) -> dict[str, StreamResult]:
-    upstream, via_nginx, via_parallama = free_port(), free_port(), free_port()
+    upstream, via_nginx, via_parallama = (free_port(LOOPBACK) for _ in range(3))
     upstream_argv = [sys.executable, __file__, "--upstream", str(upstream), str(rate)]
     results: dict[str, StreamResult] = {}
     with (

@@ -24,19 +24,14 @@ from collections.abc import Iterator
 import aiohttp
 from processes import started
 
+from parallama.launch.supervisor import free_port
+
 BODY = {"model": "qwen2.5:7b", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
 def redis() -> Iterator[str]:
-    port, folder = free_port(), tempfile.mkdtemp()
+    port, folder = free_port("127.0.0.1"), tempfile.mkdtemp()
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
         stdout=subprocess.DEVNULL,
@@ -84,7 +79,7 @@ def main() -> None:
             ("redis", ("--state", state)),
             ("redis, 2 workers", ("--state", state, "--workers", "2")),
         ):
-            port = free_port()
+            port = free_port("127.0.0.1")
             serve = ("serve", "--port", str(port), "--backend", backend, "--slots", "8")
             with started(*serve, "--no-log-requests", *extra):
                 url = f"http://127.0.0.1:{port}"

@@ -9,13 +9,14 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from parallama.launch.supervisor import free_port
 
 _names = itertools.count()
 
@@ -26,13 +27,6 @@ def _binaries() -> Path | None:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     return None if initdb is None else Path(initdb).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -86,7 +80,7 @@ def postgres_server() -> Iterator[Postgres]:
     if user is not None:
         shutil.chown(home, user)
         shutil.chown(data, user)
-    server = Postgres(binaries, data, free_port(), user)
+    server = Postgres(binaries, data, free_port("127.0.0.1"), user)
     server._run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
     server.start()
     try:

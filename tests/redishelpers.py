@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from tests.dbhelpers import free_port
+from parallama.launch.supervisor import free_port
 
 
 @dataclass
@@ -61,7 +61,7 @@ class RedisServer:
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisServer]:
     folder = Path(tempfile.mkdtemp(prefix="parallama-redis-"))
-    server = RedisServer(free_port(), folder)
+    server = RedisServer(free_port("127.0.0.1"), folder)
     server.start()
     try:
         yield server

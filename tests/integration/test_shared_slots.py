@@ -16,7 +16,7 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from tests.dbhelpers import free_port
+from parallama.launch.supervisor import free_port
 from tests.launchhelpers import alive, sim_process
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.redishelpers import RedisServer, redis_server
@@ -173,7 +173,7 @@ def test_redis_killed_and_restarted_loses_and_repeats_no_request(redis: RedisSer
 
 
 def test_workers_share_one_port_and_the_slots(redis: RedisServer) -> None:
-    port = free_port()
+    port = free_port("127.0.0.1")
 
     async def scenario() -> tuple[list[int], Counted, str, list[int], int]:
         async with counted_backend(work=0.02) as (url, counted):
@@ -204,7 +204,7 @@ def test_workers_share_one_port_and_the_slots(redis: RedisServer) -> None:
 
 def test_workers_without_shared_state_are_refused_with_the_reason() -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "parallama", "serve", "--port", str(free_port()),
+        [sys.executable, "-m", "parallama", "serve", "--port", str(free_port("127.0.0.1")),
          "--backend", "http://127.0.0.1:9", "--workers", "2"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

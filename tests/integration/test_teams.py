@@ -23,9 +23,10 @@ import pytest
 
 from parallama.cli import main
 from parallama.config import BackendSettings
+from parallama.launch.supervisor import free_port
 from parallama.sim.server import SimServer
 from parallama.teams.store import open_store
-from tests.dbhelpers import Postgres, free_port, postgres_pids, postgres_server
+from tests.dbhelpers import Postgres, postgres_pids, postgres_server
 from tests.launchhelpers import sim_process
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
@@ -459,7 +460,7 @@ def test_sigterm_writes_every_row_and_sigkill_loses_at_most_the_last_second(
 
 
 def test_a_database_that_cannot_be_reached_at_start_is_a_clear_error(sim: SimServer) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    closed = f"postgresql://postgres@127.0.0.1:{free_port('127.0.0.1')}/nothing"
     started = subprocess.run(
         [sys.executable, "-m", "parallama", "serve", "--port", "0", "--backend", sim.url,
          "--auth", "keys", "--database", closed],

@@ -94,10 +94,14 @@ class Proxy:
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         path = request.path
-        body = request.body
-        if body is None:  # still coming, or refused
-            body = await self._read_body(request, exchange)
-        info = self._inspect(request, path, body, exchange)
+        try:  # bad input (too big, too slow, malformed) is counted as rejected
+            body = request.body
+            if body is None:  # still coming, or refused
+                body = await request.read()
+            info = inspect_request(path, body, request.headers, request.remote)
+        except ApiError:
+            refuse_input(self.scheduler, exchange)
+            raise
         model = normalize_name(info.model)
         target = self.settings.aliases.get(model)
         if target is not None:
@@ -152,21 +156,6 @@ class Proxy:
             refuse_input(self.scheduler, exchange)
             if isinstance(refused, RateLimited):
                 reply.extra_headers = refused.rate_headers
-            raise
-
-    async def _read_body(self, request: Request, exchange: Exchange) -> bytes:
-        try:
-            return await request.read()
-        except ApiError:  # too big, too slow, or malformed: counted as rejected
-            refuse_input(self.scheduler, exchange)
-            raise
-
-    def _inspect(self, request: Request, path: str, body: bytes, exchange: Exchange) -> RequestInfo:
-        """What routing needs of the body; bad input is counted as rejected."""
-        try:
-            return inspect_request(path, body, request.headers, request.remote)
-        except ApiError:
-            refuse_input(self.scheduler, exchange)
             raise
 
     async def _attempt(self, reply: Reply, outbound: _Outbound, life: Lifecycle) -> None:

@@ -10,6 +10,7 @@ gateways starting together apply each once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -57,10 +58,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX usage_key_at ON usage (key_name, at)",
     ),
 )
-_KEY_COLUMNS = (
-    "name, key_id, key_hash, created_at, models, rpm, tpm, max_concurrent, budget_tokens, "
-    "budget_period, priority, expires_at, revoked_at"
+_KEY_FIELDS = (
+    *("name", "key_id", "key_hash", "created_at", "models", "rpm", "tpm", "max_concurrent"),
+    *("budget_tokens", "budget_period", "priority", "expires_at", "revoked_at"),
 )
+_KEY_COLUMNS = ", ".join(_KEY_FIELDS)
 
 
 class StoreError(ParallamaError):
@@ -228,7 +230,7 @@ class Store:
         with self._write() as conn:
             if self._fetch(conn, "SELECT name FROM keys WHERE name = ?", (key.name,)):
                 raise KeyExists(f"a key named {key.name!r} exists already")
-            placeholders = ", ".join("?" * len(_KEY_COLUMNS.split(",")))
+            placeholders = ", ".join("?" * len(_KEY_FIELDS))
             self._run(conn, f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({placeholders})", _row(key))
             self._bump(conn)
 
@@ -238,13 +240,9 @@ class Store:
             found = self._fetch(conn, f"SELECT {_KEY_COLUMNS} FROM keys WHERE name = ?", (name,))
             if not found:
                 raise UnknownKey(f"no key named {name!r}")
-            current = _key(found[0])
-            fields_now = {f.name: getattr(current, f.name) for f in fields(ApiKey)}
-            fields_now.update(changes)
-            updated = ApiKey(**fields_now)
+            updated = dataclasses.replace(_key(found[0]), **changes)
             row = _row(updated)
-            columns = [c.strip() for c in _KEY_COLUMNS.split(",")]
-            assignments = ", ".join(f"{c} = ?" for c in columns[1:])
+            assignments = ", ".join(f"{c} = ?" for c in _KEY_FIELDS[1:])
             self._run(conn, f"UPDATE keys SET {assignments} WHERE name = ?", (*row[1:], name))
             self._bump(conn)
             return updated
