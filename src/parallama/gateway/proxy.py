@@ -38,6 +38,7 @@ from parallama.protocol.usage import (
     usage_from_tail,
 )
 from parallama.teams.access import Access
+from parallama.teams.keys import ApiKey
 from parallama.teams.limits import RateLimited
 
 log = logging.getLogger("parallama.gateway")
@@ -111,11 +112,11 @@ class Proxy:
         key = exchange.key
         client, weight = info.client, 1.0
         forwarded = passable(request.raw_headers)
-        if key is not None and self._access is not None:
-            client, weight = f"key:{key}", self._access.weight(key)
-            self._admit(key, model, reply, exchange)
+        if key is not None:
+            admitted = self._admit(key, model, reply, exchange)
+            client, weight = f"key:{key}", float(admitted.priority)
             forwarded = [(k, v) for k, v in forwarded if k.lower() not in _CREDENTIALS]
-            if self._access.restricts_models(key):  # exactly the model checked, and no other
+            if admitted.models:  # held to some models: exactly the model checked, no other
                 body = with_model(body, model)
         life = Lifecycle(scheduler, exchange, self.settings.retries, waiting.changed)
         affine = scheduler.policy(model) == "session-affinity"
@@ -146,12 +147,13 @@ class Proxy:
             if key is not None and self._access is not None:
                 self._access.finish(key, exchange)
 
-    def _admit(self, key: str, model: str, reply: Reply, exchange: Exchange) -> None:
+    def _admit(self, key: str, model: str, reply: Reply, exchange: Exchange) -> ApiKey:
         """The key's say: may it use the model, is it within its limits (else 403, 429)."""
-        assert self._access is not None
+        assert self._access is not None  # a request has a key only when keys are required
         exchange.model = model
         try:
-            reply.extra_headers = self._access.admit(key, model)
+            admitted, reply.extra_headers = self._access.admit(key, model)
+            return admitted
         except ApiError as refused:
             refuse_input(self.scheduler, exchange)
             if isinstance(refused, RateLimited):

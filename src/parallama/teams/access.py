@@ -121,14 +121,10 @@ class Access:
         key = self._by_name.get(name)
         return [] if key is None else self.limits.headers(key, time.monotonic())
 
-    def restricts_models(self, name: str) -> bool:
-        key = self._by_name.get(name)
-        return key is not None and bool(key.models)
-
-    def admit(self, name: str, model: str) -> Headers:
+    def admit(self, name: str, model: str) -> tuple[ApiKey, Headers]:
         """A model request by the key `name`: 403 if the key may not use the model, 429
         (`RateLimited`, with the headers of its answer) if a limit is reached; else counted
-        in, and the rate-limit headers for its answer."""
+        in: the key, and the rate-limit headers for its answer."""
         key = self._by_name.get(name)
         if key is None:  # removed between authentication and now
             raise _unauthorized("invalid API key")
@@ -137,7 +133,7 @@ class Access:
                 403, f"API key {name!r} may not use model {model!r}", code="model_not_allowed"
             )
         try:
-            return self.limits.admit(key, time.monotonic(), time.time())
+            return key, self.limits.admit(key, time.monotonic(), time.time())
         except RateLimited as limited:
             self.limited[name, limited.limit] += 1
             raise
@@ -150,10 +146,6 @@ class Access:
 
     def key_names(self) -> list[str]:
         return sorted(self._by_name)
-
-    def weight(self, name: str) -> float:
-        key = self._by_name.get(name)
-        return 1.0 if key is None else float(key.priority)
 
     def record(self, exchange: Exchange) -> None:
         """A request ended: its counters, and its row in the ledger if it was for a model."""
