@@ -12,12 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, cast
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from parallama.config import GatewaySettings
 from parallama.core.exchange import Exchange
@@ -30,13 +26,15 @@ from parallama.gateway.listings import Listings
 from parallama.gateway.metrics import GatewayMetrics
 from parallama.gateway.proxy import Proxy
 from parallama.gateway.server import ClientGone, Reply, Request, start_server
-from parallama.gateway.shared import SharedSlots
 from parallama.gateway.waiting import Waiting
 from parallama.protocol.hosts import host_of, local_host, loopback_only
 from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of, error_body
 from parallama.runtime import http_url
 from parallama.teams.access import Access
 from parallama.teams.store import Store
+
+if TYPE_CHECKING:
+    from parallama.gateway.shared import SharedSlots
 
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
@@ -61,10 +59,12 @@ class Gateway:
         self.connections = Connections(self._connection_limits(settings))
         self.metrics = GatewayMetrics(self.scheduler, self.connections)
         self.shared: SharedSlots | None = None
-        if settings.state != "memory":
+        if settings.state != "memory":  # Redis's client imported only for it
+            from parallama.gateway.shared import SharedSlots
+
             self.shared = SharedSlots(settings.state, self.scheduler, self._waiting.changed)
             self._waiting.also = self.shared.changed
-            self.metrics.registry.register(_SharedCollector(self.shared))
+            self.metrics.registry.register(self.shared.collector())
         self.access = _access(settings)
         if self.access is not None:
             self.metrics.registry.register(self.access.collector())
@@ -117,12 +117,7 @@ class Gateway:
 
     async def start(self) -> None:
         if self.shared is not None:
-            try:
-                await self.shared.start()
-            except (RedisError, OSError) as exc:
-                raise ConfigError(
-                    f"state {self.settings.state}: cannot reach Redis: {exc}"
-                ) from None
+            await self.shared.start()
         if self.access is not None:
             await self.access.start()
         await self.fleet.start()
@@ -256,27 +251,3 @@ def _access(settings: GatewaySettings) -> Access | None:
         ledger=settings.ledger_on,
         ledger_capacity=settings.ledger_buffer,
     )
-
-
-class _SharedCollector(Collector):
-    """Slots shared through Redis: whether it answers, and how many gateways share them."""
-
-    def __init__(self, shared: SharedSlots) -> None:
-        self._shared = shared
-
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "parallama_shared_state_up",
-            "1 while Redis answers; 0: serving with this gateway's share of each backend's slots",
-            value=1 if self._shared.up else 0,
-        )
-        yield GaugeMetricFamily(
-            "parallama_gateways_alive",
-            "Gateways sharing the backends' slots, this one included, at the last renewal",
-            value=self._shared.gateways,
-        )
-        yield CounterMetricFamily(
-            "parallama_slot_leases_acquired",
-            "Slot leases this gateway acquired in Redis",
-            value=self._shared.acquired,
-        )

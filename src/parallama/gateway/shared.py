@@ -27,13 +27,16 @@ import logging
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from parallama.core.scheduler import Scheduler
+from parallama.errors import ConfigError
 
 log = logging.getLogger("parallama.shared")
 
@@ -87,6 +90,7 @@ class SharedSlots:
         self, url: str, scheduler: Scheduler, changed: Callable[[], None], ttl: float = 5.0
     ) -> None:
         """`changed` is the scheduler driver's cue (requests bound: wake them)."""
+        self._url = url
         self._redis: aioredis.Redis = aioredis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=2.0
         )
@@ -107,9 +111,12 @@ class SharedSlots:
         self.acquired = 0
 
     async def start(self) -> None:
-        """Reach Redis (a `RedisError` if it cannot be reached now), then run."""
-        await self._redis.ping()
-        await self._renew_all()
+        """Reach Redis (`ConfigError` if it cannot be reached now), then run."""
+        try:
+            await self._redis.ping()
+            await self._renew_all()
+        except (RedisError, OSError) as exc:
+            raise ConfigError(f"state {self._url}: cannot reach Redis: {exc}") from None
         self._tasks = [
             asyncio.create_task(self._pump_forever(), name="parallama-shared-slots"),
             asyncio.create_task(self._listen(), name="parallama-shared-listen"),
@@ -127,6 +134,9 @@ class SharedSlots:
             await self._give_back(self._scheduler.take_returned())
             await self._redis.zrem(_GATEWAYS, self.gateway)
         await self._redis.aclose()
+
+    def collector(self) -> Collector:
+        return _SharedCollector(self)
 
     def changed(self) -> None:
         """The scheduler moved: leases may be wanted, or given back."""
@@ -256,3 +266,27 @@ class SharedSlots:
                 },
             )
         self.up = False
+
+
+class _SharedCollector(Collector):
+    """Slots shared through Redis: whether it answers, and how many gateways share them."""
+
+    def __init__(self, shared: SharedSlots) -> None:
+        self._shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "parallama_shared_state_up",
+            "1 while Redis answers; 0: serving with this gateway's share of each backend's slots",
+            value=1 if self._shared.up else 0,
+        )
+        yield GaugeMetricFamily(
+            "parallama_gateways_alive",
+            "Gateways sharing the backends' slots, this one included, at the last renewal",
+            value=self._shared.gateways,
+        )
+        yield CounterMetricFamily(
+            "parallama_slot_leases_acquired",
+            "Slot leases this gateway acquired in Redis",
+            value=self._shared.acquired,
+        )
