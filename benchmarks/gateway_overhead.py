@@ -191,8 +191,7 @@ def wrk(url: str, connections: int, seconds: int, script: Path) -> WrkResult:
 
 TOKEN = b'{"model":"m","created_at":"2026-01-01T00:00:00Z","response":" tok","done":false}\n'
 STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
 )
 
 
@@ -289,8 +288,7 @@ async def stream_clients(port: int, streams: int, tokens: int, ramp: float) -> d
     body = orjson.dumps({"model": "m", "prompt": "count", "options": {"num_predict": tokens}})
     request = (
         b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (port, len(body), body)
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body)
     )
 
     async def one(delay: float) -> tuple[float, float] | None:

@@ -168,7 +168,7 @@ def test_up_starts_ollama_instances_with_their_settings_behind_the_gateway(
             assert "emulated Ollama server" in engine_log.read_text()
         console = up.log.read_text()
         assert "emulated Ollama server" not in console
-        assert "event=\"instance ready\" instance=gpu0" in console
+        assert 'event="instance ready" instance=gpu0' in console
 
 
 def test_a_crashed_instance_is_restarted_and_serves_again(tmp_path: Path) -> None:
@@ -247,12 +247,19 @@ def test_the_short_form_starts_n_alike_emulators(tmp_path: Path) -> None:
 
 def test_the_engines_output_is_in_parallamas_log_at_debug_level(tmp_path: Path) -> None:
     with running_up(
-        "--instances", "1", "--engine", "sim", "--base-port", "0", "--log-level", "debug",
+        "--instances",
+        "1",
+        "--engine",
+        "sim",
+        "--base-port",
+        "0",
+        "--log-level",
+        "debug",
         log=tmp_path / "up.log",
     ) as up:
         wait_for_gateway(up.url, lambda s: s["instances"][0]["state"] == "ready")
     console = up.log.read_text()
-    assert "level=debug logger=parallama.engine event=\"parallama sim: 1 emulated" in console
+    assert 'level=debug logger=parallama.engine event="parallama sim: 1 emulated' in console
     assert "instance=sim-0" in console
 
 
@@ -360,8 +367,10 @@ def test_while_an_instance_restarts_nothing_is_sent_to_a_stranger_on_its_port(
         with stranger_on(port) as stranger:  # before the restart, a second later
             status = wait_for_gateway(
                 up.url,
-                lambda s: s["instances"][0]["restarts"] >= 1
-                and (s["instances"][0]["state"] == "ready" or s["instances"][0]["last_error"]),
+                lambda s: (
+                    s["instances"][0]["restarts"] >= 1
+                    and (s["instances"][0]["state"] == "ready" or s["instances"][0]["last_error"])
+                ),
                 timeout=30,
             )
             restarting = status["instances"][0]

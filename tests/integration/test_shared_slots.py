@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -36,6 +38,7 @@ class Counted:
     running: int = 0
     peak: int = 0
     served: int = 0
+    started: list[str] = field(default_factory=list)  # the prompts, in the order they began
     hold: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -48,6 +51,7 @@ async def counted_backend(work: float) -> AsyncIterator[tuple[str, Counted]]:
             writer.write(HTTP_ANSWER)
             return
         counted.running += 1
+        counted.started.append(json.loads(request.body)["prompt"])
         counted.peak = max(counted.peak, counted.running)
         try:
             await asyncio.sleep(counted.work)  # the engine at work
@@ -98,6 +102,60 @@ def test_gateways_sharing_redis_never_run_more_than_a_backends_slots(
     assert sum(a["completed"] for a in accounts) == 300  # every request counted once
     assert all(a["total"] == a["completed"] for a in accounts)
     assert not redis.client().keys("parallama:slots:*")  # every lease given back
+
+
+def test_the_gateways_queues_are_served_in_one_order(redis: RedisServer) -> None:
+    """A gateway with a long queue does not take every freed slot: requests of higher priority
+    that wait at another gateway go first, as they would in one gateway's queue."""
+
+    started, begun = asyncio.run(one_after_another(redis, "fifo", ("low", 0), ("high", 5)))
+    after = started[begun:]
+    last_high = max(i for i, prompt in enumerate(after) if prompt == "high")
+    # Low ones may begin in the round trip it takes the other gateway to ask: a slot or two.
+    assert after[: last_high + 1].count("low") <= 2
+
+
+def test_fair_turns_are_taken_over_every_gateways_clients(redis: RedisServer) -> None:
+    """Client x waits at both gateways, y at one: y still gets every other slot, not the one
+    in four it would get if each gateway took turns only over its own clients."""
+    started, begun = asyncio.run(one_after_another(redis, "fair", ("x", 0), ("y", 0), both=True))
+    after = started[begun:]
+    last_y = max(i for i, client in enumerate(after) if client == "y")
+    assert last_y < 2 * 8 + 3  # y's 8 and x's 8 in turns (and the slots being asked for)
+
+
+async def one_after_another(
+    redis: RedisServer,
+    discipline: str,
+    first: tuple[str, int],
+    then: tuple[str, int],
+    both: bool = False,
+) -> tuple[list[str], int]:
+    """30 requests of client `first` (its name, its priority) to one gateway (`both`: and 30 to
+    the other); once they wait, 8 of `then` to the other gateway. The clients in the order their
+    requests began at the backend, and how many had begun before `then`'s were sent."""
+    async with counted_backend(work=0.03) as (url, counted):
+        settings = {"state": redis.url, "queue_timeout": 120, "discipline": discipline}
+        with gateways(url, 2, **settings) as (busy, other):
+            async with httpx.AsyncClient(timeout=60) as client:
+
+                def ask(gateway: Gateway, name: str, priority: int) -> Any:
+                    headers = {"X-Priority": str(priority), "X-Client-Id": name}
+                    body = {**BODY, "prompt": name}
+                    return client.post(f"{gateway.url}/api/generate", json=body, headers=headers)
+
+                early = [
+                    asyncio.ensure_future(ask(gateway, *first))
+                    for gateway in ((busy, other) if both else (busy,))
+                    for _ in range(30)
+                ]
+                await asyncio.to_thread(
+                    eventually, lambda: busy.scheduler.queued, lambda n: n >= 20
+                )
+                begun = len(counted.started)
+                answers = await asyncio.gather(*(ask(other, *then) for _ in range(8)), *early)
+                assert {a.status_code for a in answers} == {200}
+                return counted.started, begun
 
 
 def test_without_shared_state_the_same_gateways_oversubscribe() -> None:

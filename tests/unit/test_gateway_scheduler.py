@@ -317,3 +317,15 @@ def test_a_lease_is_not_asked_of_the_backend_the_request_failed_on() -> None:
     assert s.requeue(ticket)
     assert s.take_returned() == [("a", M)]
     assert [b.name for b in s.candidates(M)] == ["b"]
+
+
+def test_a_lease_granted_for_a_client_binds_that_clients_next_request() -> None:
+    """Fair across gateways: Redis decides whose turn it is among the clients offered."""
+    s = make(Backend("a", slots=4), discipline="fair", shared_slots=True)
+    x1, x2, y1 = s.submit(M, client="x"), s.submit(M, client="x"), s.submit(M, client="y")
+    assert [t.client for t in s.next_clients(M, 16)] == ["x", "y"]
+    s.grant("a", M, client="y")
+    assert y1.backend is not None and x1.queued
+    s.grant("a", M, client="gone")  # left meanwhile: the local order decides
+    assert x1.backend is not None and x2.queued
+    assert s.next_clients(M, 16) == [x2]

@@ -19,7 +19,6 @@ from tests.clock import FakeClock
 LOAD = 2.0
 
 
-
 def make(
     clock: FakeClock,
     *,

@@ -200,6 +200,7 @@ class _ModelQueue:
         self._turns: list[tuple[float, int, str]] = []  # fair: (turn, seq, client) if waiting
         self._now = 0.0  # fair: the turn last taken
         self._len = 0
+        self.preferred = ""  # fair: the client whose turn it is by an order kept elsewhere
 
     def __len__(self) -> int:
         return self._len
@@ -208,7 +209,18 @@ class _ModelQueue:
         """The ticket `pop` would return."""
         if not self._fair:
             return self._heap[0][2]
-        return self._clients[self._turns[0][2]].heap[0][2]
+        return self._clients[self._next_client()].heap[0][2]
+
+    def next_clients(self, count: int) -> list[Ticket]:
+        """Fair: the next request of each of the first `count` clients in turn."""
+        firsts = heapq.nsmallest(count, self._turns)
+        return [self._clients[name].heap[0][2] for _, _, name in firsts]
+
+    def _next_client(self) -> str:
+        preferred = self._clients.get(self.preferred)
+        if preferred is not None and preferred.heap:
+            return self.preferred
+        return self._turns[0][2]
 
     def push(self, ticket: Ticket) -> None:
         entry = (-ticket.priority, ticket.seq, ticket)
@@ -228,7 +240,14 @@ class _ModelQueue:
         self._len -= 1
         if not self._fair:
             return heapq.heappop(self._heap)[2]
-        turn, _, name = heapq.heappop(self._turns)
+        name = self._next_client()
+        if name == self._turns[0][2]:
+            turn = heapq.heappop(self._turns)[0]
+        else:  # its turn by the shared order: taken out of the local one
+            turn = max(self._clients[name].turn, self._now)
+            self._turns = [t for t in self._turns if t[2] != name]
+            heapq.heapify(self._turns)
+        self.preferred = ""
         client = self._clients[name]
         ticket = heapq.heappop(client.heap)[2]
         self._now = turn
@@ -554,26 +573,37 @@ class Scheduler:
         """Leases to acquire, per model: one for each request waiting."""
         return {model: len(queue) for model, queue in self._queues.items() if queue}
 
+    def head(self, model: str) -> Ticket | None:
+        """The request of `model` that a lease would go to next."""
+        queue = self._queues.get(model)
+        return queue.peek() if queue else None
+
+    def next_clients(self, model: str, count: int) -> list[Ticket]:
+        """Fair: the next request of each of the first `count` clients in turn, for an order
+        kept across gateways to choose from (`grant(..., client=)`)."""
+        queue = self._queues.get(model)
+        return queue.next_clients(count) if queue else []
+
     def candidates(self, model: str) -> list[Backend]:
         """The backends a lease for `model` may be asked of, least loaded first: those that
-        serve it, with room here, and that the next request has not failed on."""
+        serve it and that the next request has not failed on (full or not: Redis counts)."""
         queue = self._queues.get(model)
         avoid = queue.peek().avoid if queue else frozenset()
-        serving = [
-            b
-            for b in self.backends.values()
-            if b.serves(model) and b.name not in avoid and b.in_flight[model] < b.capacity
-        ]
+        serving = [b for b in self.backends.values() if b.serves(model) and b.name not in avoid]
         return sorted(serving, key=lambda b: b.load())
 
-    def grant(self, name: str, model: str) -> None:
+    def grant(self, name: str, model: str, client: str = "") -> None:
         """A lease on one of `name`'s slots for `model` was acquired: bind a waiting request
-        to it. One that no request takes (it left meanwhile) is given back at once."""
+        to it (`client`'s next, fair, if it still waits). One that no request takes (it left
+        meanwhile) is given back at once."""
         backend = self.backends.get(name)
         if backend is None or backend.leased is None:
             self._returned.append((name, model))
             return
         backend.leased[model] += 1
+        queue = self._queues.get(model)
+        if queue is not None:
+            queue.preferred = client
         self._dispatch(model)
         if backend.leased[model] > backend.in_flight[model]:
             self._return_lease(backend, model)

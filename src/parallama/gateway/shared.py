@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from parallama.core.scheduler import Scheduler
+from parallama.core.scheduler import Scheduler, Ticket
 from parallama.errors import ConfigError
 
 log = logging.getLogger("parallama.shared")
@@ -43,25 +44,90 @@ log = logging.getLogger("parallama.shared")
 CHANNEL = "parallama:freed"
 _GATEWAYS = "parallama:gateways"
 _RETRY_SECONDS = 0.5
+_CLIENTS_OFFERED = 16  # fair: of this gateway's waiting clients, those whose turns are compared
+_HEAD_MS = 4000  # a gateway's next request stands that long unless offered again (every retry)
 
-# KEYS: the candidates' slot sets, then the gateways' set; ARGV: ttl (ms), lease id, then each
-# candidate's slots. Returns the 1-based index of the candidate that gave a slot (0: none had
-# room) and how many gateways are alive (so that each knows its share should Redis go away).
-_ACQUIRE = """
+# KEYS: the candidates' slot sets, then the gateways' set, the model's heads (a hash: gateway ->
+# "expires\torder\tcandidates"), its fair turns (a hash: client -> turn) and its current turn.
+# ARGV: ttl (ms), lease id, gateway id, how long a head stands (ms), the gateway's order: its
+# next request's FIFO order, or (fair) "f:" and its next clients ("client\30weight", split by
+# \31), then each candidate's slots. Returns the 1-based index of the candidate that gave a slot
+# (0: none had room, or other gateways' requests come first), how many gateways are alive (so
+# that each knows its share should Redis go away) and, fair, the client whose turn it was.
+_ACQUIRE = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-local alive = redis.call('ZCOUNT', KEYS[#KEYS], now, '+inf')
-for i = 1, #KEYS - 1 do
-  local key = KEYS[i]
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZCARD', key) < tonumber(ARGV[2 + i]) then
-    redis.call('ZADD', key, now + ttl, ARGV[2])
-    redis.call('PEXPIRE', key, ttl * 4)
-    return {i, alive}
+local n = #KEYS - 4
+local gateways, heads, turns, current = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
+local alive = redis.call('ZCOUNT', gateways, now, '+inf')
+local room, free, first = {}, 0, 0
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  local left = tonumber(ARGV[5 + i]) - redis.call('ZCARD', KEYS[i])
+  if left > 0 then
+    room[#room + 1] = KEYS[i]
+    free = free + left
+    if first == 0 then first = i end
   end
 end
-return {0, alive}
+local turn_now = tonumber(redis.call('GET', current) or '0')
+-- An order (lower first), and for the fair one the client whose turn comes first and its weight.
+local function order_of(head)
+  if string.sub(head, 1, 2) ~= 'f:' then return tonumber(head) end
+  local best, who, weight
+  for entry in string.gmatch(string.sub(head, 3), '[^\031]+') do
+    local client, w = string.match(entry, '^(.*)\030(.*)$')
+    local turn = math.max(tonumber(redis.call('HGET', turns, client) or '0'), turn_now)
+    if best == nil or turn < best then best, who, weight = turn, client, tonumber(w) end
+  end
+  return best or math.huge, who, weight
+end
+local gateway, head = ARGV[3], ARGV[5]
+local mine, who, weight = order_of(head)
+local candidates = table.concat(KEYS, '\n', 1, n)
+redis.call('HSET', heads, gateway, (now + tonumber(ARGV[4])) .. '\t' .. head .. '\t' .. candidates)
+redis.call('PEXPIRE', heads, ttl * 4)
+if free == 0 then return {0, alive} end
+-- Other gateways' next requests that come first and could take one of the free slots.
+local ahead = 0
+local all = redis.call('HGETALL', heads)
+for j = 1, #all, 2 do
+  local other = all[j]
+  if other ~= gateway then
+    local expires, their, wants = string.match(all[j + 1], '^(%d+)\t([^\t]*)\t(.*)$')
+    if expires == nil or tonumber(expires) < now then
+      redis.call('HDEL', heads, other)
+    else
+      local theirs = order_of(their)
+      if theirs < mine or (theirs == mine and other < gateway) then
+        wants = '\n' .. wants .. '\n'
+        for _, key in ipairs(room) do
+          if string.find(wants, '\n' .. key .. '\n', 1, true) then
+            ahead = ahead + 1
+            break
+          end
+        end
+      end
+    end
+  end
+end
+if ahead >= free then return {0, alive} end
+redis.call('ZADD', KEYS[first], now + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[first], ttl * 4)
+redis.call('HDEL', heads, gateway)
+if who == nil then return {first, alive} end
+-- Stride scheduling over every gateway's clients: the next turn of this one falls 1/weight on.
+redis.call('SET', current, tostring(mine), 'PX', 3600000)
+redis.call('HSET', turns, who, tostring(mine + 1 / weight))
+redis.call('PEXPIRE', turns, 3600000)
+if redis.call('HLEN', turns) > 4096 then  -- forget clients whose turn has come
+  local all_turns = redis.call('HGETALL', turns)
+  for j = 1, #all_turns, 2 do
+    if tonumber(all_turns[j + 1]) <= mine then redis.call('HDEL', turns, all_turns[j]) end
+  end
+end
+return {first, alive, who}
 """
 # KEYS: slot sets, one per lease, then the gateways' set; ARGV: ttl (ms), this gateway's id,
 # then the lease ids. Renews (or writes again, after Redis lost them) the leases and the
@@ -83,6 +149,16 @@ return redis.call('ZCARD', gateways)
 
 def slot_key(backend: str, model: str) -> str:
     return f"parallama:slots:{backend}|{model}"
+
+
+def _plain(client: str) -> str:
+    """A client's name without the separators of the scripts' strings."""
+    return client.translate({9: 32, 10: 32, 0x1E: 32, 0x1F: 32})
+
+
+def _order_keys(model: str) -> list[str]:
+    """The model's heads, its clients' fair turns, and its current turn."""
+    return [f"parallama:heads:{model}", f"parallama:turns:{model}", f"parallama:turn:{model}"]
 
 
 class SharedSlots:
@@ -108,6 +184,9 @@ class SharedSlots:
         self.up = True
         self._rejoin_at = 0.0  # after an outage, shared again from then on
         self.gateways = 1  # alive at the last renewal (this one included)
+        self._heading: set[str] = set()  # models whose next request this gateway offered
+        # Wall-clock time of the scheduler's clock's zero: arrivals compared across hosts.
+        self._epoch = time.time() - time.monotonic()
         self.acquired = 0
 
     async def start(self) -> None:
@@ -132,6 +211,7 @@ class SharedSlots:
                 await task
         with contextlib.suppress(RedisError, OSError):
             await self._give_back(self._scheduler.take_returned())
+            await self._withdraw(set(self._heading))
             await self._redis.zrem(_GATEWAYS, self.gateway)
         await self._redis.aclose()
 
@@ -169,11 +249,35 @@ class SharedSlots:
                 if not await self._take_one(model):
                     break
         await self._give_back(scheduler.take_returned())  # granted, but nobody took them
+        await self._withdraw(self._heading - scheduler.wanted().keys())
+
+    def _order(self, model: str, head: Ticket) -> str:
+        """Where this gateway's next request of a model stands among every gateway's: when it
+        arrived (by the wall clock, to compare across hosts) after the higher priorities; or,
+        fair, its next clients (their turns are kept in Redis, the first of them goes next)."""
+        if self._scheduler.settings.discipline == "fair":
+            return "f:" + "\x1f".join(
+                f"{_plain(t.client)}\x1e{t.weight!r}"
+                for t in self._scheduler.next_clients(model, _CLIENTS_OFFERED)
+            )
+        return repr(-head.priority * 1e13 + (self._epoch + head.queue_key) * 1000)
+
+    async def _withdraw(self, models: set[str]) -> None:
+        """This gateway no longer waits for these models: its next requests stop standing in
+        the others' way (and the others are told)."""
+        if not models or not self.up:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.hdel(_order_keys(model)[0], self.gateway)
+            pipe.publish(CHANNEL, model)
+        self._heading -= models
+        await pipe.execute()
 
     async def _take_one(self, model: str) -> bool:
         scheduler = self._scheduler
-        candidates = scheduler.candidates(model)
-        if not candidates:
+        candidates, head = scheduler.candidates(model), scheduler.head(model)
+        if not candidates or head is None:
             return False
         if not self.up or asyncio.get_running_loop().time() < self._rejoin_at:
             # Redis away, or just back (every gateway writes its leases again within a ttl):
@@ -187,19 +291,21 @@ class SharedSlots:
         lease = f"{self.gateway}:{next(self._ids)}"
         keys = [slot_key(b.name, model) for b in candidates]
         slots = [b.capacity for b in candidates]
-        got, alive = await self._acquire(
-            keys=[*keys, _GATEWAYS], args=[self._ttl_ms, lease, *slots]
+        self._heading.add(model)
+        got, alive, *client = await self._acquire(
+            keys=[*keys, _GATEWAYS, *_order_keys(model)],
+            args=[self._ttl_ms, lease, self.gateway, _HEAD_MS, self._order(model, head), *slots],
         )
         self.gateways = max(1, int(alive))
         if not got:
             return False
         self.acquired += 1
-        self._grant(candidates[int(got) - 1].name, model, lease)
+        self._grant(candidates[int(got) - 1].name, model, lease, *map(bytes.decode, client))
         return True
 
-    def _grant(self, backend: str, model: str, lease: str) -> None:
+    def _grant(self, backend: str, model: str, lease: str, client: str = "") -> None:
         self._held[backend, model].append(lease)
-        self._scheduler.grant(backend, model)
+        self._scheduler.grant(backend, model, client)
         self._changed()
 
     async def _give_back(self, returned: list[tuple[str, str]]) -> None:
