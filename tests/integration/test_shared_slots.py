@@ -158,6 +158,70 @@ async def one_after_another(
                 return counted.started, begun
 
 
+def test_any_gateway_shows_the_whole_fleets_queue_and_in_flight(redis: RedisServer) -> None:
+    async def scenario() -> tuple[dict[str, Any], str]:
+        async with counted_backend(work=30.0) as (url, _):  # answers nobody waits for
+            with gateways(url, 2, state=redis.url) as (first, second):
+                async with httpx.AsyncClient(timeout=60) as client:
+                    asked = [
+                        asyncio.ensure_future(client.post(f"{g.url}/api/generate", json=BODY))
+                        for g in (first, second)
+                        for _ in range(4)
+                    ]
+                    fleet = await asyncio.to_thread(
+                        eventually,
+                        lambda: httpx.get(f"{second.url}/parallama/status").json()["fleet"],
+                        lambda fleet: fleet["queued"] == 6 and fleet["in_flight"] == 2,
+                    )
+                    metrics = await asyncio.to_thread(  # as of the first's own renewal
+                        eventually,
+                        lambda: httpx.get(f"{first.url}/metrics").text,
+                        lambda text: "parallama_fleet_in_flight 2.0" in text,
+                    )
+                    for request in asked:
+                        request.cancel()
+                    return fleet, metrics
+
+    fleet, metrics = asyncio.run(scenario())
+    assert fleet["gateways"] == 2 and len(fleet["members"]) == 2
+    assert fleet["queues"] == {"m:latest": 6}
+    assert sorted(m["queued"] + m["in_flight"] for m in fleet["members"].values()) == [4, 4]
+    assert "parallama_fleet_queued 6.0" in metrics
+    assert 'parallama_fleet_queue_depth{model="m:latest"} 6.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("status", "seen"),
+    [(500, {"breaker": "open"}), (503, {"breaker": "closed", "capacity": 1})],
+)
+def test_a_backend_found_failing_or_busy_by_one_gateway_is_spared_by_all(
+    redis: RedisServer, status: int, seen: dict[str, Any]
+) -> None:
+    """Its probes still answer: only the other gateway's word tells the second one."""
+    answer = b'{"error":"server busy"}' if status == 503 else b'{"error":"boom"}'
+    failing = b"HTTP/1.1 %d Oops\r\nContent-Type: application/json\r\n" % status
+    failing += b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+
+    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(HTTP_ANSWER if request.is_probe else failing)
+
+    async def scenario() -> dict[str, Any]:
+        async with raw_backend(respond) as backend:
+            settings = {"state": redis.url, "health_interval": 600, "retries": 0}
+            with gateways(backend.url, 2, **settings) as (first, second):
+                async with httpx.AsyncClient(timeout=60) as client:
+                    for _ in range(3):  # the breaker's threshold
+                        answer = await client.post(f"{first.url}/api/generate", json=BODY)
+                        assert answer.status_code == status
+                return await asyncio.to_thread(
+                    eventually,
+                    lambda: httpx.get(f"{second.url}/parallama/status").json()["backends"][0],
+                    lambda b: all(b[k] == v for k, v in seen.items()),
+                )
+
+    assert asyncio.run(scenario()) is not None
+
+
 def test_without_shared_state_the_same_gateways_oversubscribe() -> None:
     async def scenario() -> Counted:
         async with counted_backend(work=0.05) as (url, counted):

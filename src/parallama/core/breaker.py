@@ -41,6 +41,13 @@ class Breaker:
             self.opened_at = now
             self.trips += 1
 
+    def open(self, now: float) -> None:
+        """Open for a cooldown on another's word (a gateway that shares the backend found it
+        failing): not counted as a trip of this one."""
+        if self.state is not BreakerState.OPEN:
+            self.state = BreakerState.OPEN
+            self.opened_at = now
+
     def poll(self, now: float) -> None:
         """Let the cooldown end: open -> half-open."""
         if self.state is BreakerState.OPEN and now >= self.opened_at + self.cooldown:

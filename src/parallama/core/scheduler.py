@@ -361,6 +361,12 @@ class Scheduler:
         self._dispatch_all()
         return True
 
+    def trip(self, name: str) -> None:
+        """Another gateway found the backend failing: its breaker opens here too."""
+        backend = self.backends.get(name)
+        if backend is not None:
+            backend.breaker.open(self._clock())
+
     def throttle(self, name: str) -> None:
         """The backend answered "server busy": halve its slots per model for a while."""
         backend = self.backends.get(name)

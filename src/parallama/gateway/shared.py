@@ -7,8 +7,15 @@ held), so the gateways together never run more than a backend's slots. Leases ar
 their requests run and given back the moment they end, with a message on
 `parallama:freed` that wakes the gateways waiting for one; a gateway that dies (SIGKILL) stops
 renewing, and its leases lapse after `ttl` seconds. Requests still wait in each gateway's own
-queue and are bound when a lease comes (late binding); the waiting gateways race for a freed
-slot, retrying every half second besides the messages (a lapsed lease sends none).
+queue and are bound when a lease comes (late binding), retrying every half second besides the
+messages (a lapsed lease sends none).
+
+One order decides which gateway's request gets a freed slot: each gateway, when it asks, offers
+its next request (FIFO: its priority and arrival time; fair: its next clients, whose turns are
+kept in Redis), and a slot goes only to one that no other gateway's offered request comes before.
+Every renewal also writes the gateway's queue and in-flight counts and reads all gateways' (the
+fleet in `/parallama/status` and `/metrics`); a breaker that opens, or a "server busy" answer, in
+one gateway is announced on `parallama:health` and applied by the others.
 
 While Redis cannot be reached, each gateway keeps serving with its share of every backend's
 slots (the slots over the gateways last seen alive, at least one): it starts a request only
@@ -27,10 +34,11 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -38,113 +46,17 @@ from redis.exceptions import RedisError
 
 from parallama.core.scheduler import Scheduler, Ticket
 from parallama.errors import ConfigError
+from parallama.gateway.shared_scripts import ACQUIRE, RENEW
 
 log = logging.getLogger("parallama.shared")
 
 CHANNEL = "parallama:freed"
+HEALTH = "parallama:health"
 _GATEWAYS = "parallama:gateways"
+_STATUSES = "parallama:statuses"
 _RETRY_SECONDS = 0.5
 _CLIENTS_OFFERED = 16  # fair: of this gateway's waiting clients, those whose turns are compared
 _HEAD_MS = 4000  # a gateway's next request stands that long unless offered again (every retry)
-
-# KEYS: the candidates' slot sets, then the gateways' set, the model's heads (a hash: gateway ->
-# "expires\torder\tcandidates"), its fair turns (a hash: client -> turn) and its current turn.
-# ARGV: ttl (ms), lease id, gateway id, how long a head stands (ms), the gateway's order: its
-# next request's FIFO order, or (fair) "f:" and its next clients ("client\30weight", split by
-# \31), then each candidate's slots. Returns the 1-based index of the candidate that gave a slot
-# (0: none had room, or other gateways' requests come first), how many gateways are alive (so
-# that each knows its share should Redis go away) and, fair, the client whose turn it was.
-_ACQUIRE = r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local n = #KEYS - 4
-local gateways, heads, turns, current = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
-local alive = redis.call('ZCOUNT', gateways, now, '+inf')
-local room, free, first = {}, 0, 0
-for i = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  local left = tonumber(ARGV[5 + i]) - redis.call('ZCARD', KEYS[i])
-  if left > 0 then
-    room[#room + 1] = KEYS[i]
-    free = free + left
-    if first == 0 then first = i end
-  end
-end
-local turn_now = tonumber(redis.call('GET', current) or '0')
--- An order (lower first), and for the fair one the client whose turn comes first and its weight.
-local function order_of(head)
-  if string.sub(head, 1, 2) ~= 'f:' then return tonumber(head) end
-  local best, who, weight
-  for entry in string.gmatch(string.sub(head, 3), '[^\031]+') do
-    local client, w = string.match(entry, '^(.*)\030(.*)$')
-    local turn = math.max(tonumber(redis.call('HGET', turns, client) or '0'), turn_now)
-    if best == nil or turn < best then best, who, weight = turn, client, tonumber(w) end
-  end
-  return best or math.huge, who, weight
-end
-local gateway, head = ARGV[3], ARGV[5]
-local mine, who, weight = order_of(head)
-local candidates = table.concat(KEYS, '\n', 1, n)
-redis.call('HSET', heads, gateway, (now + tonumber(ARGV[4])) .. '\t' .. head .. '\t' .. candidates)
-redis.call('PEXPIRE', heads, ttl * 4)
-if free == 0 then return {0, alive} end
--- Other gateways' next requests that come first and could take one of the free slots.
-local ahead = 0
-local all = redis.call('HGETALL', heads)
-for j = 1, #all, 2 do
-  local other = all[j]
-  if other ~= gateway then
-    local expires, their, wants = string.match(all[j + 1], '^(%d+)\t([^\t]*)\t(.*)$')
-    if expires == nil or tonumber(expires) < now then
-      redis.call('HDEL', heads, other)
-    else
-      local theirs = order_of(their)
-      if theirs < mine or (theirs == mine and other < gateway) then
-        wants = '\n' .. wants .. '\n'
-        for _, key in ipairs(room) do
-          if string.find(wants, '\n' .. key .. '\n', 1, true) then
-            ahead = ahead + 1
-            break
-          end
-        end
-      end
-    end
-  end
-end
-if ahead >= free then return {0, alive} end
-redis.call('ZADD', KEYS[first], now + ttl, ARGV[2])
-redis.call('PEXPIRE', KEYS[first], ttl * 4)
-redis.call('HDEL', heads, gateway)
-if who == nil then return {first, alive} end
--- Stride scheduling over every gateway's clients: the next turn of this one falls 1/weight on.
-redis.call('SET', current, tostring(mine), 'PX', 3600000)
-redis.call('HSET', turns, who, tostring(mine + 1 / weight))
-redis.call('PEXPIRE', turns, 3600000)
-if redis.call('HLEN', turns) > 4096 then  -- forget clients whose turn has come
-  local all_turns = redis.call('HGETALL', turns)
-  for j = 1, #all_turns, 2 do
-    if tonumber(all_turns[j + 1]) <= mine then redis.call('HDEL', turns, all_turns[j]) end
-  end
-end
-return {first, alive, who}
-"""
-# KEYS: slot sets, one per lease, then the gateways' set; ARGV: ttl (ms), this gateway's id,
-# then the lease ids. Renews (or writes again, after Redis lost them) the leases and the
-# gateway's heartbeat; returns how many gateways are alive.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local gateways = KEYS[#KEYS]
-for i = 1, #KEYS - 1 do
-  redis.call('ZADD', KEYS[i], now + ttl, ARGV[2 + i])
-  redis.call('PEXPIRE', KEYS[i], ttl * 4)
-end
-redis.call('ZADD', gateways, now + ttl, ARGV[2])
-redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
-return redis.call('ZCARD', gateways)
-"""
 
 
 def slot_key(backend: str, model: str) -> str:
@@ -176,8 +88,8 @@ class SharedSlots:
         self.gateway = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._ids = itertools.count()
         self._held: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._renew = self._redis.register_script(_RENEW)
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._renew = self._redis.register_script(RENEW)
         self._wake = asyncio.Event()
         self._pumping = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,6 +100,8 @@ class SharedSlots:
         # Wall-clock time of the scheduler's clock's zero: arrivals compared across hosts.
         self._epoch = time.time() - time.monotonic()
         self.acquired = 0
+        self.fleet: dict[str, dict[str, Any]] = {}  # each live gateway's status, this one's too
+        self._seen: dict[str, tuple[int, float]] = {}  # backend -> breaker trips, busy until
 
     async def start(self) -> None:
         """Reach Redis (`ConfigError` if it cannot be reached now), then run."""
@@ -218,6 +132,22 @@ class SharedSlots:
     def collector(self) -> Collector:
         return _SharedCollector(self)
 
+    def status(self) -> dict[str, Any]:
+        """The fleet in `/parallama/status`: every live gateway's queue and in flight, as each
+        wrote them at its last renewal (every ttl/3)."""
+        queues: Counter[str] = Counter()
+        for member in self.fleet.values():
+            queues.update(member.get("queues", {}))
+        return {
+            "shared_state_up": self.up,
+            "gateway": self.gateway,
+            "gateways": self.gateways,
+            "queued": sum(m.get("queued", 0) for m in self.fleet.values()),
+            "in_flight": sum(m.get("in_flight", 0) for m in self.fleet.values()),
+            "queues": dict(queues),
+            "members": self.fleet,
+        }
+
     def changed(self) -> None:
         """The scheduler moved: leases may be wanted, or given back."""
         self._wake.set()
@@ -243,6 +173,7 @@ class SharedSlots:
 
     async def _pump_round(self) -> None:
         scheduler = self._scheduler
+        await self._announce()
         await self._give_back(scheduler.take_returned())
         for model, wanted in scheduler.wanted().items():
             for _ in range(wanted):
@@ -325,12 +256,55 @@ class SharedSlots:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(CHANNEL, HEALTH)
                     async for message in pubsub.listen():
-                        if message.get("type") == "message" and self._scheduler.wanted():
+                        if message.get("type") != "message":
+                            continue
+                        if message["channel"] == HEALTH.encode():
+                            self._heard(message["data"])
+                        elif self._scheduler.wanted():
                             self._wake.set()
             except (RedisError, OSError):
                 await asyncio.sleep(_RETRY_SECONDS)
+
+    async def _announce(self) -> None:
+        """Tell the other gateways of a breaker that opened here, or a "server busy" answer."""
+        news: list[bytes] = []
+        for name, backend in self._scheduler.backends.items():
+            seen = self._seen.get(name, (0, 0.0))
+            now = (backend.breaker.trips, backend.cap_until)
+            if now == seen:
+                continue
+            self._seen[name] = now
+            events = ["down"] if now[0] > seen[0] else []
+            events += ["busy"] if now[1] > seen[1] else []
+            for event in events:
+                news.append(
+                    orjson.dumps({"gateway": self.gateway, "backend": name, "event": event})
+                )
+        if news and self.up:  # news while Redis is away would be old by its return
+            pipe = self._redis.pipeline(transaction=False)
+            for message in news:
+                pipe.publish(HEALTH, message)
+            await pipe.execute()
+
+    def _heard(self, data: bytes) -> None:
+        """Another gateway's news of a backend: its breaker opens here too, or its slots are
+        halved for a while (unless they already are)."""
+        try:
+            news = orjson.loads(data)
+            name, event, sender = news["backend"], news["event"], news["gateway"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        backend = self._scheduler.backends.get(name)
+        if backend is None or sender == self.gateway:
+            return
+        if event == "down":
+            self._scheduler.trip(name)
+        elif event == "busy" and backend.cap is None:
+            self._scheduler.throttle(name)
+        self._seen[name] = (backend.breaker.trips, backend.cap_until)  # not announced again
+        self._changed()
 
     async def _renew_forever(self) -> None:
         while True:
@@ -350,9 +324,20 @@ class SharedSlots:
             for lease in held:
                 keys.append(slot_key(backend, model))
                 leases.append(lease)
-        alive = await self._renew(
-            keys=[*keys, _GATEWAYS], args=[self._ttl_ms, self.gateway, *leases]
+        scheduler = self._scheduler
+        status = {
+            "queued": scheduler.queued,
+            "in_flight": scheduler.in_flight,
+            "queues": scheduler.queue_depths(),
+        }
+        alive, statuses = await self._renew(
+            keys=[*keys, _GATEWAYS, _STATUSES],
+            args=[self._ttl_ms, self.gateway, orjson.dumps(status), *leases],
         )
+        self.fleet = {
+            gateway.decode(): orjson.loads(raw)
+            for gateway, raw in zip(statuses[::2], statuses[1::2], strict=True)
+        }
         rejoining = not self.up or asyncio.get_running_loop().time() < self._rejoin_at
         # Just back, the others may not have written their heartbeat yet: fewer alive is
         # believed only after a ttl, not to take a larger share too soon.
@@ -391,6 +376,25 @@ class _SharedCollector(Collector):
             "Gateways sharing the backends' slots, this one included, at the last renewal",
             value=self._shared.gateways,
         )
+        fleet = self._shared.status()
+        yield GaugeMetricFamily(
+            "parallama_fleet_queued",
+            "Requests waiting in every gateway sharing the state (as of their last renewal)",
+            value=fleet["queued"],
+        )
+        yield GaugeMetricFamily(
+            "parallama_fleet_in_flight",
+            "Requests every gateway sharing the state has on a backend (their last renewal)",
+            value=fleet["in_flight"],
+        )
+        depth = GaugeMetricFamily(
+            "parallama_fleet_queue_depth",
+            "Requests waiting in every gateway, per model (as of their last renewal)",
+            labels=["model"],
+        )
+        for model, count in sorted(fleet["queues"].items()):
+            depth.add_metric([model], count)
+        yield depth
         yield CounterMetricFamily(
             "parallama_slot_leases_acquired",
             "Slot leases this gateway acquired in Redis",
