@@ -24,6 +24,10 @@ class ConfigError(ParallamaError, ValueError):
     exit_status = 2
 
 
+class StateUnavailable(ParallamaError):
+    """The shared state (Redis) did not answer: the caller goes on alone, as without it."""
+
+
 class ApiError(Exception):
     def __init__(
         self,

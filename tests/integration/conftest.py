@@ -9,6 +9,7 @@ import pytest
 
 from parallama.sim.server import SimServer
 from tests.dbhelpers import Postgres, postgres_server
+from tests.redishelpers import RedisServer, redis_server
 from tests.simhelpers import sim_server
 
 
@@ -35,3 +36,10 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(tmp_path / "parallama.db")
     server: Postgres = request.getfixturevalue("postgres")
     return server.new_database()
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    """A real redis-server of its own, on a free loopback port, in a temporary directory."""
+    with redis_server() as server:
+        yield server

@@ -21,7 +21,7 @@ from parallama.gateway.app import Gateway
 from parallama.launch.supervisor import free_port
 from tests.launchhelpers import alive, sim_process
 from tests.rawhelpers import RawRequest, raw_backend
-from tests.redishelpers import RedisServer, redis_server
+from tests.redishelpers import RedisServer
 from tests.simhelpers import eventually, gateway_with
 
 BODY = {"model": "m", "prompt": "hi", "stream": False}
@@ -77,12 +77,6 @@ async def burst(urls: list[str], requests: int) -> list[int]:
             client.post(f"{urls[n % len(urls)]}/api/generate", json=BODY) for n in range(requests)
         )
         return [a.status_code for a in await asyncio.gather(*asked)]
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
 
 
 @pytest.mark.parametrize("count", [2, 3])

@@ -29,13 +29,16 @@ from parallama.teams.store import open_store
 from tests.dbhelpers import Postgres, postgres_pids, postgres_server
 from tests.launchhelpers import sim_process
 from tests.rawhelpers import RawRequest, raw_backend
+from tests.redishelpers import RedisServer
 from tests.simhelpers import (
     CHAT_MODEL,
     OTHER_MODEL,
     eventually,
     gateway_for,
     gateway_with,
+    model_state,
     sim_server,
+    state,
 )
 
 GENERATE = {"model": CHAT_MODEL, "prompt": "Why is the sky blue?", "stream": False}
@@ -358,6 +361,72 @@ def test_two_gateways_on_one_sqlite_file_share_keys_and_ledger(
             eventually(functools.partial(ask, url), lambda answer: answer.status_code == 401)
     # Every request either gateway served, in the one ledger (a 401 is no model request).
     assert ledger_count(database) == 40 + served_since
+
+
+def test_gateways_sharing_redis_count_a_keys_limits_together(
+    sim: SimServer, tmp_path: Any, redis: RedisServer
+) -> None:
+    database = str(tmp_path / "shared.db")
+    key = new_key(database, "fleet-wide", "--rpm", "10")
+    with (
+        keyed_gateway(sim, database, state=redis.url) as first,
+        keyed_gateway(sim, database, state=redis.url) as second,
+    ):
+
+        async def both() -> list[httpx.Response]:
+            return [*await burst(first, key, 8), *await burst(second, key, 8)]
+
+        answers = asyncio.run(both())
+    assert sorted(a.status_code for a in answers) == [200] * 10 + [429] * 6
+    limited = [a for a in answers if a.status_code == 429]
+    assert all(a.headers["x-ratelimit-remaining-requests"] == "0" for a in limited)
+    assert all(55 <= int(a.headers["Retry-After"]) <= 60 for a in limited)
+
+
+def test_a_keys_concurrency_is_counted_over_every_gateway(
+    database: str, redis: RedisServer
+) -> None:
+    with sim_server(decode_tps=40.0, output_tokens=(40, 40), num_parallel=4) as slow:
+        key = new_key(database, "one-at-a-time", "--max-concurrent", "1")
+        with (
+            keyed_gateway(slow, database, state=redis.url) as first,
+            keyed_gateway(slow, database, state=redis.url) as second,
+        ):
+
+            async def one_each() -> list[httpx.Response]:
+                async with httpx.AsyncClient(timeout=30) as client:
+                    running = asyncio.ensure_future(
+                        client.post(f"{first}/api/generate", json=GENERATE, headers=bearer(key))
+                    )
+                    await asyncio.to_thread(
+                        eventually,
+                        lambda: model_state(state(slow.url), CHAT_MODEL),
+                        lambda model: model is not None and model["busy"] == 1,
+                    )
+                    beside = await client.post(
+                        f"{second}/api/generate", json=GENERATE, headers=bearer(key)
+                    )
+                    after = await running
+                    again = await client.post(  # its place given back when the answer ended
+                        f"{first}/api/generate", json=GENERATE, headers=bearer(key)
+                    )
+                    return [after, beside, again]
+
+            after, beside, again = asyncio.run(one_each())
+    assert (after.status_code, beside.status_code) == (200, 429)
+    assert "1 concurrent requests" in beside.text
+    assert again.status_code == 200
+
+
+def test_with_redis_away_each_gateway_counts_a_keys_limits_alone(
+    sim: SimServer, tmp_path: Any, redis: RedisServer
+) -> None:
+    database = str(tmp_path / "shared.db")
+    key = new_key(database, "alone", "--rpm", "3")
+    with keyed_gateway(sim, database, state=redis.url) as url:
+        redis.kill()
+        answers = asyncio.run(burst(url, key, 5))
+    assert sorted(a.status_code for a in answers) == [200] * 3 + [429] * 2
 
 
 # -- faults --------------------------------------------------------------------------------------

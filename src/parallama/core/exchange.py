@@ -21,6 +21,7 @@ class Exchange:
     client: str
     started: float
     key: str | None = None  # the API key's name, when keys are required
+    key_lease: str | None = None  # its place in the key's concurrency, in Redis (shared state)
     model: str | None = None  # set on model routes, once the body is read
     stream: bool = False
     backend: str | None = None

@@ -252,4 +252,5 @@ def _access(settings: GatewaySettings) -> Access | None:
         keys_required=settings.auth == "keys",
         ledger=settings.ledger_on,
         ledger_capacity=settings.ledger_buffer,
+        state=settings.state,
     )

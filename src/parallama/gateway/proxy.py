@@ -113,7 +113,7 @@ class Proxy:
         client, weight = info.client, 1.0
         forwarded = passable(request.raw_headers)
         if key is not None:
-            admitted = self._admit(key, model, reply, exchange)
+            admitted = await self._admit(key, model, reply, exchange)
             client, weight = f"key:{key}", float(admitted.priority)
             forwarded = [(k, v) for k, v in forwarded if k.lower() not in _CREDENTIALS]
             if admitted.models:  # held to some models: exactly the model checked, no other
@@ -147,12 +147,12 @@ class Proxy:
             if key is not None and self._access is not None:
                 self._access.finish(key, exchange)
 
-    def _admit(self, key: str, model: str, reply: Reply, exchange: Exchange) -> ApiKey:
+    async def _admit(self, key: str, model: str, reply: Reply, exchange: Exchange) -> ApiKey:
         """The key's say: may it use the model, is it within its limits (else 403, 429)."""
         assert self._access is not None  # a request has a key only when keys are required
         exchange.model = model
         try:
-            admitted, reply.extra_headers = self._access.admit(key, model)
+            admitted, reply.extra_headers = await self._access.admit(key, model, exchange)
             return admitted
         except ApiError as refused:
             refuse_input(self.scheduler, exchange)

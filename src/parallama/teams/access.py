@@ -19,13 +19,13 @@ import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from parallama.core.exchange import Exchange
-from parallama.errors import ApiError, ParallamaError
+from parallama.errors import ApiError, ParallamaError, StateUnavailable
 from parallama.teams.keys import (
     KEY_SHAPE,
     PERIODS,
@@ -37,6 +37,9 @@ from parallama.teams.keys import (
 )
 from parallama.teams.ledger import Ledger
 from parallama.teams.limits import Headers, Limits, RateLimited
+
+if TYPE_CHECKING:
+    from parallama.teams.shared_windows import SharedWindows
 from parallama.teams.store import Store, UsageRow
 from parallama.teams.worker import DatabaseThread
 
@@ -53,12 +56,25 @@ _KEY_PARAMETERS = frozenset({"key", "api_key", "api-key", "apikey", "token", "ac
 
 class Access:
     def __init__(
-        self, store: Store, *, keys_required: bool, ledger: bool, ledger_capacity: int
+        self,
+        store: Store,
+        *,
+        keys_required: bool,
+        ledger: bool,
+        ledger_capacity: int,
+        state: str = "memory",
     ) -> None:
+        """`state`: where the keys' windows and concurrency are counted; a Redis URL shares
+        them with every gateway that names it."""
         self.store = store
         self.keys_required = keys_required
         self._thread = DatabaseThread()
         self.limits = Limits()
+        self.windows: SharedWindows | None = None
+        if state != "memory":  # Redis's client imported only for it
+            from parallama.teams.shared_windows import SharedWindows
+
+            self.windows = SharedWindows(state)
         self.ledger = Ledger(self._in_thread_write, capacity=ledger_capacity) if ledger else None
         self._by_id: dict[str, ApiKey] = {}
         self._by_name: dict[str, ApiKey] = {}
@@ -81,6 +97,8 @@ class Access:
         if self.ledger is not None:
             self.ledger.start()
         self._task = asyncio.create_task(self._poll(), name="parallama-keys")
+        if self.windows is not None:
+            self.windows.start()
 
     async def stop(self) -> None:
         """Write out the ledger and close the database, within bounds: a database that stopped
@@ -89,6 +107,8 @@ class Access:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.windows is not None:
+            await self.windows.stop()
         if self.ledger is not None:
             await self.ledger.stop(timeout=_STOP_SECONDS)
         with contextlib.suppress(TimeoutError):
@@ -119,9 +139,13 @@ class Access:
     def headers(self, name: str) -> Headers:
         """The key's rate-limit headers as they stand: for answers that count nothing."""
         key = self._by_name.get(name)
-        return [] if key is None else self.limits.headers(key, time.monotonic())
+        if key is None:
+            return []
+        if self.windows is not None and name in self.windows.last_headers:
+            return self.windows.last_headers[name]
+        return self.limits.headers(key, time.monotonic())
 
-    def admit(self, name: str, model: str) -> tuple[ApiKey, Headers]:
+    async def admit(self, name: str, model: str, exchange: Exchange) -> tuple[ApiKey, Headers]:
         """A model request by the key `name`: 403 if the key may not use the model, 429
         (`RateLimited`, with the headers of its answer) if a limit is reached; else counted
         in: the key, and the rate-limit headers for its answer."""
@@ -132,8 +156,20 @@ class Access:
             raise ApiError(
                 403, f"API key {name!r} may not use model {model!r}", code="model_not_allowed"
             )
+        windows = self.windows
+        shared = windows is not None and windows.up
         try:
-            return key, self.limits.admit(key, time.monotonic(), time.time())
+            headers = self.limits.admit(key, time.monotonic(), time.time(), windows=not shared)
+            if windows is not None and shared:
+                try:
+                    exchange.key_lease, headers = await windows.admit(key)
+                except RateLimited:
+                    self.limits.finish(key, 0, time.monotonic(), time.time(), windows=False)
+                    raise
+                except StateUnavailable:  # counted here alone, as without Redis
+                    self.limits.finish(key, 0, time.monotonic(), time.time(), windows=False)
+                    headers = self.limits.admit(key, time.monotonic(), time.time())
+            return key, headers
         except RateLimited as limited:
             self.limited[name, limited.limit] += 1
             raise
@@ -141,8 +177,12 @@ class Access:
     def finish(self, name: str, exchange: Exchange) -> None:
         """An admitted request is over: what it used counts against its limits."""
         key = self._by_name.get(name)
-        if key is not None:
-            self.limits.finish(key, _tokens(exchange), time.monotonic(), time.time())
+        if key is None:
+            return
+        tokens, lease = _tokens(exchange), exchange.key_lease
+        if self.windows is not None and lease is not None:
+            self.windows.finish(key, lease, tokens)
+        self.limits.finish(key, tokens, time.monotonic(), time.time(), windows=lease is None)
 
     def key_names(self) -> list[str]:
         return sorted(self._by_name)

@@ -53,23 +53,23 @@ class Limits:
     def __init__(self) -> None:
         self._use: dict[str, _Use] = {}
 
-    def admit(self, key: ApiKey, now: float, wall: float) -> Headers:
+    def admit(self, key: ApiKey, now: float, wall: float, windows: bool = True) -> Headers:
         """Count a request in, or raise `RateLimited`; the headers for its answer.
         `now` is monotonic (the windows), `wall` is Unix time (the budget's calendar). When
         several limits are reached, the one that frees last is the answer: its wait is the
-        one that holds."""
+        one that holds. `windows=False`: the budget only (the rest is counted in Redis)."""
         use = self._use.setdefault(key.name, _Use())
         self._expire(use, now)
         reached: list[tuple[float, str, str]] = []  # (wait, limit, message)
-        if key.max_concurrent is not None and use.in_flight >= key.max_concurrent:
-            message = f"{key.max_concurrent} concurrent requests allowed for this key"
-            reached.append((1.0, "concurrent", message))  # an answer's end is not foreseen
-        if key.rpm is not None and len(use.requests) >= key.rpm:
-            wait = use.requests[0] + WINDOW - now
-            reached.append((wait, "requests", f"limit of {key.rpm} requests per minute"))
-        if key.tpm is not None and use.window_tokens >= key.tpm:
-            wait = self._tokens_free_at(use, key.tpm) - now
-            reached.append((wait, "tokens", f"limit of {key.tpm} tokens per minute"))
+        if windows:
+            if key.max_concurrent is not None and use.in_flight >= key.max_concurrent:
+                reached.append(concurrency_reached(key.max_concurrent))
+            if key.rpm is not None and len(use.requests) >= key.rpm:
+                wait = use.requests[0] + WINDOW - now
+                reached.append((wait, *requests_reached(key.rpm)))
+            if key.tpm is not None and use.window_tokens >= key.tpm:
+                wait = self._tokens_free_at(use, key.tpm) - now
+                reached.append((wait, *tokens_reached(key.tpm)))
         budget = key.budget
         if budget is not None:
             self._renew_budget(key, use, wall)
@@ -80,11 +80,14 @@ class Limits:
         if reached:
             wait, limit, message = max(reached)
             raise RateLimited(limit, message, wait, self.headers(key, now))
-        use.requests.append(now)
+        if windows:
+            use.requests.append(now)
         use.in_flight += 1
         return self.headers(key, now)
 
-    def finish(self, key: ApiKey, tokens: int, now: float, wall: float) -> None:
+    def finish(
+        self, key: ApiKey, tokens: int, now: float, wall: float, windows: bool = True
+    ) -> None:
         """An admitted request is over, having used `tokens` (prompt + generated)."""
         use = self._use.get(key.name)
         if use is None:
@@ -92,7 +95,7 @@ class Limits:
         use.in_flight = max(0, use.in_flight - 1)
         if tokens <= 0:
             return
-        if key.tpm is not None:
+        if key.tpm is not None and windows:
             use.answers.append((now, tokens))
             use.window_tokens += tokens
         if key.budget is not None:
@@ -147,22 +150,44 @@ class Limits:
             use = _Use()
         else:
             self._expire(use, now)
-        headers: Headers = []
-        if key.rpm is not None:
-            reset = use.requests[-1] + WINDOW - now if use.requests else 0.0
-            headers += [
-                (b"x-ratelimit-limit-requests", b"%d" % key.rpm),
-                (b"x-ratelimit-remaining-requests", b"%d" % max(0, key.rpm - len(use.requests))),
-                (b"x-ratelimit-reset-requests", duration(reset).encode()),
-            ]
-        if key.tpm is not None:
-            reset = use.answers[-1][0] + WINDOW - now if use.answers else 0.0
-            headers += [
-                (b"x-ratelimit-limit-tokens", b"%d" % key.tpm),
-                (b"x-ratelimit-remaining-tokens", b"%d" % max(0, key.tpm - use.window_tokens)),
-                (b"x-ratelimit-reset-tokens", duration(reset).encode()),
-            ]
-        return headers
+        requests_reset = use.requests[-1] + WINDOW - now if use.requests else 0.0
+        tokens_reset = use.answers[-1][0] + WINDOW - now if use.answers else 0.0
+        return rate_headers(key, len(use.requests), requests_reset, use.window_tokens, tokens_reset)
+
+
+def rate_headers(
+    key: ApiKey, requests: int, requests_reset: float, tokens: int, tokens_reset: float
+) -> Headers:
+    """OpenAI's rate-limit headers for the key's windows: `requests` admitted in the last
+    minute, the newest leaving it in `requests_reset` seconds; `tokens` used, likewise."""
+    headers: Headers = []
+    if key.rpm is not None:
+        headers += [
+            (b"x-ratelimit-limit-requests", b"%d" % key.rpm),
+            (b"x-ratelimit-remaining-requests", b"%d" % max(0, key.rpm - requests)),
+            (b"x-ratelimit-reset-requests", duration(requests_reset).encode()),
+        ]
+    if key.tpm is not None:
+        headers += [
+            (b"x-ratelimit-limit-tokens", b"%d" % key.tpm),
+            (b"x-ratelimit-remaining-tokens", b"%d" % max(0, key.tpm - tokens)),
+            (b"x-ratelimit-reset-tokens", duration(tokens_reset).encode()),
+        ]
+    return headers
+
+
+# The reasons a limit refuses a request: (limit, message), with the wait first for concurrency.
+def concurrency_reached(allowed: int) -> tuple[float, str, str]:
+    """An answer's end is not foreseen: a second's wait."""
+    return 1.0, "concurrent", f"{allowed} concurrent requests allowed for this key"
+
+
+def requests_reached(rpm: int) -> tuple[str, str]:
+    return "requests", f"limit of {rpm} requests per minute"
+
+
+def tokens_reached(tpm: int) -> tuple[str, str]:
+    return "tokens", f"limit of {tpm} tokens per minute"
 
 
 def duration(seconds: float) -> str:
