@@ -1,13 +1,19 @@
-"""`parallama` commands started by the benchmarks, each in a process of its own (so that its CPU
-is not the load generator's), and stopped by its process id."""
+"""`parallama` commands (and a redis-server) started by the benchmarks, each in a process of its
+own (so that its CPU is not the load generator's), and stopped by its process id."""
 
 from __future__ import annotations
 
 import contextlib
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
+
+from parallama.launch.supervisor import free_port
 
 
 @contextlib.contextmanager
@@ -33,3 +39,23 @@ def started(*args: str) -> Iterator[list[str]]:
     finally:
         process.terminate()
         process.wait(30)
+
+
+@contextlib.contextmanager
+def redis() -> Iterator[str]:
+    """A redis-server on a free loopback port, in a scratch directory, saving nothing: its URL."""
+    port, folder = free_port("127.0.0.1"), tempfile.mkdtemp()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)

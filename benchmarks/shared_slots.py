@@ -12,40 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 
 import aiohttp
-from processes import started
+from processes import redis, started
 
 from parallama.launch.supervisor import free_port
 
 BODY = {"model": "qwen2.5:7b", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
-
-
-@contextlib.contextmanager
-def redis() -> Iterator[str]:
-    port, folder = free_port("127.0.0.1"), tempfile.mkdtemp()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def latencies(url: str, requests: int, concurrency: int) -> tuple[list[float], float]:

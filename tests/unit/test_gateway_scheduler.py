@@ -329,3 +329,10 @@ def test_a_lease_granted_for_a_client_binds_that_clients_next_request() -> None:
     s.grant("a", M, client="gone")  # left meanwhile: the local order decides
     assert x1.backend is not None and x2.queued
     assert s.next_clients(M, 16) == [x2]
+
+
+def test_the_next_tickets_are_those_leases_would_go_to_in_order() -> None:
+    s = make(Backend("a"), shared_slots=True)
+    low, high, later = s.submit(M), s.submit(M, priority=5), s.submit(M)
+    assert s.next_tickets(M, 2) == [high, low]
+    assert s.next_tickets(M, 9) == [high, low, later]

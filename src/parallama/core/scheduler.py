@@ -211,6 +211,10 @@ class _ModelQueue:
             return self._heap[0][2]
         return self._clients[self._next_client()].heap[0][2]
 
+    def firsts(self, count: int) -> list[Ticket]:
+        """FIFO: the first `count` in the order `pop` would return them."""
+        return [ticket for _, _, ticket in heapq.nsmallest(count, self._heap)]
+
     def next_clients(self, count: int) -> list[Ticket]:
         """Fair: the next request of each of the first `count` clients in turn."""
         firsts = heapq.nsmallest(count, self._turns)
@@ -579,10 +583,10 @@ class Scheduler:
         """Leases to acquire, per model: one for each request waiting."""
         return {model: len(queue) for model, queue in self._queues.items() if queue}
 
-    def head(self, model: str) -> Ticket | None:
-        """The request of `model` that a lease would go to next."""
+    def next_tickets(self, model: str, count: int) -> list[Ticket]:
+        """FIFO: the first `count` requests of `model` in the order leases would go to them."""
         queue = self._queues.get(model)
-        return queue.peek() if queue else None
+        return queue.firsts(count) if queue else []
 
     def next_clients(self, model: str, count: int) -> list[Ticket]:
         """Fair: the next request of each of the first `count` clients in turn, for an order

@@ -42,11 +42,11 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from parallama.core.scheduler import Scheduler, Ticket
+from parallama.core.scheduler import Backend, Scheduler
 from parallama.errors import ConfigError
-from parallama.gateway.shared_scripts import ACQUIRE, RENEW
+from parallama.gateway.shared_scripts import ACQUIRE, GIVE_BACK, RENEW
 
 log = logging.getLogger("parallama.shared")
 
@@ -56,6 +56,7 @@ _GATEWAYS = "parallama:gateways"
 _STATUSES = "parallama:statuses"
 _RETRY_SECONDS = 0.5
 _CLIENTS_OFFERED = 16  # fair: of this gateway's waiting clients, those whose turns are compared
+_LEASES_PER_ROUND = 64  # asked for at most, per model and round trip
 _HEAD_MS = 4000  # a gateway's next request stands that long unless offered again (every retry)
 
 
@@ -68,9 +69,14 @@ def _plain(client: str) -> str:
     return client.translate({9: 32, 10: 32, 0x1E: 32, 0x1F: 32})
 
 
+def _heads(model: str) -> str:
+    """Each gateway's next requests of the model (those it waits with)."""
+    return f"parallama:heads:{model}"
+
+
 def _order_keys(model: str) -> list[str]:
     """The model's heads, its clients' fair turns, and its current turn."""
-    return [f"parallama:heads:{model}", f"parallama:turns:{model}", f"parallama:turn:{model}"]
+    return [_heads(model), f"parallama:turns:{model}", f"parallama:turn:{model}"]
 
 
 class SharedSlots:
@@ -89,6 +95,7 @@ class SharedSlots:
         self._ids = itertools.count()
         self._held: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
         self._acquire = self._redis.register_script(ACQUIRE)
+        self._give_back = self._redis.register_script(GIVE_BACK)
         self._renew = self._redis.register_script(RENEW)
         self._wake = asyncio.Event()
         self._pumping = asyncio.Lock()
@@ -97,6 +104,7 @@ class SharedSlots:
         self._rejoin_at = 0.0  # after an outage, shared again from then on
         self.gateways = 1  # alive at the last renewal (this one included)
         self._heading: set[str] = set()  # models whose next request this gateway offered
+        self._unreturned: list[tuple[str, str, str]] = []  # leases to give back next round
         # Wall-clock time of the scheduler's clock's zero: arrivals compared across hosts.
         self._epoch = time.time() - time.monotonic()
         self.acquired = 0
@@ -124,8 +132,8 @@ class SharedSlots:
             with contextlib.suppress(asyncio.CancelledError, RedisError):
                 await task
         with contextlib.suppress(RedisError, OSError):
-            await self._give_back(self._scheduler.take_returned())
-            await self._withdraw(set(self._heading))
+            if self.up:
+                await self._write([], self._unreturned + self._leases(), {})  # withdrawn too
             await self._redis.zrem(_GATEWAYS, self.gateway)
         await self._redis.aclose()
 
@@ -172,85 +180,135 @@ class SharedSlots:
             await self._pump_round()
 
     async def _pump_round(self) -> None:
+        """One round trip: news of the backends, the leases given back since the last round,
+        and as many leases as requests wait for (each model's in one script call)."""
         scheduler = self._scheduler
-        await self._announce()
-        await self._give_back(scheduler.take_returned())
-        for model, wanted in scheduler.wanted().items():
-            for _ in range(wanted):
-                if not await self._take_one(model):
-                    break
-        await self._give_back(scheduler.take_returned())  # granted, but nobody took them
-        await self._withdraw(self._heading - scheduler.wanted().keys())
+        news, wanted = self._news(), scheduler.wanted()
+        returned, self._unreturned = self._unreturned + self._leases(), []
+        if not self.up:  # each gateway its share; what it gives back lapses
+            for model, count in wanted.items():
+                self._take_shares(model, count)
+        elif asyncio.get_running_loop().time() < self._rejoin_at:
+            # Just back: every gateway writes its leases again within a ttl; shares till then.
+            await self._write(news, returned, {})
+            for model, count in wanted.items():
+                self._take_shares(model, count)
+        else:
+            asked = {model: scheduler.candidates(model) for model in wanted}
+            asked = {model: backends for model, backends in asked.items() if backends}
+            answers = await self._write(news, returned, asked)
+            for model, answer in answers.items():
+                self._granted(model, asked[model], answer)
+        self._unreturned = self._leases()  # granted, but the requests left meanwhile
+        if self._unreturned:
+            self._wake.set()
 
-    def _order(self, model: str, head: Ticket) -> str:
-        """Where this gateway's next request of a model stands among every gateway's: when it
-        arrived (by the wall clock, to compare across hosts) after the higher priorities; or,
-        fair, its next clients (their turns are kept in Redis, the first of them goes next)."""
-        if self._scheduler.settings.discipline == "fair":
+    def _leases(self) -> list[tuple[str, str, str]]:
+        """The leases the scheduler gave back: (backend, model, lease id) each."""
+        leases = []
+        for backend, model in self._scheduler.take_returned():
+            held = self._held[backend, model]
+            leases.append((backend, model, held.pop()))
+            if not held:
+                del self._held[backend, model]
+        return leases
+
+    def _order(self, model: str) -> str:
+        """Where this gateway's next requests of a model stand among every gateway's: when
+        each arrived (by the wall clock, to compare across hosts) after the higher priorities;
+        or, fair, its next clients (their turns are kept in Redis, the first of them goes next)."""
+        scheduler = self._scheduler
+        if scheduler.settings.discipline == "fair":
             return "f:" + "\x1f".join(
                 f"{_plain(t.client)}\x1e{t.weight!r}"
-                for t in self._scheduler.next_clients(model, _CLIENTS_OFFERED)
+                for t in scheduler.next_clients(model, _CLIENTS_OFFERED)
             )
-        return repr(-head.priority * 1e13 + (self._epoch + head.queue_key) * 1000)
-
-    async def _withdraw(self, models: set[str]) -> None:
-        """This gateway no longer waits for these models: its next requests stop standing in
-        the others' way (and the others are told)."""
-        if not models or not self.up:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for model in models:
-            pipe.hdel(_order_keys(model)[0], self.gateway)
-            pipe.publish(CHANNEL, model)
-        self._heading -= models
-        await pipe.execute()
-
-    async def _take_one(self, model: str) -> bool:
-        scheduler = self._scheduler
-        candidates, head = scheduler.candidates(model), scheduler.head(model)
-        if not candidates or head is None:
-            return False
-        if not self.up or asyncio.get_running_loop().time() < self._rejoin_at:
-            # Redis away, or just back (every gateway writes its leases again within a ttl):
-            # this gateway's share of each backend's slots.
-            for backend in candidates:
-                share = max(1, backend.capacity // max(1, self.gateways))
-                if backend.in_flight[model] < share:
-                    self._grant(backend.name, model, f"{self.gateway}:{next(self._ids)}")
-                    return True
-            return False
-        lease = f"{self.gateway}:{next(self._ids)}"
-        keys = [slot_key(b.name, model) for b in candidates]
-        slots = [b.capacity for b in candidates]
-        self._heading.add(model)
-        got, alive, *client = await self._acquire(
-            keys=[*keys, _GATEWAYS, *_order_keys(model)],
-            args=[self._ttl_ms, lease, self.gateway, _HEAD_MS, self._order(model, head), *slots],
+        return ",".join(
+            repr(-t.priority * 1e13 + (self._epoch + t.queue_key) * 1000)
+            for t in scheduler.next_tickets(model, _LEASES_PER_ROUND)
         )
+
+    async def _write(
+        self,
+        news: list[bytes],
+        returned: list[tuple[str, str, str]],
+        asked: dict[str, list[Backend]],
+    ) -> dict[str, tuple[str, list[Any]]]:
+        """News, leases given back, leases asked for, in one pipeline: per model asked, the
+        prefix of its leases' ids and the script's answer. Models no longer waited for are
+        withdrawn from the order."""
+        commands: list[tuple[Any, ...]] = [("PUBLISH", HEALTH, message) for message in news]
+        if returned:
+            models = sorted({model for _, model, _ in returned})
+            keys = [*(slot_key(b, m) for b, m, _ in returned), *map(_heads, models)]
+            leases = [lease for _, _, lease in returned]
+            given = [len(returned), *leases, CHANNEL, self.gateway, *models]
+            commands.append(("EVALSHA", self._give_back.sha, len(keys), *keys, *given))
+        wanted, places = self._scheduler.wanted(), {}
+        for model, backends in asked.items():
+            self._heading.add(model)
+            prefix = f"{self.gateway}:{next(self._ids)}"
+            keys = [*(slot_key(b.name, model) for b in backends), _GATEWAYS, *_order_keys(model)]
+            count = min(wanted[model], _LEASES_PER_ROUND)
+            asking = [self._ttl_ms, prefix, self.gateway, _HEAD_MS, self._order(model), count]
+            places[model] = prefix, len(commands)
+            sha = self._acquire.sha
+            commands.append(
+                ("EVALSHA", sha, len(keys), *keys, *asking, *(b.capacity for b in backends))
+            )
+        withdrawn = self._heading - asked.keys()
+        for model in withdrawn:
+            commands += [("HDEL", _heads(model), self.gateway), ("PUBLISH", CHANNEL, model)]
+        self._heading -= withdrawn
+        results = await self._execute(commands)
+        return {model: (prefix, results[at]) for model, (prefix, at) in places.items()}
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The commands in one pipeline. Scripts are called by their SHA alone (redis-py's
+        pipelines ask whether each exists first: a round trip more); a Redis that lost them
+        (restarted) is given them again, and the pipeline run once more."""
+        if not commands:
+            return []
+        try:
+            return await self._pipeline(commands)
+        except NoScriptError:
+            for script in (self._acquire, self._give_back):
+                await self._redis.script_load(script.script)
+            return await self._pipeline(commands)
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute())
+
+    def _granted(self, model: str, backends: list[Backend], answer: tuple[str, list[Any]]) -> None:
+        prefix, (alive, *grants) = answer
         self.gateways = max(1, int(alive))
-        if not got:
-            return False
-        self.acquired += 1
-        self._grant(candidates[int(got) - 1].name, model, lease, *map(bytes.decode, client))
-        return True
+        for n, (index, client) in enumerate(zip(grants[::2], grants[1::2], strict=True), 1):
+            self.acquired += 1
+            self._grant(backends[int(index) - 1].name, model, f"{prefix}.{n}", client.decode())
+
+    def _take_shares(self, model: str, count: int) -> None:
+        """Grants within this gateway's share of each backend's slots: the slots over the
+        gateways last seen alive, at least one."""
+        for _ in range(count):
+            backend = next(
+                (
+                    b
+                    for b in self._scheduler.candidates(model)
+                    if b.in_flight[model] < max(1, b.capacity // max(1, self.gateways))
+                ),
+                None,
+            )
+            if backend is None:
+                return
+            self._grant(backend.name, model, f"{self.gateway}:{next(self._ids)}")
 
     def _grant(self, backend: str, model: str, lease: str, client: str = "") -> None:
         self._held[backend, model].append(lease)
         self._scheduler.grant(backend, model, client)
         self._changed()
-
-    async def _give_back(self, returned: list[tuple[str, str]]) -> None:
-        if not returned:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for backend, model in returned:
-            lease = self._held[backend, model].pop()
-            if not self._held[backend, model]:
-                del self._held[backend, model]
-            pipe.zrem(slot_key(backend, model), lease)
-            pipe.publish(CHANNEL, f"{backend}|{model}")
-        if self.up:  # else it lapses: it is no longer renewed
-            await pipe.execute()
 
     async def _listen(self) -> None:
         while True:
@@ -267,8 +325,8 @@ class SharedSlots:
             except (RedisError, OSError):
                 await asyncio.sleep(_RETRY_SECONDS)
 
-    async def _announce(self) -> None:
-        """Tell the other gateways of a breaker that opened here, or a "server busy" answer."""
+    def _news(self) -> list[bytes]:
+        """For the other gateways: breakers that opened here, "server busy" answers."""
         news: list[bytes] = []
         for name, backend in self._scheduler.backends.items():
             seen = self._seen.get(name, (0, 0.0))
@@ -282,11 +340,7 @@ class SharedSlots:
                 news.append(
                     orjson.dumps({"gateway": self.gateway, "backend": name, "event": event})
                 )
-        if news and self.up:  # news while Redis is away would be old by its return
-            pipe = self._redis.pipeline(transaction=False)
-            for message in news:
-                pipe.publish(HEALTH, message)
-            await pipe.execute()
+        return news
 
     def _heard(self, data: bytes) -> None:
         """Another gateway's news of a backend: its breaker opens here too, or its slots are
