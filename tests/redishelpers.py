@@ -22,10 +22,12 @@ class RedisServer:
     port: int
     folder: Path
     process: subprocess.Popen[bytes] | None = None
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        secret = f":{self.password}@" if self.password else ""
+        return f"redis://{secret}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -33,10 +35,11 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: apt-get install redis-server")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
+             "--appendonly", "no", "--dir", str(self.folder),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         deadline = time.monotonic() + 20
         while True:  # no event says "listening": ask until it answers
             try:
@@ -55,13 +58,13 @@ class RedisServer:
         self.process.wait(10)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        return redis.Redis(port=self.port, password=self.password)
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(password: str | None = None) -> Iterator[RedisServer]:
     folder = Path(tempfile.mkdtemp(prefix="parallama-redis-"))
-    server = RedisServer(free_port("127.0.0.1"), folder)
+    server = RedisServer(free_port("127.0.0.1"), folder, password=password)
     server.start()
     try:
         yield server

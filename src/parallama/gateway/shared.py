@@ -39,14 +39,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import NoScriptError, RedisError
 
 from parallama.core.scheduler import Backend, Scheduler
 from parallama.errors import ConfigError
 from parallama.gateway.shared_scripts import ACQUIRE, GIVE_BACK, RENEW
+from parallama.resp import UNAVAILABLE, Arg, Command, NoScriptError, Redis, Script
 
 log = logging.getLogger("parallama.shared")
 
@@ -85,18 +84,15 @@ class SharedSlots:
     ) -> None:
         """`changed` is the scheduler driver's cue (requests bound: wake them)."""
         self._url = url
-        self._redis: aioredis.Redis = aioredis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self._redis = Redis(url, timeout=2.0)
         self._scheduler = scheduler
         self._changed = changed
         self._ttl_ms = int(ttl * 1000)
         self.gateway = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._ids = itertools.count()
         self._held: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
-        self._acquire = self._redis.register_script(ACQUIRE)
-        self._give_back = self._redis.register_script(GIVE_BACK)
-        self._renew = self._redis.register_script(RENEW)
+        self._acquire, self._give_back = Script(ACQUIRE), Script(GIVE_BACK)
+        self._renew = Script(RENEW)
         self._wake = asyncio.Event()
         self._pumping = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -114,9 +110,10 @@ class SharedSlots:
     async def start(self) -> None:
         """Reach Redis (`ConfigError` if it cannot be reached now), then run."""
         try:
-            await self._redis.ping()
+            scripts = (self._acquire, self._give_back, self._renew)
+            await self._redis.execute([script.load() for script in scripts])
             await self._renew_all()
-        except (RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             raise ConfigError(f"state {self._url}: cannot reach Redis: {exc}") from None
         self._tasks = [
             asyncio.create_task(self._pump_forever(), name="parallama-shared-slots"),
@@ -129,13 +126,13 @@ class SharedSlots:
             for task in self._tasks:
                 task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, RedisError):
+            with contextlib.suppress(asyncio.CancelledError, *UNAVAILABLE):
                 await task
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*UNAVAILABLE):
             if self.up:
                 await self._write([], self._unreturned + self._leases(), {})  # withdrawn too
-            await self._redis.zrem(_GATEWAYS, self.gateway)
-        await self._redis.aclose()
+            await self._redis.call("ZREM", _GATEWAYS, self.gateway)
+        await self._redis.close()
 
     def collector(self) -> Collector:
         return _SharedCollector(self)
@@ -170,7 +167,7 @@ class SharedSlots:
             self._wake.clear()
             try:
                 await self._pump()
-            except (RedisError, OSError) as exc:
+            except UNAVAILABLE as exc:
                 self._down(exc)
             except Exception:  # a bug must not leave every waiting request without a lease
                 log.exception("shared slots: a round failed; the next one runs as usual")
@@ -237,50 +234,38 @@ class SharedSlots:
         """News, leases given back, leases asked for, in one pipeline: per model asked, the
         prefix of its leases' ids and the script's answer. Models no longer waited for are
         withdrawn from the order."""
-        commands: list[tuple[Any, ...]] = [("PUBLISH", HEALTH, message) for message in news]
+        commands: list[Command] = [["PUBLISH", HEALTH, message] for message in news]
         if returned:
             models = sorted({model for _, model, _ in returned})
             keys = [*(slot_key(b, m) for b, m, _ in returned), *map(_heads, models)]
             leases = [lease for _, _, lease in returned]
-            given = [len(returned), *leases, CHANNEL, self.gateway, *models]
-            commands.append(("EVALSHA", self._give_back.sha, len(keys), *keys, *given))
+            given: list[Arg] = [len(returned), *leases, CHANNEL, self.gateway, *models]
+            commands.append(self._give_back.call(keys, given))
         wanted, places = self._scheduler.wanted(), {}
         for model, backends in asked.items():
             self._heading.add(model)
             prefix = f"{self.gateway}:{next(self._ids)}"
             keys = [*(slot_key(b.name, model) for b in backends), _GATEWAYS, *_order_keys(model)]
             count = min(wanted[model], _LEASES_PER_ROUND)
-            asking = [self._ttl_ms, prefix, self.gateway, _HEAD_MS, self._order(model), count]
+            asking: list[Arg] = [self._ttl_ms, prefix, self.gateway, _HEAD_MS, self._order(model)]
+            asking += [count, *(b.capacity for b in backends)]
             places[model] = prefix, len(commands)
-            sha = self._acquire.sha
-            commands.append(
-                ("EVALSHA", sha, len(keys), *keys, *asking, *(b.capacity for b in backends))
-            )
+            commands.append(self._acquire.call(keys, asking))
         withdrawn = self._heading - asked.keys()
         for model in withdrawn:
-            commands += [("HDEL", _heads(model), self.gateway), ("PUBLISH", CHANNEL, model)]
+            commands += [["HDEL", _heads(model), self.gateway], ["PUBLISH", CHANNEL, model]]
         self._heading -= withdrawn
         results = await self._execute(commands)
         return {model: (prefix, results[at]) for model, (prefix, at) in places.items()}
 
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The commands in one pipeline. Scripts are called by their SHA alone (redis-py's
-        pipelines ask whether each exists first: a round trip more); a Redis that lost them
-        (restarted) is given them again, and the pipeline run once more."""
-        if not commands:
-            return []
+    async def _execute(self, commands: list[Command]) -> list[Any]:
+        """The commands in one pipeline; a Redis that lost the scripts (it restarted) is given
+        them again, and the pipeline run once more (what ran twice is harmless twice)."""
         try:
-            return await self._pipeline(commands)
+            return await self._redis.execute(commands)
         except NoScriptError:
-            for script in (self._acquire, self._give_back):
-                await self._redis.script_load(script.script)
-            return await self._pipeline(commands)
-
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(await pipe.execute())
+            await self._redis.execute([self._acquire.load(), self._give_back.load()])
+            return await self._redis.execute(commands)
 
     def _granted(self, model: str, backends: list[Backend], answer: tuple[str, list[Any]]) -> None:
         prefix, (alive, *grants) = answer
@@ -313,16 +298,12 @@ class SharedSlots:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL, HEALTH)
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        if message["channel"] == HEALTH.encode():
-                            self._heard(message["data"])
-                        elif self._scheduler.wanted():
-                            self._wake.set()
-            except (RedisError, OSError):
+                async for channel, message in self._redis.messages(CHANNEL, HEALTH):
+                    if channel == HEALTH.encode():
+                        self._heard(message)
+                    elif self._scheduler.wanted():
+                        self._wake.set()
+            except UNAVAILABLE:
                 await asyncio.sleep(_RETRY_SECONDS)
 
     def _news(self) -> list[bytes]:
@@ -366,7 +347,7 @@ class SharedSlots:
             try:
                 async with self._pumping:  # else it could write back a lease just given back
                     await self._renew_all()
-            except (RedisError, OSError) as exc:
+            except UNAVAILABLE as exc:
                 self._down(exc)
 
     async def _renew_all(self) -> None:
@@ -384,9 +365,10 @@ class SharedSlots:
             "in_flight": scheduler.in_flight,
             "queues": scheduler.queue_depths(),
         }
-        alive, statuses = await self._renew(
-            keys=[*keys, _GATEWAYS, _STATUSES],
-            args=[self._ttl_ms, self.gateway, orjson.dumps(status), *leases],
+        alive, statuses = await self._redis.run(
+            self._renew,
+            [*keys, _GATEWAYS, _STATUSES],
+            [self._ttl_ms, self.gateway, orjson.dumps(status), *leases],
         )
         self.fleet = {
             gateway.decode(): orjson.loads(raw)

@@ -98,7 +98,7 @@ class Access:
             self.ledger.start()
         self._task = asyncio.create_task(self._poll(), name="parallama-keys")
         if self.windows is not None:
-            self.windows.start()
+            await self.windows.start()
 
     async def stop(self) -> None:
         """Write out the ledger and close the database, within bounds: a database that stopped

@@ -19,10 +19,8 @@ import logging
 import os
 import socket
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from parallama.errors import StateUnavailable
+from parallama.resp import UNAVAILABLE, Arg, Redis, Script
 from parallama.teams.keys import ApiKey
 from parallama.teams.limits import (
     WINDOW,
@@ -116,13 +114,9 @@ def _keys(name: str) -> list[str]:
 
 class SharedWindows:
     def __init__(self, url: str, ttl: float = 5.0) -> None:
-        self._redis: aioredis.Redis = aioredis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self._redis = Redis(url, timeout=2.0)
         self._ttl_ms = int(ttl * 1000)
-        self._admit = self._redis.register_script(_ADMIT)
-        self._finish = self._redis.register_script(_FINISH)
-        self._renew = self._redis.register_script(_RENEW)
+        self._admit, self._finish, self._renew = Script(_ADMIT), Script(_FINISH), Script(_RENEW)
         self._prefix = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}:"
         self._ids = itertools.count()
         self._running: dict[str, str] = {}  # lease -> key name, renewed while the request runs
@@ -133,7 +127,11 @@ class SharedWindows:
         self._away_until = 0.0  # after a failure, Redis is asked again only from then on
         self.last_headers: dict[str, Headers] = {}  # per key, as the last admission saw it
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Give Redis the scripts now: a script first run later, and found missing, would be
+        run again after commands sent behind it (an end counted after the next admission)."""
+        with contextlib.suppress(*UNAVAILABLE):  # else each gateway counts alone for now
+            await self._redis.execute([s.load() for s in (self._admit, self._finish, self._renew)])
         self._tasks = [
             asyncio.create_task(self._write_ends(), name="parallama-key-ends"),
             asyncio.create_task(self._renew_forever(), name="parallama-key-leases"),
@@ -145,10 +143,9 @@ class SharedWindows:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await self._write(self._ended)
-        await self._redis.aclose()
+        with contextlib.suppress(*UNAVAILABLE):
+            await self._write(self._ended)
+        await self._redis.close()
 
     @property
     def up(self) -> bool:
@@ -163,10 +160,10 @@ class SharedWindows:
         lease = f"{self._prefix}{next(self._ids)}"
         limits = [-1 if n is None else n for n in (key.rpm, key.tpm, key.max_concurrent)]
         try:
-            answer = await self._admit(
-                keys=_keys(key.name), args=[*limits, lease, self._ttl_ms, int(WINDOW * 1000)]
+            answer = await self._redis.run(
+                self._admit, _keys(key.name), [*limits, lease, self._ttl_ms, int(WINDOW * 1000)]
             )
-        except (RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             if self.up:
                 log.warning(
                     "shared state: Redis unreachable; each gateway counts the keys' limits alone",
@@ -204,7 +201,7 @@ class SharedWindows:
             written, self._written = self._written, None
             try:
                 # Unwritten, the leases lapse; the tokens are lost to the window, not the ledger.
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*UNAVAILABLE):
                     await self._write(ended)
             finally:
                 if written is not None and not written.done():
@@ -213,13 +210,13 @@ class SharedWindows:
     async def _write(self, ended: list[tuple[str, str, int, bool]]) -> None:
         if not ended:
             return
-        keys: list[str] = []
-        args: list[str | int] = []
+        keys: list[Arg] = []
+        args: list[Arg] = []
         for name, lease, tokens, tpm in ended:
             _, answers, running = _keys(name)
             keys += [running, answers]
             args += [lease, tokens, int(tpm)]
-        await self._finish(keys=keys, args=args)
+        await self._redis.run(self._finish, keys, args)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -227,6 +224,7 @@ class SharedWindows:
             running = list(self._running.items())
             if not running:
                 continue
-            keys = [_keys(name)[2] for _, name in running]
-            with contextlib.suppress(RedisError, OSError):
-                await self._renew(keys=keys, args=[self._ttl_ms, *(lease for lease, _ in running)])
+            keys: list[Arg] = [_keys(name)[2] for _, name in running]
+            leases = [lease for lease, _ in running]
+            with contextlib.suppress(*UNAVAILABLE):
+                await self._redis.run(self._renew, keys, [self._ttl_ms, *leases])
