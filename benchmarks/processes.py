@@ -42,8 +42,9 @@ def started(*args: str) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def redis() -> Iterator[str]:
-    """A redis-server on a free loopback port, in a scratch directory, saving nothing: its URL."""
+def redis() -> Iterator[tuple[str, int]]:
+    """A redis-server on a free loopback port, in a scratch directory, saving nothing: its URL
+    and process id."""
     port, folder = free_port("127.0.0.1"), tempfile.mkdtemp()
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
@@ -54,7 +55,7 @@ def redis() -> Iterator[str]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                 break
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", process.pid
     finally:
         process.terminate()
         process.wait(10)

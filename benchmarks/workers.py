@@ -19,9 +19,11 @@ Needs nginx, wrk and redis-server on PATH.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from gateway_overhead import (
@@ -30,6 +32,7 @@ from gateway_overhead import (
     REQUEST,
     StreamResult,
     WrkResult,
+    _cpu_seconds,
     fixed_upstream,
     measure_streams,
     nginx,
@@ -62,9 +65,13 @@ def _gateway_pids(parent: int) -> list[int]:
         return [parent, *map(int, children.read().split())]
 
 
-def throughput(seconds: int, state: str) -> dict[str, dict[str, WrkResult]]:
+def throughput(
+    seconds: int, state: str, redis_pid: int
+) -> tuple[dict[str, dict[str, WrkResult]], dict[str, dict[str, float]]]:
+    """wrk's results per setup, and the cores each part used during the run at c=64."""
     upstream = free_port(LOOPBACK)
     results: dict[str, dict[str, WrkResult]] = {}
+    cores: dict[str, dict[str, float]] = {}
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         body = REQUEST.decode().replace("\\", "\\\\").replace('"', '\\"')
         script.write(
@@ -72,18 +79,34 @@ def throughput(seconds: int, state: str) -> dict[str, dict[str, WrkResult]]:
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
         script.flush()
-        with nginx(fixed_upstream(upstream), upstream, LOAD_CPU):
+        with nginx(fixed_upstream(upstream), upstream, LOAD_CPU) as upstream_nginx:
             for name, (workers, shared) in SETUPS.items():
                 port = free_port(LOOPBACK)
                 argv = gateway(port, upstream, 1024, workers, state if shared else None)
-                with running(argv, port):
+                with running(argv, port) as parent:
                     url = f"http://127.0.0.1:{port}/api/generate"
                     wrk(url, 64, 2, Path(script.name))  # warm every worker's pools
-                    results[name] = {
-                        "c1": wrk(url, 1, seconds, Path(script.name)),
-                        "c64": wrk(url, 64, seconds, Path(script.name)),
+                    c1 = wrk(url, 1, seconds, Path(script.name))
+                    parts = {
+                        "gateway": _gateway_pids(parent.pid),
+                        "redis": [redis_pid],
+                        "upstream": _gateway_pids(upstream_nginx.pid),
                     }
-    return results
+                    before = {part: _cpu_seconds(pids) for part, pids in parts.items()}
+                    load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    began = time.monotonic()
+                    c64 = wrk(url, 64, seconds, Path(script.name))
+                    took = time.monotonic() - began
+                    load = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cores[name] = {
+                        part: (_cpu_seconds(pids) - before[part]) / took
+                        for part, pids in parts.items()
+                    }
+                    cores[name]["wrk"] = (
+                        load.ru_utime + load.ru_stime - load_before.ru_utime - load_before.ru_stime
+                    ) / took
+                    results[name] = {"c1": c1, "c64": c64}
+    return results, cores
 
 
 def streaming(streams: int, state: str) -> dict[str, StreamResult]:
@@ -108,8 +131,8 @@ def main() -> None:
     for tool in ("nginx", "wrk", "redis-server"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (Debian: apt-get install nginx-light wrk redis)")
-    with redis() as state:
-        r = throughput(args.seconds, state)
+    with redis() as (state, redis_pid):
+        r, cpu_c64 = throughput(args.seconds, state, redis_pid)
         s = streaming(args.streams, state)
     print(f"{'':34}" + "".join(f"{name:>18}" for name in SETUPS))
     print(f"{'p50 latency, c=1 (us)':34}" + "".join(f"{r[n]['c1'].p50_us:18.0f}" for n in SETUPS))
@@ -119,6 +142,9 @@ def main() -> None:
     print(f"{'streams that failed':34}" + "".join(f"{s[n].errors:18d}" for n in SETUPS))
     cpu = "".join(f"{100 * (s[n].cpu_share or 0):18.0f}" for n in SETUPS)
     print(f"{'gateway CPU, streams (% of a core)':34}{cpu}")
+    for part in ("gateway", "redis", "upstream", "wrk"):
+        used = "".join(f"{cpu_c64[n][part]:18.2f}" for n in SETUPS)
+        print(f"{f'cores used at c=64: {part}':34}{used}")
     print("\nRatios measured in this run (target in brackets):")
     two, one, one_redis = rps["2 workers, Redis"], rps["1 worker"], rps["1 worker, Redis"]
     print(f"  2 workers / 1 worker, req/s: {two / one:.2f}x  [>= 1.7x]")
