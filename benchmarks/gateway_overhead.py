@@ -375,9 +375,9 @@ def measure_streams(
 # -- the run -----------------------------------------------------------------------------------
 
 
-def overhead(seconds: int) -> dict[str, dict[str, WrkResult]]:
-    upstream, via_nginx, via_parallama = (free_port(LOOPBACK) for _ in range(3))
-    results: dict[str, dict[str, WrkResult]] = {}
+@contextlib.contextmanager
+def wrk_script() -> Iterator[Path]:
+    """A wrk script that POSTs `REQUEST` as JSON."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         body = REQUEST.decode().replace("\\", "\\\\").replace('"', '\\"')
         script.write(
@@ -385,19 +385,26 @@ def overhead(seconds: int) -> dict[str, dict[str, WrkResult]]:
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
         script.flush()
-        with (
-            nginx(fixed_upstream(upstream), upstream, LOAD_CPU),
-            nginx(reverse_proxy(via_nginx, upstream), via_nginx, PROXY_CPU),
-            running(parallama(via_parallama, upstream, slots=1024), via_parallama),
-        ):
-            targets = {"direct": upstream, "parallama": via_parallama, "nginx": via_nginx}
-            for name, port in targets.items():
-                url = f"http://127.0.0.1:{port}/api/generate"
-                wrk(url, 8, 1, Path(script.name))  # warm the pools
-                results[name] = {
-                    "c1": wrk(url, 1, seconds, Path(script.name)),
-                    "c32": wrk(url, 32, seconds, Path(script.name)),
-                }
+        yield Path(script.name)
+
+
+def overhead(seconds: int) -> dict[str, dict[str, WrkResult]]:
+    upstream, via_nginx, via_parallama = (free_port(LOOPBACK) for _ in range(3))
+    results: dict[str, dict[str, WrkResult]] = {}
+    with (
+        wrk_script() as script,
+        nginx(fixed_upstream(upstream), upstream, LOAD_CPU),
+        nginx(reverse_proxy(via_nginx, upstream), via_nginx, PROXY_CPU),
+        running(parallama(via_parallama, upstream, slots=1024), via_parallama),
+    ):
+        targets = {"direct": upstream, "parallama": via_parallama, "nginx": via_nginx}
+        for name, port in targets.items():
+            url = f"http://127.0.0.1:{port}/api/generate"
+            wrk(url, 8, 1, script)  # warm the pools
+            results[name] = {
+                "c1": wrk(url, 1, seconds, script),
+                "c32": wrk(url, 32, seconds, script),
+            }
     return results
 
 

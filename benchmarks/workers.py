@@ -22,23 +22,22 @@ import argparse
 import resource
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from gateway_overhead import (
     LOAD_CPU,
     LOOPBACK,
-    REQUEST,
     StreamResult,
     WrkResult,
     _cpu_seconds,
+    _with_children,
     fixed_upstream,
     measure_streams,
     nginx,
     pinned,
     running,
     wrk,
+    wrk_script,
 )
 from gateway_overhead import __file__ as overhead_script
 from processes import redis
@@ -59,12 +58,6 @@ def gateway(port: int, upstream: int, slots: int, workers: int, state: str | Non
     return argv + (["--state", state] if state else [])
 
 
-def _gateway_pids(parent: int) -> list[int]:
-    """The gateway's processes: the one started, and its workers if it has some."""
-    with open(f"/proc/{parent}/task/{parent}/children") as children:
-        return [parent, *map(int, children.read().split())]
-
-
 def throughput(
     seconds: int, state: str, redis_pid: int
 ) -> tuple[dict[str, dict[str, WrkResult]], dict[str, dict[str, float]]]:
@@ -72,40 +65,35 @@ def throughput(
     upstream = free_port(LOOPBACK)
     results: dict[str, dict[str, WrkResult]] = {}
     cores: dict[str, dict[str, float]] = {}
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        body = REQUEST.decode().replace("\\", "\\\\").replace('"', '\\"')
-        script.write(
-            f'wrk.method = "POST"\nwrk.body = "{body}"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-        )
-        script.flush()
-        with nginx(fixed_upstream(upstream), upstream, LOAD_CPU) as upstream_nginx:
-            for name, (workers, shared) in SETUPS.items():
-                port = free_port(LOOPBACK)
-                argv = gateway(port, upstream, 1024, workers, state if shared else None)
-                with running(argv, port) as parent:
-                    url = f"http://127.0.0.1:{port}/api/generate"
-                    wrk(url, 64, 2, Path(script.name))  # warm every worker's pools
-                    c1 = wrk(url, 1, seconds, Path(script.name))
-                    parts = {
-                        "gateway": _gateway_pids(parent.pid),
-                        "redis": [redis_pid],
-                        "upstream": _gateway_pids(upstream_nginx.pid),
-                    }
-                    before = {part: _cpu_seconds(pids) for part, pids in parts.items()}
-                    load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    began = time.monotonic()
-                    c64 = wrk(url, 64, seconds, Path(script.name))
-                    took = time.monotonic() - began
-                    load = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    cores[name] = {
-                        part: (_cpu_seconds(pids) - before[part]) / took
-                        for part, pids in parts.items()
-                    }
-                    cores[name]["wrk"] = (
-                        load.ru_utime + load.ru_stime - load_before.ru_utime - load_before.ru_stime
-                    ) / took
-                    results[name] = {"c1": c1, "c64": c64}
+    with (
+        wrk_script() as script,
+        nginx(fixed_upstream(upstream), upstream, LOAD_CPU) as upstream_nginx,
+    ):
+        for name, (workers, shared) in SETUPS.items():
+            port = free_port(LOOPBACK)
+            argv = gateway(port, upstream, 1024, workers, state if shared else None)
+            with running(argv, port) as parent:
+                url = f"http://127.0.0.1:{port}/api/generate"
+                wrk(url, 64, 2, script)  # warm every worker's pools
+                c1 = wrk(url, 1, seconds, script)
+                parts = {
+                    "gateway": _with_children(parent.pid),
+                    "redis": [redis_pid],
+                    "upstream": _with_children(upstream_nginx.pid),
+                }
+                before = {part: _cpu_seconds(pids) for part, pids in parts.items()}
+                load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                began = time.monotonic()
+                c64 = wrk(url, 64, seconds, script)
+                took = time.monotonic() - began
+                load = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cores[name] = {
+                    part: (_cpu_seconds(pids) - before[part]) / took for part, pids in parts.items()
+                }
+                cores[name]["wrk"] = (
+                    load.ru_utime + load.ru_stime - load_before.ru_utime - load_before.ru_stime
+                ) / took
+                results[name] = {"c1": c1, "c64": c64}
     return results, cores
 
 
@@ -118,7 +106,7 @@ def streaming(streams: int, state: str) -> dict[str, StreamResult]:
             port = free_port(LOOPBACK)
             argv = gateway(port, upstream, streams, workers, state if shared else None)
             with running(argv, port) as parent:
-                pids = _gateway_pids(parent.pid)
+                pids = _with_children(parent.pid)
                 results[name] = measure_streams(port, streams, 500, 2.0, pids, rss=False)
     return results
 
