@@ -103,7 +103,8 @@ class SharedSlots:
         self._unreturned: list[tuple[str, str, str]] = []  # leases to give back next round
         # Wall-clock time of the scheduler's clock's zero: arrivals compared across hosts.
         self._epoch = time.time() - time.monotonic()
-        self.acquired = 0
+        self.acquired = 0  # leases from Redis
+        self.granted = 0  # leases from Redis, or shares while it is away
         self.fleet: dict[str, dict[str, Any]] = {}  # each live gateway's status, this one's too
         self._seen: dict[str, tuple[int, float]] = {}  # backend -> breaker trips, busy until
 
@@ -180,7 +181,7 @@ class SharedSlots:
         """One round trip: news of the backends, the leases given back since the last round,
         and as many leases as requests wait for (each model's in one script call)."""
         scheduler = self._scheduler
-        news, wanted = self._news(), scheduler.wanted()
+        news, wanted, granted = self._news(), scheduler.wanted(), self.granted
         returned, self._unreturned = self._unreturned + self._leases(), []
         if not self.up:  # each gateway its share; what it gives back lapses
             for model, count in wanted.items():
@@ -195,7 +196,9 @@ class SharedSlots:
             asked = {model: backends for model, backends in asked.items() if backends}
             answers = await self._write(news, returned, asked)
             for model, answer in answers.items():
-                self._granted(model, asked[model], answer)
+                self._granted(model, asked[model], *answer)
+        if self.granted != granted:
+            self._changed()  # once for all: the requests bound are woken
         self._unreturned = self._leases()  # granted, but the requests left meanwhile
         if self._unreturned:
             self._wake.set()
@@ -230,10 +233,10 @@ class SharedSlots:
         news: list[bytes],
         returned: list[tuple[str, str, str]],
         asked: dict[str, list[Backend]],
-    ) -> dict[str, tuple[str, list[Any]]]:
+    ) -> dict[str, tuple[str, int, list[Any]]]:
         """News, leases given back, leases asked for, in one pipeline: per model asked, the
-        prefix of its leases' ids and the script's answer. Models no longer waited for are
-        withdrawn from the order."""
+        prefix of its leases' ids, how many were asked for, and the script's answer. Models no
+        longer waited for are withdrawn from the order."""
         commands: list[Command] = [["PUBLISH", HEALTH, message] for message in news]
         if returned:
             models = sorted({model for _, model, _ in returned})
@@ -249,14 +252,16 @@ class SharedSlots:
             count = min(wanted[model], _LEASES_PER_ROUND)
             asking: list[Arg] = [self._ttl_ms, prefix, self.gateway, _HEAD_MS, self._order(model)]
             asking += [count, *(b.capacity for b in backends)]
-            places[model] = prefix, len(commands)
+            places[model] = prefix, count, len(commands)
             commands.append(self._acquire.call(keys, asking))
         withdrawn = self._heading - asked.keys()
         for model in withdrawn:
             commands += [["HDEL", _heads(model), self.gateway], ["PUBLISH", CHANNEL, model]]
         self._heading -= withdrawn
         results = await self._execute(commands)
-        return {model: (prefix, results[at]) for model, (prefix, at) in places.items()}
+        return {
+            model: (prefix, count, results[at]) for model, (prefix, count, at) in places.items()
+        }
 
     async def _execute(self, commands: list[Command]) -> list[Any]:
         """The commands in one pipeline; a Redis that lost the scripts (it restarted) is given
@@ -267,12 +272,16 @@ class SharedSlots:
             await self._redis.execute([self._acquire.load(), self._give_back.load()])
             return await self._redis.execute(commands)
 
-    def _granted(self, model: str, backends: list[Backend], answer: tuple[str, list[Any]]) -> None:
-        prefix, (alive, *grants) = answer
+    def _granted(
+        self, model: str, backends: list[Backend], prefix: str, asked: int, answer: list[Any]
+    ) -> None:
+        alive, *grants = answer
         self.gateways = max(1, int(alive))
         for n, (index, client) in enumerate(zip(grants[::2], grants[1::2], strict=True), 1):
             self.acquired += 1
             self._grant(backends[int(index) - 1].name, model, f"{prefix}.{n}", client.decode())
+        if len(grants) // 2 == asked:  # all it asked for: the script took its offer away
+            self._heading.discard(model)
 
     def _take_shares(self, model: str, count: int) -> None:
         """Grants within this gateway's share of each backend's slots: the slots over the
@@ -293,7 +302,7 @@ class SharedSlots:
     def _grant(self, backend: str, model: str, lease: str, client: str = "") -> None:
         self._held[backend, model].append(lease)
         self._scheduler.grant(backend, model, client)
-        self._changed()
+        self.granted += 1
 
     async def _listen(self) -> None:
         while True:
