@@ -59,7 +59,7 @@ class Gateway:
         self.connections = Connections(self._connection_limits(settings))
         self.metrics = GatewayMetrics(self.scheduler, self.connections)
         self.shared: SharedSlots | None = None
-        if settings.state != "memory":  # Redis's client imported only for it
+        if settings.state != "memory":  # the Redis client (and hiredis) imported only for it
             from parallama.gateway.shared import SharedSlots
 
             self.shared = SharedSlots(settings.state, self.scheduler, self._waiting.changed)

@@ -10,9 +10,11 @@ renewing, and its leases lapse after `ttl` seconds. Requests still wait in each 
 queue and are bound when a lease comes (late binding), retrying every half second besides the
 messages (a lapsed lease sends none).
 
-One order decides which gateway's request gets a freed slot: each gateway, when it asks, offers
-its next request (FIFO: its priority and arrival time; fair: its next clients, whose turns are
-kept in Redis), and a slot goes only to one that no other gateway's offered request comes before.
+Each round of the pump is one round trip: the leases given back since the last, and per model
+as many as requests wait for. One order decides which gateway's request gets a freed slot: each
+gateway, when it asks, offers its next requests (FIFO: their priority and arrival time; fair: its
+next clients, whose turns are kept in Redis), and a slot goes to one of them only while more
+slots are free than other gateways' offered requests that come first.
 Every renewal also writes the gateway's queue and in-flight counts and reads all gateways' (the
 fleet in `/parallama/status` and `/metrics`); a breaker that opens, or a "server busy" answer, in
 one gateway is announced on `parallama:health` and applied by the others.

@@ -37,11 +37,11 @@ from parallama.teams.keys import (
 )
 from parallama.teams.ledger import Ledger
 from parallama.teams.limits import Headers, Limits, RateLimited
+from parallama.teams.store import Store, UsageRow
+from parallama.teams.worker import DatabaseThread
 
 if TYPE_CHECKING:
     from parallama.teams.shared_windows import SharedWindows
-from parallama.teams.store import Store, UsageRow
-from parallama.teams.worker import DatabaseThread
 
 log = logging.getLogger("parallama.teams")
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class Access:
         self._thread = DatabaseThread()
         self.limits = Limits()
         self.windows: SharedWindows | None = None
-        if state != "memory":  # Redis's client imported only for it
+        if state != "memory":  # the Redis client (and hiredis) imported only for it
             from parallama.teams.shared_windows import SharedWindows
 
             self.windows = SharedWindows(state)
