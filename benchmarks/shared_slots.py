@@ -79,9 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     mean_service = (sum(TOKENS) / 2) / DECODE_TPS
     rate = args.load * SLOTS * BACKENDS / mean_service
-    sim = ("sim", "--port", "0", "--port", "0", "--profile", "fast")
-    sim += ("--num-parallel", str(SLOTS), "--decode-tps", str(DECODE_TPS), "--batch-slowdown", "0")
-    sim += ("--output-tokens", "1000")  # natural answers longer than any asked: num_predict cuts
+    sim = ["sim", "--port", "0", "--port", "0", "--profile", "fast", "--batch-slowdown", "0"]
+    sim += ["--num-parallel", str(SLOTS), "--decode-tps", str(DECODE_TPS)]
+    sim += ["--output-tokens", "1000"]  # natural answers longer than any asked: num_predict cuts
     results: dict[str, list[Answer]] = {}
     with started(*sim) as backends, redis() as (state, _):
         for name, extra in (("each on its own", ()), ("shared through Redis", ("--state", state))):
