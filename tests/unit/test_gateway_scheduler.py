@@ -6,6 +6,7 @@ import pytest
 
 from parallama.core.scheduler import (
     Backend,
+    DeadlineError,
     NoBackendError,
     Outcome,
     QueueFullError,
@@ -336,3 +337,30 @@ def test_the_next_tickets_are_those_leases_would_go_to_in_order() -> None:
     low, high, later = s.submit(M), s.submit(M, priority=5), s.submit(M)
     assert s.next_tickets(M, 2) == [high, low]
     assert s.next_tickets(M, 9) == [high, low, later]
+
+
+def test_a_request_that_would_wait_past_its_deadline_is_refused_at_once() -> None:
+    clock = FakeClock()
+    s = make(Backend("a", slots=2), clock=clock)
+    timed = [s.submit(M), s.submit(M)]
+    clock.now = 4.0
+    for ticket in timed:
+        s.release(ticket)  # answers take 4 s: the model's service time
+    running = [s.submit(M), s.submit(M)]  # the two slots busy again
+    assert s.expected_wait(M) == 2.0  # the next slot frees in 4 s / 2 slots on average
+    waiting = s.submit(M, deadline=2.5)  # fits: it queues
+    assert waiting.queued and s.expected_wait(M) == 4.0
+    with pytest.raises(DeadlineError, match=r"expected wait of 4\.0 s exceeds .* deadline of 3 s"):
+        s.submit(M, deadline=3)
+    assert s.outcomes[Outcome.REJECTED] == 1 and adds_up(s)
+    s.release(running[0])
+    assert waiting.backend is not None
+
+
+def test_a_deadline_is_not_held_against_a_request_that_binds_at_once() -> None:
+    clock = FakeClock()
+    s = make(Backend("a", slots=1), clock=clock)
+    first = s.submit(M)
+    clock.now = 60.0
+    s.release(first)  # one answer took a minute
+    assert s.submit(M, deadline=0.5).backend is not None  # a free slot: no wait at all

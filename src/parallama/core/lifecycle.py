@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from parallama.core.exchange import Exchange
 from parallama.core.scheduler import (
+    DeadlineError,
     NoBackendError,
     Outcome,
     QueueFullError,
@@ -125,17 +126,24 @@ class Lifecycle:
         priority: int = 0,
         weight: float = 1.0,
         session: str = "",
+        deadline: float | None = None,
     ) -> None:
         """Into the gateway's queue, or bound at once to a backend with a free slot; else an
-        `ApiError`: 503 with Retry-After (the queue is full, or no backend is healthy), or 404
-        (no backend has `requested`, the model name as the client wrote it)."""
+        `ApiError`: 503 with Retry-After (the queue is full, no backend is healthy, or the wait
+        expected is longer than the request's `deadline`), or 404 (no backend has `requested`,
+        the model name as the client wrote it)."""
         scheduler, exchange = self._scheduler, self.exchange
         exchange.model, exchange.client = model, client
         try:
             self._ticket = scheduler.submit(
-                model, client=client, priority=priority, session=session, weight=weight
+                model,
+                client=client,
+                priority=priority,
+                session=session,
+                weight=weight,
+                deadline=deadline,
             )
-        except (QueueFullError, UnavailableError) as refused:
+        except (QueueFullError, UnavailableError, DeadlineError) as refused:
             exchange.outcome = Outcome.REJECTED.value
             retry = str(int(refused.retry_after))
             message = f"{refused}: try again in {retry} s"

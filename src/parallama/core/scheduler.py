@@ -52,6 +52,17 @@ class QueueFullError(Exception):
         self.retry_after = retry_after
 
 
+class DeadlineError(Exception):
+    """The wait expected for the request already exceeds the deadline it came with."""
+
+    def __init__(self, expected: float, deadline: float, retry_after: float) -> None:
+        wait = f"{expected:.1f} s"
+        super().__init__(
+            f"the expected wait of {wait} exceeds the request's deadline of {deadline:g} s"
+        )
+        self.retry_after = retry_after
+
+
 class NoBackendError(Exception):
     """No backend has or may serve the model: waiting would never end."""
 
@@ -417,11 +428,12 @@ class Scheduler:
         priority: int = 0,
         session: str = "",
         weight: float = 1.0,
+        deadline: float | None = None,
     ) -> Ticket:
-        """Admit a request, or raise `QueueFullError`, `NoBackendError` or `UnavailableError`
-        (counted as rejected).
+        """Admit a request, or raise `QueueFullError`, `NoBackendError`, `UnavailableError`
+        or `DeadlineError` (counted as rejected).
 
-        The queue bounds apply only to requests that would have to wait."""
+        The queue bounds and the deadline apply only to requests that would have to wait."""
         self.total += 1
         ticket = Ticket(model, client, priority, self._clock(), next(self._seq), session, weight)
         if self.queue_depth(model) == 0:
@@ -444,6 +456,9 @@ class Scheduler:
         if self.queue_depth(model) >= self.settings.max_queue_per_model:
             self._end(ticket, Outcome.REJECTED)
             raise QueueFullError(f"model '{model}'", self.retry_after(model))
+        if deadline is not None and (expected := self.expected_wait(model)) > deadline:
+            self._end(ticket, Outcome.REJECTED)
+            raise DeadlineError(expected, deadline, self.retry_after(model))
         queue = self._queues.setdefault(model, _ModelQueue(self.settings.discipline))
         queue.push(ticket)
         heapq.heappush(self._waiting, (ticket.queue_key, ticket.seq, ticket))
@@ -546,6 +561,16 @@ class Scheduler:
     def take_timed_out(self) -> list[Ticket]:
         timed_out, self._timed_out = self._timed_out, []
         return timed_out
+
+    def expected_wait(self, model: str) -> float:
+        """Seconds a request of `model` queued now can expect to wait: until as many answers
+        as there are requests ahead of it, and one more, have ended on the slots serving it, at
+        the model's observed service time (0 before any answer was timed: no evidence)."""
+        capacity = sum(b.capacity for b in self.backends.values() if b.serves(model))
+        per_request = self._service_seconds.get(model, 0.0)
+        if capacity == 0:
+            return self.settings.queue_timeout
+        return (self.queue_depth(model) + 1) * per_request / capacity
 
     def retry_after(self, model: str) -> float:
         """Seconds until the model's queue has likely drained: what `Retry-After` says."""

@@ -46,6 +46,7 @@ _NDJSON = ollama.NDJSON.encode()
 _EVENT_STREAM = openai.EVENT_STREAM.encode()
 _JSON = b"application/json"
 # A client's credentials for the gateway, never sent on to a backend.
+_QUEUE_WAIT = b"x-queue-wait-ms"  # the answer's time in the gateway's queue, over all its waits
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 
@@ -120,6 +121,8 @@ class Proxy:
                 body = with_model(body, model)
         life = Lifecycle(scheduler, exchange, self.settings.retries, waiting.changed)
         affine = scheduler.policy(model) == "session-affinity"
+        # On every answer (refusals too), its last header; a list of its own: it is updated.
+        reply.extra_headers = [*reply.extra_headers, (_QUEUE_WAIT, b"0")]
         try:
             life.admit(
                 model,
@@ -128,11 +131,14 @@ class Proxy:
                 priority=info.priority,
                 weight=weight,
                 session=info.session if affine else "",  # hashed only when it is used
+                deadline=info.deadline,
             )
             outbound = _Outbound(path, request.target, forwarded, body, info)
             while True:
                 if life.waiting:
                     await waiting.until_bound(life.ticket)
+                    waited = life.ticket.queue_seconds(time.monotonic())
+                    reply.extra_headers[-1] = (_QUEUE_WAIT, b"%d" % round(waited * 1000))
                 try:
                     await self._attempt(reply, outbound, life)
                     return

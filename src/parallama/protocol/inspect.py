@@ -31,6 +31,7 @@ STREAM_DEFAULTS: dict[str, tuple[Dialect, bool]] = {
     "/v1/embeddings": ("openai", False),
 }
 PRIORITY_RANGE = range(-10, 11)
+MAX_DEADLINE = 86_400
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class RequestInfo:
     stream: bool
     client: str
     priority: int
+    deadline: float | None = None  # X-Request-Deadline: seconds the client will wait at most
     session_id: str = ""  # the X-Session-Id header
     leading: Any = None  # the conversation's beginning (see `leading_part`)
 
@@ -86,6 +88,20 @@ def parse_priority(headers: Mapping[str, str]) -> int:
     return value
 
 
+def parse_deadline(headers: Mapping[str, str]) -> float | None:
+    """`X-Request-Deadline`: the seconds the client will wait for its answer at most."""
+    raw = headers.get("X-Request-Deadline", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"X-Request-Deadline must be seconds, not {raw[:32]!r}") from None
+    if not 0 < value <= MAX_DEADLINE:  # also NaN
+        raise ApiError(400, f"X-Request-Deadline must be above 0 and at most {MAX_DEADLINE} s")
+    return value
+
+
 def leading_part(data: Mapping[str, Any]) -> Any:
     """A conversation's beginning: its messages up to the first user message (any system
     prompt, and the first question), or the prompt's first 256 characters; None if the request
@@ -115,7 +131,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: str) -> RequestInfo:
-    """Read model, stream, client and priority; raise `ApiError` for what cannot be sent."""
+    """Read model, stream, client, priority and deadline; raise `ApiError` for what cannot be
+    sent."""
     dialect, stream_default = STREAM_DEFAULTS[path]
     data = parse_json_object(body)
     model = data.get("model")
@@ -136,6 +153,7 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         stream=stream,
         client=client_identity(headers, remote),
         priority=parse_priority(headers),
+        deadline=parse_deadline(headers),
         session_id=headers.get("X-Session-Id", "").strip()[:128],
         leading=leading_part(data),
     )

@@ -1,0 +1,76 @@
+"""Honest waiting: every answer says how long it waited in the queue, and a request whose
+deadline the queue ahead of it already exceeds is refused at once, not timed out later."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from parallama.config import BackendSettings
+from tests.simhelpers import CHAT_MODEL, gateway_with, sim_server, wait_for_gateway
+
+GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
+CHAT = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_answers_carry_their_queue_wait_and_a_hopeless_deadline_is_refused_at_once() -> None:
+    # One slot; an answer takes about half a second.
+    with (
+        sim_server(decode_tps=40.0, output_tokens=(20, 20), num_parallel=1) as slow,
+        gateway_with((BackendSettings(url=slow.url, slots=1),)) as gateway,
+    ):
+        url = gateway.url
+        first = httpx.post(f"{url}/api/generate", json=GENERATE, timeout=30)
+        assert first.headers["X-Queue-Wait-Ms"] == "0"  # a free slot: no wait
+
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], float]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                ahead = [
+                    asyncio.ensure_future(client.post("/api/generate", json=GENERATE))
+                    for _ in range(3)
+                ]  # one runs, two wait
+                await asyncio.to_thread(
+                    wait_for_gateway, url, lambda s: s["queue_size"] == 2 and s["active"] == 1
+                )
+                began = time.monotonic()
+                hopeless = await asyncio.gather(
+                    client.post(
+                        "/api/generate", json=GENERATE, headers={"X-Request-Deadline": "0.3"}
+                    ),
+                    client.post(
+                        "/v1/chat/completions", json=CHAT, headers={"X-Request-Deadline": "0.3"}
+                    ),
+                )
+                refused_in = time.monotonic() - began
+                patient = client.post(
+                    "/api/generate", json=GENERATE, headers={"X-Request-Deadline": "30"}
+                )
+                served = await asyncio.gather(patient, *ahead)
+                return list(hopeless), served, refused_in
+
+        hopeless, served, refused_in = asyncio.run(scenario())
+    ollama, openai = hopeless
+    assert (ollama.status_code, openai.status_code) == (503, 503)
+    assert refused_in < 0.3  # at once: not after waiting out its deadline
+    assert "exceeds the request's deadline of 0.3 s" in ollama.json()["error"]
+    assert openai.json()["error"]["message"].startswith("the expected wait of")
+    assert int(ollama.headers["Retry-After"]) >= 1
+    assert ollama.headers["X-Queue-Wait-Ms"] == "0"
+    assert [a.status_code for a in served] == [200] * 4
+    patient_wait = int(served[0].headers["X-Queue-Wait-Ms"])
+    assert patient_wait > 500  # behind the two that waited before it, at ~0.5 s each
+
+
+def test_a_deadline_that_is_not_a_positive_number_of_seconds_is_a_400() -> None:
+    with (
+        sim_server() as sim,
+        gateway_with((BackendSettings(url=sim.url),)) as gateway,
+    ):
+        for bad in ("soon", "0", "-1", "nan", "1e9"):
+            answer = httpx.post(
+                f"{gateway.url}/api/generate", json=GENERATE, headers={"X-Request-Deadline": bad}
+            )
+            assert answer.status_code == 400
+            assert "X-Request-Deadline" in answer.json()["error"]
