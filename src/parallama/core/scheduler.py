@@ -24,7 +24,7 @@ import heapq
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -222,6 +222,12 @@ class _ModelQueue:
             return self._heap[0][2]
         return self._clients[self._next_client()].heap[0][2]
 
+    def tickets(self) -> Iterator[Ticket]:
+        """Every request waiting, in no order."""
+        if not self._fair:
+            return (ticket for _, _, ticket in self._heap)
+        return (ticket for c in self._clients.values() for _, _, ticket in c.heap)
+
     def firsts(self, count: int) -> list[Ticket]:
         """FIFO: the first `count` in the order `pop` would return them."""
         return [ticket for _, _, ticket in heapq.nsmallest(count, self._heap)]
@@ -402,6 +408,14 @@ class Scheduler:
     def queue_depth(self, model: str) -> int:
         queue = self._queues.get(model)
         return len(queue) if queue else 0
+
+    def oldest_waits(self, now: float) -> dict[str, float]:
+        """Per model with requests waiting, how long the longest-waiting one has waited."""
+        return {
+            model: max(ticket.queue_seconds(now) for ticket in queue.tickets())
+            for model, queue in self._queues.items()
+            if queue
+        }
 
     def queue_depths(self) -> dict[str, int]:
         """Waiting requests of each model that has any."""

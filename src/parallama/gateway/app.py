@@ -20,6 +20,7 @@ from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, ConfigError, excerpt
 from parallama.gateway.admin import Admin
+from parallama.gateway.dashboard import Dashboard
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
 from parallama.gateway.listings import Listings
@@ -70,7 +71,8 @@ class Gateway:
             self.metrics.registry.register(self.access.collector())
         self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, settings, self.access)
         self._listings = Listings(self.scheduler, self.fleet, settings.connect_timeout)
-        admin = Admin(self)
+        self.admin = admin = Admin(self)
+        self.dashboard = dashboard = Dashboard(self)
         self.routes: dict[str, dict[str, Route]] = {
             "/": {"GET": admin.root},
             "/api/version": {"GET": admin.version},
@@ -79,6 +81,10 @@ class Gateway:
             "/v1/models": {"GET": self._listings.models},
             "/metrics": {"GET": admin.prometheus},
             "/parallama/status": {"GET": admin.status},
+            "/parallama": {"GET": dashboard.page},
+            "/parallama/": {"GET": dashboard.page},
+            "/parallama/feed": {"GET": dashboard.feed},
+            "/parallama/snapshot": {"GET": dashboard.snapshot},
             "/parallama/reload": {"POST": admin.reload},
             "/parallama/keys": {"GET": admin.keys, "POST": admin.keys},
             "/parallama/keys/revoke": {"POST": admin.revoke_key},
@@ -233,6 +239,7 @@ class Gateway:
 
     def _record(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange)
+        self.dashboard.recent.observe(exchange)
         if self.access is not None:
             self.access.record(exchange)
         if not self.settings.log_requests:

@@ -279,6 +279,20 @@ class Access:
     async def _in_thread_write(self, rows: Sequence[UsageRow]) -> None:
         await self._in_thread(functools.partial(self.store.write_usage, rows))
 
+    def usage_by_key(self) -> list[dict[str, Any]]:
+        """Per key since the gateway started: requests, tokens, refusals (the dashboard)."""
+        names = sorted({*self.key_names(), *(name for name, _ in self.requests)})
+        return [
+            {
+                "name": name,
+                "requests": sum(n for (k, _), n in self.requests.items() if k == name),
+                "tokens": sum(n for (k, _), n in self.tokens.items() if k == name),
+                "rate_limited": sum(n for (k, _), n in self.limited.items() if k == name),
+                "in_flight": self.limits.in_flight(name),
+            }
+            for name in names
+        ]
+
     # -- /metrics -------------------------------------------------------------------------------
 
     def collector(self) -> Collector:
