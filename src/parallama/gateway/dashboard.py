@@ -143,6 +143,7 @@ class Dashboard:
         self._started = time.monotonic()
         labels = ModelLabels(gateway.scheduler.lists)
         self.recent = Recent(labels, time.monotonic)
+        self._made, self._made_at = b"", -math.inf
 
     async def page(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         reply.send(200, _page(), _HTML, [(b"cache-control", b"no-store")])
@@ -158,10 +159,18 @@ class Dashboard:
         reply.start(200, [(b"cache-control", b"no-store")], _EVENTS)
         try:
             while True:
-                await reply.write(b"data: " + orjson.dumps(self.state()) + b"\n\n")
+                await reply.write(self._event())
                 await asyncio.sleep(_FEED_SECONDS)
         except ClientGone:
             return
+
+    def _event(self) -> bytes:
+        """The snapshot as an event, made once for every open dashboard in the same moment."""
+        now = time.monotonic()
+        if now - self._made_at >= _FEED_SECONDS / 2:
+            self._made = b"data: " + orjson.dumps(self.state()) + b"\n\n"
+            self._made_at = now
+        return self._made
 
     def state(self) -> dict[str, Any]:
         """The fleet now, and over the last minute."""
