@@ -186,6 +186,19 @@ class GatewaySettings(BaseModel):
         None,
         description="bearer token for POST /parallama/reload (unset: loopback clients only)",
     )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces): a span "
+        "per model request, with its queue wait, each backend attempt and its stream; the "
+        "backends are sent a W3C traceparent",
+    )
+    trace_sample: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of requests traced when otlp_endpoint is set (a request that comes "
+        "with a sampled traceparent always is)",
+    )
     state: str = Field(
         "memory",
         description="memory: this process alone; redis://host:port/db: every gateway naming "
@@ -225,7 +238,7 @@ class GatewaySettings(BaseModel):
     @field_validator("state")
     @classmethod
     def _state_url(cls, state: str) -> str:
-        if state != "memory" and not state.startswith(("redis://", "rediss://", "unix://")):
+        if state != "memory" and not state.startswith(("redis://", "rediss://")):
             raise ValueError("memory, or a Redis URL: redis://host:port/db")
         return state
 

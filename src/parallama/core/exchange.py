@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from parallama.core.trace import Trace
 from parallama.errors import excerpt
 from parallama.protocol.usage import Usage
 from parallama.teams.keys import redact_keys
@@ -33,6 +34,7 @@ class Exchange:
     finished_at: float | None = None
     usage: Usage | None = None
     failed_over: tuple[str, ...] = ()  # the backends it moved away from, in order
+    trace: Trace | None = None  # when it is traced (`otlp_endpoint`)
 
     @property
     def seconds(self) -> float | None:

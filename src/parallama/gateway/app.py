@@ -36,12 +36,13 @@ from parallama.teams.store import Store
 
 if TYPE_CHECKING:
     from parallama.gateway.shared import SharedSlots
+    from parallama.gateway.tracing import Tracing
 
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
 _READ_AT_START = (
     *("host", "port", "log_format", "log_level", "max_connections", "state", "workers"),
-    *("auth", "database", "ledger", "ledger_buffer"),
+    *("auth", "database", "ledger", "ledger_buffer", "otlp_endpoint", "trace_sample"),
 )
 log = logging.getLogger("parallama.gateway")
 
@@ -66,6 +67,11 @@ class Gateway:
             self.shared = SharedSlots(settings.state, self.scheduler, self._waiting.changed)
             self._waiting.also = self.shared.changed
             self.metrics.registry.register(self.shared.collector())
+        self.tracing: Tracing | None = None
+        if settings.otlp_endpoint is not None:
+            from parallama.gateway.tracing import Tracing
+
+            self.tracing = Tracing(settings.otlp_endpoint, settings.trace_sample)
         self.access = _access(settings)
         if self.access is not None:
             self.metrics.registry.register(self.access.collector())
@@ -124,6 +130,8 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        if self.tracing is not None:
+            await self.tracing.start()
         if self.shared is not None:
             await self.shared.start()
         if self.access is not None:
@@ -153,6 +161,8 @@ class Gateway:
             await self.shared.stop()  # the leases back at once, not after their TTL
         if self.access is not None:
             await self.access.stop()  # after the requests: their rows are in the ledger
+        if self.tracing is not None:
+            await self.tracing.stop()  # their spans too
 
     def reconfigure(self, settings: GatewaySettings) -> list[str]:
         """Apply new settings while requests flow; return what changed. The address, the log
@@ -182,6 +192,8 @@ class Gateway:
         """Every answer in the API's own dialect, and one record per request."""
         path = request.path
         exchange = Exchange(request.method, path, f"addr:{request.remote}", time.monotonic())
+        if self.tracing is not None and path in STREAM_DEFAULTS:
+            exchange.trace = self.tracing.begin(request.headers)
         try:
             try:
                 self._check_host_header(request)
@@ -240,6 +252,8 @@ class Gateway:
     def _record(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange)
         self.dashboard.recent.observe(exchange)
+        if self.tracing is not None:
+            self.tracing.finish(exchange)
         if self.access is not None:
             self.access.record(exchange)
         if not self.settings.log_requests:

@@ -134,13 +134,14 @@ class Proxy:
                 deadline=info.deadline,
             )
             outbound = _Outbound(path, request.target, forwarded, body, info)
+            attempt = self._attempt if exchange.trace is None else self._traced_attempt
             while True:
                 if life.waiting:
                     await waiting.until_bound(life.ticket)
                     waited = life.ticket.queue_seconds(time.monotonic())
                     reply.extra_headers[-1] = (_QUEUE_WAIT, b"%d" % round(waited * 1000))
                 try:
-                    await self._attempt(reply, outbound, life)
+                    await attempt(reply, outbound, life)
                     return
                 except _Failover as failed:
                     given_up = life.failed(failed.failure)
@@ -166,9 +167,12 @@ class Proxy:
                 reply.extra_headers = refused.rate_headers
             raise
 
-    async def _attempt(self, reply: Reply, outbound: _Outbound, life: Lifecycle) -> None:
+    async def _attempt(
+        self, reply: Reply, outbound: _Outbound, life: Lifecycle, traceparent: bytes | None = None
+    ) -> None:
         """One backend's try at the request; `_Failover` if it failed before a byte reached
-        the client (then `life` decides whether another backend may try)."""
+        the client (then `life` decides whether another backend may try). `traceparent`: the
+        attempt's trace context, for the backend."""
         base = life.attempt()
         relay = self._relay(outbound, life)
         if relay.local is not None:  # nothing for the engine to do
@@ -180,6 +184,9 @@ class Proxy:
         relayed = _Relayed()
         try:
             sent = relay.request_headers(outbound.headers)
+            if traceparent is not None:  # the trace goes on at the backend, under this attempt
+                sent = [(k, v) for k, v in sent if k.lower() != b"traceparent"]
+                sent.append((b"traceparent", traceparent))
             answer = await self.fleet.upstream(base).send(b"POST", relay.target, sent, relay.body)
             upstream_status = answer.status
             status = relay.status(upstream_status)
@@ -217,6 +224,24 @@ class Proxy:
             if answer is not None:
                 answer.release()  # back to the pool, or closed if the answer did not end
         life.ended(status, relayed.usage(outbound.body) if status == 200 else None)
+
+    async def _traced_attempt(self, reply: Reply, outbound: _Outbound, life: Lifecycle) -> None:
+        """`_attempt`, as a span of the request's trace: its backend, outcome and status."""
+        trace = life.exchange.trace
+        assert trace is not None
+        attempt = trace.attempt(life.attempt(), time.monotonic())
+        try:
+            await self._attempt(reply, outbound, life, trace.traceparent(attempt))
+            attempt.outcome = "answered" if reply.status < 500 else "failed"
+        except _Failover:
+            attempt.outcome = "failed over"
+            raise
+        except BaseException:
+            attempt.outcome = "client left"
+            raise
+        finally:
+            attempt.ended = time.monotonic()
+            attempt.status = life.exchange.status
 
     def _relay(self, outbound: _Outbound, life: Lifecycle) -> Relay:
         """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
