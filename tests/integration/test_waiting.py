@@ -74,3 +74,98 @@ def test_a_deadline_that_is_not_a_positive_number_of_seconds_is_a_400() -> None:
             )
             assert answer.status_code == 400
             assert "X-Request-Deadline" in answer.json()["error"]
+
+
+CHAT_STREAM = {**CHAT, "stream": True}
+UPDATES = {"X-Queue-Updates": "1"}
+
+
+def test_a_waiting_openai_stream_is_told_its_place_and_the_official_client_reads_on() -> None:
+    import openai
+
+    # One slot; an answer takes about a second.
+    with (
+        sim_server(decode_tps=40.0, output_tokens=(40, 40), num_parallel=1) as slow,
+        gateway_with((BackendSettings(url=slow.url, slots=1),)) as gateway,
+    ):
+        url = gateway.url
+
+        async def scenario() -> tuple[list[str], str, str]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                ahead = [
+                    asyncio.ensure_future(client.post("/api/generate", json=GENERATE))
+                    for _ in range(2)
+                ]  # one runs, one waits
+                await asyncio.to_thread(
+                    wait_for_gateway, url, lambda s: s["queue_size"] == 1 and s["active"] == 1
+                )
+                lines: list[str] = []
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=CHAT_STREAM, headers=UPDATES
+                ) as answer:
+                    kind = answer.headers["content-type"]
+                    async for line in answer.aiter_lines():
+                        lines.append(line)
+                ahead.append(asyncio.ensure_future(client.post("/api/generate", json=GENERATE)))
+                await asyncio.to_thread(
+                    wait_for_gateway, url, lambda s: s["active"] == 1
+                )  # the slot busy again: the official client's stream waits too
+                pieces = await asyncio.to_thread(
+                    lambda: openai.OpenAI(
+                        base_url=f"{url}/v1", api_key="-", max_retries=0
+                    ).chat.completions.create(
+                        model=CHAT_MODEL,
+                        messages=[{"role": "user", "content": "hi"}],
+                        stream=True,
+                        extra_headers=UPDATES,
+                    )
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+                await asyncio.gather(*ahead)
+                return lines, kind, text
+
+        lines, kind, text = asyncio.run(scenario())
+    assert kind.startswith("text/event-stream")
+    told = [int(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(": queued, position")]
+    assert told[0] == 2 and told == sorted(told, reverse=True) and told[-1] >= 1
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert all(not line.startswith(":") for line in lines[first_data:])  # told only while waiting
+    assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert text  # the official client skipped the comments and read the answer whole
+
+
+def test_a_stream_told_of_its_wait_that_times_out_ends_with_an_error_event() -> None:
+    import openai
+
+    with (
+        sim_server(decode_tps=10.0, output_tokens=(40, 40), num_parallel=1) as slow,
+        gateway_with((BackendSettings(url=slow.url, slots=1),), queue_timeout=0.5) as gateway,
+    ):
+        url = gateway.url
+
+        async def scenario() -> str:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                busy = asyncio.ensure_future(client.post("/api/generate", json=GENERATE))
+                await asyncio.to_thread(wait_for_gateway, url, lambda s: s["active"] == 1)
+                client_error = await asyncio.to_thread(told_then_timed_out, url)
+                await busy
+                return client_error
+
+        def told_then_timed_out(url: str) -> str:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+            stream = client.chat.completions.create(
+                model=CHAT_MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                extra_headers=UPDATES,
+            )
+            try:
+                list(stream)
+            except openai.APIError as raised:
+                return str(raised)
+            return "no error"
+
+        message = asyncio.run(scenario())
+        status = wait_for_gateway(url, lambda s: s["timed_out"] == 1)
+    assert "timed out after 0.5 s waiting in the queue" in message
+    assert status["timed_out"] == 1

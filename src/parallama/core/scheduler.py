@@ -409,6 +409,16 @@ class Scheduler:
         queue = self._queues.get(model)
         return len(queue) if queue else 0
 
+    def position(self, ticket: Ticket) -> int:
+        """A waiting request's place in its model's queue, from 1: how many would be bound
+        before it, plus one (by priority and arrival; in the fair discipline, other clients'
+        turns can move it)."""
+        queue = self._queues.get(ticket.model)
+        if queue is None or not ticket.queued:
+            return 0
+        mine = (-ticket.priority, ticket.seq)
+        return 1 + sum((-t.priority, t.seq) < mine for t in queue.tickets())
+
     def oldest_waits(self, now: float) -> dict[str, float]:
         """Per model with requests waiting, how long the longest-waiting one has waited."""
         return {

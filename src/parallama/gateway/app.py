@@ -25,11 +25,11 @@ from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
 from parallama.gateway.listings import Listings
 from parallama.gateway.metrics import GatewayMetrics
-from parallama.gateway.proxy import Proxy
+from parallama.gateway.proxy import Proxy, refuse
 from parallama.gateway.server import ClientGone, Reply, Request, start_server
 from parallama.gateway.waiting import Waiting
 from parallama.protocol.hosts import host_of, local_host, loopback_only
-from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of, error_body
+from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of
 from parallama.runtime import http_url
 from parallama.teams.access import Access
 from parallama.teams.store import Store
@@ -206,10 +206,12 @@ class Gateway:
                 await route(request, reply, exchange)
             except ApiError as exc:
                 exchange.error = exc.message
-                status = exc.status
-                body = error_body(dialect_of(path), status, exc.message, exc.code)
                 headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-                reply.send(status, body, headers=headers)
+                exchange.status = exc.status  # a stream told of its wait already said 200
+                dialect = dialect_of(path)
+                await refuse(
+                    reply, dialect, exc.status, exc.message, code=exc.code, headers=headers
+                )
             exchange.status = exchange.status or reply.status
         except BaseException as exc:
             # 499, as nginx logs it: the client closed the connection before the answer ended.

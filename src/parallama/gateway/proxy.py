@@ -11,8 +11,11 @@ frees.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from parallama.config import GatewaySettings
@@ -27,7 +30,13 @@ from parallama.gateway.server import ClientGone, Reply, Request
 from parallama.gateway.upstream import Connection, UpstreamError, UpstreamTimeout
 from parallama.gateway.waiting import Waiting
 from parallama.protocol import ollama, openai
-from parallama.protocol.inspect import RequestInfo, error_body, inspect_request, with_model
+from parallama.protocol.inspect import (
+    Dialect,
+    RequestInfo,
+    error_body,
+    inspect_request,
+    with_model,
+)
 from parallama.protocol.ollama import normalize_name
 from parallama.protocol.translate import BadAnswer, ollama_request
 from parallama.protocol.usage import (
@@ -46,6 +55,7 @@ _NDJSON = ollama.NDJSON.encode()
 _EVENT_STREAM = openai.EVENT_STREAM.encode()
 _JSON = b"application/json"
 # A client's credentials for the gateway, never sent on to a backend.
+_UPDATE_SECONDS = 1.0  # between a waiting stream's position comments
 _QUEUE_WAIT = b"x-queue-wait-ms"  # the answer's time in the gateway's queue, over all its waits
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
@@ -58,6 +68,24 @@ def _error_chunk(content_type: bytes, message: str) -> bytes | None:
     if content_type.startswith(openai.EVENT_STREAM.encode()):
         return b"data: " + openai.error_body(502, message) + b"\n\n"
     return None
+
+
+async def refuse(
+    reply: Reply,
+    dialect: Dialect,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """An error in the route's own format: the whole answer; or, for a stream whose head went
+    out while it waited (`X-Queue-Updates`), its one event: the OpenAI error object."""
+    if not reply.started:
+        reply.send(status, error_body(dialect, status, message, code), headers=headers)
+        return
+    await reply.write(b"data: " + openai.error_body(status, message, code) + b"\n\n")
+    reply.end()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +165,10 @@ class Proxy:
             attempt = self._attempt if exchange.trace is None else self._traced_attempt
             while True:
                 if life.waiting:
-                    await waiting.until_bound(life.ticket)
+                    if info.queue_updates:
+                        await self._wait_telling(reply, life)
+                    else:
+                        await waiting.until_bound(life.ticket)
                     waited = life.ticket.queue_seconds(time.monotonic())
                     reply.extra_headers[-1] = (_QUEUE_WAIT, b"%d" % round(waited * 1000))
                 try:
@@ -146,13 +177,25 @@ class Proxy:
                 except _Failover as failed:
                     given_up = life.failed(failed.failure)
                     if given_up is not None:
-                        status = given_up.status
-                        reply.send(status, error_body(info.dialect, status, given_up.message))
+                        await refuse(reply, info.dialect, given_up.status, given_up.message)
                         return
         finally:
             life.close(time.monotonic())
             if key is not None and self._access is not None:
                 self._access.finish(key, exchange)
+
+    async def _wait_telling(self, reply: Reply, life: Lifecycle) -> None:
+        """Wait for a backend, telling the client its place in the queue once a second: the
+        stream's head goes out now, and SSE comments (`: queued, position 3`, which SSE
+        clients skip) until the answer's first event."""
+        if not reply.started:
+            reply.start(200, [(b"cache-control", b"no-cache")], _EVENT_STREAM)
+        ticket = life.ticket
+        while life.waiting:
+            await reply.write(b": queued, position %d\n\n" % self.scheduler.position(ticket))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_UPDATE_SECONDS):
+                    await self._waiting.until_bound(ticket)
 
     async def _admit(self, key: str, model: str, reply: Reply, exchange: Exchange) -> ApiKey:
         """The key's say: may it use the model, is it within its limits (else 403, 429)."""
@@ -196,7 +239,7 @@ class Proxy:
             if not outbound.info.stream or upstream_status != 200:  # one answer: whole
                 whole = relay.whole(upstream_status, await answer.read())
                 relayed.tail = whole[-TAIL_BYTES:]
-                reply.send(status, whole, None, headers)
+                await _whole(reply, status, whole, headers)
             else:
                 await _stream(answer, relay, reply, life, relayed, status=status, headers=headers)
         except ClientGone:
@@ -207,7 +250,7 @@ class Proxy:
             status = 504 if isinstance(exc, UpstreamTimeout) else 502
             reason = f"backend {base} {exc}"
             log.warning("backend failed", extra={"fields": {"backend": base, "error": reason}})
-            if not reply.started:
+            if not relayed.began:
                 # It answered, however badly (BadAnswer), or may have been working on it.
                 worked_on = not isinstance(exc, UpstreamError) or exc.reached
                 raise _Failover(Failure(status, reason, worked_on=worked_on)) from None
@@ -264,6 +307,7 @@ class _Relayed:
     at the end) and, for a stream, the pieces (lines) relayed."""
 
     tail: bytes = b""
+    began: bool = False  # the answer's first bytes went to the client
     lines: int = 0
     event_stream: bool = False
 
@@ -274,6 +318,16 @@ class _Relayed:
             return said
         pieces = self.lines // 2 if self.event_stream else self.lines  # "data: ...\n\n"
         return estimated_usage(len(body), pieces)
+
+
+async def _whole(reply: Reply, status: int, whole: bytes, headers: Headers) -> None:
+    """A whole answer; or, to a stream told of its wait (its head went out), its one event:
+    a stream answers whole only with an error."""
+    if not reply.started:
+        reply.send(status, whole, None, headers)
+        return
+    await reply.write(b"data: " + whole.strip() + b"\n\n")
+    reply.end()
 
 
 async def _stream(
@@ -297,9 +351,11 @@ async def _stream(
 
     def to_client(data: bytes) -> bool:
         if chunk := relay.chunk(data):
-            if not reply.started:
+            if not relayed.began:
+                relayed.began = True
                 life.first_byte(time.monotonic())
-                reply.start(status, headers)
+                if not reply.started:  # else it went out while the request waited
+                    reply.start(status, headers)
             relayed.tail = keep_tail(relayed.tail, chunk)
             relayed.lines += chunk.count(b"\n")
             reply.write_now(chunk)

@@ -42,6 +42,7 @@ class RequestInfo:
     client: str
     priority: int
     deadline: float | None = None  # X-Request-Deadline: seconds the client will wait at most
+    queue_updates: bool = False  # X-Queue-Updates: 1 on an OpenAI stream: its place while queued
     session_id: str = ""  # the X-Session-Id header
     leading: Any = None  # the conversation's beginning (see `leading_part`)
 
@@ -154,6 +155,8 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         client=client_identity(headers, remote),
         priority=parse_priority(headers),
         deadline=parse_deadline(headers),
+        # Only SSE has comments, which every SSE client skips; NDJSON has nothing of the kind.
+        queue_updates=stream and dialect == "openai" and headers.get("X-Queue-Updates") == "1",
         session_id=headers.get("X-Session-Id", "").strip()[:128],
         leading=leading_part(data),
     )
