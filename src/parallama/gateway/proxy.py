@@ -54,9 +54,9 @@ log = logging.getLogger("parallama.gateway")
 _NDJSON = ollama.NDJSON.encode()
 _EVENT_STREAM = openai.EVENT_STREAM.encode()
 _JSON = b"application/json"
-# A client's credentials for the gateway, never sent on to a backend.
 _UPDATE_SECONDS = 1.0  # between a waiting stream's position comments
 _QUEUE_WAIT = b"x-queue-wait-ms"  # the answer's time in the gateway's queue, over all its waits
+# A client's credentials for the gateway, never sent on to a backend.
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 
