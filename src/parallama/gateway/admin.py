@@ -16,6 +16,7 @@ import orjson
 
 from parallama import __version__
 from parallama.core.exchange import Exchange
+from parallama.core.scheduler import Backend
 from parallama.errors import ApiError, ConfigError
 from parallama.gateway.metrics import CONTENT_TYPE
 from parallama.gateway.server import Reply, Request, send_json
@@ -60,24 +61,7 @@ class Admin:
         gateway = self._gateway
         s = gateway.scheduler
         counts = s.accounting()
-        backends = [
-            {
-                "url": b.name,
-                "healthy": b.healthy,
-                "breaker": b.breaker.state.value,
-                "draining": b.draining,
-                "online": b.online,
-                "slots": b.slots,
-                "capacity": b.capacity,
-                "weight": b.weight,
-                "models": sorted(b.models) if b.models is not None else None,
-                "installed": sorted(b.inventory) if b.inventory is not None else None,
-                "loaded": sorted(b.loaded),
-                "active": b.active,
-                "in_flight": dict(b.in_flight),
-            }
-            for b in s.backends.values()
-        ]
+        backends = [backend_state(b) for b in s.backends.values()]
         payload = {
             **counts,
             "timeout": counts["timed_out"],
@@ -162,6 +146,25 @@ class Admin:
         given = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError(401, "admin routes need Authorization: Bearer <admin_token>")
+
+
+def backend_state(b: Backend) -> dict[str, Any]:
+    """A backend as `/parallama/status` and the dashboard show it."""
+    return {
+        "url": b.name,
+        "healthy": b.healthy,
+        "breaker": b.breaker.state.value,
+        "draining": b.draining,
+        "online": b.online,
+        "slots": b.slots,
+        "capacity": b.capacity,
+        "weight": b.weight,
+        "models": sorted(b.models) if b.models is not None else None,
+        "installed": sorted(b.inventory) if b.inventory is not None else None,
+        "loaded": sorted(b.loaded),
+        "active": b.active,
+        "in_flight": dict(b.in_flight),
+    }
 
 
 def _loopback_origin(origin: str) -> bool:

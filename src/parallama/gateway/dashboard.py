@@ -27,6 +27,7 @@ import orjson
 from parallama import __version__
 from parallama.core.exchange import Exchange
 from parallama.errors import excerpt
+from parallama.gateway.admin import backend_state
 from parallama.gateway.metrics import ModelLabels
 from parallama.gateway.server import ClientGone, Reply, Request, send_json
 
@@ -201,16 +202,7 @@ class Dashboard:
             "totals": scheduler.accounting(),
             "backends": [
                 {
-                    "url": b.name,
-                    "healthy": b.healthy,
-                    "breaker": b.breaker.state.value,
-                    "draining": b.draining,
-                    "online": b.online,
-                    "slots": b.slots,
-                    "capacity": b.capacity,
-                    "in_flight": dict(b.in_flight),
-                    "installed": sorted(b.inventory) if b.inventory is not None else None,
-                    "loaded": sorted(b.loaded),
+                    **backend_state(b),
                     "requests_per_second": requests[b.name] / span,
                     "tokens_per_second": tokens[b.name] / span,
                     "errors": errors[b.name],
