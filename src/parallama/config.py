@@ -80,6 +80,23 @@ class ModelSettings(BaseModel):
     target: str | None = Field(
         None, description="the backends' name for it: this name becomes an alias"
     )
+    keep_alive: str | int | float | None = Field(
+        None,
+        description="keep_alive sent with every request for it (Ollama's: '10m', seconds, -1 "
+        "for ever), whatever the client asked: no client unloads it for the others",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="runner options set on every request for it (num_ctx, num_batch, ...): no "
+        "client's options make Ollama reload it",
+    )
+    strict: bool = Field(
+        False, description="refuse (400) a request whose options differ from `options`"
+    )
+
+    @property
+    def pinned(self) -> bool:
+        return self.keep_alive is not None or bool(self.options)
 
 
 def default_database() -> str:

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from parallama.errors import ApiError
-from parallama.protocol.inspect import RequestInfo, error_body, inspect_request
+from parallama.protocol.inspect import RequestInfo, error_body, inspect_request, with_pins
 from parallama.protocol.ollama import name_parts, name_too_long
 
 
@@ -142,3 +142,36 @@ def test_names_past_ollamas_part_limits_are_refused_and_the_longest_valid_one_pa
         assert refused.value.status == 400
     assert name_too_long("/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf") is None  # a llama.cpp path
     assert name_too_long("https://" + longest) is None  # the scheme is no part of the host
+
+
+def test_pinned_options_and_keep_alive_replace_the_clients_and_keep_the_rest() -> None:
+    body = orjson.dumps(
+        {
+            "model": "m",
+            "prompt": "hi",
+            "keep_alive": 0,
+            "options": {"num_ctx": 2048, "temperature": 0.2},
+            "OPTIONS": {"num_batch": 8},  # Go's decoder would read this one too
+        }
+    )
+    pinned = orjson.loads(
+        with_pins(body, "m", keep_alive="30m", options={"num_ctx": 8192}, strict=False)
+    )
+    assert pinned == {
+        "model": "m",
+        "prompt": "hi",
+        "keep_alive": "30m",
+        "options": {"num_ctx": 8192, "temperature": 0.2, "num_batch": 8},
+    }
+
+
+def test_unpinned_keep_alive_is_the_clients_and_strict_refuses_a_differing_option() -> None:
+    body = orjson.dumps({"model": "m", "Keep_Alive": "1m", "options": {"num_ctx": 2048}})
+    kept = orjson.loads(with_pins(body, "m", keep_alive=None, options={}, strict=False))
+    assert kept["keep_alive"] == "1m" and kept["options"] == {"num_ctx": 2048}
+    with pytest.raises(ApiError, match=r"runs with num_ctx = 8192") as refused:
+        with_pins(body, "m", keep_alive=None, options={"num_ctx": 8192}, strict=True)
+    assert refused.value.status == 400
+    same = orjson.dumps({"model": "m", "options": {"num_ctx": 8192}})
+    sent = with_pins(same, "m", keep_alive=None, options={"num_ctx": 8192}, strict=True)
+    assert orjson.loads(sent)["options"] == {"num_ctx": 8192}  # the same value: no refusal

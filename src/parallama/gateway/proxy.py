@@ -31,11 +31,13 @@ from parallama.gateway.upstream import Connection, UpstreamError, UpstreamTimeou
 from parallama.gateway.waiting import Waiting
 from parallama.protocol import ollama, openai
 from parallama.protocol.inspect import (
+    PINNABLE_PATHS,
     Dialect,
     RequestInfo,
     error_body,
     inspect_request,
     with_model,
+    with_pins,
 )
 from parallama.protocol.ollama import normalize_name
 from parallama.protocol.translate import BadAnswer, ollama_request
@@ -132,10 +134,7 @@ class Proxy:
         except ApiError:
             refuse_input(self.scheduler, exchange)
             raise
-        model = normalize_name(info.model)
-        target = self.settings.aliases.get(model)
-        if target is not None:
-            body, model = with_model(body, target), target
+        body, model = self._as_served(path, body, info, exchange)
         exchange.stream = info.stream
         scheduler, waiting = self.scheduler, self._waiting
         key = exchange.key
@@ -183,6 +182,30 @@ class Proxy:
             life.close(time.monotonic())
             if key is not None and self._access is not None:
                 self._access.finish(key, exchange)
+
+    def _as_served(
+        self, path: str, body: bytes, info: RequestInfo, exchange: Exchange
+    ) -> tuple[bytes, str]:
+        """The body and model as the backends are to get them: with the model's pinned
+        `keep_alive` and options (`[models."name"]`), under the backends' name for it."""
+        model = normalize_name(info.model)
+        served = self.settings.models.get(model)
+        if served is not None and served.pinned and path in PINNABLE_PATHS:
+            try:
+                body = with_pins(
+                    body,
+                    model,
+                    keep_alive=served.keep_alive,
+                    options=served.options,
+                    strict=served.strict,
+                )
+            except ApiError:
+                refuse_input(self.scheduler, exchange)
+                raise
+        target = self.settings.aliases.get(model)
+        if target is not None:
+            body, model = with_model(body, target), target
+        return body, model
 
     async def _wait_telling(self, reply: Reply, life: Lifecycle) -> None:
         """Wait for a backend, telling the client its place in the queue once a second: the

@@ -175,6 +175,41 @@ def with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(data)
 
 
+PINNABLE_PATHS = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
+
+
+def with_pins(
+    body: bytes,
+    model: str,
+    *,
+    keep_alive: str | float | None,
+    options: Mapping[str, Any],
+    strict: bool,
+) -> bytes:
+    """The body with the model's pinned `keep_alive` and runner `options` (Ollama reloads a
+    loaded model for a request whose runner options differ, and unloads it at a `keep_alive`
+    of 0). Every spelling of the two fields goes, as Go's decoder would read any of them; the
+    client's other options stay. `strict`: a client option that differs is a 400 instead."""
+    data = orjson.loads(body)
+    given: dict[str, Any] = {}
+    for field in [f for f in data if f.casefold() in ("options", "keep_alive")]:
+        value = data.pop(field)
+        if field.casefold() == "options" and isinstance(value, dict):
+            given.update(value)
+        elif field.casefold() == "keep_alive" and keep_alive is None:
+            data["keep_alive"] = value  # not pinned: the client's, as sent
+    if strict:
+        differing = sorted(k for k, v in options.items() if k in given and given[k] != v)
+        if differing:
+            pins = ", ".join(f"{k} = {options[k]!r}" for k in differing)
+            raise ApiError(400, f"model {model!r} runs with {pins}: leave it out or send that")
+    if given or options:
+        data["options"] = {**given, **options}
+    if keep_alive is not None:
+        data["keep_alive"] = keep_alive
+    return orjson.dumps(data)
+
+
 def error_body(dialect: Dialect, status: int, message: str, code: str | None = None) -> bytes:
     """An error in the dialect's own format (only OpenAI's has a `code`)."""
     if dialect == "openai":

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -119,6 +119,7 @@ class OllamaScheduler:
         self._load_done_at: float | None = None  # the one load in progress
         self._started: list[Admission] = []
         self.unloads = 0  # runners unloaded so far (observability)
+        self.loads: Counter[str] = Counter()  # loads begun so far, per model (reloads too)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -297,6 +298,7 @@ class OllamaScheduler:
             last_used=now,
         )
         self.runners[ticket.model] = runner
+        self.loads[ticket.model] += 1
         self._load_done_at = now + self._load_seconds(ticket.model)
         self._attach(ticket, runner, now)
         self._finish_load(now)  # a zero-second load is ready at once

@@ -156,6 +156,7 @@ class SimServer:
                 "pending": len(scheduler.pending),
                 "models": models,
                 "unloads": scheduler.unloads,
+                "loads": dict(scheduler.loads),
                 "connections_accepted": self.connections_accepted,
                 "requests_by_route": dict(self.requests_by_route),
                 "outcomes": dict(self.emulator.outcomes),
