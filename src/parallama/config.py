@@ -93,6 +93,14 @@ class ModelSettings(BaseModel):
     strict: bool = Field(
         False, description="refuse (400) a request whose options differ from `options`"
     )
+    warm: bool = Field(
+        False,
+        description="keep it loaded (an empty prompt at start, and whenever a backend restarted "
+        "or evicted it): the first user never waits for the load",
+    )
+    replicas: int | None = Field(
+        None, ge=1, description="warm: on so many of the backends that serve it (unset: all)"
+    )
 
     @property
     def pinned(self) -> bool:

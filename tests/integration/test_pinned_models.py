@@ -8,7 +8,17 @@ from typing import Any
 import httpx
 
 from parallama.config import BackendSettings
-from tests.simhelpers import CHAT_MODEL, gateway_with, sim_server, state
+from tests.simhelpers import (
+    CHAT_MODEL,
+    OTHER_MODEL,
+    eventually,
+    gateway_with,
+    make_config,
+    sim_server,
+    sim_servers,
+    state,
+    with_ports,
+)
 
 
 def alternate_num_ctx(url: str) -> list[int]:
@@ -63,3 +73,45 @@ def test_strict_pins_refuse_a_differing_option_in_ollamas_format() -> None:
         "error": f"model '{CHAT_MODEL}' runs with num_ctx = 8192: leave it out or send that"
     }
     assert ok.status_code == 200
+
+
+def loaded(url: str) -> list[str]:
+    return sorted(m["name"] for m in httpx.get(f"{url}/api/ps").json()["models"])
+
+
+def test_warm_models_are_loaded_before_anyone_asks_and_again_after_an_eviction() -> None:
+    config = with_ports(make_config(), 2)
+    models: dict[str, Any] = {
+        CHAT_MODEL: {"warm": True, "replicas": 1},  # on one of the two
+        OTHER_MODEL: {"warm": True},  # on both
+    }
+    with (
+        sim_servers(config) as sims,
+        gateway_with(
+            tuple(BackendSettings(url=s.url) for s in sims), models=models, health_interval=0.2
+        ) as gateway,
+    ):
+        urls = [s.url for s in sims]
+        where = eventually(
+            lambda: [loaded(url) for url in urls],
+            lambda seen: (
+                sum(CHAT_MODEL in s for s in seen) == 1 and all(OTHER_MODEL in s for s in seen)
+            ),
+        )
+        chat_on = urls[[CHAT_MODEL in s for s in where].index(True)]
+        status = httpx.get(f"{gateway.url}/parallama/status").json()["warm_models"]
+        # Evicted behind the gateway's back (another client, a restart): loaded again.
+        unload = {"model": CHAT_MODEL, "prompt": "", "keep_alive": 0}
+        httpx.post(f"{chat_on}/api/generate", json=unload, timeout=10)
+        reloaded = eventually(
+            lambda: sum(state(url)["loads"].get(CHAT_MODEL, 0) for url in urls),
+            lambda count: count == 2,  # once at start, once after the eviction
+        )
+        again = eventually(
+            lambda: [loaded(url) for url in urls],
+            lambda seen: sum(CHAT_MODEL in s for s in seen) == 1,
+        )
+    assert status[CHAT_MODEL]["loaded_on"] == [chat_on]
+    assert status[CHAT_MODEL]["replicas"] == 1
+    assert sorted(status[OTHER_MODEL]["loaded_on"]) == sorted(urls)
+    assert reloaded == 2 and sum(CHAT_MODEL in s for s in again) == 1

@@ -106,6 +106,7 @@ class Gateway:
         self._local_hosts: set[str] = set()  # Host headers found local: checked once
         # More of /parallama/status, e.g. the engine processes `parallama up` supervises.
         self.status_sections: dict[str, Callable[[], Any]] = {}
+        self.status_sections["warm_models"] = self.fleet.warmer.status
         if self.shared is not None:
             self.status_sections["fleet"] = self.shared.status
 

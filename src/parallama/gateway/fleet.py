@@ -18,6 +18,7 @@ from parallama.core.breaker import Breaker
 from parallama.core.scheduler import Backend, Scheduler
 from parallama.gateway.probes import Prober
 from parallama.gateway.upstream import Upstream, UpstreamError
+from parallama.gateway.warming import Warmer
 from parallama.protocol.inspect import Dialect
 
 log = logging.getLogger("parallama.gateway")
@@ -34,6 +35,8 @@ class Fleet:
         self._dialects = {b.url: b.kind for b in settings.backends}
         self._prober: Prober | None = None
         self._probing: set[asyncio.Task[None]] = set()  # probe_now's, held until they end
+        self.warmer = Warmer(scheduler, self.upstream, self.probe_now)
+        self.warmer.apply(settings)
         for backend in settings.backends:
             scheduler.add_backend(self._new_backend(backend))
 
@@ -47,9 +50,15 @@ class Fleet:
             dialect=self.dialect,
             interval=self._settings.health_interval,
             timeout=self._settings.health_timeout,
-            on_change=self._on_change,
+            on_change=self._probed,
         )
         self._prober.start()
+
+    def _probed(self) -> None:
+        """A backend was probed: warm models it is short of are loaded, and the scheduler's
+        driver is told."""
+        self.warmer.check()
+        self._on_change()
 
     def upstream(self, url: str) -> Upstream:
         """The backend's pool; `UpstreamError` if it was removed from the settings meanwhile."""
@@ -78,6 +87,7 @@ class Fleet:
     async def stop(self) -> None:
         if self._prober is not None:
             await self._prober.stop()
+        await self.warmer.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
 
@@ -88,6 +98,7 @@ class Fleet:
         self._settings = settings
         self._dialects = {b.url: b.kind for b in settings.backends}
         self._scheduler.settings = settings.scheduler
+        self.warmer.apply(settings)
         changes = []
         for url in old.keys() - new.keys():
             self._scheduler.remove_backend(url)
