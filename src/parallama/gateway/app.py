@@ -24,6 +24,8 @@ from parallama.gateway.dashboard import Dashboard
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
 from parallama.gateway.listings import Listings
+from parallama.gateway.manage import ROUTES as MANAGEMENT_ROUTES
+from parallama.gateway.manage import FleetModels
 from parallama.gateway.metrics import GatewayMetrics
 from parallama.gateway.proxy import Proxy, refuse
 from parallama.gateway.server import ClientGone, Reply, Request, start_server
@@ -79,6 +81,7 @@ class Gateway:
         self._listings = Listings(self.scheduler, self.fleet, settings.connect_timeout)
         self.admin = admin = Admin(self)
         self.dashboard = dashboard = Dashboard(self)
+        fleet_models = FleetModels(self)
         self.routes: dict[str, dict[str, Route]] = {
             "/": {"GET": admin.root},
             "/api/version": {"GET": admin.version},
@@ -96,6 +99,7 @@ class Gateway:
             "/parallama/keys/revoke": {"POST": admin.revoke_key},
             "/parallama/usage": {"GET": admin.usage},
             **{path: {"POST": self._proxy} for path in STREAM_DEFAULTS},
+            **{path: {method: fleet_models} for path, method in MANAGEMENT_ROUTES.items()},
         }
         # What needs an API key when keys are required: the models, not the gateway's own.
         self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}

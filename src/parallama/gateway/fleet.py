@@ -87,6 +87,9 @@ class Fleet:
     async def stop(self) -> None:
         if self._prober is not None:
             await self._prober.stop()
+        for task in list(self._probing):
+            task.cancel()
+        await asyncio.gather(*self._probing, return_exceptions=True)
         await self.warmer.stop()
         for upstream in self.upstreams.values():
             await upstream.close()

@@ -24,6 +24,7 @@ from parallama.runtime import http_url
 from parallama.sim.config import SimConfig
 from parallama.sim.emulator import Emulator, json_response
 from parallama.sim.engine import Engine
+from parallama.sim.manage import ModelManagement
 from parallama.sim.ollama_routes import OllamaRoutes
 from parallama.sim.openai_routes import OpenAIRoutes
 from parallama.sim.scheduler import RunnerState
@@ -59,6 +60,7 @@ class SimServer:
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         native, compatible = OllamaRoutes(self.emulator), OpenAIRoutes(self.emulator)
+        manage = ModelManagement(self.emulator)
         for method, path, handler in (
             ("GET", "/", native.root),  # aiohttp adds HEAD to GET routes, as Ollama has it
             ("GET", "/api/version", native.version),
@@ -69,6 +71,9 @@ class SimServer:
             ("POST", "/api/chat", native.chat),
             ("POST", "/api/embed", native.embed),
             ("POST", "/api/embeddings", native.embeddings),
+            ("POST", "/api/pull", manage.pull),
+            ("DELETE", "/api/delete", manage.delete),
+            ("POST", "/api/copy", manage.copy),
             ("POST", "/v1/chat/completions", compatible.chat_completions),
             ("POST", "/v1/completions", compatible.completions),
             ("POST", "/v1/embeddings", compatible.embeddings),
