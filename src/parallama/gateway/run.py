@@ -25,7 +25,8 @@ def describe(gateway: Gateway, command: str = "serve") -> str:
         models = ", ".join(sorted(backend.models)) if backend.models is not None else "any model"
         slots = gateway.settings.slots_of(backend)
         lines.append(f"  backend {backend.url}  slots={slots} weight={backend.weight:g}  {models}")
-    lines.append(f"  status {gateway.url}/parallama/status   metrics {gateway.url}/metrics")
+    lines.append(f"  dashboard {gateway.url}/parallama/   status {gateway.url}/parallama/status")
+    lines.append(f"  metrics {gateway.url}/metrics")
     return "\n".join(lines)
 
 
