@@ -115,3 +115,16 @@ def test_warm_models_are_loaded_before_anyone_asks_and_again_after_an_eviction()
     assert status[CHAT_MODEL]["replicas"] == 1
     assert sorted(status[OTHER_MODEL]["loaded_on"]) == sorted(urls)
     assert reloaded == 2 and sum(CHAT_MODEL in s for s in again) == 1
+
+
+def test_a_warm_model_is_loaded_with_its_pinned_options_so_no_request_reloads_it() -> None:
+    models: dict[str, Any] = {CHAT_MODEL: {"warm": True, "options": {"num_ctx": 8192}}}
+    with (
+        sim_server() as sim,
+        gateway_with((BackendSettings(url=sim.url),), models=models) as gateway,
+    ):
+        eventually(lambda: loaded(sim.url), lambda names: CHAT_MODEL in names)
+        body = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
+        assert httpx.post(f"{gateway.url}/api/generate", json=body, timeout=30).status_code == 200
+        count = state(sim.url)["loads"][CHAT_MODEL]
+    assert count == 1  # the warm load, and no other

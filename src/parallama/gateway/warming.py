@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -34,6 +35,7 @@ class Warmer:
         self._probe_now = probe_now
         self._warm: list[Warm] = []
         self._keep_alive: dict[str, str | int | float] = {}
+        self._options: dict[str, dict[str, Any]] = {}  # pinned: loaded as requests will ask
         self._loading: set[tuple[str, str]] = set()
         self._resting: dict[tuple[str, str], float] = {}  # failed loads: not again until then
         self._tasks: set[asyncio.Task[None]] = set()
@@ -41,12 +43,13 @@ class Warmer:
 
     def apply(self, settings: GatewaySettings) -> None:
         """The warm models of these settings (at start and on reload)."""
-        self._warm, self._keep_alive = [], {}
+        self._warm, self._keep_alive, self._options = [], {}, {}
         for name, model in settings.models.items():
             if model.warm:
                 served = model.target or name
                 self._warm.append(Warm(served, model.replicas))
                 self._keep_alive[served] = -1 if model.keep_alive is None else model.keep_alive
+                self._options[served] = model.options
 
     def check(self) -> None:
         """Start the loads that warm models are short of (called after each probe)."""
@@ -69,7 +72,14 @@ class Warmer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _load(self, backend: str, model: str) -> None:
-        body = orjson.dumps({"model": model, "prompt": "", "keep_alive": self._keep_alive[model]})
+        preload: dict[str, Any] = {
+            "model": model,
+            "prompt": "",
+            "keep_alive": self._keep_alive[model],
+        }
+        if self._options[model]:  # else the first request, with them, would load it again
+            preload["options"] = self._options[model]
+        body = orjson.dumps(preload)
         fields: dict[str, object] = {"backend": backend, "model": model}
         try:
             answer = await self._upstream(backend).send(b"POST", b"/api/generate", _JSON, body)
