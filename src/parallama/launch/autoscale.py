@@ -1,0 +1,91 @@
+"""When `parallama up` should start another engine of a group, or stop one (sans-I/O: the caller
+passes what the gateway sees and the clock; the decisions come back).
+
+- **Up:** the oldest request waiting has waited longer than `wait_up` for `sustain` seconds
+  (a burst that drains by itself starts nothing), and fewer than `max` engines run or start;
+  at zero engines, any request waiting starts one at once: it waits in the queue meanwhile
+  (its client sees the wait in `X-Queue-Wait-Ms`, not an error).
+- **Down:** an engine with nothing in flight for `idle_after` seconds is stopped, while more
+  than `min` run and nothing waits; the one idle longest goes first.
+- One decision at a time, `cooldown` seconds apart (an engine that was just started counts as
+  running, so a load that takes a while is not answered with another start).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ScalePolicy:
+    min: int = 0
+    max: int = 1
+    wait_up: float = 2.0  # seconds the oldest waiting request may wait before it counts
+    sustain: float = 5.0  # seconds it must go on before an engine is started
+    idle_after: float = 300.0  # seconds without work before an engine is stopped
+    cooldown: float = 10.0  # seconds between two decisions
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.max or self.max < 1:
+            raise ValueError(f"autoscaling needs 0 <= min <= max and max >= 1: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What the gateway sees now, for one group."""
+
+    oldest_wait: float  # seconds the longest-waiting request of its models has waited; 0: none
+    queued: int
+    idle_since: Mapping[str, float | None]  # per engine running or starting: None while busy
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str  # "start" or "stop"
+    instance: str | None  # which engine to stop
+    reason: str
+
+
+class Autoscaler:
+    def __init__(self, policy: ScalePolicy) -> None:
+        self.policy = policy
+        self._waiting_since: float | None = None  # when the wait first went over `wait_up`
+        self._last_decision = -math.inf
+
+    def decide(self, seen: Seen, now: float) -> Decision | None:
+        policy = self.policy
+        engines = len(seen.idle_since)
+        if seen.oldest_wait > policy.wait_up:
+            if self._waiting_since is None:
+                self._waiting_since = now
+        else:
+            self._waiting_since = None
+        if engines < policy.min:
+            return self._decided(now, Decision("start", None, f"fewer than min={policy.min}"))
+        if engines == 0 and seen.queued:
+            return self._decided(now, Decision("start", None, "a request waits and none runs"))
+        if now - self._last_decision < policy.cooldown:
+            return None
+        if (
+            self._waiting_since is not None
+            and now - self._waiting_since >= policy.sustain
+            and engines < policy.max
+        ):
+            reason = f"requests waited over {policy.wait_up:g} s for {policy.sustain:g} s"
+            return self._decided(now, Decision("start", None, reason))
+        idle = {name: since for name, since in seen.idle_since.items() if since is not None}
+        if seen.queued or engines <= policy.min or not idle:
+            return None
+        name, since = min(idle.items(), key=lambda item: (item[1], item[0]))
+        if now - since >= policy.idle_after:
+            reason = f"idle for {policy.idle_after:g} s"
+            return self._decided(now, Decision("stop", name, reason))
+        return None
+
+    def _decided(self, now: float, decision: Decision) -> Decision:
+        self._last_decision = now
+        if decision.action == "start":
+            self._waiting_since = None  # the new engine gets its chance before another
+        return decision
