@@ -168,8 +168,21 @@ class Redis:
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
 
-    async def execute(self, commands: Sequence[Command]) -> list[Any]:
-        """The commands in one pipeline: their replies, or the first error answer raised."""
+    async def execute(
+        self, commands: Sequence[Command], scripts: Sequence[Script] = ()
+    ) -> list[Any]:
+        """The commands in one pipeline: their replies, or the first error answer raised. A
+        Redis that lost the `scripts` they run (it restarted) is given them again, and the
+        pipeline sent once more (what ran the first time is run twice)."""
+        try:
+            return await self._execute(commands)
+        except NoScriptError:
+            if not scripts:
+                raise
+            await self._execute([script.load() for script in scripts])
+            return await self._execute(commands)
+
+    async def _execute(self, commands: Sequence[Command]) -> list[Any]:
         if not commands:
             return []
         try:
@@ -186,22 +199,16 @@ class Redis:
 
     async def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """One script, given to Redis again if it lost it."""
-        try:
-            return await self.call(*script.call(keys, args))
-        except NoScriptError:
-            await self.call(*script.load())
-            return await self.call(*script.call(keys, args))
+        return (await self.execute([script.call(keys, args)], [script]))[0]
 
     async def close(self) -> None:
         self._drop()
 
     async def _connected(self) -> _Protocol:
         async with self._connecting:
-            protocol = self._protocol
-            if protocol is None or protocol.lost is not None:
-                protocol = self._protocol = None
-                protocol = self._protocol = await _connect(self.address, _Protocol())
-            return protocol
+            if self._protocol is None or self._protocol.lost is not None:
+                self._protocol = await _connect(self.address, _Protocol())
+            return self._protocol
 
     def _drop(self) -> None:
         if self._protocol is not None:

@@ -47,7 +47,7 @@ from prometheus_client.registry import Collector
 from parallama.core.scheduler import Backend, Scheduler
 from parallama.errors import ConfigError
 from parallama.gateway.shared_scripts import ACQUIRE, GIVE_BACK, RENEW
-from parallama.resp import UNAVAILABLE, Arg, Command, NoScriptError, Redis, Script
+from parallama.resp import UNAVAILABLE, Arg, Command, Redis, Script
 
 log = logging.getLogger("parallama.shared")
 
@@ -133,7 +133,7 @@ class SharedSlots:
                 await task
         with contextlib.suppress(*UNAVAILABLE):
             if self.up:
-                await self._write([], self._unreturned + self._leases(), {})  # withdrawn too
+                await self._write([], self._unreturned + self._leases(), {}, {})  # withdrawn too
             await self._redis.call("ZREM", _GATEWAYS, self.gateway)
         await self._redis.close()
 
@@ -190,13 +190,13 @@ class SharedSlots:
                 self._take_shares(model, count)
         elif asyncio.get_running_loop().time() < self._rejoin_at:
             # Just back: every gateway writes its leases again within a ttl; shares till then.
-            await self._write(news, returned, {})
+            await self._write(news, returned, {}, wanted)
             for model, count in wanted.items():
                 self._take_shares(model, count)
         else:
             asked = {model: scheduler.candidates(model) for model in wanted}
             asked = {model: backends for model, backends in asked.items() if backends}
-            answers = await self._write(news, returned, asked)
+            answers = await self._write(news, returned, asked, wanted)
             for model, answer in answers.items():
                 self._granted(model, asked[model], *answer)
         if self.granted != granted:
@@ -235,6 +235,7 @@ class SharedSlots:
         news: list[bytes],
         returned: list[tuple[str, str, str]],
         asked: dict[str, list[Backend]],
+        wanted: dict[str, int],
     ) -> dict[str, tuple[str, int, list[Any]]]:
         """News, leases given back, leases asked for, in one pipeline: per model asked, the
         prefix of its leases' ids, how many were asked for, and the script's answer. Models no
@@ -246,7 +247,7 @@ class SharedSlots:
             leases = [lease for _, _, lease in returned]
             given: list[Arg] = [len(returned), *leases, CHANNEL, self.gateway, *models]
             commands.append(self._give_back.call(keys, given))
-        wanted, places = self._scheduler.wanted(), {}
+        places = {}
         for model, backends in asked.items():
             self._heading.add(model)
             prefix = f"{self.gateway}:{next(self._ids)}"
@@ -260,19 +261,10 @@ class SharedSlots:
         for model in withdrawn:
             commands += [["HDEL", _heads(model), self.gateway], ["PUBLISH", CHANNEL, model]]
         self._heading -= withdrawn
-        results = await self._execute(commands)
+        results = await self._redis.execute(commands, [self._acquire, self._give_back])
         return {
             model: (prefix, count, results[at]) for model, (prefix, count, at) in places.items()
         }
-
-    async def _execute(self, commands: list[Command]) -> list[Any]:
-        """The commands in one pipeline; a Redis that lost the scripts (it restarted) is given
-        them again, and the pipeline run once more (what ran twice is harmless twice)."""
-        try:
-            return await self._redis.execute(commands)
-        except NoScriptError:
-            await self._redis.execute([self._acquire.load(), self._give_back.load()])
-            return await self._redis.execute(commands)
 
     def _granted(
         self, model: str, backends: list[Backend], prefix: str, asked: int, answer: list[Any]
