@@ -7,12 +7,14 @@ cannot reach a log line by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from parallama.core.trace import Trace
 from parallama.errors import excerpt
 from parallama.protocol.usage import Usage
 from parallama.teams.keys import redact_keys
+
+if TYPE_CHECKING:
+    from parallama.core.trace import Trace
 
 
 @dataclass(eq=False, slots=True)

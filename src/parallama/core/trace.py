@@ -13,7 +13,10 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from parallama.core.exchange import Exchange
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _SERVER, _CLIENT, _INTERNAL = 2, 3, 1  # OTLP span kinds
@@ -82,28 +85,13 @@ def _attributes(values: dict[str, Any]) -> list[dict[str, Any]]:
     return encoded
 
 
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """What the gateway knew of the request when it ended (monotonic times)."""
-
-    method: str
-    path: str
-    status: int
-    started: float
-    finished: float
-    model: str | None
-    outcome: str | None
-    queue_seconds: float | None
-    first_byte: float | None
-    stream: bool
-    prompt_tokens: int | None
-    generated_tokens: int | None
-    key: str | None
-    error: str | None
-
-
-def spans(trace: Trace, ended: Ended, epoch: float) -> list[dict[str, Any]]:
-    """The request's spans in OTLP JSON; `epoch` turns monotonic times into Unix time."""
+def spans(trace: Trace, ended: Exchange, epoch: float) -> list[dict[str, Any]]:
+    """The spans of a request that ended (its record), in OTLP JSON; `epoch` turns monotonic
+    times into Unix time."""
+    finished = ended.finished_at or ended.started
+    usage = ended.usage
+    prompt_tokens = None if usage is None else usage.prompt_tokens
+    generated_tokens = None if usage is None else usage.generated_tokens
 
     def ns(moment: float) -> str:
         return str(int((epoch + moment) * 1e9))
@@ -141,14 +129,14 @@ def spans(trace: Trace, ended: Ended, epoch: float) -> list[dict[str, Any]]:
             f"{ended.method} {ended.path}",
             kind=_SERVER,
             start=ended.started,
-            end=ended.finished,
+            end=finished,
             attributes={
                 "http.request.method": ended.method,
                 "url.path": ended.path,
                 "http.response.status_code": ended.status,
                 "gen_ai.request.model": ended.model,
-                "gen_ai.usage.input_tokens": ended.prompt_tokens,
-                "gen_ai.usage.output_tokens": ended.generated_tokens,
+                "gen_ai.usage.input_tokens": prompt_tokens,
+                "gen_ai.usage.output_tokens": generated_tokens,
                 "parallama.outcome": ended.outcome,
                 "parallama.queue_ms": None
                 if ended.queue_seconds is None
@@ -161,7 +149,7 @@ def spans(trace: Trace, ended: Ended, epoch: float) -> list[dict[str, Any]]:
         )
     ]
     if ended.model is not None:
-        waited_until = trace.attempts[0].started if trace.attempts else ended.finished
+        waited_until = trace.attempts[0].started if trace.attempts else finished
         made.append(
             span(
                 _new_id(8),
@@ -181,7 +169,7 @@ def spans(trace: Trace, ended: Ended, epoch: float) -> list[dict[str, Any]]:
                 f"upstream {attempt.backend}",
                 kind=_CLIENT,
                 start=attempt.started,
-                end=attempt.ended or ended.finished,
+                end=attempt.ended or finished,
                 attributes={
                     "server.address": attempt.backend,
                     "parallama.attempt": n,
@@ -191,16 +179,16 @@ def spans(trace: Trace, ended: Ended, epoch: float) -> list[dict[str, Any]]:
                 failed=attempt.outcome != "answered",
             )
         )
-    if ended.stream and ended.first_byte is not None and trace.attempts:
+    if ended.stream and ended.first_byte_at is not None and trace.attempts:
         made.append(
             span(
                 _new_id(8),
                 trace.attempts[-1].span_id,
                 "stream",
                 kind=_INTERNAL,
-                start=ended.first_byte,
-                end=ended.finished,
-                attributes={"gen_ai.usage.output_tokens": ended.generated_tokens},
+                start=ended.first_byte_at,
+                end=finished,
+                attributes={"gen_ai.usage.output_tokens": generated_tokens},
             )
         )
     return made

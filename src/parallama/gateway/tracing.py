@@ -21,7 +21,7 @@ import orjson
 
 from parallama import __version__
 from parallama.core.exchange import Exchange
-from parallama.core.trace import Ended, Trace, begin, spans
+from parallama.core.trace import Trace, begin, spans
 
 log = logging.getLogger("parallama.tracing")
 
@@ -51,24 +51,7 @@ class Tracing:
         trace = exchange.trace
         if trace is None:
             return
-        usage = exchange.usage
-        ended = Ended(
-            method=exchange.method,
-            path=exchange.path,
-            status=exchange.status,
-            started=exchange.started,
-            finished=exchange.finished_at or time.monotonic(),
-            model=exchange.model,
-            outcome=exchange.outcome,
-            queue_seconds=exchange.queue_seconds,
-            first_byte=exchange.first_byte_at,
-            stream=exchange.stream,
-            prompt_tokens=None if usage is None else usage.prompt_tokens,
-            generated_tokens=None if usage is None else usage.generated_tokens,
-            key=exchange.key,
-            error=exchange.error,
-        )
-        made = spans(trace, ended, self._epoch)
+        made = spans(trace, exchange, self._epoch)
         self._spans.extend(made)
         while len(self._spans) > _BUFFER:
             self._spans.popleft()
