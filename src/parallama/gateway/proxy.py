@@ -82,12 +82,9 @@ async def refuse(
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     """An error in the route's own format: the whole answer; or, for a stream whose head went
-    out while it waited (`X-Queue-Updates`), its one event: the OpenAI error object."""
-    if not reply.started:
-        reply.send(status, error_body(dialect, status, message, code), headers=headers)
-        return
-    await reply.write(b"data: " + openai.error_body(status, message, code) + b"\n\n")
-    reply.end()
+    out while it waited (`X-Queue-Updates`, OpenAI routes only), its one event."""
+    body = error_body(dialect, status, message, code)
+    await _whole(reply, status, body, headers, content_type=_JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,11 +340,17 @@ class _Relayed:
         return estimated_usage(len(body), pieces)
 
 
-async def _whole(reply: Reply, status: int, whole: bytes, headers: Headers) -> None:
-    """A whole answer; or, to a stream told of its wait (its head went out), its one event:
-    a stream answers whole only with an error."""
+async def _whole(
+    reply: Reply,
+    status: int,
+    whole: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    content_type: bytes | None = None,
+) -> None:
+    """A whole answer (`content_type` None: `headers` say it); or, to a stream told of its
+    wait (its head went out), its one event: a stream answers whole only with an error."""
     if not reply.started:
-        reply.send(status, whole, None, headers)
+        reply.send(status, whole, content_type, headers)
         return
     await reply.write(b"data: " + whole.strip() + b"\n\n")
     reply.end()
