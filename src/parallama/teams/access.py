@@ -281,16 +281,21 @@ class Access:
 
     def usage_by_key(self) -> list[dict[str, Any]]:
         """Per key since the gateway started: requests, tokens, refusals (the dashboard)."""
-        names = sorted({*self.key_names(), *(name for name, _ in self.requests)})
+        totals: dict[str, Counter[str]] = {name: Counter() for name in self.key_names()}
+        for kind, counts in (
+            ("requests", self.requests),
+            ("tokens", self.tokens),
+            ("rate_limited", self.limited),
+        ):
+            for (name, _), n in counts.items():  # one pass each, however many keys
+                totals.setdefault(name, Counter())[kind] += n
         return [
             {
                 "name": name,
-                "requests": sum(n for (k, _), n in self.requests.items() if k == name),
-                "tokens": sum(n for (k, _), n in self.tokens.items() if k == name),
-                "rate_limited": sum(n for (k, _), n in self.limited.items() if k == name),
+                **{kind: total[kind] for kind in ("requests", "tokens", "rate_limited")},
                 "in_flight": self.limits.in_flight(name),
             }
-            for name in names
+            for name, total in sorted(totals.items())
         ]
 
     # -- /metrics -------------------------------------------------------------------------------
