@@ -4,36 +4,51 @@ deadline the queue ahead of it already exceeds is refused at once, not timed out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 
 from parallama.config import BackendSettings
+from parallama.gateway.app import Gateway
 from tests.simhelpers import CHAT_MODEL, gateway_with, sim_server, wait_for_gateway
 
 GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
 CHAT = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_answers_carry_their_queue_wait_and_a_hopeless_deadline_is_refused_at_once() -> None:
-    # One slot; an answer takes about half a second.
+@contextlib.contextmanager
+def one_slot(decode_tps: float, tokens: int, **settings: Any) -> Iterator[Gateway]:
+    """A gateway in front of an emulated server with one slot, its answers `tokens` long."""
     with (
-        sim_server(decode_tps=40.0, output_tokens=(20, 20), num_parallel=1) as slow,
-        gateway_with((BackendSettings(url=slow.url, slots=1),)) as gateway,
+        sim_server(decode_tps=decode_tps, output_tokens=(tokens, tokens), num_parallel=1) as slow,
+        gateway_with((BackendSettings(url=slow.url, slots=1),), **settings) as gateway,
     ):
+        yield gateway
+
+
+async def fill(client: httpx.AsyncClient, url: str, count: int) -> list[Any]:
+    """`count` requests to the one slot: one runs, the others wait (once this returns)."""
+    ahead = [
+        asyncio.ensure_future(client.post("/api/generate", json=GENERATE)) for _ in range(count)
+    ]
+    await asyncio.to_thread(
+        wait_for_gateway, url, lambda s: s["queue_size"] == count - 1 and s["active"] == 1
+    )
+    return ahead
+
+
+def test_answers_carry_their_queue_wait_and_a_hopeless_deadline_is_refused_at_once() -> None:
+    with one_slot(decode_tps=40.0, tokens=20) as gateway:  # answers of about half a second
         url = gateway.url
         first = httpx.post(f"{url}/api/generate", json=GENERATE, timeout=30)
         assert first.headers["X-Queue-Wait-Ms"] == "0"  # a free slot: no wait
 
         async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], float]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                ahead = [
-                    asyncio.ensure_future(client.post("/api/generate", json=GENERATE))
-                    for _ in range(3)
-                ]  # one runs, two wait
-                await asyncio.to_thread(
-                    wait_for_gateway, url, lambda s: s["queue_size"] == 2 and s["active"] == 1
-                )
+                ahead = await fill(client, url, 3)
                 began = time.monotonic()
                 hopeless = await asyncio.gather(
                     client.post(
@@ -83,22 +98,12 @@ UPDATES = {"X-Queue-Updates": "1"}
 def test_a_waiting_openai_stream_is_told_its_place_and_the_official_client_reads_on() -> None:
     import openai
 
-    # One slot; an answer takes about a second.
-    with (
-        sim_server(decode_tps=40.0, output_tokens=(40, 40), num_parallel=1) as slow,
-        gateway_with((BackendSettings(url=slow.url, slots=1),)) as gateway,
-    ):
+    with one_slot(decode_tps=40.0, tokens=40) as gateway:  # answers of about a second
         url = gateway.url
 
         async def scenario() -> tuple[list[str], str, str]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                ahead = [
-                    asyncio.ensure_future(client.post("/api/generate", json=GENERATE))
-                    for _ in range(2)
-                ]  # one runs, one waits
-                await asyncio.to_thread(
-                    wait_for_gateway, url, lambda s: s["queue_size"] == 1 and s["active"] == 1
-                )
+                ahead = await fill(client, url, 2)
                 lines: list[str] = []
                 async with client.stream(
                     "POST", "/v1/chat/completions", json=CHAT_STREAM, headers=UPDATES
@@ -137,10 +142,7 @@ def test_a_waiting_openai_stream_is_told_its_place_and_the_official_client_reads
 def test_a_stream_told_of_its_wait_that_times_out_ends_with_an_error_event() -> None:
     import openai
 
-    with (
-        sim_server(decode_tps=10.0, output_tokens=(40, 40), num_parallel=1) as slow,
-        gateway_with((BackendSettings(url=slow.url, slots=1),), queue_timeout=0.5) as gateway,
-    ):
+    with one_slot(decode_tps=10.0, tokens=40, queue_timeout=0.5) as gateway:
         url = gateway.url
 
         async def scenario() -> str:
