@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import socket
 import ssl
 import urllib.parse
 from collections import deque
@@ -25,6 +27,12 @@ from parallama.errors import ConfigError
 Arg = str | bytes | int | float
 Command = Sequence[Arg]
 _MAX_MESSAGES = 4096  # a subscription's messages not yet read; later ones are dropped
+
+
+def owner_name(owner: object) -> str:
+    """A name for what writes to the shared state, unique across hosts and processes (host,
+    process, object): the members of sets and hashes that say whose an entry is."""
+    return f"{socket.gethostname()}:{os.getpid()}:{id(owner):x}"
 
 
 class ReplyError(Exception):

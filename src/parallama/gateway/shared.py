@@ -33,8 +33,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -47,7 +45,7 @@ from prometheus_client.registry import Collector
 from parallama.core.scheduler import Backend, Scheduler
 from parallama.errors import ConfigError
 from parallama.gateway.shared_scripts import ACQUIRE, GIVE_BACK, RENEW
-from parallama.resp import UNAVAILABLE, Arg, Command, Redis, Script
+from parallama.resp import UNAVAILABLE, Arg, Command, Redis, Script, owner_name
 
 log = logging.getLogger("parallama.shared")
 
@@ -90,7 +88,7 @@ class SharedSlots:
         self._scheduler = scheduler
         self._changed = changed
         self._ttl_ms = int(ttl * 1000)
-        self.gateway = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.gateway = owner_name(self)
         self._ids = itertools.count()
         self._held: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
         self._acquire, self._give_back = Script(ACQUIRE), Script(GIVE_BACK)

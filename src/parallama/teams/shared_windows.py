@@ -16,11 +16,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import socket
 
 from parallama.errors import StateUnavailable
-from parallama.resp import UNAVAILABLE, Arg, Redis, Script
+from parallama.resp import UNAVAILABLE, Arg, Redis, Script, owner_name
 from parallama.teams.keys import ApiKey
 from parallama.teams.limits import (
     WINDOW,
@@ -117,7 +115,7 @@ class SharedWindows:
         self._redis = Redis(url, timeout=2.0)
         self._ttl_ms = int(ttl * 1000)
         self._admit, self._finish, self._renew = Script(_ADMIT), Script(_FINISH), Script(_RENEW)
-        self._prefix = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}:"
+        self._prefix = owner_name(self) + ":"
         self._ids = itertools.count()
         self._running: dict[str, str] = {}  # lease -> key name, renewed while the request runs
         self._ended: list[tuple[str, str, int, bool]] = []  # (key, lease, tokens, tpm limited)
