@@ -178,7 +178,9 @@ class Dashboard:
         gateway = self._gateway
         scheduler = gateway.scheduler
         seconds = self.recent.seconds()
-        span = max(1, len(seconds) and (seconds[-1].at - seconds[0].at + 1))
+        now = time.monotonic()
+        # Rates over the seconds from the first bucket kept up to now: a lull counts too.
+        span = int(now) - seconds[0].at + 1 if seconds else 1
         requests: Counter[str] = Counter()
         errors: Counter[str] = Counter()
         tokens: Counter[str] = Counter()
@@ -190,7 +192,6 @@ class Dashboard:
             ended.update(second.ended)
         latency = _per_model(seconds, lambda s: s.latency)
         first_token = _per_model(seconds, lambda s: s.first_token)
-        now = time.monotonic()
         waits = scheduler.oldest_waits(now)
         running = {model for b in scheduler.backends.values() for model in b.in_flight}
         models = sorted(set(ended) | set(waits) | running)
