@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import os
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 _QUIET = [  # nothing but the page under test: no updates, sync, metrics or lookups
     "--headless=new",
@@ -38,6 +40,13 @@ _QUIET = [  # nothing but the page under test: no updates, sync, metrics or look
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# Skipped without Chromium, unless PARALLAMA_REQUIRE_BROWSER is set (as CI does): then it fails.
+needs_chromium = pytest.mark.skipif(
+    chromium() is None and not os.environ.get("PARALLAMA_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
 
 
 class Page:

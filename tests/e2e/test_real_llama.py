@@ -273,3 +273,37 @@ def test_an_instance_told_not_to_repack_loads_its_model_without_the_extra_buffer
     assert "CPU_REPACK" not in unpacked_log
     if "REPACK = 1" in packed_log:  # a build with repacking: it is offered the weights
         assert "CPU_REPACK" in packed_log
+
+
+def test_autoscaling_starts_a_real_engine_for_the_first_request_and_stops_it_when_idle(
+    tmp_path: Path,
+) -> None:
+    """From zero: no llama.cpp server runs until a chat waits; the chat waits in the queue
+    while the engine loads SmolLM2, is answered, and the idle engine is stopped again."""
+    config = tmp_path / "up.toml"
+    config.write_text(
+        "health_interval = 0.5\n[[instances]]\n"
+        f'engine = "llama-cpp"\nport = 0\nmodel = "{smollm2_path()}"\nalias = "{MODEL}"\n'
+        "threads = 1\nctx = 2048\n"
+        "[instances.autoscale]\nmin = 0\nmax = 1\nidle_after = 2\ncooldown = 1\n"
+    )
+    with running_up("--config", str(config), log=tmp_path / "up.log", ready_within=120) as up:
+        instance = httpx.get(f"{up.url}/parallama/status").json()["instances"][0]
+        assert (instance["name"], instance["state"], instance["pid"]) == (
+            "llama-cpp-0.1",
+            "stopped",
+            None,
+        )
+
+        body = {"model": MODEL, "messages": QUESTION, "options": SHORT, "stream": False}
+        reply = httpx.post(f"{up.url}/api/chat", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["message"]["content"].strip()
+        waited = int(reply.headers["X-Queue-Wait-Ms"])
+        assert waited > 0  # for the engine's start, not an error
+        instance = httpx.get(f"{up.url}/parallama/status").json()["instances"][0]
+        assert instance["state"] == "ready" and alive(int(instance["pid"]))
+
+        status = wait_for_gateway(up.url, lambda s: s["autoscaling"][0]["engines"] == 0, timeout=60)
+        assert [d["action"] for d in status["autoscaling"][0]["decisions"]] == ["start", "stop"]
+        assert not alive(int(instance["pid"]))

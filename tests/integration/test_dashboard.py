@@ -12,16 +12,11 @@ import httpx
 import pytest
 
 from parallama.config import BackendSettings
-from tests.browser import browser_page, chromium
+from tests.browser import browser_page, needs_chromium
 from tests.simhelpers import CHAT_MODEL, gateway_with, make_config, sim_servers, with_ports
 
 ARTIFACTS = Path(os.environ.get("PARALLAMA_TEST_ARTIFACTS", "test-artifacts"))
 GENERATE = {"model": CHAT_MODEL, "prompt": "hi", "stream": False}
-
-needs_chromium = pytest.mark.skipif(
-    chromium() is None and not os.environ.get("PARALLAMA_REQUIRE_BROWSER"),
-    reason="chromium is not installed (apt-get install chromium)",
-)
 
 
 @needs_chromium

@@ -55,3 +55,17 @@ def test_fewer_than_min_starts_one_and_a_bad_policy_is_refused() -> None:
     assert decision is not None and decision.action == "start"
     with pytest.raises(ValueError, match="min <= max"):
         ScalePolicy(min=3, max=2)
+
+
+def test_after_a_start_that_failed_none_for_a_while_doubling_with_each_failure() -> None:
+    scaler = Autoscaler(POLICY)
+    waiting = Seen(0.5, 1, {})
+    assert scaler.decide(waiting, now=0.0) is not None
+    scaler.start_failed(now=1.0)
+    assert scaler.decide(waiting, now=1.5) is None  # held 1 s
+    assert scaler.decide(waiting, now=2.0) is not None
+    scaler.start_failed(now=3.0)
+    assert scaler.decide(waiting, now=4.5) is None  # held 2 s
+    assert scaler.decide(waiting, now=5.0) is not None
+    scaler.start_succeeded()
+    assert scaler.decide(waiting, now=5.0) is not None  # no hold once one served

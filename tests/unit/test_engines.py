@@ -12,6 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from parallama.cli import build_parser
+from parallama.errors import ConfigError
+from parallama.launch.autoscale import ScalePolicy
 from parallama.launch.engines import (
     InstanceSettings,
     has_amx,
@@ -182,6 +184,38 @@ def test_the_short_form_starts_from_ollamas_port_unless_told() -> None:
     assert [i.port for i in given] == [9000, 9001]
 
 
+def test_an_autoscaled_table_is_a_group_of_max_engines_on_consecutive_ports() -> None:
+    args = build_parser().parse_args(
+        ["up", "--engine", "sim", "--autoscale", "1:3", "--base-port", "9000", "--log-dir", "/l"]
+    )
+    settings, launches = plan(args, env={})
+    assert [(item.name, item.group, item.port) for item in launches] == [
+        ("sim-0.1", "sim-0", 9000),
+        ("sim-0.2", "sim-0", 9001),
+        ("sim-0.3", "sim-0", 9002),
+    ]
+    assert {item.autoscale for item in launches} == {ScalePolicy(min=1, max=3)}
+    assert [b.url for b in settings.backends] == [item.url for item in launches]
+    assert launches[1].log_file == Path("/l/sim-0.2.log")
+    single = plan(build_parser().parse_args(["up", "--instances", "1"]), env={})[1][0]
+    assert (single.name, single.group, single.autoscale) == ("ollama-0", "ollama-0", None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--autoscale", "3"], "MIN:MAX, such as 0:4, not '3'"),
+        (["--autoscale", "2:1"], "min <= max"),
+        (["--autoscale", "0:0"], "greater than or equal to 1"),
+        (["--autoscale", "0:2", "--instances", "2"], "give one of them"),
+        (["--autoscale", "0:3", "--base-port", "65534"], "go past port 65535"),
+    ],
+)
+def test_bad_autoscaling_is_a_clear_error(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan(build_parser().parse_args(["up", *flags]), env={})
+
+
 @pytest.mark.skipif(
     smollm2_path() is None or importlib.util.find_spec("llama_cpp") is None,
     reason="--demo-real needs the llama extra",
@@ -197,6 +231,16 @@ def test_the_real_demo_takes_free_ports_unless_a_base_port_is_given() -> None:
 def readme_block(first_line: str) -> str:
     blocks: list[str] = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
     return next(block for block in blocks if block.startswith(first_line))
+
+
+def test_the_readme_autoscaling_example_is_a_group_of_two(tmp_path: Path) -> None:
+    path = tmp_path / "up.toml"
+    path.write_text(readme_block('[[instances]]\nengine = "llama-cpp"'))
+    _, launches = plan(build_parser().parse_args(["up", "--config", str(path)]), env={})
+    assert [item.name for item in launches] == ["llama-cpp-0.1", "llama-cpp-0.2"]
+    assert launches[0].autoscale == ScalePolicy(
+        min=0, max=2, wait_up=2, sustain=3, idle_after=300, cooldown=10
+    )
 
 
 def test_the_readme_example_plans_what_it_says(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from parallama.core.scheduler import (
     QueueFullError,
     Scheduler,
     Ticket,
+    UnavailableError,
 )
 from tests.clock import FakeClock
 from tests.unit.schedulers import M, adds_up, make, names
@@ -364,3 +365,22 @@ def test_a_deadline_is_not_held_against_a_request_that_binds_at_once() -> None:
     clock.now = 60.0
     s.release(first)  # one answer took a minute
     assert s.submit(M, deadline=0.5).backend is not None  # a free slot: no wait at all
+
+
+def test_a_request_waits_for_a_standby_engine_rather_than_failing() -> None:
+    """An autoscaled engine that is stopped is started when work waits: its requests queue
+    (and bind when it comes online) where a backend merely down would refuse them at once."""
+    down, standby = Backend("down", online=False), Backend("standby", online=False)
+    with pytest.raises(UnavailableError):
+        make(down).submit(M)
+    s = make(down, standby)
+    s.set_standby("standby", True)
+    waiting = s.submit(M)
+    assert waiting.queued and s.take_dispatched() == []
+    s.set_online("standby", True)
+    assert s.take_dispatched() == [waiting] and waiting.backend is standby
+    s.set_standby("standby", False)
+    s.set_online("standby", False)
+    with pytest.raises(UnavailableError):
+        s.submit(M)
+    assert adds_up(s)

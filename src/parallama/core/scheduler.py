@@ -131,6 +131,7 @@ class Backend:
     breaker: Breaker = field(default_factory=Breaker)
     draining: bool = False
     online: bool = True  # False while the engine process behind it is not serving (`up`)
+    standby: bool = False  # offline, but started when work waits (autoscaling): worth a wait
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0
     # Slots shared with other gateways: the leases this one holds per model (None: not shared).
@@ -156,6 +157,10 @@ class Backend:
 
     def serves(self, model: str) -> bool:
         return self.healthy and self.online and not self.draining and self.offers(model)
+
+    def awaits(self, model: str) -> bool:
+        """Serves the model, or will once its engine has started: a request may wait for it."""
+        return self.serves(model) or (self.standby and not self.draining and self.offers(model))
 
     def has_free_slot(self, model: str) -> bool:
         if self.breaker.state is BreakerState.HALF_OPEN and self.active:
@@ -359,6 +364,13 @@ class Scheduler:
             backend.online = online
             self._dispatch_all()
 
+    def set_standby(self, name: str, standby: bool) -> None:
+        """Whether requests wait for the backend while it is offline: autoscaling starts its
+        engine when they do (`parallama up`)."""
+        backend = self.backends.get(name)
+        if backend is not None:
+            backend.standby = standby
+
     def set_inventory(self, name: str, models: Iterable[str] | None) -> None:
         self.backends[name].inventory = None if models is None else frozenset(models)
         self._dispatch_all()
@@ -469,7 +481,7 @@ class Scheduler:
         if not offering:
             self._end(ticket, Outcome.REJECTED)
             raise NoBackendError(model)
-        if not any(b.serves(model) for b in offering):
+        if not any(b.awaits(model) for b in offering):
             self._end(ticket, Outcome.REJECTED)
             reopen = [b.breaker.next_change() or 0.0 for b in offering if not b.draining]
             wait = min(reopen, default=0.0) - self._clock()

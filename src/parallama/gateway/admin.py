@@ -156,6 +156,7 @@ def backend_state(b: Backend) -> dict[str, Any]:
         "breaker": b.breaker.state.value,
         "draining": b.draining,
         "online": b.online,
+        "standby": b.standby,
         "slots": b.slots,
         "capacity": b.capacity,
         "weight": b.weight,

@@ -74,8 +74,10 @@ class Fleet:
             self._probing.add(task)
             task.add_done_callback(self._probing.discard)
 
-    def set_online(self, url: str, online: bool) -> None:
-        """The engine process behind `url` started serving (probed at once) or stopped."""
+    def set_online(self, url: str, online: bool, *, standby: bool = False) -> None:
+        """The engine process behind `url` started serving (probed at once) or stopped; while
+        it is offline, requests wait for it if it is on `standby` (autoscaling starts it)."""
+        self._scheduler.set_standby(url, standby)
         self._scheduler.set_online(url, online)
         if online:
             self.probe_now(url)

@@ -51,7 +51,11 @@ class Prober:
                 await self._task
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self.probe(name) for name in list(self._upstreams)))
+        """Every backend but those whose engine `parallama up` knows is not serving: whatever
+        answers on such a port meanwhile is not the engine, and it gets probed once it serves."""
+        backends = self._scheduler.backends
+        names = [name for name in self._upstreams if name in backends and backends[name].online]
+        await asyncio.gather(*(self.probe(name) for name in names))
 
     async def probe(self, name: str) -> None:
         """Ask one backend how it is; tell the scheduler what it learnt."""

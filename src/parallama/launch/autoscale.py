@@ -9,6 +9,7 @@ passes what the gateway sees and the clock; the decisions come back).
   than `min` run and nothing waits; the one idle longest goes first.
 - One decision at a time, `cooldown` seconds apart (an engine that was just started counts as
   running, so a load that takes a while is not answered with another start).
+- After a start that failed, none for a while (doubling with each failure in a row).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+MAX_HOLD = 60.0  # seconds without a start, at most, after starts that failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,39 +56,63 @@ class Autoscaler:
         self.policy = policy
         self._waiting_since: float | None = None  # when the wait first went over `wait_up`
         self._last_decision = -math.inf
+        self._failed_starts = 0  # in a row
+        self._no_start_until = -math.inf
 
     def decide(self, seen: Seen, now: float) -> Decision | None:
-        policy = self.policy
-        engines = len(seen.idle_since)
-        if seen.oldest_wait > policy.wait_up:
+        if seen.oldest_wait > self.policy.wait_up:
             if self._waiting_since is None:
                 self._waiting_since = now
         else:
             self._waiting_since = None
+        reason = self._start_reason(seen, now)
+        if reason is not None:
+            if now < self._no_start_until:
+                return None
+            self._waiting_since = None  # the new engine gets its chance before another
+            return self._decided(now, Decision("start", None, reason))
+        stop = self._stop_candidate(seen, now)
+        return None if stop is None else self._decided(now, stop)
+
+    def start_failed(self, now: float) -> None:
+        """The engine it said to start did not serve: no start for a while, from 1 s doubling
+        with each failure in a row up to `MAX_HOLD`, so a broken engine is not spawned in a loop
+        (the requests waiting for it time out in the queue meanwhile)."""
+        self._failed_starts += 1
+        self._no_start_until = now + min(2.0 ** (self._failed_starts - 1), MAX_HOLD)
+
+    def start_succeeded(self) -> None:
+        self._failed_starts = 0
+        self._no_start_until = -math.inf
+
+    def _start_reason(self, seen: Seen, now: float) -> str | None:
+        policy, engines = self.policy, len(seen.idle_since)
         if engines < policy.min:
-            return self._decided(now, Decision("start", None, f"fewer than min={policy.min}"))
+            return f"fewer than min={policy.min}"
         if engines == 0 and seen.queued:
-            return self._decided(now, Decision("start", None, "a request waits and none runs"))
-        if now - self._last_decision < policy.cooldown:
-            return None
+            return "a request waits and none runs"
         if (
-            self._waiting_since is not None
+            now - self._last_decision >= policy.cooldown
+            and self._waiting_since is not None
             and now - self._waiting_since >= policy.sustain
             and engines < policy.max
         ):
-            reason = f"requests waited over {policy.wait_up:g} s for {policy.sustain:g} s"
-            return self._decided(now, Decision("start", None, reason))
+            return f"requests waited over {policy.wait_up:g} s for {policy.sustain:g} s"
+        return None
+
+    def _stop_candidate(self, seen: Seen, now: float) -> Decision | None:
+        """The engine idle longest, if it has been idle long enough and may go."""
+        policy = self.policy
+        if now - self._last_decision < policy.cooldown:
+            return None
         idle = {name: since for name, since in seen.idle_since.items() if since is not None}
-        if seen.queued or engines <= policy.min or not idle:
+        if seen.queued or len(seen.idle_since) <= policy.min or not idle:
             return None
         name, since = min(idle.items(), key=lambda item: (item[1], item[0]))
-        if now - since >= policy.idle_after:
-            reason = f"idle for {policy.idle_after:g} s"
-            return self._decided(now, Decision("stop", name, reason))
-        return None
+        if now - since < policy.idle_after:
+            return None
+        return Decision("stop", name, f"idle for {policy.idle_after:g} s")
 
     def _decided(self, now: float, decision: Decision) -> Decision:
         self._last_decision = now
-        if decision.action == "start":
-            self._waiting_since = None  # the new engine gets its chance before another
         return decision

@@ -7,6 +7,10 @@ Ollama's environment variables, exactly as the seed's start script does; llama.c
 command. `command` replaces the program (say, the emulator standing in for `ollama serve`);
 `{host}`, `{port}`, `{name}` and `{model}` in it and in `args` are filled in.
 
+A table with `autoscale = { min = ..., max = ... }` is a group of up to `max` alike engines,
+`NAME.1` to `NAME.max`, on consecutive ports from `port` (or free ones): `parallama up` starts
+and stops them as the work asks (`parallama.launch.autoscale` decides when).
+
 llama.cpp repacks weights into the CPU's "extra buffer types" (AMX tiles, ...) by default; some
 builds crash on CPUs with AMX in those buffers, so there it is off unless `repack = true`.
 """
@@ -23,6 +27,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from parallama.config import BackendSettings
+from parallama.launch.autoscale import ScalePolicy
 from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
 from parallama.runtime import http_url
@@ -32,6 +37,35 @@ SMOLLM2_ALIAS = "smollm2:135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 AMX_FLAGS = frozenset({"amx_tile", "amx_int8"})  # /proc/cpuinfo's names for Intel AMX
 NO_REPACK_SERVER = "parallama.launch.llama_cpp_engine"  # llama-cpp-python's, with --no-repack
+_POLICY = ScalePolicy()  # its defaults
+
+
+class AutoscaleSettings(BaseModel):
+    """An `[[instances]]` table's `autoscale`: how many of its engines run, as the work asks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(_POLICY.min, ge=0, description="engines kept running, even when idle")
+    max: int = Field(ge=1, description="engines at most")
+    wait_up: float = Field(
+        _POLICY.wait_up, ge=0, description="seconds a request may wait before the wait counts"
+    )
+    sustain: float = Field(
+        _POLICY.sustain, ge=0, description="seconds the wait must go on before an engine starts"
+    )
+    idle_after: float = Field(
+        _POLICY.idle_after, gt=0, description="seconds without work before an engine stops"
+    )
+    cooldown: float = Field(_POLICY.cooldown, ge=0, description="seconds between two decisions")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscaleSettings:
+        if self.min > self.max:
+            raise ValueError(f"autoscale needs min <= max, not min = {self.min} > max = {self.max}")
+        return self
+
+    def policy(self) -> ScalePolicy:
+        return ScalePolicy(**self.model_dump())
 
 
 class InstanceSettings(BaseModel):
@@ -77,6 +111,9 @@ class InstanceSettings(BaseModel):
     weight: float = Field(1.0, gt=0, description="the gateway's weight for it")
     models: frozenset[str] | None = Field(None, description="the only models sent to it")
     ready_timeout: float = Field(120.0, gt=0, description="seconds it may take to start")
+    autoscale: AutoscaleSettings | None = Field(
+        None, description="a group of up to `max` such engines, started and stopped on demand"
+    )
 
     @field_validator("models")
     @classmethod
@@ -89,7 +126,14 @@ class InstanceSettings(BaseModel):
             raise ValueError(f"a {self.engine} instance needs model = the path of a GGUF file")
         if self.engine == "command" and not self.command:
             raise ValueError("a command instance needs command = [program, arguments...]")
+        if self.port and self.port + self.engines - 1 > 65535:
+            raise ValueError(f"{self.engines} engines from port {self.port} go past port 65535")
         return self
+
+    @property
+    def engines(self) -> int:
+        """How many engines the table stands for: its group's `max`, else one."""
+        return 1 if self.autoscale is None else self.autoscale.max
 
 
 @dataclass(frozen=True)
@@ -97,6 +141,8 @@ class Launch:
     """How to start one instance, and how the gateway then sees it."""
 
     name: str
+    group: str  # its `[[instances]]` table's name (its own, when not a group)
+    autoscale: ScalePolicy | None  # its group's, if autoscaled
     argv: tuple[str, ...]
     env: dict[str, str]  # added to parallama's own environment
     host: str
@@ -116,11 +162,14 @@ def launch(
     *,
     amx: bool | None = None,
     log_dir: Path | None = None,
+    member: int = 0,
 ) -> Launch:
-    """The command line and environment of `instance`, listening on `port` (the configured one,
-    or the free one chosen for 0), on a CPU with or without AMX (default: this machine's), its
-    output written to a file in `log_dir`."""
-    name = instance.name or f"{instance.engine}-{index}"
+    """The command line and environment of `instance` (of the `member`th engine of its group,
+    from 1, when it is autoscaled), listening on `port` (the configured one, or the free one
+    chosen for 0), on a CPU with or without AMX (default: this machine's), its output written to
+    a file in `log_dir`."""
+    group = instance.name or f"{instance.engine}-{index}"
+    name = f"{group}.{member}" if member else group
     repack = instance.repack if instance.repack is not None else not _has_amx(amx)
     alias = instance.alias or (Path(instance.model).stem if instance.model else "")
     fill = {"host": instance.host, "port": str(port), "name": name, "model": instance.model or ""}
@@ -142,6 +191,8 @@ def launch(
     )
     return Launch(
         name=name,
+        group=group,
+        autoscale=None if instance.autoscale is None else instance.autoscale.policy(),
         argv=argv,
         env=env,
         host=instance.host,

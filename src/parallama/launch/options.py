@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--instances", type=int, metavar="N", help="how many engines to start")
     group.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        help="instead of --instances: from MIN to MAX engines, started while requests wait and "
+        "stopped when idle (tune it in the file's [instances.autoscale])",
+    )
+    group.add_argument(
         "--engine",
         choices=get_args(Engine),
         default="ollama",

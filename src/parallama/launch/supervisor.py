@@ -10,6 +10,9 @@ An engine is ready only while its own process serves: its port must be free befo
 (else another server would answer in its place while the engine, unable to listen, exits), and
 the server that answers its ready path must be its process or one of its session's. Each state
 change is told to `on_state`, which takes the instance in and out of the gateway's routing.
+
+Of an autoscaled group, only its `min` engines start with parallama; `start_instance` and
+`stop_instance` start and stop the others as the autoscaling decides.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,7 +38,7 @@ from parallama.launch.output import EngineOutput
 
 log = logging.getLogger("parallama.launch")
 
-State = Literal["starting", "ready", "restarting", "stopped"]
+State = Literal["starting", "ready", "restarting", "stopping", "stopped"]
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
@@ -123,15 +126,19 @@ class Supervisor:
         only while it is ready."""
         self.instances = [Instance(launch) for launch in launches]
         self.on_state = on_state
-        self._watchers: list[asyncio.Task[None]] = []
+        self._watchers: dict[str, asyncio.Task[None]] = {}
 
     def status(self) -> list[dict[str, Any]]:
         return [instance.status() for instance in self.instances]
 
     async def start(self) -> None:
-        """Start every instance and return once all serve; if one cannot, stop them all and
-        raise `LaunchError`."""
-        starting = [asyncio.ensure_future(self._start(i)) for i in self.instances]
+        """Start every instance (of an autoscaled group, its first `min`) and return once all
+        serve; if one cannot, stop them all and raise `LaunchError`."""
+        first = _first_engines(self.instances)
+        for instance in self.instances:
+            if instance not in first:
+                instance.state = "stopped"
+        starting = [asyncio.ensure_future(self._start(i)) for i in first]
         try:
             await asyncio.gather(*starting)
         except BaseException:
@@ -140,13 +147,48 @@ class Supervisor:
             await asyncio.gather(*starting, return_exceptions=True)
             await self.stop()
             raise
-        loop = asyncio.get_running_loop()
-        self._watchers = [loop.create_task(self._watch(i)) for i in self.instances]
+        for instance in first:
+            self._follow(instance)
+
+    def start_instance(self, instance: Instance) -> Coroutine[Any, Any, None]:
+        """Start a stopped instance: "starting" at once, and the awaitable returned ends once it
+        serves, or with `LaunchError` (stopped again) if it cannot."""
+        self._enter(instance, "starting")
+        return self._start_stopped(instance)
+
+    def stop_instance(self, instance: Instance) -> Coroutine[Any, Any, None]:
+        """Stop one engine and keep it stopped: out of the gateway's routing at once, before any
+        other request can be sent to it; the awaitable returned ends once it has exited."""
+        self._enter(instance, "stopping")
+        return self._stop_one(instance)
+
+    async def _start_stopped(self, instance: Instance) -> None:
+        try:
+            await self._start(instance)
+        except LaunchError as exc:
+            instance.last_error = str(exc)
+            self._enter(instance, "stopped")
+            raise
+        self._follow(instance)
+
+    async def _stop_one(self, instance: Instance) -> None:
+        watcher = self._watchers.pop(instance.name, None)
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await self._terminate(instance)
+        self._enter(instance, "stopped")
+
+    def _follow(self, instance: Instance) -> None:
+        """Restart the instance whenever it exits, from now on."""
+        task = asyncio.get_running_loop().create_task(self._watch(instance))
+        self._watchers[instance.name] = task
 
     async def stop(self) -> None:
-        for watcher in self._watchers:
+        watchers = list(self._watchers.values())
+        for watcher in watchers:
             watcher.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*watchers, return_exceptions=True)
         await asyncio.gather(*(self._terminate(i) for i in self.instances))
         for instance in self.instances:
             self._enter(instance, "stopped")
@@ -294,6 +336,18 @@ class Supervisor:
                 "instance stopped", extra={"fields": {"instance": instance.name, "code": code}}
             )
         await _drained(instance)
+
+
+def _first_engines(instances: list[Instance]) -> list[Instance]:
+    """The instances that start with parallama: all, but of an autoscaled group its `min`."""
+    taken: dict[str, int] = {}
+    first = []
+    for instance in instances:
+        policy, group = instance.launch.autoscale, instance.launch.group
+        if policy is None or taken.get(group, 0) < policy.min:
+            taken[group] = taken.get(group, 0) + 1
+            first.append(instance)
+    return first
 
 
 def describe_exit(code: int) -> str:

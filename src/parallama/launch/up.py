@@ -6,6 +6,8 @@ The instances come from the `--config` file's `[[instances]]` tables, or from `-
 model); the gateway's settings are `parallama serve`'s, from the same file, environment and
 flags, with one backend per instance added to any `[[backends]]` the file lists. Each engine's
 output goes to its own file in `--log-dir`; the console says when an instance changes state.
+Autoscaled groups (`autoscale` in a table, or `--autoscale MIN:MAX`) start with their `min`
+engines; `parallama.launch.scaling` starts and stops the others while the gateway runs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from parallama.launch.engines import (
     template,
 )
 from parallama.launch.options import DEFAULT_BASE_PORT
+from parallama.launch.scaling import Scaling
 from parallama.launch.supervisor import Instance, InstanceCollector, Supervisor, free_port
 from parallama.runtime import stop_signals
 
@@ -54,8 +57,15 @@ def plan(
     instances = _instances(args, data.pop("instances", []), str(path))
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(env)
     launches = [
-        launch(instance, i, instance.port or free_port(instance.host), log_dir=log_dir)
+        launch(
+            instance,
+            i,
+            instance.port + k if instance.port else free_port(instance.host),
+            log_dir=log_dir,
+            member=0 if instance.autoscale is None else k + 1,
+        )
         for i, instance in enumerate(instances)
+        for k in range(instance.engines)
     ]
     names = [item.name for item in launches]
     if len(set(names)) != len(names):
@@ -80,13 +90,13 @@ def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[Insta
     try:
         if args.demo_real:  # free ports: the gateway's --port 0 must not leave them on 11434
             return demo_real(args.base_port or 0)
-        if args.instances is not None:
-            if args.instances < 1:
-                raise ConfigError("--instances must be at least 1")
+        if args.instances is not None or args.autoscale is not None:
+            count, autoscale = _count(args.instances, args.autoscale)
             return template(
                 args.engine,
-                args.instances,
+                count,
                 DEFAULT_BASE_PORT if args.base_port is None else args.base_port,
+                autoscale=autoscale,
                 gpus=args.gpus,
                 command=shlex.split(args.engine_command) if args.engine_command else None,
                 num_parallel=args.num_parallel,
@@ -107,26 +117,61 @@ def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[Insta
     return instances
 
 
+def _count(instances: int | None, autoscale: str | None) -> tuple[int, dict[str, int] | None]:
+    """`--instances N` or `--autoscale MIN:MAX`: how many tables, and their autoscaling."""
+    if autoscale is None:
+        if instances is None or instances < 1:
+            raise ConfigError("--instances must be at least 1")
+        return instances, None
+    if instances is not None:
+        raise ConfigError("--instances and --autoscale: give one of them")
+    low, colon, high = autoscale.partition(":")
+    if not (colon and low.isdigit() and high.isdigit()):
+        raise ConfigError(f"--autoscale wants MIN:MAX, such as 0:4, not {autoscale!r}")
+    return 1, {"min": int(low), "max": int(high)}
+
+
 async def run_up(settings: GatewaySettings, launches: list[Launch]) -> None:
     supervisor = Supervisor(launches)
     with stop_signals() as stop:
-        names = ", ".join(item.name for item in launches)
+        names = ", ".join(_described(supervisor))
         print(f"parallama up: starting {names}", flush=True)
         if not await _unless_stopped(stop, supervisor.start()):
             return
         try:
             async with running_gateway(settings) as gateway:
+                scaling = Scaling(supervisor, gateway.scheduler)
                 gateway.status_sections["instances"] = supervisor.status
                 gateway.metrics.registry.register(InstanceCollector(supervisor))
+                if scaling.groups:
+                    gateway.status_sections["autoscaling"] = scaling.status
+                    gateway.metrics.registry.register(scaling.collector())
                 _route_while_ready(supervisor, gateway)
+                scaling.start()
                 lines = [describe(gateway, "up"), *map(_banner_line, supervisor.instances)]
                 print("\n".join(lines) + "\nCtrl-C to stop everything", flush=True)
                 try:
                     await stop.wait()
                 finally:
+                    await scaling.stop()
                     supervisor.on_state = None  # the gateway stops before the engines
         finally:
             await supervisor.stop()
+
+
+def _described(supervisor: Supervisor) -> list[str]:
+    """The instances to start, and each autoscaled group as `NAME (MIN to MAX engines)`."""
+    named, groups = [], set()
+    for instance in supervisor.instances:
+        launch = instance.launch
+        if launch.autoscale is None:
+            named.append(launch.name)
+        elif launch.group not in groups:
+            groups.add(launch.group)
+            named.append(
+                f"{launch.group} ({launch.autoscale.min} to {launch.autoscale.max} engines)"
+            )
+    return named
 
 
 def _route_while_ready(supervisor: Supervisor, gateway: Gateway) -> None:
@@ -134,7 +179,9 @@ def _route_while_ready(supervisor: Supervisor, gateway: Gateway) -> None:
     exits until the restarted one serves, whatever else answers on its port gets nothing."""
 
     def follow(instance: Instance) -> None:
-        gateway.fleet.set_online(instance.launch.url, instance.state == "ready")
+        ready = instance.state == "ready"
+        standby = instance.launch.autoscale is not None  # requests wait for its (re)start
+        gateway.fleet.set_online(instance.launch.url, ready, standby=standby and not ready)
 
     supervisor.on_state = follow
     for instance in supervisor.instances:  # one may have died since it started
@@ -145,6 +192,8 @@ def _banner_line(instance: Instance) -> str:
     launch = instance.launch
     log = f"  log {launch.log_file}" if launch.log_file is not None else ""
     argv = shlex.join(launch.argv)
+    if instance.state == "stopped":  # of an autoscaled group: started when work waits
+        return f"  instance {instance.name}  stopped until needed  {launch.url}{log}  {argv}"
     return f"  instance {instance.name}  pid {instance.pid}  {launch.url}{log}  {argv}"
 
 
