@@ -1,15 +1,20 @@
-"""Routing policies compared on one mixed workload over emulated backends, in one run.
+"""Routing policies compared over emulated backends, each workload in one run.
 
-Three Ollama emulators, one of them three times slower; each has 2 slots per model and room for
-only 2 loaded models (a load takes `--load` seconds), so a policy that scatters models pays in
-loads and evictions. The workload: bursts of streaming requests over three models (60/30/10 %),
-the same (seeded) for each policy. Each policy gets fresh backends and its own gateway.
+**mixed**: three Ollama emulators, one of them three times slower; each has 2 slots per model
+and room for only 2 loaded models (a load takes `--load` seconds), so a policy that scatters
+models pays in loads and evictions. Bursts of streaming requests over three models (60/30/10 %),
+the same (seeded) for each policy. Printed: completed requests, p50/p99 latency and time to
+first token, and the ratio of each to round-robin's (the seed's policy, and nginx's default),
+which parallama runs here with late binding: a request is still sent only to a free slot.
 
-Printed per policy: completed requests, p50/p99 latency and p50/p99 time to first token, and
-the ratio of each to round-robin's (the seed's policy, and nginx's default), which parallama
-runs here with late binding: a request is still sent only to a free slot.
+**chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
+of four long shared system prompts, `--active` of them at a time) over three emulators of
+different speeds with 4 slots each, whose slots keep a prompt cache as Ollama's engine does.
+Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached.
 
-    python benchmarks/routing_policies.py [--bursts 4] [--burst-size 30]
+Each policy gets fresh backends and its own gateway.
+
+    python benchmarks/routing_policies.py [--workload mixed|chat|all] [--bursts 4] ...
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 from parallama.config import GatewaySettings
 from parallama.core.router import Policy
@@ -113,6 +119,165 @@ async def workload(
         return list(await asyncio.gather(*tasks))
 
 
+# -- chat: prompt caches ------------------------------------------------------------------------
+
+CHAT_MODEL = "qwen2.5:7b"
+CHAT_POLICIES: tuple[Policy, ...] = ("least-loaded", "session-affinity", "prefix-affinity")
+WORDS = [
+    "cache",
+    "slot",
+    "prefix",
+    "token",
+    "model",
+    "answer",
+    "engine",
+    "request",
+    "queue",
+    "batch",
+    "latency",
+]
+
+
+def chat_config(prefill_tps: float, decode_tps: float) -> SimConfig:
+    return SimConfig(
+        host="127.0.0.1",
+        ports=(0,),
+        models=(spec_for(CHAT_MODEL),),
+        scheduler=OllamaSettings(num_parallel=4, max_loaded_models=1, default_keep_alive=-1),
+        timing=TimingModel(
+            prefill_tps=prefill_tps, decode_tps=decode_tps, batch_slowdown=0.3, load_seconds=0
+        ),
+        output_tokens=(30, 60),
+    )
+
+
+@contextlib.asynccontextmanager
+async def chat_fleet(policy: Policy) -> AsyncIterator[tuple[str, list[str]]]:
+    """Three backends (prefill and decode tokens/s: two alike, one a third as fast) with 4 slots
+    each, behind a gateway with `policy`; the gateway's URL and the backends'."""
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for prefill, decode in ((3000.0, 90.0), (3000.0, 90.0), (1000.0, 30.0)):
+            servers = await stack.enter_async_context(running_servers(chat_config(prefill, decode)))
+            urls.append(servers[0].url)
+        settings = GatewaySettings.model_validate(
+            {
+                "port": 0,
+                "slots": 4,
+                "routing": policy,
+                "log_requests": False,
+                "queue_timeout": 300,
+                "backends": [{"url": url} for url in urls],
+            }
+        )
+        gateway = await stack.enter_async_context(running_gateway(settings))
+        yield gateway.url, urls
+
+
+def system_prompts(count: int = 4, words: int = 1500) -> list[str]:
+    """Long system prompts (instructions, documents) that many conversations share."""
+    choose = random.Random(11)
+    return [
+        f"System {n}: " + " ".join(choose.choice(WORDS) for _ in range(words)) for n in range(count)
+    ]
+
+
+async def conversation(
+    session: aiohttp.ClientSession, url: str, system: str, turns: int, seed: int
+) -> list[Result]:
+    """One user: a question, the answer, the next question with all before it, ..."""
+    choose = random.Random(seed)
+    messages = [{"role": "system", "content": system}]
+    results = []
+    for turn in range(turns):
+        question = " ".join(choose.choice(WORDS) for _ in range(40)) + f" ({seed}.{turn})?"
+        messages.append({"role": "user", "content": question})
+        body = {"model": CHAT_MODEL, "messages": messages, "stream": True}
+        started = time.monotonic()
+        first = None
+        answer = []
+        async with session.post(f"{url}/api/chat", json=body) as reply:
+            async for line in reply.content:
+                if first is None:
+                    first = time.monotonic()
+                chunk = orjson.loads(line)
+                answer.append(chunk.get("message", {}).get("content", ""))
+            ok = reply.status == 200
+        end = time.monotonic()
+        results.append(Result(ok, end - started, (first or end) - started))
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        await asyncio.sleep(choose.uniform(0.2, 1.0))  # the user reads, then asks again
+    return results
+
+
+async def chat_workload(url: str, conversations: int, turns: int, active: int) -> list[Result]:
+    prompts = system_prompts()
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=600)
+    room = asyncio.Semaphore(active)
+
+    async def one(n: int) -> list[Result]:
+        async with room:
+            return await conversation(session, url, prompts[n % len(prompts)], turns, n)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        done = await asyncio.gather(*(one(n) for n in range(conversations)))
+    return [result for results in done for result in results]
+
+
+async def cached_share(backends: list[str]) -> float:
+    """The share of all prompt tokens the backends found in a slot's cache."""
+    asked = cached = 0
+    async with aiohttp.ClientSession() as session:
+        for url in backends:
+            async with session.get(f"{url}/_sim/state") as reply:
+                state = await reply.json()
+            asked += sum(state["prompt_tokens"].values())
+            cached += sum(state["cached_tokens"].values())
+    return cached / asked if asked else 0.0
+
+
+async def measure_chat(args: argparse.Namespace) -> dict[Policy, dict[str, float]]:
+    table: dict[Policy, dict[str, float]] = {}
+    for policy in CHAT_POLICIES:
+        async with chat_fleet(policy) as (url, backends):
+            results = await chat_workload(url, args.conversations, args.turns, args.active)
+            share = await cached_share(backends)
+        done = [r for r in results if r.ok]
+        firsts = [r.first_token for r in done]
+        table[policy] = {
+            "completed": len(done),
+            "ttft50": percentile(firsts, 50),
+            "ttft99": percentile(firsts, 99),
+            "p50": percentile([r.seconds for r in done], 50),
+            "cached": share,
+        }
+    return table
+
+
+def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) -> None:
+    total = args.conversations * args.turns
+    print(
+        f"\nMulti-turn chat: {args.conversations} conversations x {args.turns} turns, "
+        f"{args.active} at a time, 4 shared system prompts of 1,500 words;"
+    )
+    print("3 backends (prefill/decode tokens/s 3000/90, 3000/90, 1000/30), 4 slots each")
+    print(f"{'policy':18}{'completed':>11}{'ttft p50':>11}{'ttft p99':>11}{'p50':>11}{'cached':>9}")
+    for policy, row in table.items():
+        print(
+            f"{policy:18}{int(row['completed']):>6}/{total:<4}{row['ttft50']:>9.2f} s"
+            f"{row['ttft99']:>9.2f} s{row['p50']:>9.2f} s{row['cached']:>8.0%}"
+        )
+    base = table["least-loaded"]
+    print("\nRatio to least-loaded (lower is better):")
+    for policy, row in table.items():
+        if policy != "least-loaded":
+            print(
+                f"  {policy}: ttft p50 {row['ttft50'] / base['ttft50']:.2f}x, "
+                f"ttft p99 {row['ttft99'] / base['ttft99']:.2f}x"
+            )
+
+
 def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if values else 0.0
 
@@ -141,13 +306,28 @@ def main() -> None:
     parser.add_argument("--burst-size", type=int, default=30, help="requests each (30)")
     parser.add_argument("--gap", type=float, default=3.0, help="seconds between bursts (3)")
     parser.add_argument("--load", type=float, default=1.5, help="model load seconds (1.5)")
+    parser.add_argument("--workload", choices=("mixed", "chat", "all"), default="all")
+    parser.add_argument("--conversations", type=int, default=100, help="chat: (100)")
+    parser.add_argument("--turns", type=int, default=6, help="chat: turns each (6)")
+    parser.add_argument("--active", type=int, default=24, help="chat: at a time (24)")
     args = parser.parse_args()
     table: dict[Policy, dict[str, float]] = {}
+    chat: dict[Policy, dict[str, float]] = {}
 
     async def go() -> None:
-        table.update(await measure(args))
+        if args.workload in ("mixed", "all"):
+            table.update(await measure(args))
+        if args.workload in ("chat", "all"):
+            chat.update(await measure_chat(args))
 
     run(go())
+    if table:
+        print_mixed(table, args)
+    if chat:
+        print_chat(chat, args)
+
+
+def print_mixed(table: dict[Policy, dict[str, float]], args: argparse.Namespace) -> None:
     total = args.bursts * args.burst_size
     print(f"Routing policies: {args.bursts} bursts of {args.burst_size} streaming requests,")
     print("3 models (60/30/10 %), 3 backends (one 3x slower), 2 slots, 2 loaded models each")

@@ -187,7 +187,13 @@ class GatewaySettings(BaseModel):
     routing: Policy = Field(
         "least-loaded",
         description="how a backend is chosen: least-loaded, round-robin, weighted, "
-        "model-affinity or session-affinity",
+        "model-affinity, session-affinity or prefix-affinity",
+    )
+    prefix_balance: float = Field(
+        0.5,
+        ge=0,
+        description="prefix-affinity: how much busier, as a share of its capacity, the backend "
+        "that may hold a request's prompt prefix may be than the least loaded one",
     )
     health_interval: float = Field(
         5.0, gt=0, description="seconds between probes of each backend (health, models)"
@@ -311,6 +317,7 @@ class GatewaySettings(BaseModel):
                 if model.routing is not None
             },
             busy_seconds=self.busy_seconds,
+            prefix_balance=self.prefix_balance,
             shared_slots=self.state != "memory",
         )
 

@@ -57,7 +57,7 @@ def test_engines_start_when_requests_wait_and_stop_when_idle(tmp_path: Path) -> 
         assert int(reply.headers["X-Queue-Wait-Ms"]) > 0
         first = autoscaling_of(up.url)["decisions"][0]
         assert (first["action"], first["instance"]) == ("start", "sim-0.1")
-        assert first["reason"] == "a request waits and none runs"
+        assert first["reason"] == "a request waits that no engine can take"
 
         # A burst on one slot: requests keep waiting, so the second engine starts too.
         with ThreadPoolExecutor(8) as pool:
@@ -156,5 +156,5 @@ def test_the_dashboard_shows_each_engine_and_the_last_decision(tmp_path: Path) -
         assert instances == ["sim-0.1 pill ready", "sim-0.2 pill stopped"]
         assert backends == ["healthy", "standby"]
         assert group.split("\t")[:3] == ["sim-0", "1", "0 to 2"]
-        assert "start sim-0.1: a request waits and none runs" in group
+        assert "start sim-0.1: a request waits that no engine can take" in group
         assert errors == []

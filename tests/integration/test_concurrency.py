@@ -269,3 +269,28 @@ async def test_ps_shows_expiry_from_keep_alive() -> None:
 
     expires = datetime.fromisoformat(ten_minutes).timestamp()
     assert 590 < expires - time.time() <= 600
+
+
+async def test_a_conversations_next_turn_reuses_its_slots_prompt_cache() -> None:
+    """Each slot keeps its last sequence (prompt and answer): the next turn, which sends the
+    answer back, has all of it cached but the new message; a stranger's prompt has none."""
+    system = {"role": "system", "content": "You answer in the house style. " * 60}
+    chat = [system, {"role": "user", "content": "Why is the sky blue?"}]
+    with sim_server(num_parallel=2, prefill_tps=20_000) as server:
+        async with aiohttp.ClientSession() as session:
+
+            async def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
+                body = {"model": CHAT_MODEL, "messages": messages, "stream": False}
+                async with session.post(f"{server.url}/api/chat", json=body) as response:
+                    answer: dict[str, Any] = await response.json()
+                    return answer
+
+            first = await ask(chat)
+            second = await ask([*chat, first["message"], {"role": "user", "content": "Why?"}])
+            counted = state(server.url)
+    asked = first["prompt_eval_count"] + second["prompt_eval_count"]
+    assert counted["prompt_tokens"][CHAT_MODEL] == asked  # prompt_eval_count: all of it
+    cached = counted["cached_tokens"][CHAT_MODEL]
+    # All of the first exchange, as the second turn sends it back, was in the cache.
+    new_part = len(["<|end|>", "<|start|>", "user", "\n", "Why", "?", "<|end|>"]) + 3
+    assert cached == second["prompt_eval_count"] - new_part

@@ -16,7 +16,7 @@ def busy(*names: str) -> dict[str, float | None]:
 def test_from_zero_a_waiting_request_starts_an_engine_at_once() -> None:
     scaler = Autoscaler(POLICY)
     assert scaler.decide(Seen(0.0, 0, {}), now=0.0) is None  # nothing waits: stay at zero
-    decision = scaler.decide(Seen(0.0, 1, {}), now=1.0)
+    decision = scaler.decide(Seen(0.0, 1, {}, stranded=1), now=1.0)
     assert decision is not None and decision.action == "start"
 
 
@@ -31,6 +31,23 @@ def test_a_long_wait_must_last_before_another_engine_starts() -> None:
     assert "waited over 2 s for 5 s" in decision.reason
     # The new engine gets its chance: not another start within the cooldown and the sustain.
     assert scaler.decide(Seen(9.0, 9, busy("a", "b")), now=115.0) is None
+
+
+def test_no_other_start_while_an_engine_of_the_group_is_still_starting() -> None:
+    scaler = Autoscaler(POLICY)
+    loading = {"a": None}  # started, loading its model: requests wait meanwhile
+    assert scaler.decide(Seen(3.0, 9, loading, starting=1), now=100.0) is None
+    assert scaler.decide(Seen(9.0, 9, loading, starting=1), now=110.0) is None
+    decision = scaler.decide(Seen(9.5, 9, loading), now=110.5)  # it serves: they still wait
+    assert decision is not None and decision.action == "start"
+
+
+def test_a_request_only_another_backend_can_take_starts_nothing_at_once() -> None:
+    scaler = Autoscaler(POLICY)
+    assert scaler.decide(Seen(0.1, 1, {}, stranded=0), now=0.0) is None  # another serves it
+    assert scaler.decide(Seen(3.0, 1, {}, stranded=0), now=1.0) is None  # waited, not long
+    decision = scaler.decide(Seen(3.0, 1, {}, stranded=0), now=6.0)
+    assert decision is not None and "waited over 2 s for 5 s" in decision.reason
 
 
 def test_no_more_than_max() -> None:
@@ -59,7 +76,7 @@ def test_fewer_than_min_starts_one_and_a_bad_policy_is_refused() -> None:
 
 def test_after_a_start_that_failed_none_for_a_while_doubling_with_each_failure() -> None:
     scaler = Autoscaler(POLICY)
-    waiting = Seen(0.5, 1, {})
+    waiting = Seen(0.5, 1, {}, stranded=1)
     assert scaler.decide(waiting, now=0.0) is not None
     scaler.start_failed(now=1.0)
     assert scaler.decide(waiting, now=1.5) is None  # held 1 s

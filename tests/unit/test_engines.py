@@ -209,11 +209,41 @@ def test_an_autoscaled_table_is_a_group_of_max_engines_on_consecutive_ports() ->
         (["--autoscale", "0:0"], "greater than or equal to 1"),
         (["--autoscale", "0:2", "--instances", "2"], "give one of them"),
         (["--autoscale", "0:3", "--base-port", "65534"], "go past port 65535"),
+        (["--autoscale", "0:3", "--gpus", "2"], "--gpus spreads --instances"),
     ],
 )
 def test_bad_autoscaling_is_a_clear_error(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         plan(build_parser().parse_args(["up", *flags]), env={})
+
+
+@pytest.mark.parametrize(
+    ("tables", "message"),
+    [
+        (  # a group's second engine on the port of another instance
+            '[[instances]]\nengine = "sim"\nport = 9001\n'
+            '[[instances]]\nengine = "sim"\nname = "g"\nport = 9000\nautoscale = { max = 2 }',
+            "two engines or backends on one address: http://127.0.0.1:9001",
+        ),
+        (  # an instance that is also listed as a backend
+            '[[instances]]\nengine = "sim"\nport = 9000\n'
+            '[[backends]]\nurl = "http://127.0.0.1:9000"',
+            "one address: http://127.0.0.1:9000",
+        ),
+        (  # a table and a group of one name
+            '[[instances]]\nengine = "sim"\nname = "g"\nport = 0\n'
+            '[[instances]]\nengine = "sim"\nname = "g"\nport = 0\nautoscale = { max = 2 }',
+            "instance names must differ: g, g.1, g.2",
+        ),
+    ],
+)
+def test_engines_that_would_be_one_backend_are_refused(
+    tmp_path: Path, tables: str, message: str
+) -> None:
+    path = tmp_path / "up.toml"
+    path.write_text(tables)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan(build_parser().parse_args(["up", "--config", str(path)]), env={})
 
 
 @pytest.mark.skipif(

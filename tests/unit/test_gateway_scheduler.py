@@ -384,3 +384,11 @@ def test_a_request_waits_for_a_standby_engine_rather_than_failing() -> None:
     with pytest.raises(UnavailableError):
         s.submit(M)
     assert adds_up(s)
+
+
+def test_a_deadline_does_not_refuse_a_request_that_waits_for_an_engine_to_start() -> None:
+    """How long a start takes is not known: no evidence against the deadline (it would be
+    refused for ever, as nothing would ever start)."""
+    s = make(Backend("standby", online=False), queue_timeout=60)
+    s.set_standby("standby", True)
+    assert s.submit(M, deadline=5).queued

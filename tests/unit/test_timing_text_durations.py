@@ -115,7 +115,8 @@ def test_chat_prompt_counts_template_overhead() -> None:
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     )
     assert "Be brief." in text
-    assert tokens == (3 + 4) + (2 + 4)
+    assert len(tokens) == (3 + 4) + (2 + 4) + 3  # the messages, then the assistant's turn
+    assert tokens[:7] == ("<|start|>", "system", "\n", "Be", "brief", ".", "<|end|>")
 
 
 def test_embeddings_are_normalised_and_stable() -> None:

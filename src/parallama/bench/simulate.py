@@ -144,9 +144,9 @@ class SimulatedFleet:
         workload = self._plan.workload
         text = workload.prompts[n % len(workload.prompts)]
         if workload.kind == "chat":
-            prompt, prompt_tokens = chat_prompt([{"role": "user", "content": text}])
+            prompt, prompt_ids = chat_prompt([{"role": "user", "content": text}])
         else:
-            prompt, prompt_tokens = generate_prompt(text, "", [], raw=False)
+            prompt, prompt_ids = generate_prompt(text, "", [], raw=False)
         answer = plan_answer(
             model=workload.model,
             prompt=prompt,
@@ -156,12 +156,12 @@ class SimulatedFleet:
             length_range=self._sim.output_tokens,
         )
         async with engine.admitted(workload.model, keep_alive=None, num_ctx=None) as ticket:
-            async for _ in engine.generate(ticket, prompt_tokens, answer.tokens, Generation()):
+            async for _ in engine.generate(ticket, prompt_ids, answer.tokens, Generation()):
                 at = self._clock() - sent
                 if sample.first_token is None:
                     sample.first_token = at
                 sample.token_times.append(at)
-        sample.prompt_tokens = prompt_tokens
+        sample.prompt_tokens = len(prompt_ids)
         sample.output_tokens = len(answer.tokens)
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from parallama.core.exchange import Exchange
+from parallama.core.prefixes import Blocks
 from parallama.core.scheduler import (
     DeadlineError,
     NoBackendError,
@@ -126,6 +127,7 @@ class Lifecycle:
         priority: int = 0,
         weight: float = 1.0,
         session: str = "",
+        prefix: Blocks = (),
         deadline: float | None = None,
     ) -> None:
         """Into the gateway's queue, or bound at once to a backend with a free slot; else an
@@ -140,6 +142,7 @@ class Lifecycle:
                 client=client,
                 priority=priority,
                 session=session,
+                prefix=prefix,
                 weight=weight,
                 deadline=deadline,
             )

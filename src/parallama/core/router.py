@@ -4,6 +4,12 @@ The scheduler calls `Router.choose` only at the moment a request could be bound 
 with the backends that serve its model and are healthy; a policy may also answer None: "wait
 for a better slot", which is how model affinity keeps a model on the backends that have it
 loaded until they are saturated.
+
+Prefix affinity sends a request to the free backend that may still hold the longest part of its
+prompt in its KV cache (`core.prefixes`), so that the engine skips that part's prefill, unless
+that backend is busier than the least loaded free one by more than a bound (a share of its
+capacity): a cache is worth a little imbalance, not a queue. With nothing cached, it is
+least-loaded.
 """
 
 from __future__ import annotations
@@ -13,10 +19,19 @@ import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+from parallama.core.prefixes import PrefixMemory
+
 if TYPE_CHECKING:
     from parallama.core.scheduler import Backend, Ticket
 
-Policy = Literal["least-loaded", "round-robin", "weighted", "model-affinity", "session-affinity"]
+Policy = Literal[
+    "least-loaded",
+    "round-robin",
+    "weighted",
+    "model-affinity",
+    "session-affinity",
+    "prefix-affinity",
+]
 POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
 
 
@@ -37,12 +52,19 @@ class Router:
     def __init__(self) -> None:
         self._turn = 0  # round-robin
         self._credit: dict[str, float] = {}  # smooth weighted round-robin, as nginx does it
+        self._prefixes: dict[str, PrefixMemory] = {}  # per backend: what its slots may hold
 
     def choose(
-        self, policy: Policy, ticket: Ticket, serving: Sequence[Backend], waiting: int
+        self,
+        policy: Policy,
+        ticket: Ticket,
+        serving: Sequence[Backend],
+        waiting: int,
+        prefix_balance: float = 0.5,
     ) -> Backend | None:
         """`serving`: the healthy backends allowed to take the ticket's model, in configured
-        order, busy or not; `waiting`: the model's queued requests, this one included."""
+        order, busy or not; `waiting`: the model's queued requests, this one included;
+        `prefix_balance`: prefix affinity's bound (see above)."""
         model = ticket.model
         free = [b for b in serving if b.has_free_slot(model)]
         if policy == "model-affinity":
@@ -55,7 +77,31 @@ class Router:
             return self._weighted(free)
         if policy == "session-affinity":
             return max(free, key=lambda b: _affinity(ticket.session, b.name))
+        if policy == "prefix-affinity":
+            return self._cached_first(ticket, free, prefix_balance)
         return _least_loaded(model, free)
+
+    def _cached_first(self, ticket: Ticket, free: Sequence[Backend], balance: float) -> Backend:
+        model, prefix = ticket.model, ticket.prefix
+        chosen = least = _least_loaded(model, free)
+        if not prefix:
+            return chosen
+        cached = {b.name: self.prefixes(b).match(model, prefix) for b in free}
+        best = max(free, key=lambda b: (cached[b.name], -b.load(), b.name))
+        if cached[best.name] and best.load() - least.load() <= balance:
+            chosen = best
+        self.prefixes(chosen).remember(model, prefix, chosen.capacity)
+        return chosen
+
+    def prefixes(self, backend: Backend) -> PrefixMemory:
+        """What the backend's slots may hold; a model it has unloaded holds nothing."""
+        memory = self._prefixes.get(backend.name)
+        if memory is None:
+            memory = self._prefixes[backend.name] = PrefixMemory()
+        for model in memory.models():
+            if model not in backend.loaded and not backend.in_flight[model]:
+                memory.forget(model)
+        return memory
 
     def _round_robin(self, serving: Sequence[Backend], free: Sequence[Backend]) -> Backend:
         """The next backend in turn that has a free slot."""
@@ -95,3 +141,4 @@ class Router:
 
     def forget(self, backend: str) -> None:
         self._credit.pop(backend, None)
+        self._prefixes.pop(backend, None)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from parallama.core.breaker import Breaker, BreakerState
+from parallama.core.prefixes import Blocks
 from parallama.core.router import Policy, Router
 
 Clock = Callable[[], float]
@@ -83,6 +84,7 @@ class Ticket:
     arrived_at: float
     seq: int
     session: str = ""  # for session affinity
+    prefix: Blocks = ()  # its prompt's block hashes, for prefix affinity
     weight: float = 1.0  # its client's share in the fair discipline (an API key's priority)
     backend: Backend | None = None
     dispatched_at: float | None = None
@@ -132,6 +134,7 @@ class Backend:
     draining: bool = False
     online: bool = True  # False while the engine process behind it is not serving (`up`)
     standby: bool = False  # offline, but started when work waits (autoscaling): worth a wait
+    last_release: float = -math.inf  # when a request last left it (autoscaling's idle time)
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0
     # Slots shared with other gateways: the leases this one holds per model (None: not shared).
@@ -183,6 +186,8 @@ class SchedulerSettings:
     routing: Policy = "least-loaded"
     routing_by_model: Mapping[str, Policy] = field(default_factory=dict)
     busy_seconds: float = 30.0  # how long a "server busy" answer halves a backend's slots
+    prefix_balance: float = 0.5  # prefix affinity: how much busier (share of its capacity) a
+    # backend holding the prefix may be than the least loaded one, and still be chosen
     # Slots shared with other gateways (`state = "redis://..."`): a request is bound only to a
     # slot this gateway holds a lease on; the driver acquires leases for what waits (`wanted`,
     # `grant`) and gives back those freed (`take_returned`).
@@ -463,6 +468,7 @@ class Scheduler:
         client: str = "",
         priority: int = 0,
         session: str = "",
+        prefix: Blocks = (),
         weight: float = 1.0,
         deadline: float | None = None,
     ) -> Ticket:
@@ -471,7 +477,9 @@ class Scheduler:
 
         The queue bounds and the deadline apply only to requests that would have to wait."""
         self.total += 1
-        ticket = Ticket(model, client, priority, self._clock(), next(self._seq), session, weight)
+        ticket = Ticket(
+            model, client, priority, self._clock(), next(self._seq), session, prefix, weight
+        )
         if self.queue_depth(model) == 0:
             backend = self._choose(ticket, waiting=1)
             if backend is not None:  # a free slot and nobody ahead: bind at once
@@ -604,8 +612,9 @@ class Scheduler:
         the model's observed service time (0 before any answer was timed: no evidence)."""
         capacity = sum(b.capacity for b in self.backends.values() if b.serves(model))
         per_request = self._service_seconds.get(model, 0.0)
-        if capacity == 0:
-            return self.settings.queue_timeout
+        if capacity == 0:  # waiting for an engine to start (autoscaling): how long, unknown
+            standby = any(b.awaits(model) for b in self.backends.values())
+            return 0.0 if standby else self.settings.queue_timeout
         return (self.queue_depth(model) + 1) * per_request / capacity
 
     def retry_after(self, model: str) -> float:
@@ -632,6 +641,7 @@ class Scheduler:
     def _free(self, ticket: Ticket) -> None:
         backend = ticket.backend
         assert backend is not None
+        backend.last_release = self._clock()
         backend.in_flight[ticket.model] -= 1
         if backend.in_flight[ticket.model] <= 0:
             del backend.in_flight[ticket.model]
@@ -699,7 +709,9 @@ class Scheduler:
         serving = [
             b for b in self.backends.values() if b.serves(model) and b.name not in ticket.avoid
         ]
-        return self._router.choose(self.policy(model), ticket, serving, waiting)
+        return self._router.choose(
+            self.policy(model), ticket, serving, waiting, self.settings.prefix_balance
+        )
 
     def _dispatch(self, model: str) -> None:
         queue = self._queues.get(model)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from parallama.config import GatewaySettings
 from parallama.core.exchange import Exchange
 from parallama.core.lifecycle import Failure, Lifecycle, refuse_input
+from parallama.core.prefixes import prefix_blocks
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError
 from parallama.gateway.fleet import Fleet
@@ -144,7 +145,7 @@ class Proxy:
             if admitted.models:  # held to some models: exactly the model checked, no other
                 body = with_model(body, model)
         life = Lifecycle(scheduler, exchange, self.settings.retries, waiting.changed)
-        affine = scheduler.policy(model) == "session-affinity"
+        policy = scheduler.policy(model)
         # On every answer (refusals too), its last header; a list of its own: it is updated.
         reply.extra_headers = [*reply.extra_headers, (_QUEUE_WAIT, b"0")]
         try:
@@ -154,7 +155,9 @@ class Proxy:
                 client=client,
                 priority=info.priority,
                 weight=weight,
-                session=info.session if affine else "",  # hashed only when it is used
+                # Hashed only for the policy that uses it: hashing costs.
+                session=info.session if policy == "session-affinity" else "",
+                prefix=prefix_blocks(model, info.material) if policy == "prefix-affinity" else (),
                 deadline=info.deadline,
             )
             outbound = _Outbound(path, request.target, forwarded, body, info)

@@ -2,13 +2,14 @@
 passes what the gateway sees and the clock; the decisions come back).
 
 - **Up:** the oldest request waiting has waited longer than `wait_up` for `sustain` seconds
-  (a burst that drains by itself starts nothing), and fewer than `max` engines run or start;
-  at zero engines, any request waiting starts one at once: it waits in the queue meanwhile
-  (its client sees the wait in `X-Queue-Wait-Ms`, not an error).
+  (a burst that drains by itself starts nothing), no engine of the group is still starting
+  (a slow load is not answered with another start), and fewer than `max` engines run or start.
+- **From zero:** a request that no engine running or starting anywhere can take starts one at
+  once; it waits in the queue meanwhile (its client sees the wait in `X-Queue-Wait-Ms`, not an
+  error). So does having fewer than `min`.
 - **Down:** an engine with nothing in flight for `idle_after` seconds is stopped, while more
   than `min` run and nothing waits; the one idle longest goes first.
-- One decision at a time, `cooldown` seconds apart (an engine that was just started counts as
-  running, so a load that takes a while is not answered with another start).
+- `cooldown` seconds between two decisions, but for the starts from zero and up to `min`.
 - After a start that failed, none for a while (doubling with each failure in a row).
 """
 
@@ -40,8 +41,10 @@ class Seen:
     """What the gateway sees now, for one group."""
 
     oldest_wait: float  # seconds the longest-waiting request of its models has waited; 0: none
-    queued: int
-    idle_since: Mapping[str, float | None]  # per engine running or starting: None while busy
+    queued: int  # requests of its models waiting
+    idle_since: Mapping[str, float | None]  # per engine not stopped: None while busy or starting
+    starting: int = 0  # of those engines, how many are starting
+    stranded: int = 0  # of the requests waiting, those no engine running or starting can take
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +92,15 @@ class Autoscaler:
         policy, engines = self.policy, len(seen.idle_since)
         if engines < policy.min:
             return f"fewer than min={policy.min}"
-        if engines == 0 and seen.queued:
-            return "a request waits and none runs"
+        if engines >= policy.max:
+            return None
+        if seen.stranded:
+            return "a request waits that no engine can take"
         if (
             now - self._last_decision >= policy.cooldown
+            and not seen.starting
             and self._waiting_since is not None
             and now - self._waiting_since >= policy.sustain
-            and engines < policy.max
         ):
             return f"requests waited over {policy.wait_up:g} s for {policy.sustain:g} s"
         return None

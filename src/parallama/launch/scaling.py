@@ -3,9 +3,12 @@
 carried out through the supervisor. Each decision is logged, counted in `/metrics`
 (`parallama_autoscale_decisions_total`) and kept for the status page and the dashboard.
 
-A group's models are those its engines offer (all, until one has told its list); an engine is
-busy while it starts, restarts or has requests in flight, and idle from the first tick that
-finds it serving nothing.
+A group's models are those its engines offer (all, until one has told its list). An engine is
+busy while it starts, restarts or has requests in flight, and idle since its last request left
+(as the scheduler noted it) or since it became ready. A request is stranded when no backend
+that serves its model, and no engine starting that offers it, is there: in any group, or
+outside all of them. The groups are looked at in turn, so that a start decided for one covers
+the others' stranded requests too.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +46,18 @@ class Group:
     decided: Counter[str] = field(default_factory=Counter)  # decisions per action
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=KEPT_DECISIONS))
     idle_since: dict[str, float] = field(default_factory=dict)  # per engine serving nothing
+    failed_at: dict[str, float] = field(default_factory=dict)  # per engine, its last failed start
 
     @property
     def engines(self) -> list[Instance]:
         """Those running, on their way up, or on their way down (a stop takes a moment)."""
         return [i for i in self.members if i.state != "stopped"]
+
+    def next_to_start(self) -> Instance:
+        """A stopped engine: one that has not failed to start, else the one that failed
+        longest ago (a port taken from one member must not hold up the group)."""
+        stopped = [i for i in self.members if i.state == "stopped"]
+        return min(stopped, key=lambda i: self.failed_at.get(i.name, -math.inf))
 
     def status(self) -> dict[str, Any]:
         policy = self.scaler.policy
@@ -80,22 +91,21 @@ class Scaling:
                     self.groups[group.name] = group
                 group.members.append(instance)
         self._task: asyncio.Task[None] | None = None
-        self._work: set[asyncio.Task[None]] = set()  # starts and stops under way
+        self._starts: set[asyncio.Task[None]] = set()  # starts under way, awaited for the outcome
 
     def start(self) -> None:
         if self.groups:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """No more decisions; starts under way are cancelled (the supervisor then stops what
-        they started), stops under way end."""
+        """No more decisions (the supervisor's own stop cancels the starts under way)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in list(self._work):
+        for task in list(self._starts):
             task.cancel()
-        await asyncio.gather(*self._work, return_exceptions=True)
+        await asyncio.gather(*self._starts, return_exceptions=True)
 
     def status(self) -> list[dict[str, Any]]:
         return [group.status() for group in self.groups.values()]
@@ -105,7 +115,10 @@ class Scaling:
 
     async def _run(self) -> None:
         while True:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end autoscaling for good
+                log.exception("autoscaling tick failed")
             await asyncio.sleep(TICK)
 
     def tick(self) -> None:
@@ -114,16 +127,30 @@ class Scaling:
         for group in self.groups.values():
             decision = group.scaler.decide(self._seen(group, waits, now), now)
             if decision is not None:
-                self._carry_out(group, decision, now)
+                self._carry_out(group, decision)
 
     def _seen(self, group: Group, waits: dict[str, float], now: float) -> Seen:
-        backends = [self._scheduler.backends.get(i.launch.url) for i in group.members]
-        models = [m for m in waits if any(b is not None and b.offers(m) for b in backends)]
+        backends = self._scheduler.backends
+        mine = [backends[i.launch.url] for i in group.members if i.launch.url in backends]
+        models = [m for m in waits if any(b.offers(m) for b in mine)]
+        starting = {
+            i.launch.url
+            for i in self._supervisor.instances
+            if i.state in ("starting", "restarting")
+        }
+        stranded = [
+            m
+            for m in models
+            if not any(
+                b.serves(m) or (b.name in starting and b.offers(m)) for b in backends.values()
+            )
+        ]
         idle_since: dict[str, float | None] = {}
         for instance in group.engines:
-            backend = self._scheduler.backends.get(instance.launch.url)
+            backend = backends.get(instance.launch.url)
             if instance.state == "ready" and backend is not None and not backend.active:
-                idle_since[instance.name] = group.idle_since.setdefault(instance.name, now)
+                ready = group.idle_since.setdefault(instance.name, now)
+                idle_since[instance.name] = max(ready, backend.last_release)
             else:
                 idle_since[instance.name] = None
                 group.idle_since.pop(instance.name, None)
@@ -131,16 +158,23 @@ class Scaling:
             oldest_wait=max((waits[m] for m in models), default=0.0),
             queued=sum(self._scheduler.queue_depth(m) for m in models),
             idle_since=idle_since,
+            starting=sum(i.state in ("starting", "restarting") for i in group.members),
+            stranded=sum(self._scheduler.queue_depth(m) for m in stranded),
         )
 
-    def _carry_out(self, group: Group, decision: Decision, now: float) -> None:
+    def _carry_out(self, group: Group, decision: Decision) -> None:
         if decision.action == "start":
-            instance = next(i for i in group.members if i.state == "stopped")
-            work = self._started(group, instance, self._supervisor.start_instance(instance))
+            instance = group.next_to_start()
+            starting = self._supervisor.start_instance(instance)
+            follow = asyncio.get_running_loop().create_task(
+                self._started(group, instance, starting)
+            )
+            self._starts.add(follow)
+            follow.add_done_callback(self._starts.discard)
         else:
             instance = next(i for i in group.members if i.name == decision.instance)
             group.idle_since.pop(instance.name, None)
-            work = self._supervisor.stop_instance(instance)
+            self._supervisor.stop_instance(instance)
         group.decided[decision.action] += 1
         group.recent.append(
             {
@@ -152,20 +186,20 @@ class Scaling:
         )
         fields = {"group": group.name, "action": decision.action, "instance": instance.name}
         log.info("autoscaling", extra={"fields": fields | {"reason": decision.reason}})
-        task = asyncio.get_running_loop().create_task(work)
-        self._work.add(task)
-        task.add_done_callback(self._work.discard)
 
     async def _started(
-        self, group: Group, instance: Instance, starting: Coroutine[Any, Any, None]
+        self, group: Group, instance: Instance, starting: asyncio.Task[None]
     ) -> None:
+        """The start's outcome, for the group's hold after failures."""
         try:
             await starting
         except LaunchError as exc:
-            group.scaler.start_failed(self._clock())
+            group.failed_at[instance.name] = now = self._clock()
+            group.scaler.start_failed(now)
             fields = {"group": group.name, "instance": instance.name, "error": str(exc)}
             log.error("autoscaling start failed", extra={"fields": fields})
         else:
+            group.failed_at.pop(instance.name, None)
             group.scaler.start_succeeded()
 
 
@@ -178,7 +212,7 @@ class _ScalingCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         engines = GaugeMetricFamily(
             "parallama_autoscale_engines",
-            "Engines of an autoscaled group running or starting",
+            "Engines of an autoscaled group not stopped: starting, serving or stopping",
             labels=["group"],
         )
         bounds = GaugeMetricFamily(
@@ -188,7 +222,7 @@ class _ScalingCollector(Collector):
         )
         decisions = CounterMetricFamily(
             "parallama_autoscale_decisions",
-            "Engines started or stopped by autoscaling",
+            "Decisions to start or stop an engine of an autoscaled group",
             labels=["group", "action"],
         )
         for group in self._scaling.groups.values():

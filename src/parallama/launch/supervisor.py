@@ -127,6 +127,7 @@ class Supervisor:
         self.instances = [Instance(launch) for launch in launches]
         self.on_state = on_state
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._work: set[asyncio.Task[None]] = set()  # starts and stops of single instances
 
     def status(self) -> list[dict[str, Any]]:
         return [instance.status() for instance in self.instances]
@@ -150,25 +151,34 @@ class Supervisor:
         for instance in first:
             self._follow(instance)
 
-    def start_instance(self, instance: Instance) -> Coroutine[Any, Any, None]:
-        """Start a stopped instance: "starting" at once, and the awaitable returned ends once it
+    def start_instance(self, instance: Instance) -> asyncio.Task[None]:
+        """Start a stopped instance: "starting" at once, and the task returned ends once it
         serves, or with `LaunchError` (stopped again) if it cannot."""
         self._enter(instance, "starting")
-        return self._start_stopped(instance)
+        return self._task(self._start_stopped(instance))
 
-    def stop_instance(self, instance: Instance) -> Coroutine[Any, Any, None]:
+    def stop_instance(self, instance: Instance) -> asyncio.Task[None]:
         """Stop one engine and keep it stopped: out of the gateway's routing at once, before any
-        other request can be sent to it; the awaitable returned ends once it has exited."""
+        other request can be sent to it; the task returned ends once it has exited."""
         self._enter(instance, "stopping")
-        return self._stop_one(instance)
+        return self._task(self._stop_one(instance))
+
+    def _task(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A start or stop of one instance, cancelled if parallama stops first."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return task
 
     async def _start_stopped(self, instance: Instance) -> None:
         try:
             await self._start(instance)
-        except LaunchError as exc:
-            instance.last_error = str(exc)
+        except Exception as exc:  # not only LaunchError: it must not stay "starting"
+            instance.last_error = str(exc) or repr(exc)
             self._enter(instance, "stopped")
-            raise
+            if isinstance(exc, LaunchError):
+                raise
+            raise LaunchError(f"instance {instance.name}: {instance.last_error}") from exc
         self._follow(instance)
 
     async def _stop_one(self, instance: Instance) -> None:
@@ -185,10 +195,10 @@ class Supervisor:
         self._watchers[instance.name] = task
 
     async def stop(self) -> None:
-        watchers = list(self._watchers.values())
-        for watcher in watchers:
-            watcher.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        tasks = [*self._work, *self._watchers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(self._terminate(i) for i in self.instances))
         for instance in self.instances:
             self._enter(instance, "stopped")

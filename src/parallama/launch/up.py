@@ -56,25 +56,40 @@ def plan(
     data = config.read_file(path) if path is not None else {}
     instances = _instances(args, data.pop("instances", []), str(path))
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(env)
-    launches = [
-        launch(
-            instance,
-            i,
-            instance.port + k if instance.port else free_port(instance.host),
-            log_dir=log_dir,
-            member=0 if instance.autoscale is None else k + 1,
-        )
-        for i, instance in enumerate(instances)
-        for k in range(instance.engines)
-    ]
-    names = [item.name for item in launches]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"instance names must differ: {', '.join(names)}")
+    taken = {(i.host, i.port + k) for i in instances if i.port for k in range(i.engines)}
+    launches = []
+    for i, instance in enumerate(instances):
+        for k in range(instance.engines):
+            port = instance.port + k if instance.port else _free_port(instance.host, taken)
+            member = 0 if instance.autoscale is None else k + 1
+            launches.append(launch(instance, i, port, log_dir=log_dir, member=member))
+    _all_different(launches, [b.get("url") for b in data.get("backends", [])])
     data["backends"] = [item.backend.model_dump() for item in launches] + data.get("backends", [])
     flags = {k: v for k, v in vars(args).items() if k in GatewaySettings.model_fields}
     if "backends" in flags:  # --backend: more backends, not started here
         data["backends"] += [{"url": url} for url in flags.pop("backends")]
     return config.load(path, env, flags, file_data=data), launches
+
+
+def _free_port(host: str, taken: set[tuple[str, int]]) -> int:
+    """A free port not given to another instance already (the kernel may offer one twice)."""
+    while (host, port := free_port(host)) in taken:
+        pass
+    taken.add((host, port))
+    return port
+
+
+def _all_different(launches: list[Launch], backends: list[Any]) -> None:
+    """`ConfigError` unless every instance, group and engine address is its own: two engines on
+    one port would be one backend to the gateway, each taking the other out of its routing."""
+    names = [item.name for item in launches]
+    groups = {item.group for item in launches if item.autoscale is not None}
+    if len(set(names)) != len(names) or groups & set(names):
+        raise ConfigError(f"instance names must differ: {', '.join(sorted({*names, *groups}))}")
+    urls = [item.url for item in launches] + [str(url) for url in backends if url]
+    twice = sorted({url for url in urls if urls.count(url) > 1})
+    if twice:
+        raise ConfigError(f"two engines or backends on one address: {', '.join(twice)}")
 
 
 def default_log_dir(env: Mapping[str, str]) -> Path:
@@ -91,7 +106,7 @@ def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[Insta
         if args.demo_real:  # free ports: the gateway's --port 0 must not leave them on 11434
             return demo_real(args.base_port or 0)
         if args.instances is not None or args.autoscale is not None:
-            count, autoscale = _count(args.instances, args.autoscale)
+            count, autoscale = _count(args.instances, args.autoscale, args.gpus)
             return template(
                 args.engine,
                 count,
@@ -117,7 +132,9 @@ def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[Insta
     return instances
 
 
-def _count(instances: int | None, autoscale: str | None) -> tuple[int, dict[str, int] | None]:
+def _count(
+    instances: int | None, autoscale: str | None, gpus: int
+) -> tuple[int, dict[str, int] | None]:
     """`--instances N` or `--autoscale MIN:MAX`: how many tables, and their autoscaling."""
     if autoscale is None:
         if instances is None or instances < 1:
@@ -125,6 +142,8 @@ def _count(instances: int | None, autoscale: str | None) -> tuple[int, dict[str,
         return instances, None
     if instances is not None:
         raise ConfigError("--instances and --autoscale: give one of them")
+    if gpus:
+        raise ConfigError("--gpus spreads --instances over GPUs, not an --autoscale group")
     low, colon, high = autoscale.partition(":")
     if not (colon and low.isdigit() and high.isdigit()):
         raise ConfigError(f"--autoscale wants MIN:MAX, such as 0:4, not {autoscale!r}")

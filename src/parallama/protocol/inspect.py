@@ -45,6 +45,7 @@ class RequestInfo:
     queue_updates: bool = False  # X-Queue-Updates: 1 on an OpenAI stream: its place while queued
     session_id: str = ""  # the X-Session-Id header
     leading: Any = None  # the conversation's beginning (see `leading_part`)
+    material: Any = None  # what the prompt is made of (see `prompt_material`)
 
     @property
     def session(self) -> str:
@@ -118,6 +119,16 @@ def leading_part(data: Mapping[str, Any]) -> Any:
     return prompt[:256] if isinstance(prompt, str) else None
 
 
+def prompt_material(data: Mapping[str, Any]) -> Any:
+    """What the engine's prompt is made of, in the order it renders it: the messages, or the
+    system prompt and the prompt; None if neither (embeddings). Prefix affinity hashes it."""
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        return messages
+    prompt = data.get("prompt")
+    return None if prompt is None else [data.get("system"), prompt]
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 `ApiError` saying what is wrong with it."""
     if not raw.strip():
@@ -159,6 +170,7 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         queue_updates=stream and dialect == "openai" and headers.get("X-Queue-Updates") == "1",
         session_id=headers.get("X-Session-Id", "").strip()[:128],
         leading=leading_part(data),
+        material=prompt_material(data),
     )
 
 

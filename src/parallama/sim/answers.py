@@ -6,10 +6,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from parallama.sim.text import count_tokens, generate_tokens, seed_for
+from parallama.sim.text import generate_tokens, seed_for, tokenize
 
-CHAT_TOKENS_PER_MESSAGE = 4  # role markers of a chat template
-GENERATE_TEMPLATE_TOKENS = 4
+Tokens = tuple[str, ...]
+ASSISTANT_TURN = ("<|start|>", "assistant", "\n")  # what a chat prompt ends with
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,25 @@ def message_text(message: dict[str, Any]) -> str:
     return ""
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> tuple[str, int]:
-    """The prompt text (for seeding) and its token count, template overhead included."""
+def chat_prompt(messages: list[dict[str, Any]]) -> tuple[str, Tokens]:
+    """The prompt text (for seeding) and its tokens as the model sees them: each message in the
+    chat template's markers (four tokens a message), then the assistant's turn opened."""
     texts = [message_text(m) for m in messages]
-    tokens = sum(count_tokens(t) + CHAT_TOKENS_PER_MESSAGE for t in texts)
-    return "\n".join(texts), tokens
+    tokens: list[str] = []
+    for message, text in zip(messages, texts, strict=True):
+        role = str(message.get("role", ""))
+        tokens += ["<|start|>", role, "\n", *tokenize(text), "<|end|>"]
+    return "\n".join(texts), (*tokens, *ASSISTANT_TURN)
 
 
-def generate_prompt(prompt: str, system: str, context: list[int], raw: bool) -> tuple[str, int]:
-    overhead = 0 if raw else GENERATE_TEMPLATE_TOKENS
-    tokens = count_tokens(system) + count_tokens(prompt) + len(context) + overhead
-    return f"{system}\n{prompt}", tokens
+def generate_prompt(prompt: str, system: str, context: list[int], raw: bool) -> tuple[str, Tokens]:
+    """The prompt's tokens after the previous exchange's `context`, in the template's markers
+    (four tokens) unless `raw`."""
+    earlier = [str(token) for token in context]
+    if raw:
+        return f"{system}\n{prompt}", (*earlier, *tokenize(system), *tokenize(prompt))
+    template = ("<|system|>", *tokenize(system), "<|user|>", *tokenize(prompt), "<|end|>")
+    return f"{system}\n{prompt}", (*earlier, *template, *ASSISTANT_TURN)
 
 
 def plan_answer(

@@ -20,7 +20,7 @@ from parallama.errors import ApiError
 from parallama.protocol import ollama
 from parallama.protocol.inspect import parse_json_object
 from parallama.protocol.ollama import normalize_name
-from parallama.sim.answers import PlannedAnswer, plan_answer
+from parallama.sim.answers import PlannedAnswer, Tokens, plan_answer
 from parallama.sim.catalog import ModelSpec
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
@@ -36,8 +36,12 @@ class Job:
     spec: ModelSpec
     body: Body
     prompt: str
-    prompt_tokens: int
+    prompt_ids: Tokens  # the prompt's tokens as the model sees them (after truncation)
     answer: PlannedAnswer
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 def json_response(payload: Any, status: int = 200) -> web.Response:
@@ -106,13 +110,13 @@ class Emulator:
             raise ApiError(503, ollama.SERVER_BUSY) from None
 
     def job(
-        self, spec: ModelSpec, body: Body, prompt: str, prompt_tokens: int, *, openai: bool = False
+        self, spec: ModelSpec, body: Body, prompt: str, prompt_ids: Tokens, *, openai: bool = False
     ) -> Job:
         """Plan a generation: the prompt as the model sees it (cut to `num_ctx`) and its answer."""
         options = body.options()
         num_ctx = option_int(options, "num_ctx")
         if num_ctx:
-            prompt_tokens = min(prompt_tokens, num_ctx)
+            prompt_ids = prompt_ids[-num_ctx:]  # the end is kept, as Ollama truncates
         if openai:  # Ollama maps `max_tokens` (only) to num_predict
             num_predict = body.get("max_tokens", int, -1)
         else:
@@ -126,7 +130,7 @@ class Emulator:
             server_seed=self.config.seed,
             length_range=self.config.output_tokens,
         )
-        return Job(spec, body, prompt, prompt_tokens, answer)
+        return Job(spec, body, prompt, prompt_ids, answer)
 
     async def preload_or_unload(self, spec: ModelSpec, body: Body) -> str:
         """An empty prompt, messages or input: load the model, or with `keep_alive: 0` unload

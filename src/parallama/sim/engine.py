@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from parallama.alarm import Alarm
 from parallama.sim.scheduler import Admission, AdmissionState, OllamaScheduler, OllamaSettings
+from parallama.sim.text import tokenize
 from parallama.sim.timing import TimingModel
 
 
@@ -25,6 +27,7 @@ class Generation:
     load: float = 0.0
     prompt_eval: float = 0.0
     eval: float = 0.0
+    cached: int = 0  # prompt tokens found in the slot's cache, not evaluated again
 
 
 class Engine:
@@ -49,6 +52,9 @@ class Engine:
             slots_for=lambda model: slots_for.get(model, settings.num_parallel),
         )
         self._waiters: dict[Admission, asyncio.Future[None]] = {}
+        # Per model, prompt tokens asked for and those found in a slot's cache (/_sim/state).
+        self.prompt_tokens: Counter[str] = Counter()
+        self.cached_tokens: Counter[str] = Counter()
         self._alarm = Alarm(self._on_alarm, clock)
         self._wall_offset = time.time() - self.now()
 
@@ -91,26 +97,47 @@ class Engine:
         self._changed()
 
     async def generate(
-        self, ticket: Admission, prompt_tokens: int, tokens: Sequence[str], stats: Generation
+        self,
+        ticket: Admission,
+        prompt: Sequence[str],
+        tokens: Sequence[str],
+        stats: Generation,
+        *,
+        cache: bool = True,
     ) -> AsyncIterator[str]:
-        """Yield `tokens` at the pace of the timing model, after the prompt's prefill."""
+        """Yield `tokens` at the pace of the timing model, after the prefill of the part of
+        `prompt` (its tokens) that its slot does not hold already (all of it without `cache`,
+        as for embeddings)."""
         now = self.now
         stats.load = (ticket.ready_at or ticket.arrived_at) - ticket.arrived_at
-        start = now()
-        busy = self.scheduler.busy_slots(ticket.model)
-        deadline = start + self.timing.prefill_seconds(prompt_tokens, busy)
-        await _sleep_until(now, deadline)
-        stats.prompt_eval = now() - start
-        decode_start = deadline = now()
-        for token in tokens:
-            deadline += self.timing.token_seconds(self.scheduler.busy_slots(ticket.model))
-            await _sleep_until(now, deadline)
-            yield token
-        stats.eval = now() - decode_start
+        slots = ticket.runner.cache if ticket.runner is not None else None
+        slot, cached = slots.take(prompt) if slots is not None else (-1, 0)
+        stats.cached = cached if cache else 0
+        if cache:
+            self.prompt_tokens[ticket.model] += len(prompt)
+            self.cached_tokens[ticket.model] += stats.cached
+        generated: list[str] = []
+        try:
+            start = now()
+            busy = self.scheduler.busy_slots(ticket.model)
+            prefill = self.timing.prefill_seconds(len(prompt) - stats.cached, busy)
+            await _sleep_until(now, start + prefill)
+            stats.prompt_eval = now() - start
+            decode_start = deadline = now()
+            for token in tokens:
+                deadline += self.timing.token_seconds(self.scheduler.busy_slots(ticket.model))
+                await _sleep_until(now, deadline)
+                generated.append(token)
+                yield token
+            stats.eval = now() - decode_start
+        finally:
+            if slots is not None:
+                # As the next turn of a conversation will send the answer back.
+                slots.give_back(slot, (*prompt, *tokenize("".join(generated))))
 
     async def prefill(self, ticket: Admission, prompt_tokens: int, stats: Generation) -> None:
-        """Spend the time an embedding (prefill only) takes."""
-        async for _ in self.generate(ticket, prompt_tokens, (), stats):
+        """Spend the time an embedding (prefill only, no prompt cache) takes."""
+        async for _ in self.generate(ticket, ("",) * prompt_tokens, (), stats, cache=False):
             pass
 
     def _changed(self) -> None:

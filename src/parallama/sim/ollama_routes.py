@@ -151,7 +151,7 @@ class OllamaRoutes:
         response: web.StreamResponse | None = None
         emulator = self.emulator
         async with emulator.admitted(job.spec, job.body) as ticket:
-            tokens = emulator.engine.generate(ticket, job.prompt_tokens, job.answer.tokens, stats)
+            tokens = emulator.engine.generate(ticket, job.prompt_ids, job.answer.tokens, stats)
             if stream:
                 response = web.StreamResponse(headers={"Content-Type": ollama.NDJSON})
                 await response.prepare(request)

@@ -87,7 +87,7 @@ class OpenAIRoutes:
         include_usage = bool(job.body.get("stream_options", dict, {}).get("include_usage"))
         stats = Generation()
         async with emulator.admitted(job.spec, job.body) as ticket:
-            tokens = emulator.engine.generate(ticket, job.prompt_tokens, job.answer.tokens, stats)
+            tokens = emulator.engine.generate(ticket, job.prompt_ids, job.answer.tokens, stats)
             if not stream:
                 async for _ in tokens:
                     pass

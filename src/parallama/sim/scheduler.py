@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from parallama.sim.prompt_cache import SlotCaches
+
 Clock = Callable[[], float]
 EvictionPolicy = Literal["ollama", "lru"]
 
@@ -80,6 +82,10 @@ class Runner:
     expires_at: float | None = None  # set while idle; None while busy or kept forever
     running: list[Admission] = field(default_factory=list)
     waiting: deque[Admission] = field(default_factory=deque)
+    cache: SlotCaches = field(init=False)  # its slots' prompt caches: lost when it unloads
+
+    def __post_init__(self) -> None:
+        self.cache = SlotCaches(self.slots)
 
     @property
     def busy_slots(self) -> int:

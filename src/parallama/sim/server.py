@@ -162,6 +162,8 @@ class SimServer:
                 "models": models,
                 "unloads": scheduler.unloads,
                 "loads": dict(scheduler.loads),
+                "prompt_tokens": dict(self.emulator.engine.prompt_tokens),
+                "cached_tokens": dict(self.emulator.engine.cached_tokens),
                 "connections_accepted": self.connections_accepted,
                 "requests_by_route": dict(self.requests_by_route),
                 "outcomes": dict(self.emulator.outcomes),

@@ -44,6 +44,11 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+def tokenize(text: str) -> list[str]:
+    """`text` as the emulator's tokenizer cuts it: words and punctuation marks."""
+    return _TOKEN.findall(text)
+
+
 def seed_for(*parts: object) -> int:
     """A stable 64-bit seed from request material (Python's `hash` is salted per process)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

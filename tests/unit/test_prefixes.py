@@ -1,0 +1,89 @@
+"""Prefix affinity: prompt blocks, what each backend may hold, and the routing it makes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parallama.core.prefixes import PrefixMemory, prefix_blocks, shared_blocks
+from parallama.core.scheduler import Backend, Scheduler, Ticket
+from tests.unit.schedulers import M, make
+
+SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}  # ~1,100 bytes
+
+
+def chat(*turns: str) -> list[dict[str, Any]]:
+    """A conversation so far: the system prompt, then user and assistant in turn."""
+    roles = ("user", "assistant")
+    return [SYSTEM, *({"role": roles[i % 2], "content": t} for i, t in enumerate(turns))]
+
+
+def test_a_conversation_that_grows_keeps_its_blocks_and_only_adds() -> None:
+    first = prefix_blocks(M, chat("What is a KV cache? " * 10))
+    later = prefix_blocks(M, chat("What is a KV cache? " * 10, "It is..." * 30, "And then?"))
+    assert len(first) >= 5 and len(later) > len(first)
+    assert later[: len(first)] == first
+    assert shared_blocks(first, later) == len(first)
+    other_question = prefix_blocks(M, chat("Something else entirely. " * 10))
+    assert 0 < shared_blocks(first, other_question) < len(first)  # the system prompt only
+    assert prefix_blocks("llama3.2:3b", chat("What is a KV cache? " * 10))[0] != first[0]
+    assert prefix_blocks(M, None) == () and prefix_blocks(M, ["", "short"]) == ()
+
+
+def test_shared_blocks_finds_the_first_difference() -> None:
+    assert shared_blocks((1, 2, 3, 4), (1, 2, 9, 9, 9)) == 2
+    assert shared_blocks((1, 2), (1, 2, 3)) == 2
+    assert shared_blocks((), (1,)) == 0
+    assert shared_blocks((5,), (1,)) == 0
+
+
+def test_memory_keeps_a_sequence_per_slot_and_replaces_the_one_extended() -> None:
+    memory = PrefixMemory()
+    memory.remember(M, (1, 2), slots=2)
+    memory.remember(M, (7, 8), slots=2)
+    memory.remember(M, (1, 2, 3), slots=2)  # the first conversation's next turn: its slot
+    assert memory.match(M, (1, 2, 3, 4)) == 3 and memory.match(M, (7, 8, 9)) == 2
+    memory.remember(M, (5,), slots=2)  # a stranger: the least recently used slot goes
+    assert memory.match(M, (7, 8)) == 0 and memory.match(M, (1, 2, 3)) == 3
+    memory.forget(M)
+    assert memory.match(M, (1, 2, 3)) == 0
+
+
+def busy_with(s: Scheduler, prefix: tuple[int, ...]) -> Ticket:
+    ticket = s.submit(M, prefix=prefix)
+    s.release(ticket)  # answered: the model is loaded there, its slot holds the prefix
+    return ticket
+
+
+def test_a_request_goes_where_its_prefix_is_cached_unless_that_is_much_busier() -> None:
+    a, b = Backend("a", slots=4), Backend("b", slots=4)
+    s = make(a, b, routing="prefix-affinity", prefix_balance=0.5)
+    for backend in (a, b):
+        s.set_loaded(backend.name, [M])  # else least-loaded itself prefers where it is loaded
+    conversation = prefix_blocks(M, chat("Tell me about caches. " * 20))
+    home = busy_with(s, conversation).backend
+    assert home is not None
+    later = prefix_blocks(M, chat("Tell me about caches. " * 20, "Sure. " * 50, "More?"))
+    # Cached there: it goes there while that backend is at most half its capacity busier.
+    assert [s.submit(M, prefix=later).backend for _ in range(3)] == [home] * 3
+    fourth = s.submit(M, prefix=later)  # 3 of 4 busy against 0: over the bound
+    assert fourth.backend is not None and fourth.backend is not home
+
+
+def test_with_nothing_cached_it_is_least_loaded_and_an_unloaded_model_holds_nothing() -> None:
+    a, b = Backend("a", slots=4), Backend("b", slots=4)
+    s = make(a, b, routing="prefix-affinity")
+    for backend in (a, b):
+        s.set_loaded(backend.name, [M])
+    blocks = tuple(range(1, 6))
+    assert busy_with(s, blocks).backend is a
+    stranger = s.submit(M, prefix=(99,))
+    assert stranger.backend is a  # nothing cached for it: least loaded (a by name)
+    assert s.submit(M, prefix=(98,)).backend is b
+    returning = s.submit(M, prefix=blocks)
+    assert returning.backend is a  # cached on a, though as busy as b
+    # a unloads the model once its requests are done (an eviction, seen by a probe): the
+    # cache went with it, and least-loaded prefers b, where the model is loaded.
+    s.release(stranger)
+    s.release(returning)
+    s.set_loaded("a", [])
+    assert s.submit(M, prefix=blocks).backend is b
