@@ -12,9 +12,14 @@ of four long shared system prompts, `--active` of them at a time) over three emu
 different speeds with 4 slots each, whose slots keep a prompt cache as Ollama's engine does.
 Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached.
 
+**slots**: one emulated engine whose aggregate tokens/s peaks at 3 sequences at once (past
+them, each more one slows all: `--batch-knee 3`), saturated by `--clients` closed-loop clients
+for `--seconds`: fixed slots of 1, 4 and 8 against `slots = "auto"` (1 to 8). Printed: tokens/s
+and p99 latency of each, and the slots learned.
+
 Each policy gets fresh backends and its own gateway.
 
-    python benchmarks/routing_policies.py [--workload mixed|chat|all] [--bursts 4] ...
+    python benchmarks/routing_policies.py [--workload mixed|chat|slots|all] [--bursts 4] ...
 """
 
 from __future__ import annotations
@@ -278,6 +283,98 @@ def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) 
             )
 
 
+# -- slots: learned against fixed ----------------------------------------------------------------
+
+SLOT_SETTINGS: tuple[int | str, ...] = (1, 4, 8, "auto")
+
+
+@contextlib.asynccontextmanager
+async def knee_fleet(slots: int | str) -> AsyncIterator[str]:
+    """One engine with room for 3 sequences (8 slots of its own), behind a gateway."""
+    config = SimConfig(
+        host="127.0.0.1",
+        ports=(0,),
+        models=(spec_for(CHAT_MODEL),),
+        scheduler=OllamaSettings(num_parallel=8, max_loaded_models=1, default_keep_alive=-1),
+        timing=TimingModel(
+            prefill_tps=4000, decode_tps=100, batch_slowdown=0.3, load_seconds=0, batch_knee=3
+        ),
+        output_tokens=(40, 40),
+    )
+    async with running_servers(config) as servers:
+        backend = {"url": servers[0].url, "slots": slots, "min_slots": 1, "max_slots": 8}
+        settings = GatewaySettings.model_validate(
+            {"port": 0, "log_requests": False, "queue_timeout": 300, "backends": [backend]}
+        )
+        async with running_gateway(settings) as gateway:
+            yield gateway.url
+
+
+async def closed_loop(url: str, clients: int, seconds: float) -> tuple[list[Result], int]:
+    """`clients` each asking again as soon as answered, for `seconds`: the answers, and the
+    tokens generated."""
+    deadline = time.monotonic() + seconds
+    results: list[Result] = []
+    tokens = 0
+    timeout = aiohttp.ClientTimeout(total=300)
+    body = {"model": CHAT_MODEL, "prompt": "Count slowly.", "stream": False}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal tokens
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            async with session.post(f"{url}/api/generate", json=body) as reply:
+                answer = await reply.json()
+            took = time.monotonic() - started
+            results.append(Result(reply.status == 200, took, took))
+            tokens += int(answer.get("eval_count", 0))
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.monotonic()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        elapsed = time.monotonic() - started
+    return results, round(tokens / elapsed)
+
+
+async def measure_slots(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for slots in SLOT_SETTINGS:
+        async with knee_fleet(slots) as url:
+            results, tokens_per_second = await closed_loop(url, args.clients, args.seconds)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{url}/parallama/status") as reply,
+            ):
+                learned = (await reply.json())["backends"][0]["slots"]
+        table[str(slots)] = {
+            "tokens_per_second": tokens_per_second,
+            "p99": percentile([r.seconds for r in results if r.ok], 99),
+            "slots": learned,
+        }
+    return table
+
+
+def print_slots(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    print(
+        f"\nSlots: one engine at its best with 3 sequences at once, {args.clients} clients "
+        f"asking without pause for {args.seconds:g} s"
+    )
+    print(f"{'slots':10}{'tokens/s':>10}{'p99':>10}{'slots at the end':>18}")
+    for name, row in table.items():
+        print(
+            f"{name:10}{row['tokens_per_second']:>10.0f}{row['p99']:>8.2f} s{int(row['slots']):>18}"
+        )
+    fixed = [row for name, row in table.items() if name != "auto"]
+    best = max(fixed, key=lambda row: row["tokens_per_second"])
+    auto = table["auto"]
+    print(
+        f"auto against the best fixed setting: tokens/s "
+        f"{auto['tokens_per_second'] / best['tokens_per_second']:.2f}x, "
+        f"p99 {auto['p99'] / best['p99']:.2f}x"
+    )
+
+
 def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if values else 0.0
 
@@ -306,25 +403,32 @@ def main() -> None:
     parser.add_argument("--burst-size", type=int, default=30, help="requests each (30)")
     parser.add_argument("--gap", type=float, default=3.0, help="seconds between bursts (3)")
     parser.add_argument("--load", type=float, default=1.5, help="model load seconds (1.5)")
-    parser.add_argument("--workload", choices=("mixed", "chat", "all"), default="all")
+    parser.add_argument("--workload", choices=("mixed", "chat", "slots", "all"), default="all")
+    parser.add_argument("--clients", type=int, default=12, help="slots: clients (12)")
+    parser.add_argument("--seconds", type=float, default=60, help="slots: seconds each (60)")
     parser.add_argument("--conversations", type=int, default=100, help="chat: (100)")
     parser.add_argument("--turns", type=int, default=6, help="chat: turns each (6)")
     parser.add_argument("--active", type=int, default=24, help="chat: at a time (24)")
     args = parser.parse_args()
     table: dict[Policy, dict[str, float]] = {}
     chat: dict[Policy, dict[str, float]] = {}
+    slots: dict[str, dict[str, float]] = {}
 
     async def go() -> None:
         if args.workload in ("mixed", "all"):
             table.update(await measure(args))
         if args.workload in ("chat", "all"):
             chat.update(await measure_chat(args))
+        if args.workload in ("slots", "all"):
+            slots.update(await measure_slots(args))
 
     run(go())
     if table:
         print_mixed(table, args)
     if chat:
         print_chat(chat, args)
+    if slots:
+        print_slots(slots, args)
 
 
 def print_mixed(table: dict[Policy, dict[str, float]], args: argparse.Namespace) -> None:

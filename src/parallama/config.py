@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
 
 from parallama.core.router import Policy
 from parallama.core.scheduler import SchedulerSettings
@@ -27,6 +35,17 @@ from parallama.protocol.ollama import normalize_name
 
 ENV_PREFIX = "PARALLAMA_"
 __all__ = ["BackendSettings", "ConfigError", "GatewaySettings", "ModelSettings"]
+
+
+def _slots(value: Any) -> int | Literal["auto"] | None:
+    """A backend's `slots`: a whole number from 1, or "auto" (said so in one message)."""
+    if value is None or value == "auto":
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f'slots are a whole number from 1, or "auto", not {value!r}')
 
 
 class BackendSettings(BaseModel):
@@ -40,9 +59,13 @@ class BackendSettings(BaseModel):
         description="its API: ollama, or openai for an OpenAI-compatible engine (llama.cpp's "
         "server, vLLM, LM Studio, SGLang), to which Ollama requests are translated",
     )
-    slots: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="parallel requests per model: its OLLAMA_NUM_PARALLEL"
+    slots: Annotated[int | Literal["auto"] | None, PlainValidator(_slots)] = Field(
+        None,
+        description="parallel requests per model: its OLLAMA_NUM_PARALLEL; auto: learned, "
+        "from min_slots to max_slots, as gives it the most tokens/s",
     )
+    min_slots: int = Field(1, ge=1, description='slots = "auto": the fewest')
+    max_slots: int = Field(8, ge=1, description='slots = "auto": the most')
     weight: float = Field(1.0, gt=0, description="relative capacity when comparing load")
     models: frozenset[str] | None = Field(
         None, description="the only models sent here; absent: any model it has installed"
@@ -50,11 +73,23 @@ class BackendSettings(BaseModel):
     drain: bool = Field(
         False, description="take no new requests; those in flight finish (then remove it)"
     )
+    occupancy: Literal["auto", "slots", "vllm", "none"] = Field(
+        "auto",
+        description="where to read how busy it is, counting requests that do not come through "
+        "this gateway: llama.cpp server's /slots, vLLM's /metrics, none; auto: whichever an "
+        "OpenAI-dialect engine answers (Ollama tells nothing of the kind)",
+    )
 
     @field_validator("models")
     @classmethod
     def _normalized(cls, models: frozenset[str] | None) -> frozenset[str] | None:
         return None if models is None else frozenset(normalize_name(m) for m in models)
+
+    @model_validator(mode="after")
+    def _slot_bounds(self) -> BackendSettings:
+        if self.min_slots > self.max_slots:
+            raise ValueError(f"min_slots {self.min_slots} is more than max_slots {self.max_slots}")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -189,6 +224,9 @@ class GatewaySettings(BaseModel):
         description="how a backend is chosen: least-loaded, round-robin, weighted, "
         "model-affinity, session-affinity or prefix-affinity",
     )
+    occupancy_interval: float = Field(
+        1.0, gt=0, description="seconds between two looks at how busy each engine says it is"
+    )
     prefix_balance: float = Field(
         0.5,
         ge=0,
@@ -301,6 +339,9 @@ class GatewaySettings(BaseModel):
         }
 
     def slots_of(self, backend: BackendSettings) -> int:
+        """Its slots per model (learned ones start at `min_slots`)."""
+        if backend.slots == "auto":
+            return backend.min_slots
         return backend.slots if backend.slots is not None else self.slots
 
     @property

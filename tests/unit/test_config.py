@@ -87,7 +87,7 @@ def test_backend_flags_and_environment_replace_the_files_backends(tmp_path: Path
     ("text", "expected"),
     [
         ('port = 11500\n[[backends]]\nurl = "ftp://x"', "backends.0.url: 'ftp://x' is not an http"),
-        ('[[backends]]\nurl = "http://x"\nslots = 0', "backends.0.slots: Input should be greater"),
+        ('[[backends]]\nurl = "http://x"\nslots = 0', "backends.0.slots: slots are a whole number"),
         ('prot = 1\n[[backends]]\nurl = "http://x"', "prot: unknown setting"),
         ('discipline = "lifo"\n[[backends]]\nurl = "http://x"', "discipline: Input should be"),
         ("port = 11500", "backends: Field required"),

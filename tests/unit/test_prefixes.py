@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from parallama.core.prefixes import PrefixMemory, prefix_blocks, shared_blocks
-from parallama.core.scheduler import Backend, Scheduler, Ticket
+from parallama.core.scheduler import LOOKAHEAD, Backend, Scheduler, Ticket
 from tests.unit.schedulers import M, make
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}  # ~1,100 bytes
@@ -36,13 +36,23 @@ def test_shared_blocks_finds_the_first_difference() -> None:
     assert shared_blocks((5,), (1,)) == 0
 
 
-def test_memory_keeps_a_sequence_per_slot_and_replaces_the_one_extended() -> None:
+def test_memory_keeps_what_each_slot_holds_as_the_engine_chooses_slots() -> None:
     memory = PrefixMemory()
-    memory.remember(M, (1, 2), slots=2)
-    memory.remember(M, (7, 8), slots=2)
-    memory.remember(M, (1, 2, 3), slots=2)  # the first conversation's next turn: its slot
-    assert memory.match(M, (1, 2, 3, 4)) == 3 and memory.match(M, (7, 8, 9)) == 2
-    memory.remember(M, (5,), slots=2)  # a stranger: the least recently used slot goes
+    first, other = (1, 2), (7, 8)
+    memory.take(M, first, slots=2)
+    memory.take(M, other, slots=2)
+    assert memory.match(M, (1, 2, 3)) == 0  # both slots busy: their caches serve no other
+    memory.release(M, first)
+    memory.release(M, other)
+    assert memory.match(M, (1, 2, 3, 4)) == 2 and memory.match(M, (7, 8, 9)) == 2
+    later = (1, 2, 3)
+    memory.take(M, later, slots=2)  # the slot that holds its beginning
+    assert memory.match(M, (1, 2)) == 0
+    memory.release(M, later)
+    assert memory.match(M, (1, 2, 3, 4)) == 3
+    stranger = (5,)
+    memory.take(M, stranger, slots=2)  # shares nothing: the least recently used slot, 7 8
+    memory.release(M, stranger)
     assert memory.match(M, (7, 8)) == 0 and memory.match(M, (1, 2, 3)) == 3
     memory.forget(M)
     assert memory.match(M, (1, 2, 3)) == 0
@@ -60,13 +70,15 @@ def test_a_request_goes_where_its_prefix_is_cached_unless_that_is_much_busier() 
     for backend in (a, b):
         s.set_loaded(backend.name, [M])  # else least-loaded itself prefers where it is loaded
     conversation = prefix_blocks(M, chat("Tell me about caches. " * 20))
-    home = busy_with(s, conversation).backend
-    assert home is not None
+    assert busy_with(s, conversation).backend is a
+    s.observe_busy("a", 2)  # other clients keep two of a's slots busy
     later = prefix_blocks(M, chat("Tell me about caches. " * 20, "Sure. " * 50, "More?"))
-    # Cached there: it goes there while that backend is at most half its capacity busier.
-    assert [s.submit(M, prefix=later).backend for _ in range(3)] == [home] * 3
-    fourth = s.submit(M, prefix=later)  # 3 of 4 busy against 0: over the bound
-    assert fourth.backend is not None and fourth.backend is not home
+    turn = s.submit(M, prefix=later)
+    assert turn.backend is a  # cached there: half its slots busier than b is within the bound
+    s.release(turn)
+    s.observe_busy("a", 3)  # three quarters busier: over the bound
+    again = prefix_blocks(M, chat("Tell me about caches. " * 20, "Sure. " * 50, "More?", "Ok", "?"))
+    assert s.submit(M, prefix=again).backend is b
 
 
 def test_with_nothing_cached_it_is_least_loaded_and_an_unloaded_model_holds_nothing() -> None:
@@ -87,3 +99,21 @@ def test_with_nothing_cached_it_is_least_loaded_and_an_unloaded_model_holds_noth
     s.release(returning)
     s.set_loaded("a", [])
     assert s.submit(M, prefix=blocks).backend is b
+
+
+def test_a_freed_slot_goes_to_a_waiting_request_that_shares_its_prefix_but_not_for_ever() -> None:
+    a = Backend("a", slots=1)
+    s = make(a, routing="prefix-affinity")
+    s.set_loaded("a", [M])
+    ours = (1, 2, 3, 4)
+    running = s.submit(M, prefix=ours)  # a's slot will hold this prefix
+    stranger = s.submit(M, prefix=(7, 8, 9))
+    returning = s.submit(M, prefix=(*ours, 5))
+    s.release(running)
+    assert returning.backend is a and stranger.queued  # it shares a's prefix: first
+    assert stranger.skipped == 1
+    # Passed over LOOKAHEAD times, the head goes first whatever the others share.
+    stranger.skipped = LOOKAHEAD
+    another = s.submit(M, prefix=(*ours, 5, 6))
+    s.release(returning)
+    assert stranger.backend is a and another.queued

@@ -219,7 +219,8 @@ class Lifecycle:
         exchange.status = status
         if status == 200:
             exchange.usage = usage
-        self._end(Outcome.COMPLETED if status < 500 else Outcome.FAILED)
+        tokens = usage.generated_tokens if status == 200 and usage is not None else 0
+        self._end(Outcome.COMPLETED if status < 500 else Outcome.FAILED, tokens or 0)
 
     def rejected(self) -> None:
         """The request cannot be put to this backend at all (its dialect cannot say it)."""
@@ -245,8 +246,8 @@ class Lifecycle:
         self.exchange.outcome = ticket.outcome.value
         self.exchange.queue_seconds = ticket.queue_seconds(now)
 
-    def _end(self, outcome: Outcome) -> None:
-        self._scheduler.release(self.ticket, outcome)
+    def _end(self, outcome: Outcome, tokens: int = 0) -> None:
+        self._scheduler.release(self.ticket, outcome, tokens)
         self._changed()
 
     def _report(self, *, ok: bool) -> None:

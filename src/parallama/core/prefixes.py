@@ -10,15 +10,15 @@ tokenizer is needed, and no prompt text is kept: only 64-bit hashes. The hash is
 blake2b here, and the record lives in one process anyway.
 
 An engine such as Ollama or llama.cpp's server keeps, per slot, the sequence that slot last
-ran, and gives a new request the free slot with the longest common prefix, which it then
-overwrites. `PrefixMemory` keeps the same per backend and model: the last `slots` sequences sent
-there; a new one replaces the sequence it extends most, else the least recently used. A model
-unloaded from a backend takes its cache with it.
+ran, and gives a new request the idle slot with the longest common prefix, which it then
+overwrites. `PrefixMemory` keeps the same per backend and model, from what the gateway sent
+there and when each request ended. A model unloaded from a backend takes its cache with it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ import orjson
 BLOCK = 256  # bytes of rendered prompt per block: about 64 tokens
 MAX_BLOCKS = 4096  # per request: 1 MiB of prompt; what comes after is not matched
 MAX_MODELS = 16  # per backend: models remembered (clients name them)
+SIMILARITY = 0.1  # llama.cpp server's --slot-prompt-similarity: less shared is no match
 
 Blocks = tuple[int, ...]
 
@@ -57,34 +58,50 @@ def shared_blocks(cached: Blocks, wanted: Blocks) -> int:
     return low
 
 
+@dataclass(slots=True)
+class _Slot:
+    blocks: Blocks = ()  # what it holds: the prompt last sent to it
+    busy: bool = False
+    used: int = 0  # when it was last taken
+
+
 class PrefixMemory:
-    """What one backend's slots may hold: per model, its last sequences, most recent last."""
+    """What one backend's slots may hold, per model, kept as the engine keeps it: a request
+    takes the idle slot that shares the most of its prompt (over `SIMILARITY` of it), else the
+    least recently used idle one, and overwrites it; a busy slot's cache is no use to others."""
 
     def __init__(self) -> None:
-        self._models: OrderedDict[str, list[Blocks]] = OrderedDict()
+        self._models: OrderedDict[str, list[_Slot]] = OrderedDict()
+        self._uses = 0
 
     def match(self, model: str, wanted: Blocks) -> int:
-        """Blocks of `wanted` that the backend may still have cached for `model`."""
-        sequences = self._models.get(model, ())
-        return max((shared_blocks(s, wanted) for s in sequences), default=0)
+        """Blocks of `wanted` that an idle slot of the backend may hold for `model`."""
+        slots = self._models.get(model, ())
+        return max((shared_blocks(s.blocks, wanted) for s in slots if not s.busy), default=0)
 
-    def remember(self, model: str, sent: Blocks, slots: int) -> None:
-        """`sent` was given to the backend: it takes the place of the sequence it extends most
-        (that slot's cache is reused and overwritten), else of the least recently used one."""
-        if not sent:
-            return
-        sequences = self._models.setdefault(model, [])
+    def take(self, model: str, sent: Blocks, slots: int) -> None:
+        """`sent` was given to the backend, which has `slots` slots for `model`."""
+        held = self._models.setdefault(model, [])
         self._models.move_to_end(model)
-        best = max(
-            range(len(sequences)), key=lambda i: shared_blocks(sequences[i], sent), default=None
-        )
-        if best is not None and shared_blocks(sequences[best], sent):
-            del sequences[best]
-        elif len(sequences) >= max(slots, 1):
-            del sequences[0]
-        sequences.append(sent)
         while len(self._models) > MAX_MODELS:
             self._models.popitem(last=False)
+        del held[max(slots, 1) :]
+        held += [_Slot() for _ in range(max(slots, 1) - len(held))]
+        idle = [slot for slot in held if not slot.busy]
+        if not idle:  # more at once than its slots (outside clients): nothing to tell
+            return
+        best = max(idle, key=lambda slot: (shared_blocks(slot.blocks, sent), -slot.used))
+        if not sent or shared_blocks(best.blocks, sent) / len(sent) <= SIMILARITY:
+            best = min(idle, key=lambda slot: slot.used)
+        self._uses += 1
+        best.blocks, best.busy, best.used = sent, True, self._uses
+
+    def release(self, model: str, sent: Blocks) -> None:
+        """The request sent with `sent` ended: its slot is idle, and holds it."""
+        for slot in self._models.get(model, ()):
+            if slot.busy and slot.blocks is sent:
+                slot.busy = False
+                return
 
     def forget(self, model: str) -> None:
         """The model was unloaded: its cache went with it."""

@@ -83,15 +83,28 @@ class Router:
 
     def _cached_first(self, ticket: Ticket, free: Sequence[Backend], balance: float) -> Backend:
         model, prefix = ticket.model, ticket.prefix
-        chosen = least = _least_loaded(model, free)
+        least = _least_loaded(model, free)
         if not prefix:
-            return chosen
+            return least
         cached = {b.name: self.prefixes(b).match(model, prefix) for b in free}
         best = max(free, key=lambda b: (cached[b.name], -b.load(), b.name))
         if cached[best.name] and best.load() - least.load() <= balance:
-            chosen = best
-        self.prefixes(chosen).remember(model, prefix, chosen.capacity)
-        return chosen
+            return best
+        return least
+
+    def best_cached(self, backend: Backend, tickets: Sequence[Ticket]) -> Ticket:
+        """Of `tickets` (in order), the first of those that may find most of their prompt
+        cached on `backend`."""
+        memory = self.prefixes(backend)
+        return max(tickets, key=lambda t: memory.match(t.model, t.prefix))
+
+    def bound(self, ticket: Ticket, backend: Backend) -> None:
+        """Prefix affinity: the ticket was sent to `backend`, where it takes a slot."""
+        self.prefixes(backend).take(ticket.model, ticket.prefix, backend.slots)
+
+    def released(self, ticket: Ticket, backend: Backend) -> None:
+        """Prefix affinity: the ticket's slot is idle again, holding its prompt."""
+        self.prefixes(backend).release(ticket.model, ticket.prefix)
 
     def prefixes(self, backend: Backend) -> PrefixMemory:
         """What the backend's slots may hold; a model it has unloaded holds nothing."""

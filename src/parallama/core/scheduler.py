@@ -28,12 +28,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from parallama.core.adaptive import SlotTuner
 from parallama.core.breaker import Breaker, BreakerState
 from parallama.core.prefixes import Blocks
 from parallama.core.router import Policy, Router
 
 Clock = Callable[[], float]
 Discipline = Literal["fifo", "fair"]
+LOOKAHEAD = 8  # prefix affinity: waiting requests looked at for a freed slot
 
 
 class Outcome(enum.Enum):
@@ -92,6 +94,8 @@ class Ticket:
     avoid: frozenset[str] = frozenset()  # backends it failed on
     waited: float = 0.0  # seconds in the queue before its latest wait, summed over requeues
     queued_since: float | None = None  # when its current wait began; None while bound
+    skipped: int = 0  # times a later request was bound before it (prefix affinity)
+    concurrency: int = 0  # requests of its model on its backend once it was sent there
 
     def __post_init__(self) -> None:
         self.queued_since = self.arrived_at
@@ -135,6 +139,8 @@ class Backend:
     online: bool = True  # False while the engine process behind it is not serving (`up`)
     standby: bool = False  # offline, but started when work waits (autoscaling): worth a wait
     last_release: float = -math.inf  # when a request last left it (autoscaling's idle time)
+    outside: int = 0  # slots busy with requests that did not come through this gateway
+    tuner: SlotTuner | None = None  # slots learned (`slots = "auto"`): its limit is `slots`
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0
     # Slots shared with other gateways: the leases this one holds per model (None: not shared).
@@ -170,11 +176,11 @@ class Backend:
             return False  # one trial request at a time
         if self.leased is not None and self.in_flight[model] >= self.leased[model]:
             return False  # shared: a slot of its own only with a lease on it
-        return self.in_flight[model] < self.capacity
+        return self.in_flight[model] + self.outside < self.capacity
 
     def load(self) -> float:
         """Busy share of its capacity, scaled by weight: lower is better."""
-        return self.active / (self.slots * self.weight)
+        return (self.active + self.outside) / (self.slots * self.weight)
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,7 @@ class _ModelQueue:
     """
 
     def __init__(self, discipline: Discipline) -> None:
-        self._fair = discipline == "fair"
+        self.fair = discipline == "fair"
         self._heap: list[tuple[int, int, Ticket]] = []  # fifo: (-priority, seq, ticket)
         self._clients: dict[str, _Client] = {}  # fair: clients waiting, or owing turns
         self._turns: list[tuple[float, int, str]] = []  # fair: (turn, seq, client) if waiting
@@ -228,13 +234,13 @@ class _ModelQueue:
 
     def peek(self) -> Ticket:
         """The ticket `pop` would return."""
-        if not self._fair:
+        if not self.fair:
             return self._heap[0][2]
         return self._clients[self._next_client()].heap[0][2]
 
     def tickets(self) -> Iterator[Ticket]:
         """Every request waiting, in no order."""
-        if not self._fair:
+        if not self.fair:
             return (ticket for _, _, ticket in self._heap)
         return (ticket for c in self._clients.values() for _, _, ticket in c.heap)
 
@@ -256,7 +262,7 @@ class _ModelQueue:
     def push(self, ticket: Ticket) -> None:
         entry = (-ticket.priority, ticket.seq, ticket)
         self._len += 1
-        if not self._fair:
+        if not self.fair:
             heapq.heappush(self._heap, entry)
             return
         client = self._clients.get(ticket.client)
@@ -269,7 +275,7 @@ class _ModelQueue:
 
     def pop(self) -> Ticket:
         self._len -= 1
-        if not self._fair:
+        if not self.fair:
             return heapq.heappop(self._heap)[2]
         name = self._next_client()
         if name == self._turns[0][2]:
@@ -292,7 +298,7 @@ class _ModelQueue:
     def remove(self, ticket: Ticket) -> None:
         self._len -= 1
         entry = (-ticket.priority, ticket.seq, ticket)
-        if not self._fair:
+        if not self.fair:
             self._heap.remove(entry)
             heapq.heapify(self._heap)
             return
@@ -375,6 +381,17 @@ class Scheduler:
         backend = self.backends.get(name)
         if backend is not None:
             backend.standby = standby
+
+    def observe_busy(self, name: str, busy: int) -> None:
+        """The engine says `busy` of its slots run a request: what it runs beyond this gateway's
+        own is left room for until it is looked at again."""
+        backend = self.backends.get(name)
+        if backend is None:
+            return
+        outside = max(0, busy - backend.active)
+        if outside != backend.outside:
+            backend.outside = outside
+            self._dispatch_all()
 
     def set_inventory(self, name: str, models: Iterable[str] | None) -> None:
         self.backends[name].inventory = None if models is None else frozenset(models)
@@ -521,15 +538,24 @@ class Scheduler:
             self._end(ticket, Outcome.CANCELLED)
             self._dispatch(ticket.model)
 
-    def release(self, ticket: Ticket, outcome: Outcome = Outcome.COMPLETED) -> None:
-        """The backend finished with the request (answered, or failed): free its slot."""
-        if ticket.outcome is not None or ticket.backend is None:
+    def release(
+        self, ticket: Ticket, outcome: Outcome = Outcome.COMPLETED, tokens: int = 0
+    ) -> None:
+        """The backend finished with the request (answered, or failed): free its slot.
+        `tokens`: those it generated, for slots learned from what they give."""
+        backend = ticket.backend
+        if ticket.outcome is not None or backend is None:
             return
         if outcome is Outcome.COMPLETED and ticket.dispatched_at is not None:
-            took = self._clock() - ticket.dispatched_at
+            now = self._clock()
+            took = now - ticket.dispatched_at
             previous = self._service_seconds.get(ticket.model, took)
             self._service_seconds[ticket.model] = 0.8 * previous + 0.2 * took
-            ticket.backend.loaded.add(ticket.model)  # it answered: the model is loaded there
+            backend.loaded.add(ticket.model)  # it answered: the model is loaded there
+            if backend.tuner is not None and tokens and took > 0:
+                waiting = self.queue_depth(ticket.model) > 0
+                if backend.tuner.observe(ticket.concurrency, tokens / took, now, waiting):
+                    backend.slots = backend.tuner.limit
         self._free(ticket)
         self._end(ticket, outcome)
         self._dispatch(ticket.model)
@@ -642,6 +668,8 @@ class Scheduler:
         backend = ticket.backend
         assert backend is not None
         backend.last_release = self._clock()
+        if self.policy(ticket.model) == "prefix-affinity":
+            self._router.released(ticket, backend)
         backend.in_flight[ticket.model] -= 1
         if backend.in_flight[ticket.model] <= 0:
             del backend.in_flight[ticket.model]
@@ -718,17 +746,44 @@ class Scheduler:
         if queue is None:
             return
         while queue:
-            backend = self._choose(queue.peek(), waiting=len(queue))
+            head = queue.peek()
+            backend = self._choose(head, waiting=len(queue))
             if backend is None:
                 return
-            self._bind(queue.pop(), backend)
+            if self.policy(model) == "prefix-affinity":
+                self._bind(self._take_cached(queue, head, backend), backend)
+            else:
+                self._bind(queue.pop(), backend)
         del self._queues[model]
 
+    def _take_cached(self, queue: _ModelQueue, head: Ticket, backend: Backend) -> Ticket:
+        """Prefix affinity: of the next requests in order (FIFO, or each client's next in
+        fair turns), of the head's priority, the one that may find most of its prompt cached
+        on `backend`; those passed over count it, and one passed over `LOOKAHEAD` times goes
+        first. Under load, when a slot frees, it so goes to a request that shares its prefix."""
+        if head.skipped >= LOOKAHEAD:
+            return queue.pop()
+        window = queue.next_clients(LOOKAHEAD) if queue.fair else queue.firsts(LOOKAHEAD)
+        window = [head, *(t for t in window if t.priority == head.priority and t is not head)]
+        chosen = self._router.best_cached(backend, window)
+        if chosen is head:
+            return queue.pop()
+        for ticket in window[: window.index(chosen)]:
+            ticket.skipped += 1
+        if queue.fair:
+            queue.preferred = chosen.client
+            return queue.pop()
+        queue.remove(chosen)
+        return chosen
+
     def _bind(self, ticket: Ticket, backend: Backend) -> None:
+        if self.policy(ticket.model) == "prefix-affinity":
+            self._router.bound(ticket, backend)
         ticket.backend = backend
         ticket.dispatched_at = now = self._clock()
         ticket.stop_waiting(now)
         backend.in_flight[ticket.model] += 1
+        ticket.concurrency = backend.in_flight[ticket.model]
         self._dispatched.append(ticket)
 
     def _dispatch_all(self) -> None:

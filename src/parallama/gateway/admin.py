@@ -158,12 +158,14 @@ def backend_state(b: Backend) -> dict[str, Any]:
         "online": b.online,
         "standby": b.standby,
         "slots": b.slots,
+        "slots_learned": None if b.tuner is None else {"min": b.tuner.low, "max": b.tuner.high},
         "capacity": b.capacity,
         "weight": b.weight,
         "models": sorted(b.models) if b.models is not None else None,
         "installed": sorted(b.inventory) if b.inventory is not None else None,
         "loaded": sorted(b.loaded),
         "active": b.active,
+        "outside": b.outside,
         "in_flight": dict(b.in_flight),
     }
 

@@ -14,8 +14,10 @@ import logging
 from collections.abc import Callable
 
 from parallama.config import BackendSettings, GatewaySettings
+from parallama.core.adaptive import SlotTuner
 from parallama.core.breaker import Breaker
 from parallama.core.scheduler import Backend, Scheduler
+from parallama.gateway.occupancy import OccupancyProbe
 from parallama.gateway.probes import Prober
 from parallama.gateway.upstream import Upstream, UpstreamError
 from parallama.gateway.warming import Warmer
@@ -34,6 +36,7 @@ class Fleet:
         self.upstreams: dict[str, Upstream] = {}
         self._dialects = {b.url: b.kind for b in settings.backends}
         self._prober: Prober | None = None
+        self.occupancy: OccupancyProbe | None = None
         self._probing: set[asyncio.Task[None]] = set()  # probe_now's, held until they end
         self.warmer = Warmer(scheduler, self.upstream, self.probe_now)
         self.warmer.apply(settings)
@@ -53,6 +56,17 @@ class Fleet:
             on_change=self._probed,
         )
         self._prober.start()
+        self.occupancy = OccupancyProbe(
+            self._scheduler,
+            self.upstreams,
+            self.settings_of,
+            interval=self._settings.occupancy_interval,
+            timeout=self._settings.health_timeout,
+        )
+        self.occupancy.start()
+
+    def settings_of(self, url: str) -> BackendSettings | None:
+        return next((b for b in self._settings.backends if b.url == url), None)
 
     def _probed(self) -> None:
         """A backend was probed: warm models it is short of are loaded, and the scheduler's
@@ -89,6 +103,8 @@ class Fleet:
     async def stop(self) -> None:
         if self._prober is not None:
             await self._prober.stop()
+        if self.occupancy is not None:
+            await self.occupancy.stop()
         for task in list(self._probing):
             task.cancel()
         await asyncio.gather(*self._probing, return_exceptions=True)
@@ -118,7 +134,15 @@ class Fleet:
                 continue
             if wanted != old[url]:
                 changes.append(f"changed {url}")
-            backend.slots = settings.slots_of(wanted)
+            if wanted.slots != "auto":
+                backend.tuner = None
+                backend.slots = settings.slots_of(wanted)
+            elif backend.tuner is None or (backend.tuner.low, backend.tuner.high) != (
+                wanted.min_slots,
+                wanted.max_slots,
+            ):  # learned anew; else what was learned stays
+                backend.tuner = SlotTuner(wanted.min_slots, wanted.max_slots)
+                backend.slots = backend.tuner.limit
             backend.weight = wanted.weight
             backend.models = wanted.models
             backend.breaker.threshold = settings.failure_threshold
@@ -130,6 +154,9 @@ class Fleet:
         if self._prober is not None:
             self._prober.interval = settings.health_interval
             self._prober.timeout = settings.health_timeout
+        if self.occupancy is not None:
+            self.occupancy.interval = settings.occupancy_interval
+            self.occupancy.timeout = settings.health_timeout
         self._on_change()
         return changes
 
@@ -138,6 +165,9 @@ class Fleet:
         return Backend(
             backend.url,
             slots=s.slots_of(backend),
+            tuner=SlotTuner(backend.min_slots, backend.max_slots)
+            if backend.slots == "auto"
+            else None,
             weight=backend.weight,
             models=backend.models,
             draining=backend.drain,

@@ -23,7 +23,9 @@ def describe(gateway: Gateway, command: str = "serve") -> str:
     lines = [f"parallama {command}: gateway on {gateway.url}"]
     for backend in gateway.settings.backends:
         models = ", ".join(sorted(backend.models)) if backend.models is not None else "any model"
-        slots = gateway.settings.slots_of(backend)
+        slots: int | str = gateway.settings.slots_of(backend)
+        if backend.slots == "auto":
+            slots = f"auto({backend.min_slots}-{backend.max_slots})"
         lines.append(f"  backend {backend.url}  slots={slots} weight={backend.weight:g}  {models}")
     lines.append(f"  dashboard {gateway.url}/parallama/   status {gateway.url}/parallama/status")
     lines.append(f"  metrics {gateway.url}/metrics")

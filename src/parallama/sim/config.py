@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from parallama.errors import ConfigError
 from parallama.protocol.durations import DurationError, env_keep_alive_seconds, keep_alive_seconds
@@ -30,6 +31,9 @@ class SimConfig:
     output_tokens: tuple[int, int] = (40, 120)  # natural answer length range, before num_predict
     seed: int = 0
     version: str = "0.12.0"
+    # Not Ollama's (it tells nothing of the kind): how busy it is, as llama.cpp's server tells
+    # it on /slots or vLLM on /metrics, for tests of a gateway that reads it.
+    occupancy: Literal["none", "slots", "vllm"] = "none"
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -170,6 +174,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--load-seconds", type=float, help="time to load a model (overrides the profile)"
     )
     models.add_argument(
+        "--batch-knee",
+        type=int,
+        metavar="N",
+        help="room for N sequences only: past them, each more one slows every sequence by a "
+        "whole step, so aggregate tokens/s peaks at N (default: no knee)",
+    )
+    models.add_argument(
         "--output-tokens",
         default="40-120",
         metavar="N|MIN-MAX",
@@ -178,6 +189,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     models.add_argument(
         "--seed", type=int, default=0, help="seed for the generated text (default: 0)"
+    )
+    models.add_argument(
+        "--occupancy",
+        choices=("none", "slots", "vllm"),
+        default="none",
+        help="not Ollama's: also tell how busy it is, as llama.cpp's server does on GET /slots "
+        "or vLLM on GET /metrics (default: none, as Ollama)",
     )
 
 
@@ -220,6 +238,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             decode_tps=args.decode_tps,
             batch_slowdown=args.batch_slowdown,
             load_seconds=args.load_seconds,
+            batch_knee=args.batch_knee,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -239,6 +258,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         timing=timing,
         output_tokens=parse_output_tokens(args.output_tokens),
         seed=args.seed,
+        occupancy=args.occupancy,
     )
 
 

@@ -80,6 +80,7 @@ class SimServer:
             ("GET", "/v1/models", compatible.list_models),
             ("GET", "/v1/models/{model:.+}", compatible.retrieve_model),
             ("GET", STATE_PATH, self.state),
+            *self._occupancy_route(),
         ):
             if method == "GET":
                 app.router.add_get(path, handler)
@@ -140,6 +141,47 @@ class SimServer:
         return web.Response(body=body, status=exc.status, content_type="application/json")
 
     # -- emulator-only --------------------------------------------------------------------------
+
+    def _occupancy_route(self) -> list[tuple[str, str, Handler]]:
+        if self.config.occupancy == "slots":
+            return [("GET", "/slots", self.slots)]
+        if self.config.occupancy == "vllm":
+            return [("GET", "/metrics", self.vllm_metrics)]
+        return []
+
+    async def slots(self, request: web.Request) -> web.Response:
+        """llama.cpp server's `/slots`: one object per slot of the loaded models."""
+        rows: list[dict[str, object]] = []
+        for runner in self.emulator.engine.scheduler.loaded():
+            for i in range(runner.slots):
+                busy = i < runner.busy_slots
+                rows.append(
+                    {
+                        "id": len(rows),
+                        "n_ctx": runner.num_ctx,
+                        "speculative": False,
+                        "is_processing": busy,
+                    }
+                )
+        return json_response(rows)
+
+    async def vllm_metrics(self, request: web.Request) -> web.Response:
+        """vLLM's gauges of requests running and waiting, per model (installed: vLLM has its
+        model loaded from the start)."""
+        scheduler = self.emulator.engine.scheduler
+        running = {r.model: r.busy_slots for r in scheduler.loaded()}
+        waiting = Counter(ticket.model for ticket in scheduler.pending)
+        for runner in scheduler.loaded():
+            waiting[runner.model] += len(runner.waiting)
+        lines = []
+        for gauge, counts in (("running", running), ("waiting", waiting)):
+            lines += [f"# TYPE vllm:num_requests_{gauge} gauge"]
+            for spec in self.config.models:
+                labels = f'engine="0",model_name="{spec.name}"'
+                lines.append(
+                    f"vllm:num_requests_{gauge}{{{labels}}} {float(counts.get(spec.name, 0))}"
+                )
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def state(self, request: web.Request) -> web.Response:
         """Not part of Ollama: what tests and capacity planners want to see inside."""

@@ -6,6 +6,10 @@ aggregate tokens/s rises with `b` and flattens (b / (1 + k(b-1)) → 1/k), while
 tokens/s falls. With the default k = 0.6 that gives 1.4x at 4 and 1.5x at 8 concurrent
 sequences: the shape community measurements of Ollama show on one consumer GPU.
 
+`batch_knee` (0: none) models an engine with room for that many sequences only (KV memory, or
+cores): past it, each more sequence slows every one by a whole step, so aggregate tokens/s
+peaks at the knee and falls after it, and a slot count above it costs throughput.
+
 The named profiles are the rows of the seed document's throughput table: `decode_tps` is that
 row's tokens/s for one sequence. Prefill and load times are plausible values for the hardware.
 """
@@ -21,16 +25,18 @@ class TimingModel:
     decode_tps: float  # generated tokens per second, one sequence alone
     batch_slowdown: float = 0.6  # extra cost per additional busy slot of the same model
     load_seconds: float = 2.0  # time to load a model into memory
+    batch_knee: int = 0  # sequences past which each more one costs a whole step (0: none)
 
     def __post_init__(self) -> None:
         if self.prefill_tps <= 0 or self.decode_tps <= 0:
             raise ValueError("prefill and decode rates must be positive")
-        if self.batch_slowdown < 0 or self.load_seconds < 0:
-            raise ValueError("batch_slowdown and load_seconds must not be negative")
+        if self.batch_slowdown < 0 or self.load_seconds < 0 or self.batch_knee < 0:
+            raise ValueError("batch_slowdown, load_seconds and batch_knee must not be negative")
 
     def slowdown(self, busy_slots: int) -> float:
         """How many times slower one sequence runs when `busy_slots` share the model."""
-        return 1.0 + self.batch_slowdown * max(busy_slots - 1, 0)
+        past_knee = max(busy_slots - self.batch_knee, 0) if self.batch_knee else 0
+        return 1.0 + self.batch_slowdown * max(busy_slots - 1, 0) + past_knee
 
     def prefill_seconds(self, prompt_tokens: int, busy_slots: int) -> float:
         return prompt_tokens / self.prefill_tps * self.slowdown(busy_slots)
@@ -50,9 +56,11 @@ class TimingModel:
         decode_tps: float | None = None,
         batch_slowdown: float | None = None,
         load_seconds: float | None = None,
+        batch_knee: int | None = None,
     ) -> TimingModel:
         return replace(
             self,
+            batch_knee=self.batch_knee if batch_knee is None else batch_knee,
             prefill_tps=self.prefill_tps if prefill_tps is None else prefill_tps,
             decode_tps=self.decode_tps if decode_tps is None else decode_tps,
             batch_slowdown=self.batch_slowdown if batch_slowdown is None else batch_slowdown,
