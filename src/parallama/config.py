@@ -20,8 +20,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     PlainValidator,
+    ValidationError,
     field_validator,
     model_validator,
 )
