@@ -2,8 +2,10 @@
 
 **mixed**: three Ollama emulators, one of them three times slower; each has 2 slots per model
 and room for only 2 loaded models (a load takes `--load` seconds), so a policy that scatters
-models pays in loads and evictions. Bursts of streaming requests over three models (60/30/10 %),
-the same (seeded) for each policy. Printed: completed requests, p50/p99 latency and time to
+models pays in loads and evictions; one of the fast ones is also used directly by an outside
+client, `--outside` requests at a time, and tells how busy it is (`/slots`, as llama.cpp's
+server does). Bursts of streaming requests over three models (60/30/10 %), the same (seeded)
+for each policy. Printed: completed requests, p50/p99 latency and time to
 first token, and the ratio of each to round-robin's (the seed's policy, and nginx's default),
 which parallama runs here with late binding: a request is still sent only to a free slot.
 
@@ -60,6 +62,7 @@ class Result:
 
 def backend_config(decode_tps: float, load_seconds: float) -> SimConfig:
     return SimConfig(
+        occupancy="slots",
         host="127.0.0.1",
         ports=(0,),
         models=tuple(spec_for(m) for m in MODELS),
@@ -72,8 +75,9 @@ def backend_config(decode_tps: float, load_seconds: float) -> SimConfig:
 
 
 @contextlib.asynccontextmanager
-async def fleet(policy: Policy, load_seconds: float) -> AsyncIterator[str]:
-    """Two normal backends and a slow one, fresh, behind a gateway with `policy`."""
+async def fleet(policy: Policy, load_seconds: float) -> AsyncIterator[tuple[str, str]]:
+    """Two normal backends and a slow one, fresh, behind a gateway with `policy`: its URL, and
+    the first backend's."""
     async with contextlib.AsyncExitStack() as stack:
         urls = []
         for decode_tps in (120.0, 120.0, 40.0):
@@ -87,11 +91,32 @@ async def fleet(policy: Policy, load_seconds: float) -> AsyncIterator[str]:
                 "slots": 2,
                 "routing": policy,
                 "log_requests": False,
-                "backends": [{"url": url} for url in urls],
+                "occupancy_interval": 0.25,
+                "backends": [{"url": url, "occupancy": "slots"} for url in urls],
             }
         )
         gateway = await stack.enter_async_context(running_gateway(settings))
-        yield gateway.url
+        yield gateway.url, urls[0]
+
+
+@contextlib.asynccontextmanager
+async def outside_client(url: str, at_once: int) -> AsyncIterator[None]:
+    """Another user of one backend, straight to it: `at_once` requests at a time, for ever."""
+
+    async def keep_asking(session: aiohttp.ClientSession) -> None:
+        body = {"model": MODELS[0], "prompt": "outside", "stream": False}
+        while True:
+            async with session.post(f"{url}/api/generate", json=body) as reply:
+                await reply.read()
+
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.ensure_future(keep_asking(session)) for _ in range(at_once)]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, n: int) -> Result:
@@ -382,7 +407,7 @@ def percentile(values: list[float], q: int) -> float:
 async def measure(args: argparse.Namespace) -> dict[Policy, dict[str, float]]:
     table: dict[Policy, dict[str, float]] = {}
     for policy in POLICIES:
-        async with fleet(policy, args.load) as url:
+        async with fleet(policy, args.load) as (url, used), outside_client(used, args.outside):
             results = await workload(url, args.bursts, args.burst_size, args.gap)
         done = [r for r in results if r.ok]
         latencies = [r.seconds for r in done]
@@ -403,6 +428,7 @@ def main() -> None:
     parser.add_argument("--burst-size", type=int, default=30, help="requests each (30)")
     parser.add_argument("--gap", type=float, default=3.0, help="seconds between bursts (3)")
     parser.add_argument("--load", type=float, default=1.5, help="model load seconds (1.5)")
+    parser.add_argument("--outside", type=int, default=1, help="mixed: outside requests (1)")
     parser.add_argument("--workload", choices=("mixed", "chat", "slots", "all"), default="all")
     parser.add_argument("--clients", type=int, default=12, help="slots: clients (12)")
     parser.add_argument("--seconds", type=float, default=60, help="slots: seconds each (60)")
@@ -434,7 +460,8 @@ def main() -> None:
 def print_mixed(table: dict[Policy, dict[str, float]], args: argparse.Namespace) -> None:
     total = args.bursts * args.burst_size
     print(f"Routing policies: {args.bursts} bursts of {args.burst_size} streaming requests,")
-    print("3 models (60/30/10 %), 3 backends (one 3x slower), 2 slots, 2 loaded models each")
+    print("3 models (60/30/10 %), 3 backends (one 3x slower), 2 slots, 2 loaded models each;")
+    print(f"{args.outside} request(s) at a time sent to a fast one directly by an outside client")
     columns = ("completed", "p50", "p99", "ttft50", "ttft99")
     print(f"{'policy':16}" + "".join(f"{c:>11}" for c in columns))
     for policy, row in table.items():

@@ -20,7 +20,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-SAMPLES = 8  # answers at a limit before it is judged
+SAMPLES = 4  # answers at a limit before it is judged
 GAIN = 0.05  # how much more aggregate tokens/s a step up must give
 SETTLE = 60.0  # seconds at a limit found best before one more is tried again
 
