@@ -50,6 +50,9 @@ def test_slots_taken_by_a_direct_client_are_left_alone(source: Literal["slots", 
                 gateway.url, lambda s: s["backends"][0]["outside"] == 2, timeout=10
             )
             assert status["backends"][0]["active"] == 0
+            metrics = httpx.get(f"{gateway.url}/metrics").text
+            gauge = f'parallama_backend_outside_requests{{backend="{used.url}"}} 2.0'
+            assert gauge in metrics
             # Four at once: by its own count the gateway would give each backend two.
             with ThreadPoolExecutor(4) as pool:
                 answers = list(

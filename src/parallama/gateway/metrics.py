@@ -59,8 +59,13 @@ _BACKEND_GAUGES: tuple[tuple[str, str, Callable[[Backend], float]], ...] = (
     ("parallama_backend_in_flight", "Requests a backend is answering", lambda b: b.active),
     (
         "parallama_backend_slots",
-        "A backend's parallel slots per model (halved for a while after 'server busy')",
+        "A backend's parallel slots per model (learned, or halved for a while after 'server busy')",
         lambda b: b.capacity,
+    ),
+    (
+        "parallama_backend_outside_requests",
+        "Requests a backend says it runs beyond this gateway's (llama.cpp /slots, vLLM /metrics)",
+        lambda b: b.outside,
     ),
     (
         "parallama_backend_healthy",
