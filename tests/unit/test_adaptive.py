@@ -33,6 +33,15 @@ def test_the_limit_climbs_to_the_engines_best_and_stays_there_mostly() -> None:
     assert max(spent) <= 4  # never further past the best than one step
 
 
+def test_an_engine_that_scales_far_is_not_held_at_twenty() -> None:
+    tuner = SlotTuner(low=1, high=64)
+    now = 0.0
+    for _ in range(2000):
+        tuner.observe(tuner.limit, 10.0, now, waiting=True)  # each answer as fast: linear
+        now += 0.5
+    assert tuner.limit == 64
+
+
 def test_it_learns_nothing_without_demand_and_keeps_to_its_bounds() -> None:
     idle = SlotTuner(low=2, high=8)
     run(idle, 200, waiting=False)

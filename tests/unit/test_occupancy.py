@@ -38,6 +38,8 @@ def test_llama_servers_slots_page_counts_the_slots_processing() -> None:
 def test_vllms_metrics_count_running_and_waiting_requests_only() -> None:
     assert vllm_busy(VLLM_METRICS) == 5
     assert vllm_busy(b"# just comments\nother_metric 4\n") is None
+    for odd in (b"1e999", b"NaN", b"-1.0", b"+Inf"):  # no number a gauge of requests holds
+        assert vllm_busy(b"vllm:num_requests_running " + odd + b"\n") is None
 
 
 def test_requests_from_outside_the_gateway_take_slots_until_the_next_look() -> None:
@@ -53,3 +55,7 @@ def test_requests_from_outside_the_gateway_take_slots_until_the_next_look() -> N
     assert waiting.queued  # a's last slot is the outside client's
     s.observe_busy("a", 1)  # the outside request ended: the slot is ours again
     assert a.outside == 0 and waiting.backend is a
+    s.observe_busy("b", 4)
+    assert b.outside == 2
+    s.observe_busy("b", None)  # it could not tell: nothing is kept from an old look
+    assert b.outside == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from parallama.core.prefixes import PrefixMemory, prefix_blocks, shared_blocks
@@ -117,3 +118,50 @@ def test_a_freed_slot_goes_to_a_waiting_request_that_shares_its_prefix_but_not_f
     another = s.submit(M, prefix=(*ours, 5, 6))
     s.release(returning)
     assert stranger.backend is a and another.queued
+
+
+def test_the_lookahead_never_sends_a_request_back_to_the_backend_it_failed_on() -> None:
+    a, b = Backend("a", slots=1), Backend("b", slots=1)
+    s = make(a, b, routing="prefix-affinity")
+    ours = (1, 2, 3, 4)
+    done = s.submit(M, prefix=ours)
+    s.release(done)  # a's slot holds `ours`
+    s.observe_busy("a", 1)  # another client keeps a busy a while
+    on_b = s.submit(M, prefix=(9,))
+    head = s.submit(M, prefix=(7,))
+    failed = s.submit(M, prefix=(*ours, 5))  # behind the head: shares a's slot entirely
+    failed.avoid = frozenset({"a"})  # as a requeue after a failure on a leaves it
+    s.observe_busy("a", 0)  # a frees: the lookahead may pass the head over, but not for a
+    assert head.backend is a and failed.queued
+    s.release(on_b)
+    assert failed.backend is b
+
+
+def test_a_policy_changed_while_requests_run_leaves_no_slot_busy_for_ever() -> None:
+    other, holder = Backend("a", slots=1), Backend("x", slots=1)
+    s = make(other, holder, routing="prefix-affinity")
+    for backend in (other, holder):
+        s.set_loaded(backend.name, [M])
+    elsewhere = s.submit(M, prefix=(9,))
+    running = s.submit(M, prefix=(1, 2))
+    assert (elsewhere.backend, running.backend) == (other, holder)
+    s.settings = replace(s.settings, routing="least-loaded")  # a reload
+    s.release(running)
+    s.release(elsewhere)
+    s.settings = replace(s.settings, routing="prefix-affinity")  # and back
+    # x's slot was let go, holding (1, 2): found there, though least-loaded would say a.
+    assert s.submit(M, prefix=(1, 2, 3)).backend is holder
+
+
+def test_a_turn_granted_to_a_client_across_gateways_is_not_given_to_another() -> None:
+    a = Backend("a", slots=1)
+    s = make(a, routing="prefix-affinity", discipline="fair", shared_slots=True)
+    s.set_loaded("a", [M])
+    first = s.submit(M, client="c1", prefix=(1, 2))
+    s.grant("a", M, client="c1")
+    assert first.backend is a
+    s.release(first)
+    mine = s.submit(M, client="c1", prefix=(8,))
+    cached = s.submit(M, client="c2", prefix=(1, 2, 3))  # shares a's slot: would be preferred
+    s.grant("a", M, client="c1")  # the shared order says: c1's turn
+    assert mine.backend is a and cached.queued

@@ -10,7 +10,8 @@ backend's aggregate speed is about `c` times one answer's tokens/s.
 Hill climbing, one step at a time, as Netflix's concurrency limits do with latency: while
 requests wait for this backend (there is demand to learn from), once `SAMPLES` answers at the
 current limit have been seen, the limit rises by one; if the aggregate speed at a limit is not
-`GAIN` above the one below it, the limit steps back and stays there `SETTLE` seconds before it
+`GAIN` above the one below it (or half of what a step could add at best, 1/(L-1), when that is
+less), the limit steps back and stays there `SETTLE` seconds before it
 tries one more again (engines and loads change). Never below `low` nor above `high`.
 """
 
@@ -58,7 +59,10 @@ class SlotTuner:
         if current is None or level != self.limit:
             return False
         below = self.aggregate(self.limit - 1)
-        if below is not None and current < below * (1 + GAIN) and self.limit > self.low:
+        # A step from L-1 to L adds 1/(L-1) at most (an engine that scales perfectly): half of
+        # that is asked for past 11, so that engines of 64 sequences are not held at 20.
+        wanted = min(GAIN, 0.5 / max(self.limit - 1, 1))
+        if below is not None and current < below * (1 + wanted) and self.limit > self.low:
             self.limit -= 1  # the last step gained nothing: back, and stay a while
             self.settled_until = now + SETTLE
             return True

@@ -90,7 +90,7 @@ class PrefixMemory:
         idle = [slot for slot in held if not slot.busy]
         if not idle:  # more at once than its slots (outside clients): nothing to tell
             return
-        best = max(idle, key=lambda slot: (shared_blocks(slot.blocks, sent), -slot.used))
+        best = max(idle, key=lambda slot: shared_blocks(slot.blocks, sent))
         if not sent or shared_blocks(best.blocks, sent) / len(sent) <= SIMILARITY:
             best = min(idle, key=lambda slot: slot.used)
         self._uses += 1

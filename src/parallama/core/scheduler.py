@@ -96,6 +96,7 @@ class Ticket:
     queued_since: float | None = None  # when its current wait began; None while bound
     skipped: int = 0  # times a later request was bound before it (prefix affinity)
     concurrency: int = 0  # requests of its model on its backend once it was sent there
+    holds_prefix: bool = False  # a slot in its backend's prefix memory, until released
 
     def __post_init__(self) -> None:
         self.queued_since = self.arrived_at
@@ -382,13 +383,14 @@ class Scheduler:
         if backend is not None:
             backend.standby = standby
 
-    def observe_busy(self, name: str, busy: int) -> None:
+    def observe_busy(self, name: str, busy: int | None) -> None:
         """The engine says `busy` of its slots run a request: what it runs beyond this gateway's
-        own is left room for until it is looked at again."""
+        own is left room for until it is looked at again. None: it could not tell (nothing is
+        left room for on old news)."""
         backend = self.backends.get(name)
         if backend is None:
             return
-        outside = max(0, busy - backend.active)
+        outside = 0 if busy is None else max(0, busy - backend.active)
         if outside != backend.outside:
             backend.outside = outside
             self._dispatch_all()
@@ -668,7 +670,8 @@ class Scheduler:
         backend = ticket.backend
         assert backend is not None
         backend.last_release = self._clock()
-        if self.policy(ticket.model) == "prefix-affinity":
+        if ticket.holds_prefix:
+            ticket.holds_prefix = False
             self._router.released(ticket, backend)
         backend.in_flight[ticket.model] -= 1
         if backend.in_flight[ticket.model] <= 0:
@@ -761,10 +764,17 @@ class Scheduler:
         fair turns), of the head's priority, the one that may find most of its prompt cached
         on `backend`; those passed over count it, and one passed over `LOOKAHEAD` times goes
         first. Under load, when a slot frees, it so goes to a request that shares its prefix."""
-        if head.skipped >= LOOKAHEAD:
+        if head.skipped >= LOOKAHEAD or queue.preferred:  # a turn kept across gateways: its own
             return queue.pop()
         window = queue.next_clients(LOOKAHEAD) if queue.fair else queue.firsts(LOOKAHEAD)
-        window = [head, *(t for t in window if t.priority == head.priority and t is not head)]
+        window = [
+            head,
+            *(
+                t
+                for t in window
+                if t.priority == head.priority and t is not head and backend.name not in t.avoid
+            ),
+        ]
         chosen = self._router.best_cached(backend, window)
         if chosen is head:
             return queue.pop()
@@ -778,6 +788,7 @@ class Scheduler:
 
     def _bind(self, ticket: Ticket, backend: Backend) -> None:
         if self.policy(ticket.model) == "prefix-affinity":
+            ticket.holds_prefix = True  # released as it was bound, whatever the policy then
             self._router.bound(ticket, backend)
         ticket.backend = backend
         ticket.dispatched_at = now = self._clock()

@@ -65,19 +65,25 @@ class OccupancyProbe:
     async def _run(self) -> None:
         while True:
             backends = self._scheduler.backends
+            for name, backend in backends.items():
+                if not backend.online:
+                    self._scheduler.observe_busy(name, None)  # it will be looked at afresh
             names = [n for n in self._upstreams if n in backends and backends[n].online]
             await asyncio.gather(*(self.look(name) for name in names))
             await asyncio.sleep(self.interval)
 
     async def look(self, name: str) -> None:
-        upstream = self._upstreams.get(name)
-        source = await self._source(name)
-        if upstream is None or source is None:
-            return
-        status, body = await upstream.get(occupancy.path_of(source), self.timeout)
-        busy = occupancy.read(source, body) if status == 200 else None
-        if busy is not None:
-            self._scheduler.observe_busy(name, busy)
+        """Ask one backend how busy it is; what it cannot tell counts as nothing."""
+        busy = None
+        try:
+            upstream = self._upstreams.get(name)
+            source = await self._source(name)
+            if upstream is not None and source is not None:
+                status, body = await upstream.get(occupancy.path_of(source), self.timeout)
+                busy = occupancy.read(source, body) if status == 200 else None
+        except Exception:  # one odd engine must not end the looks at all the others
+            log.exception("occupancy not read", extra={"fields": {"backend": name}})
+        self._scheduler.observe_busy(name, busy)
 
     async def _source(self, name: str) -> Source | None:
         settings = self._settings_of(name)

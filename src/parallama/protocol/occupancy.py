@@ -20,6 +20,7 @@ Source = Literal["slots", "vllm"]
 SOURCES: tuple[Source, ...] = ("slots", "vllm")  # in the order `auto` tries them
 SLOTS_PATH = b"/slots"
 METRICS_PATH = b"/metrics"
+MAX_PAGE = 4 * 1024 * 1024  # bytes of a page read at most (vLLM's /metrics is some 100 KB)
 _VLLM_BUSY = re.compile(
     rb"^vllm:num_requests_(?:running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+]+)\s*$", re.MULTILINE
 )
@@ -27,6 +28,8 @@ _VLLM_BUSY = re.compile(
 
 def busy_slots(body: bytes) -> int | None:
     """llama.cpp server's `/slots`: how many slots run a request; None if it is not that page."""
+    if len(body) > MAX_PAGE:
+        return None
     try:
         slots: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -43,13 +46,14 @@ def busy_slots(body: bytes) -> int | None:
 def vllm_busy(body: bytes) -> int | None:
     """vLLM's `/metrics`: requests running and waiting, over all its models and engines; None if
     the page has neither gauge."""
-    values = _VLLM_BUSY.findall(body)
-    if not values:
-        return None
+    values = _VLLM_BUSY.findall(body[:MAX_PAGE])
     try:
-        return round(sum(float(v) for v in values))
+        numbers = [float(v) for v in values]
     except ValueError:
         return None
+    if not numbers or not all(0 <= n < 1e9 for n in numbers):  # also NaN and infinities
+        return None
+    return round(sum(numbers))
 
 
 def read(source: Source, body: bytes) -> int | None:

@@ -36,7 +36,7 @@ class SlotCaches:
         if not idle:  # more requests than slots (the scheduler prevents it): no cache
             return -1, 0
         shared = {i: common_prefix(self._held[i], prompt) for i in idle}
-        best = max(idle, key=lambda i: (shared[i], -self._last_used[i]))
+        best = max(idle, key=lambda i: shared[i])  # the first of equals, as llama.cpp's server
         if not prompt or shared[best] / len(prompt) <= SIMILARITY:
             best = min(idle, key=lambda i: self._last_used[i])
         self._busy[best] = True
