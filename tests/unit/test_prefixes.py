@@ -37,24 +37,23 @@ def test_shared_blocks_finds_the_first_difference() -> None:
     assert shared_blocks((5,), (1,)) == 0
 
 
-def test_memory_keeps_what_each_slot_holds_as_the_engine_chooses_slots() -> None:
+def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_the_engine_would() -> None:
     memory = PrefixMemory()
     first, other = (1, 2), (7, 8)
-    memory.take(M, first, slots=2)
-    memory.take(M, other, slots=2)
+    slots = [memory.take(M, first, slots=2), memory.take(M, other, slots=2)]
     assert memory.match(M, (1, 2, 3)) == 0  # both slots busy: their caches serve no other
-    memory.release(M, first)
-    memory.release(M, other)
+    memory.release(M, slots[0], first)
+    memory.release(M, slots[1], other)
     assert memory.match(M, (1, 2, 3, 4)) == 2 and memory.match(M, (7, 8, 9)) == 2
     later = (1, 2, 3)
-    memory.take(M, later, slots=2)  # the slot that holds its beginning
-    assert memory.match(M, (1, 2)) == 0
-    memory.release(M, later)
+    slot = memory.take(M, later, slots=2)  # the slot that holds its beginning
+    assert slot == slots[0] and memory.match(M, (1, 2)) == 0
+    memory.release(M, slot, later)
     assert memory.match(M, (1, 2, 3, 4)) == 3
     stranger = (5,)
-    memory.take(M, stranger, slots=2)  # shares nothing: the least recently used slot, 7 8
-    memory.release(M, stranger)
-    assert memory.match(M, (7, 8)) == 0 and memory.match(M, (1, 2, 3)) == 3
+    slot = memory.take(M, stranger, slots=2)  # shares nothing: the least recently used slot,
+    memory.release(M, slot, stranger)  # whose 7 8 the engine saves in RAM first
+    assert memory.match(M, (7, 8)) == 2 and memory.match(M, (1, 2, 3)) == 3
     memory.forget(M)
     assert memory.match(M, (1, 2, 3)) == 0
 

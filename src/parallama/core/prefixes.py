@@ -9,24 +9,26 @@ tokenizer is needed, and no prompt text is kept: only 64-bit hashes. The hash is
 (SipHash, keyed anew in every process, so nobody can aim collisions at it): four times as fast as
 blake2b here, and the record lives in one process anyway.
 
-An engine such as Ollama or llama.cpp's server keeps, per slot, the sequence that slot last
-ran, and gives a new request the idle slot with the longest common prefix, which it then
-overwrites. `PrefixMemory` keeps the same per backend and model, from what the gateway sent
-there and when each request ended. A model unloaded from a backend takes its cache with it.
+Ollama (through llama.cpp's server) and llama.cpp's server keep, per slot, the sequence that slot
+last ran, and prompts saved from slots in host RAM (`core.kv_slots`). `PrefixMemory` runs the
+same rules per backend and model on what the gateway sent there and when each request ended.
+A model unloaded from a backend takes its cache with it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from parallama.core.kv_slots import EngineSlots
+
 BLOCK = 256  # bytes of rendered prompt per block: about 64 tokens
 MAX_BLOCKS = 4096  # per request: 1 MiB of prompt; what comes after is not matched
 MAX_MODELS = 16  # per backend: models remembered (clients name them)
-SIMILARITY = 0.1  # llama.cpp server's --slot-prompt-similarity: less shared is no match
+RAM_BLOCKS = 2048  # saved prompts per backend and model: 512 KiB of prompt, some 130,000
+# tokens, what llama.cpp server's 8 GiB RAM cache holds of a 7B model's KV
 
 Blocks = tuple[int, ...]
 
@@ -58,50 +60,35 @@ def shared_blocks(cached: Blocks, wanted: Blocks) -> int:
     return low
 
 
-@dataclass(slots=True)
-class _Slot:
-    blocks: Blocks = ()  # what it holds: the prompt last sent to it
-    busy: bool = False
-    used: int = 0  # when it was last taken
-
-
 class PrefixMemory:
-    """What one backend's slots may hold, per model, kept as the engine keeps it: a request
-    takes the idle slot that shares the most of its prompt (over `SIMILARITY` of it), else the
-    least recently used idle one, and overwrites it; a busy slot's cache is no use to others."""
+    """What one backend may hold, per model: the engine's slots and host-RAM prompt cache
+    (`core.kv_slots`), run on what the gateway sent there and when each request ended."""
 
     def __init__(self) -> None:
-        self._models: OrderedDict[str, list[_Slot]] = OrderedDict()
-        self._uses = 0
+        self._models: OrderedDict[str, EngineSlots[Blocks]] = OrderedDict()
 
     def match(self, model: str, wanted: Blocks) -> int:
-        """Blocks of `wanted` that an idle slot of the backend may hold for `model`."""
-        slots = self._models.get(model, ())
-        return max((shared_blocks(s.blocks, wanted) for s in slots if not s.busy), default=0)
+        """Blocks of `wanted` that the backend may still hold for `model`."""
+        engine = self._models.get(model)
+        return 0 if engine is None else engine.found(wanted)
 
-    def take(self, model: str, sent: Blocks, slots: int) -> None:
-        """`sent` was given to the backend, which has `slots` slots for `model`."""
-        held = self._models.setdefault(model, [])
+    def take(self, model: str, sent: Blocks, slots: int) -> int:
+        """`sent` was given to the backend, which has `slots` slots for `model`: the slot it
+        takes there (-1: more at once than its slots, nothing to tell)."""
+        engine = self._models.get(model)
+        if engine is None:
+            engine = self._models[model] = EngineSlots(slots, RAM_BLOCKS, shared_blocks)
+            while len(self._models) > MAX_MODELS:
+                self._models.popitem(last=False)
         self._models.move_to_end(model)
-        while len(self._models) > MAX_MODELS:
-            self._models.popitem(last=False)
-        del held[max(slots, 1) :]
-        held += [_Slot() for _ in range(max(slots, 1) - len(held))]
-        idle = [slot for slot in held if not slot.busy]
-        if not idle:  # more at once than its slots (outside clients): nothing to tell
-            return
-        best = max(idle, key=lambda slot: shared_blocks(slot.blocks, sent))
-        if not sent or shared_blocks(best.blocks, sent) / len(sent) <= SIMILARITY:
-            best = min(idle, key=lambda slot: slot.used)
-        self._uses += 1
-        best.blocks, best.busy, best.used = sent, True, self._uses
+        engine.resize(slots)
+        return engine.take(sent)[0]
 
-    def release(self, model: str, sent: Blocks) -> None:
+    def release(self, model: str, slot: int, sent: Blocks) -> None:
         """The request sent with `sent` ended: its slot is idle, and holds it."""
-        for slot in self._models.get(model, ()):
-            if slot.busy and slot.blocks is sent:
-                slot.busy = False
-                return
+        engine = self._models.get(model)
+        if engine is not None:
+            engine.give_back(slot, sent)
 
     def forget(self, model: str) -> None:
         """The model was unloaded: its cache went with it."""

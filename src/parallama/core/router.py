@@ -100,11 +100,11 @@ class Router:
 
     def bound(self, ticket: Ticket, backend: Backend) -> None:
         """Prefix affinity: the ticket was sent to `backend`, where it takes a slot."""
-        self.prefixes(backend).take(ticket.model, ticket.prefix, backend.slots)
+        ticket.prefix_slot = self.prefixes(backend).take(ticket.model, ticket.prefix, backend.slots)
 
     def released(self, ticket: Ticket, backend: Backend) -> None:
         """Prefix affinity: the ticket's slot is idle again, holding its prompt."""
-        self.prefixes(backend).release(ticket.model, ticket.prefix)
+        self.prefixes(backend).release(ticket.model, ticket.prefix_slot, ticket.prefix)
 
     def prefixes(self, backend: Backend) -> PrefixMemory:
         """What the backend's slots may hold; a model it has unloaded holds nothing."""

@@ -97,6 +97,7 @@ class Ticket:
     skipped: int = 0  # times a later request was bound before it (prefix affinity)
     concurrency: int = 0  # requests of its model on its backend once it was sent there
     holds_prefix: bool = False  # a slot in its backend's prefix memory, until released
+    prefix_slot: int = -1  # which one
 
     def __post_init__(self) -> None:
         self.queued_since = self.arrived_at

@@ -34,6 +34,7 @@ class SimConfig:
     # Not Ollama's (it tells nothing of the kind): how busy it is, as llama.cpp's server tells
     # it on /slots or vLLM on /metrics, for tests of a gateway that reads it.
     occupancy: Literal["none", "slots", "vllm"] = "none"
+    cache_ram_mib: int = 8192  # llama.cpp server's host-RAM prompt cache, per loaded model
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -191,6 +192,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed for the generated text (default: 0)"
     )
     models.add_argument(
+        "--cache-ram",
+        type=int,
+        default=8192,
+        metavar="MIB",
+        help="host RAM for prompts saved from slots, per loaded model, as llama.cpp's server "
+        "that Ollama runs keeps them (default: %(default)s, its default; 0: none)",
+    )
+    models.add_argument(
         "--occupancy",
         choices=("none", "slots", "vllm"),
         default="none",
@@ -259,6 +268,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         output_tokens=parse_output_tokens(args.output_tokens),
         seed=args.seed,
         occupancy=args.occupancy,
+        cache_ram_mib=args.cache_ram,
     )
 
 

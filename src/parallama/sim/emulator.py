@@ -24,6 +24,7 @@ from parallama.sim.answers import PlannedAnswer, Tokens, plan_answer
 from parallama.sim.catalog import ModelSpec
 from parallama.sim.config import SimConfig
 from parallama.sim.engine import Engine, Generation
+from parallama.sim.prompt_cache import ram_tokens
 from parallama.sim.requests import Body, option_int
 from parallama.sim.scheduler import Admission, ServerBusyError
 from parallama.sim.text import count_tokens, embedding, normalise
@@ -74,6 +75,9 @@ class Emulator:
             self.config.timing,
             # Ollama forces one slot for embedding models.
             slots_for={m.name: 1 for m in self.config.models if m.is_embedding},
+            ram_tokens_for={
+                m.name: ram_tokens(m, self.config.cache_ram_mib) for m in self.config.models
+            },
         )
 
     def stop(self) -> None:

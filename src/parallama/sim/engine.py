@@ -39,6 +39,7 @@ class Engine:
         timing: TimingModel,
         slots_for: dict[str, int],
         clock: Callable[[], float] = time.monotonic,
+        ram_tokens_for: dict[str, int] | None = None,
     ) -> None:
         """`clock`: time.monotonic, not loop.time (uvloop's ticks in whole milliseconds), but
         for the capacity planner's virtual one."""
@@ -50,6 +51,7 @@ class Engine:
             clock=self.now,
             load_seconds=lambda _model: timing.load_seconds,
             slots_for=lambda model: slots_for.get(model, settings.num_parallel),
+            ram_tokens_for=lambda model: (ram_tokens_for or {}).get(model, 0),
         )
         self._waiters: dict[Admission, asyncio.Future[None]] = {}
         # Per model, prompt tokens asked for and those found in a slot's cache (/_sim/state).
@@ -110,9 +112,9 @@ class Engine:
         as for embeddings)."""
         now = self.now
         stats.load = (ticket.ready_at or ticket.arrived_at) - ticket.arrived_at
-        slots = ticket.runner.cache if ticket.runner is not None else None
-        slot, cached = slots.take(prompt) if slots is not None else (-1, 0)
-        stats.cached = cached if cache else 0
+        slots = ticket.runner.cache if ticket.runner is not None and cache else None
+        slot, shared = slots.take(prompt) if slots is not None else (-1, 0)
+        stats.cached = min(shared, len(prompt) - 1) if prompt else 0  # the last is evaluated
         if cache:
             self.prompt_tokens[ticket.model] += len(prompt)
             self.cached_tokens[ticket.model] += stats.cached

@@ -25,11 +25,12 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from parallama.sim.prompt_cache import SlotCaches
+from parallama.core.kv_slots import EngineSlots
+from parallama.sim.prompt_cache import common_prefix
 
 Clock = Callable[[], float]
 EvictionPolicy = Literal["ollama", "lru"]
@@ -82,10 +83,11 @@ class Runner:
     expires_at: float | None = None  # set while idle; None while busy or kept forever
     running: list[Admission] = field(default_factory=list)
     waiting: deque[Admission] = field(default_factory=deque)
-    cache: SlotCaches = field(init=False)  # its slots' prompt caches: lost when it unloads
+    ram_tokens: int = 0  # what its engine's host-RAM prompt cache holds, in tokens
+    cache: EngineSlots[Sequence[str]] = field(init=False)  # its prompt cache: lost on unload
 
     def __post_init__(self) -> None:
-        self.cache = SlotCaches(self.slots)
+        self.cache = EngineSlots(self.slots, self.ram_tokens, common_prefix)
 
     @property
     def busy_slots(self) -> int:
@@ -115,11 +117,13 @@ class OllamaScheduler:
         clock: Clock,
         load_seconds: Callable[[str], float],
         slots_for: Callable[[str], int] | None = None,
+        ram_tokens_for: Callable[[str], int] | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
         self._load_seconds = load_seconds
         self._slots_for = slots_for or (lambda _model: settings.num_parallel)
+        self._ram_tokens_for = ram_tokens_for or (lambda _model: 0)
         self.pending: deque[Admission] = deque()
         self.runners: dict[str, Runner] = {}
         self._load_done_at: float | None = None  # the one load in progress
@@ -298,6 +302,7 @@ class OllamaScheduler:
             model=ticket.model,
             num_ctx=ticket.num_ctx,
             slots=self._slots_for(ticket.model),
+            ram_tokens=self._ram_tokens_for(ticket.model),
             keep_alive=ticket.keep_alive,
             state=RunnerState.LOADING,
             loaded_at=now,

@@ -1,0 +1,126 @@
+"""An engine's prompt (KV) cache for one loaded model, as llama.cpp's server keeps it, which is
+what Ollama runs for its models (with `cache_prompt` on and `-np OLLAMA_NUM_PARALLEL`) (sans-I/O).
+
+The emulator runs it on token lists, to time prefills as the engine would; the gateway runs it
+on prompt block hashes (`core.prefixes`), to guess what each backend holds. The rules, from
+llama.cpp's `server_context::get_available_slot` and `server_prompt_cache`:
+
+- Each slot keeps the sequence it ran last (prompt and answer).
+- A request takes the idle slot whose sequence shares the largest part of its prompt as a common
+  prefix, over `SIMILARITY` of it (the first of equals), else the least recently used idle slot.
+- When it took the least recently used slot, or one whose sequence it keeps less than half of,
+  that sequence is first saved to the host-RAM prompt cache (`--cache-ram`, 8 GiB by default:
+  oldest dropped first, a sequence that another extends dropped as obsolete), and the saved
+  sequence that serves the request best (keeping at least a quarter of it, and more of both it
+  and the prompt than the slot's own) is restored into the slot, and leaves the cache.
+- The shared prefix is not evaluated again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+S = TypeVar("S", bound=Sequence[object])
+
+SIMILARITY = 0.1  # --slot-prompt-similarity's default
+KEEP_SLOT = 0.5  # a slot kept less than this much of is saved first
+KEEP_SAVED = 0.25  # a saved sequence must be kept this much of to be restored
+
+
+class EngineSlots(Generic[S]):
+    def __init__(self, slots: int, saved_budget: int, shared: Callable[[S, S], int]) -> None:
+        """`saved_budget`: how long the saved sequences may be together (0: no RAM cache);
+        `shared`: the length of two sequences' common prefix."""
+        self._shared = shared
+        self.budget = saved_budget
+        self.held: list[S | None] = [None] * max(slots, 1)
+        self._busy = [False] * max(slots, 1)
+        self._used = [0] * max(slots, 1)
+        self._uses = 0
+        self.saved: list[S] = []  # oldest first
+
+    def resize(self, slots: int) -> None:
+        """The engine's slots are now `slots` (busy ones are kept)."""
+        slots = max(slots, 1)
+        while len(self.held) < slots:
+            self.held.append(None)
+            self._busy.append(False)
+            self._used.append(0)
+        while len(self.held) > slots and not self._busy[-1]:
+            self.held.pop()
+            self._busy.pop()
+            self._used.pop()
+
+    def found(self, prompt: S) -> int:
+        """How much of `prompt` an idle slot or the RAM cache holds: what a request would find."""
+        best = max((self._of(i, prompt) for i in self._idle()), default=0)
+        for entry in self.saved:
+            shared = self._shared(entry, prompt)
+            if shared >= KEEP_SAVED * len(entry):
+                best = max(best, shared)
+        return best
+
+    def take(self, prompt: S) -> tuple[int, int]:
+        """The slot a request for `prompt` takes, and how much of the prompt it holds; slot -1
+        if none is idle (more requests than slots: nothing is cached)."""
+        idle = self._idle()
+        if not idle:
+            return -1, 0
+        similar = [
+            i for i in idle if self.held[i] and self._of(i, prompt) > SIMILARITY * len(prompt)
+        ]
+        if similar:
+            slot = max(similar, key=lambda i: self._of(i, prompt))
+            held = self.held[slot]
+            assert held is not None
+            refresh = self._of(slot, prompt) < KEEP_SLOT * len(held)
+        else:
+            slot = min(idle, key=lambda i: self._used[i])
+            refresh = True
+        if refresh and self.budget > 0:
+            self._save(slot)
+            self._restore(slot, prompt)
+        self._busy[slot] = True
+        self._uses += 1
+        self._used[slot] = self._uses
+        return slot, self._of(slot, prompt)
+
+    def give_back(self, slot: int, sequence: S) -> None:
+        """The slot is idle again, holding `sequence`."""
+        if 0 <= slot < len(self.held):
+            self.held[slot] = sequence
+            self._busy[slot] = False
+
+    def _idle(self) -> list[int]:
+        return [i for i, busy in enumerate(self._busy) if not busy]
+
+    def _of(self, slot: int, prompt: S) -> int:
+        held = self.held[slot]
+        return 0 if held is None else self._shared(held, prompt)
+
+    def _save(self, slot: int) -> None:
+        held = self.held[slot]
+        if not held or any(self._shared(e, held) == len(held) for e in self.saved):
+            return  # nothing, or already there
+        if len(held) > self.budget:
+            return
+        self.saved = [e for e in self.saved if self._shared(e, held) < len(e)]  # obsolete
+        while self.saved and sum(map(len, self.saved)) + len(held) > self.budget:
+            self.saved.pop(0)
+        self.saved.append(held)
+
+    def _restore(self, slot: int, prompt: S) -> None:
+        held = self.held[slot]
+        kept = self._of(slot, prompt)
+        best_keep = kept / len(held) if held else -1.0
+        best_sim = kept / len(prompt) if prompt else 0.0
+        chosen = None
+        for entry in self.saved:
+            shared = self._shared(entry, prompt)
+            keep, sim = shared / len(entry), shared / len(prompt) if prompt else 0.0
+            if keep >= KEEP_SAVED and keep > best_keep and sim > best_sim:
+                best_keep, best_sim, chosen = keep, sim, entry
+        if chosen is not None:
+            self.saved.remove(chosen)
+            self.held[slot] = chosen
