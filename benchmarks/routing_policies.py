@@ -11,8 +11,10 @@ which parallama runs here with late binding: a request is still sent only to a f
 
 **chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
 of four long shared system prompts, `--active` of them at a time) over three emulators of
-different speeds with 4 slots each, whose slots keep a prompt cache as Ollama's engine does.
-Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached.
+different speeds with 4 slots each, whose slots keep a prompt cache as Ollama's engine does,
+with `--cache-ram` MiB of host-RAM prompt cache each (8192, llama.cpp's default; less for a
+machine short of RAM, or a GPU-only cache). Printed: time to first token p50/p99 per policy,
+and the share of prompt tokens found cached.
 
 **slots**: one emulated engine whose aggregate tokens/s peaks at 3 sequences at once (past
 them, each more one slows all: `--batch-knee 3`), saturated by `--clients` closed-loop clients
@@ -168,8 +170,9 @@ WORDS = [
 ]
 
 
-def chat_config(prefill_tps: float, decode_tps: float) -> SimConfig:
+def chat_config(prefill_tps: float, decode_tps: float, cache_ram_mib: int) -> SimConfig:
     return SimConfig(
+        cache_ram_mib=cache_ram_mib,
         host="127.0.0.1",
         ports=(0,),
         models=(spec_for(CHAT_MODEL),),
@@ -182,13 +185,14 @@ def chat_config(prefill_tps: float, decode_tps: float) -> SimConfig:
 
 
 @contextlib.asynccontextmanager
-async def chat_fleet(policy: Policy) -> AsyncIterator[tuple[str, list[str]]]:
+async def chat_fleet(policy: Policy, cache_ram_mib: int) -> AsyncIterator[tuple[str, list[str]]]:
     """Three backends (prefill and decode tokens/s: two alike, one a third as fast) with 4 slots
     each, behind a gateway with `policy`; the gateway's URL and the backends'."""
     async with contextlib.AsyncExitStack() as stack:
         urls = []
         for prefill, decode in ((3000.0, 90.0), (3000.0, 90.0), (1000.0, 30.0)):
-            servers = await stack.enter_async_context(running_servers(chat_config(prefill, decode)))
+            config = chat_config(prefill, decode, cache_ram_mib)
+            servers = await stack.enter_async_context(running_servers(config))
             urls.append(servers[0].url)
         settings = GatewaySettings.model_validate(
             {
@@ -270,7 +274,7 @@ async def cached_share(backends: list[str]) -> float:
 async def measure_chat(args: argparse.Namespace) -> dict[Policy, dict[str, float]]:
     table: dict[Policy, dict[str, float]] = {}
     for policy in CHAT_POLICIES:
-        async with chat_fleet(policy) as (url, backends):
+        async with chat_fleet(policy, args.cache_ram) as (url, backends):
             results = await chat_workload(url, args.conversations, args.turns, args.active)
             share = await cached_share(backends)
         done = [r for r in results if r.ok]
@@ -291,7 +295,10 @@ def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) 
         f"\nMulti-turn chat: {args.conversations} conversations x {args.turns} turns, "
         f"{args.active} at a time, 4 shared system prompts of 1,500 words;"
     )
-    print("3 backends (prefill/decode tokens/s 3000/90, 3000/90, 1000/30), 4 slots each")
+    print(
+        "3 backends (prefill/decode tokens/s 3000/90, 3000/90, 1000/30), 4 slots each, "
+        f"{args.cache_ram} MiB of RAM prompt cache each"
+    )
     print(f"{'policy':18}{'completed':>11}{'ttft p50':>11}{'ttft p99':>11}{'p50':>11}{'cached':>9}")
     for policy, row in table.items():
         print(
@@ -435,6 +442,12 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=100, help="chat: (100)")
     parser.add_argument("--turns", type=int, default=6, help="chat: turns each (6)")
     parser.add_argument("--active", type=int, default=24, help="chat: at a time (24)")
+    parser.add_argument(
+        "--cache-ram",
+        type=int,
+        default=8192,
+        help="chat: each engine's host-RAM prompt cache, MiB (8192, llama.cpp's default)",
+    )
     args = parser.parse_args()
     table: dict[Policy, dict[str, float]] = {}
     chat: dict[Policy, dict[str, float]] = {}
