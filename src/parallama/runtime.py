@@ -43,3 +43,11 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+async def cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task (if it was started) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -10,7 +10,6 @@ Ollama tells nothing of the kind, so `auto` asks it nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from parallama.core.scheduler import Scheduler
 from parallama.gateway.upstream import Upstream
 from parallama.protocol import occupancy
 from parallama.protocol.occupancy import Source
+from parallama.runtime import cancelled
 
 log = logging.getLogger("parallama.occupancy")
 
@@ -48,10 +48,7 @@ class OccupancyProbe:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled(self._task)
 
     def status(self, name: str) -> str | None:
         """Where the backend's occupancy is read from, if anywhere."""

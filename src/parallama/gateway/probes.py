@@ -9,7 +9,6 @@ OpenAI-dialect engine) and loaded models (`/api/ps`) fresh for routing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ from parallama.core.scheduler import Scheduler
 from parallama.gateway.upstream import Upstream
 from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
+from parallama.runtime import cancelled
 
 log = logging.getLogger("parallama.probes")
 
@@ -45,10 +45,7 @@ class Prober:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled(self._task)
 
     async def probe_all(self) -> None:
         """Every backend but those whose engine `parallama up` knows is not serving: whatever

@@ -14,7 +14,6 @@ the others' stranded requests too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ from prometheus_client.registry import Collector
 from parallama.core.scheduler import Scheduler
 from parallama.launch.autoscale import Autoscaler, Decision, Seen
 from parallama.launch.supervisor import Instance, LaunchError, Supervisor
+from parallama.runtime import cancelled
 
 log = logging.getLogger("parallama.autoscale")
 
@@ -99,10 +99,7 @@ class Scaling:
 
     async def stop(self) -> None:
         """No more decisions (the supervisor's own stop cancels the starts under way)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled(self._task)
         for task in list(self._starts):
             task.cancel()
         await asyncio.gather(*self._starts, return_exceptions=True)
