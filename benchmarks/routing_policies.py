@@ -36,6 +36,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -77,28 +78,32 @@ def backend_config(decode_tps: float, load_seconds: float) -> SimConfig:
 
 
 @contextlib.asynccontextmanager
+async def gateway_over(
+    configs: list[SimConfig], settings: dict[str, Any], backend: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """An emulated server for each config, fresh, behind a gateway with `settings` (and
+    `backend` in each `[[backends]]` table): its URL, and theirs."""
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for config in configs:
+            servers = await stack.enter_async_context(running_servers(config))
+            urls.append(servers[0].url)
+        backends = [{"url": url, **(backend or {})} for url in urls]
+        gateway_settings = GatewaySettings.model_validate(
+            {"port": 0, "log_requests": False, **settings, "backends": backends}
+        )
+        gateway = await stack.enter_async_context(running_gateway(gateway_settings))
+        yield gateway.url, urls
+
+
+@contextlib.asynccontextmanager
 async def fleet(policy: Policy, load_seconds: float) -> AsyncIterator[tuple[str, str]]:
     """Two normal backends and a slow one, fresh, behind a gateway with `policy`: its URL, and
     the first backend's."""
-    async with contextlib.AsyncExitStack() as stack:
-        urls = []
-        for decode_tps in (120.0, 120.0, 40.0):
-            servers = await stack.enter_async_context(
-                running_servers(backend_config(decode_tps, load_seconds))
-            )
-            urls.append(servers[0].url)
-        settings = GatewaySettings.model_validate(
-            {
-                "port": 0,
-                "slots": 2,
-                "routing": policy,
-                "log_requests": False,
-                "occupancy_interval": 0.25,
-                "backends": [{"url": url, "occupancy": "slots"} for url in urls],
-            }
-        )
-        gateway = await stack.enter_async_context(running_gateway(settings))
-        yield gateway.url, urls[0]
+    configs = [backend_config(decode_tps, load_seconds) for decode_tps in (120.0, 120.0, 40.0)]
+    settings = {"slots": 2, "routing": policy, "occupancy_interval": 0.25}
+    async with gateway_over(configs, settings, {"occupancy": "slots"}) as (url, backends):
+        yield url, backends[0]
 
 
 @contextlib.asynccontextmanager
@@ -188,24 +193,11 @@ def chat_config(prefill_tps: float, decode_tps: float, cache_ram_mib: int) -> Si
 async def chat_fleet(policy: Policy, cache_ram_mib: int) -> AsyncIterator[tuple[str, list[str]]]:
     """Three backends (prefill and decode tokens/s: two alike, one a third as fast) with 4 slots
     each, behind a gateway with `policy`; the gateway's URL and the backends'."""
-    async with contextlib.AsyncExitStack() as stack:
-        urls = []
-        for prefill, decode in ((3000.0, 90.0), (3000.0, 90.0), (1000.0, 30.0)):
-            config = chat_config(prefill, decode, cache_ram_mib)
-            servers = await stack.enter_async_context(running_servers(config))
-            urls.append(servers[0].url)
-        settings = GatewaySettings.model_validate(
-            {
-                "port": 0,
-                "slots": 4,
-                "routing": policy,
-                "log_requests": False,
-                "queue_timeout": 300,
-                "backends": [{"url": url} for url in urls],
-            }
-        )
-        gateway = await stack.enter_async_context(running_gateway(settings))
-        yield gateway.url, urls
+    speeds = ((3000.0, 90.0), (3000.0, 90.0), (1000.0, 30.0))
+    configs = [chat_config(prefill, decode, cache_ram_mib) for prefill, decode in speeds]
+    settings = {"slots": 4, "routing": policy, "queue_timeout": 300}
+    async with gateway_over(configs, settings) as fleet:
+        yield fleet
 
 
 def system_prompts(count: int = 4, words: int = 1500) -> list[str]:
@@ -333,13 +325,9 @@ async def knee_fleet(slots: int | str) -> AsyncIterator[str]:
         ),
         output_tokens=(40, 40),
     )
-    async with running_servers(config) as servers:
-        backend = {"url": servers[0].url, "slots": slots, "min_slots": 1, "max_slots": 8}
-        settings = GatewaySettings.model_validate(
-            {"port": 0, "log_requests": False, "queue_timeout": 300, "backends": [backend]}
-        )
-        async with running_gateway(settings) as gateway:
-            yield gateway.url
+    backend = {"slots": slots, "min_slots": 1, "max_slots": 8}
+    async with gateway_over([config], {"queue_timeout": 300}, backend) as (url, _):
+        yield url
 
 
 async def closed_loop(url: str, clients: int, seconds: float) -> tuple[list[Result], int]:

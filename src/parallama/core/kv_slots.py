@@ -67,14 +67,13 @@ class EngineSlots(Generic[S]):
         idle = self._idle()
         if not idle:
             return -1, 0
-        similar = [
-            i for i in idle if self.held[i] and self._of(i, prompt) > SIMILARITY * len(prompt)
-        ]
+        shared = {i: self._of(i, prompt) for i in idle}
+        similar = [i for i in idle if self.held[i] and shared[i] > SIMILARITY * len(prompt)]
         if similar:
-            slot = max(similar, key=lambda i: self._of(i, prompt))
+            slot = max(similar, key=shared.__getitem__)
             held = self.held[slot]
             assert held is not None
-            refresh = self._of(slot, prompt) < KEEP_SLOT * len(held)
+            refresh = shared[slot] < KEEP_SLOT * len(held)
         else:
             slot = min(idle, key=lambda i: self._used[i])
             refresh = True
@@ -106,8 +105,9 @@ class EngineSlots(Generic[S]):
         if len(held) > self.budget:
             return
         self.saved = [e for e in self.saved if self._shared(e, held) < len(e)]  # obsolete
-        while self.saved and sum(map(len, self.saved)) + len(held) > self.budget:
-            self.saved.pop(0)
+        total = sum(map(len, self.saved)) + len(held)
+        while self.saved and total > self.budget:
+            total -= len(self.saved.pop(0))
         self.saved.append(held)
 
     def _restore(self, slot: int, prompt: S) -> None:

@@ -219,7 +219,7 @@ class Lifecycle:
         exchange.status = status
         if status == 200:
             exchange.usage = usage
-        tokens = usage.generated_tokens if status == 200 and usage is not None else 0
+        tokens = exchange.usage.generated_tokens if exchange.usage is not None else None
         self._end(Outcome.COMPLETED if status < 500 else Outcome.FAILED, tokens or 0)
 
     def rejected(self) -> None:

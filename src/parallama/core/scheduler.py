@@ -96,8 +96,7 @@ class Ticket:
     queued_since: float | None = None  # when its current wait began; None while bound
     skipped: int = 0  # times a later request was bound before it (prefix affinity)
     concurrency: int = 0  # requests of its model on its backend once it was sent there
-    holds_prefix: bool = False  # a slot in its backend's prefix memory, until released
-    prefix_slot: int = -1  # which one
+    prefix_slot: int = -1  # prefix affinity: its slot in its backend's memory, until released
 
     def __post_init__(self) -> None:
         self.queued_since = self.arrived_at
@@ -671,9 +670,9 @@ class Scheduler:
         backend = ticket.backend
         assert backend is not None
         backend.last_release = self._clock()
-        if ticket.holds_prefix:
-            ticket.holds_prefix = False
+        if ticket.prefix_slot >= 0:
             self._router.released(ticket, backend)
+            ticket.prefix_slot = -1
         backend.in_flight[ticket.model] -= 1
         if backend.in_flight[ticket.model] <= 0:
             del backend.in_flight[ticket.model]
@@ -749,12 +748,13 @@ class Scheduler:
         queue = self._queues.get(model)
         if queue is None:
             return
+        cached_first = self.policy(model) == "prefix-affinity"
         while queue:
             head = queue.peek()
             backend = self._choose(head, waiting=len(queue))
             if backend is None:
                 return
-            if self.policy(model) == "prefix-affinity":
+            if cached_first:
                 self._bind(self._take_cached(queue, head, backend), backend)
             else:
                 self._bind(queue.pop(), backend)
@@ -788,8 +788,7 @@ class Scheduler:
         return chosen
 
     def _bind(self, ticket: Ticket, backend: Backend) -> None:
-        if self.policy(ticket.model) == "prefix-affinity":
-            ticket.holds_prefix = True  # released as it was bound, whatever the policy then
+        if self.policy(ticket.model) == "prefix-affinity":  # released whatever the policy then
             self._router.bound(ticket, backend)
         ticket.backend = backend
         ticket.dispatched_at = now = self._clock()

@@ -50,15 +50,6 @@ class OccupancyProbe:
     async def stop(self) -> None:
         await cancelled(self._task)
 
-    def status(self, name: str) -> str | None:
-        """Where the backend's occupancy is read from, if anywhere."""
-        settings = self._settings_of(name)
-        if settings is None or settings.occupancy == "none":
-            return None
-        if settings.occupancy != "auto":
-            return settings.occupancy
-        return self._found.get(name, (None, 0.0))[0]
-
     async def _run(self) -> None:
         while True:
             backends = self._scheduler.backends
