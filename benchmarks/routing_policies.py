@@ -11,10 +11,10 @@ which parallama runs here with late binding: a request is still sent only to a f
 
 **chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
 of four long shared system prompts, `--active` of them at a time) over three emulators of
-different speeds with 4 slots each, whose slots keep a prompt cache as Ollama's engine does,
-with `--cache-ram` MiB of host-RAM prompt cache each (8192, llama.cpp's default; less for a
-machine short of RAM, or a GPU-only cache). Printed: time to first token p50/p99 per policy,
-and the share of prompt tokens found cached.
+different speeds with 4 slots each, whose prompt caches follow `--prompt-cache`'s rules:
+Ollama's (the default: a sequence per slot), Ollama's with OLLAMA_MULTIUSER_CACHE=1, or
+llama.cpp server's with `--cache-ram` MiB of host-RAM prompt cache each (8192, its default).
+Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached.
 
 **slots**: one emulated engine whose aggregate tokens/s peaks at 3 sequences at once (past
 them, each more one slows all: `--batch-knee 3`), saturated by `--clients` closed-loop clients
@@ -42,6 +42,7 @@ import aiohttp
 import orjson
 
 from parallama.config import GatewaySettings
+from parallama.core.kv_slots import CACHE_RULES, CacheRule
 from parallama.core.router import Policy
 from parallama.gateway.run import running_gateway
 from parallama.runtime import run
@@ -175,8 +176,11 @@ WORDS = [
 ]
 
 
-def chat_config(prefill_tps: float, decode_tps: float, cache_ram_mib: int) -> SimConfig:
+def chat_config(
+    prefill_tps: float, decode_tps: float, prompt_cache: CacheRule, cache_ram_mib: int
+) -> SimConfig:
     return SimConfig(
+        prompt_cache=prompt_cache,
         cache_ram_mib=cache_ram_mib,
         host="127.0.0.1",
         ports=(0,),
@@ -190,13 +194,16 @@ def chat_config(prefill_tps: float, decode_tps: float, cache_ram_mib: int) -> Si
 
 
 @contextlib.asynccontextmanager
-async def chat_fleet(policy: Policy, cache_ram_mib: int) -> AsyncIterator[tuple[str, list[str]]]:
+async def chat_fleet(
+    policy: Policy, prompt_cache: CacheRule, cache_ram_mib: int
+) -> AsyncIterator[tuple[str, list[str]]]:
     """Three backends (prefill and decode tokens/s: two alike, one a third as fast) with 4 slots
-    each, behind a gateway with `policy`; the gateway's URL and the backends'."""
+    each, whose prompt caches follow `prompt_cache`'s rules, behind a gateway with `policy` that
+    knows it; the gateway's URL and the backends'."""
     speeds = ((3000.0, 90.0), (3000.0, 90.0), (1000.0, 30.0))
-    configs = [chat_config(prefill, decode, cache_ram_mib) for prefill, decode in speeds]
+    configs = [chat_config(p, d, prompt_cache, cache_ram_mib) for p, d in speeds]
     settings = {"slots": 4, "routing": policy, "queue_timeout": 300}
-    async with gateway_over(configs, settings) as fleet:
+    async with gateway_over(configs, settings, {"prompt_cache": prompt_cache}) as fleet:
         yield fleet
 
 
@@ -266,7 +273,7 @@ async def cached_share(backends: list[str]) -> float:
 async def measure_chat(args: argparse.Namespace) -> dict[Policy, dict[str, float]]:
     table: dict[Policy, dict[str, float]] = {}
     for policy in CHAT_POLICIES:
-        async with chat_fleet(policy, args.cache_ram) as (url, backends):
+        async with chat_fleet(policy, args.prompt_cache, args.cache_ram) as (url, backends):
             results = await chat_workload(url, args.conversations, args.turns, args.active)
             share = await cached_share(backends)
         done = [r for r in results if r.ok]
@@ -287,9 +294,14 @@ def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) 
         f"\nMulti-turn chat: {args.conversations} conversations x {args.turns} turns, "
         f"{args.active} at a time, 4 shared system prompts of 1,500 words;"
     )
+    ram = (
+        f", {args.cache_ram} MiB of RAM prompt cache each"
+        if args.prompt_cache == "llama.cpp"
+        else ""
+    )
     print(
         "3 backends (prefill/decode tokens/s 3000/90, 3000/90, 1000/30), 4 slots each, "
-        f"{args.cache_ram} MiB of RAM prompt cache each"
+        f"prompt caches by {args.prompt_cache}'s rules{ram}"
     )
     print(f"{'policy':18}{'completed':>11}{'ttft p50':>11}{'ttft p99':>11}{'p50':>11}{'cached':>9}")
     for policy, row in table.items():
@@ -431,10 +443,16 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6, help="chat: turns each (6)")
     parser.add_argument("--active", type=int, default=24, help="chat: at a time (24)")
     parser.add_argument(
+        "--prompt-cache",
+        choices=CACHE_RULES,
+        default="ollama",
+        help="chat: whose prompt-cache rules the engines follow (ollama)",
+    )
+    parser.add_argument(
         "--cache-ram",
         type=int,
         default=8192,
-        help="chat: each engine's host-RAM prompt cache, MiB (8192, llama.cpp's default)",
+        help="chat, llama.cpp: each engine's host-RAM prompt cache, MiB (8192, its default)",
     )
     args = parser.parse_args()
     table: dict[Policy, dict[str, float]] = {}

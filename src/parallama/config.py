@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from parallama.core.kv_slots import CacheRule
 from parallama.core.router import Policy
 from parallama.core.scheduler import SchedulerSettings
 from parallama.errors import ConfigError
@@ -79,6 +80,19 @@ class BackendSettings(BaseModel):
         "this gateway: llama.cpp server's /slots, vLLM's /metrics, none; auto: whichever an "
         "OpenAI-dialect engine answers (Ollama tells nothing of the kind)",
     )
+    prompt_cache: Literal["auto", CacheRule] = Field(
+        "auto",
+        description="prefix-affinity: whose rules its prompt cache follows: Ollama's (one "
+        "sequence a slot), Ollama's with OLLAMA_MULTIUSER_CACHE=1, or llama.cpp server's "
+        "(with its 8 GiB host-RAM cache); auto: Ollama's for kind ollama, else llama.cpp's",
+    )
+
+    @property
+    def cache_rule(self) -> CacheRule:
+        """The rules its prompt cache follows."""
+        if self.prompt_cache != "auto":
+            return self.prompt_cache
+        return "ollama" if self.kind == "ollama" else "llama.cpp"
 
     @field_validator("models")
     @classmethod

@@ -116,6 +116,53 @@ def test_ollama_environment_variables_configure_it() -> None:
         assert process.wait(timeout=10) == 0
 
 
+def cached_on_the_first_conversations_next_turn(url: str) -> int:
+    """Two slots; conversation A, then B (the same system prompt), then A's next turn: the
+    prompt tokens that next turn found cached."""
+    system = {"role": "system", "content": "You answer in the house style. " * 40}
+
+    def ask(messages: list[dict[str, str]]) -> dict[str, str]:
+        body = {"model": "qwen2.5:7b", "messages": messages, "stream": False}
+        answer: dict[str, dict[str, str]] = httpx.post(f"{url}/api/chat", json=body).json()
+        return answer["message"]
+
+    def cached() -> int:
+        counted: dict[str, dict[str, int]] = httpx.get(f"{url}/_sim/state").json()
+        return counted["cached_tokens"]["qwen2.5:7b"]
+
+    a = [system, {"role": "user", "content": "Why is the sky blue?"}]
+    a.append(ask(a))
+    ask([system, {"role": "user", "content": "What is a prime number?"}])
+    before = cached()
+    ask([*a, {"role": "user", "content": "And at sunset?"}])
+    return cached() - before
+
+
+@pytest.mark.parametrize(
+    ("multiuser", "args", "keeps_the_conversation"),
+    [("", (), False), ("1", (), True), ("1", ("--prompt-cache", "ollama"), False)],
+)
+def test_the_prompt_cache_follows_ollama_and_ollama_multiuser_cache(
+    multiuser: str, args: tuple[str, ...], keeps_the_conversation: bool
+) -> None:
+    # Ollama takes the idle slot sharing the longest prefix: B's turn overwrites A's slot, and
+    # A's next turn finds only the system prompt. With OLLAMA_MULTIUSER_CACHE=1, B takes the
+    # least recently used slot with the system prompt copied in, and A's slot stays A's.
+    env = {"OLLAMA_MULTIUSER_CACHE": multiuser}
+    with sim_process("--port", "0", "--num-parallel", "2", "--profile", "fast", *args, env=env) as (
+        process,
+        urls,
+    ):
+        cached = cached_on_the_first_conversations_next_turn(urls[0])
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+    system_prompt_tokens = 40 * 7  # "You answer in the house style. " is 7 of the emulator's
+    if keeps_the_conversation:
+        assert cached > system_prompt_tokens + 50  # the first question and its answer too
+    else:
+        assert system_prompt_tokens <= cached <= system_prompt_tokens + 10
+
+
 def test_flags_override_the_environment() -> None:
     env = {"OLLAMA_NUM_PARALLEL": "3"}
     with sim_process("--port", "0", "--num-parallel", "2", "--profile", "fast", env=env) as (

@@ -1,9 +1,9 @@
-"""llama.cpp server's prompt cache (slots and host-RAM cache), as the emulator and the gateway
-both run it."""
+"""Engines' prompt caches (Ollama's runner's slots; llama.cpp server's slots and host-RAM cache),
+as the emulator and the gateway both run them."""
 
 from __future__ import annotations
 
-from parallama.core.kv_slots import EngineSlots
+from parallama.core.kv_slots import CacheRule, EngineSlots
 from parallama.sim.catalog import spec_for
 from parallama.sim.prompt_cache import common_prefix, ram_tokens
 
@@ -11,8 +11,45 @@ Tokens = tuple[str, ...]
 SYSTEM: Tokens = tuple(f"s{i}" for i in range(50))
 
 
-def engine(slots: int, budget: int = 0) -> EngineSlots[Tokens]:
-    return EngineSlots(slots, budget, common_prefix)
+def engine(slots: int, budget: int = 0, rule: CacheRule = "llama.cpp") -> EngineSlots[Tokens]:
+    return EngineSlots(slots, common_prefix, rule, budget)
+
+
+def test_ollama_takes_the_idle_slot_sharing_most_else_always_the_first() -> None:
+    slots = engine(2, rule="ollama")
+    first = (*SYSTEM, "q1")
+    assert slots.take(first) == (0, 0)
+    stranger = ("x",) * 60
+    assert slots.take(stranger) == (1, 0)  # the first idle one: slot 0 is busy
+    slots.give_back(0, (*first, "a1"))
+    slots.give_back(1, stranger)
+    other = (*SYSTEM, "another question")
+    assert slots.take(other) == (0, len(SYSTEM))  # the longest shared prefix: slot 0's
+    slots.give_back(0, other)  # the first conversation's turn is gone from slot 0
+    assert slots.found((*first, "a1", "q2")) == len(SYSTEM)
+    unrelated = ("y",) * 60
+    assert slots.take(unrelated) == (0, 0)  # nothing shared: the first idle slot, not the LRU
+    assert slots.found(stranger) == len(stranger)  # slot 1 kept its sequence all along
+    assert slots.saved == []  # and no host-RAM cache, whatever the budget
+
+
+def test_ollama_multiuser_copies_the_longest_prefix_into_the_least_recently_used_slot() -> None:
+    slots = engine(2, rule="ollama-multiuser")
+    first = (*SYSTEM, "q1", "a1")
+    assert slots.take(first[:-1]) == (0, 0)
+    slots.give_back(0, first)
+    other = (*SYSTEM, "another question")
+    # Slot 0 shares the system prompt, but `other` does not extend all it holds: the least
+    # recently used slot (1, never used) is taken, and the system prompt copied into it.
+    assert slots.take(other) == (1, len(SYSTEM))
+    assert slots.take((*first, "q2")) == (0, len(first))  # slot 0 kept the conversation
+    slots.give_back(0, (*first, "q2"))
+    assert slots.found(first) == len(first)
+    # Only busy slots share anything: nothing to take.
+    slots.give_back(1, other)
+    assert slots.take(other) == (1, len(other))
+    assert slots.take(("z",) * 5) == (0, 0)
+    assert slots.take(other) == (-1, 0)
 
 
 def test_a_conversations_next_turn_finds_its_slot() -> None:

@@ -37,8 +37,8 @@ def test_shared_blocks_finds_the_first_difference() -> None:
     assert shared_blocks((5,), (1,)) == 0
 
 
-def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_the_engine_would() -> None:
-    memory = PrefixMemory()
+def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_llama_cpp_would() -> None:
+    memory = PrefixMemory("llama.cpp")
     first, other = (1, 2), (7, 8)
     slots = [memory.take(M, first, slots=2), memory.take(M, other, slots=2)]
     assert memory.match(M, (1, 2, 3)) == 0  # both slots busy: their caches serve no other
@@ -56,6 +56,18 @@ def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_the_engine_would(
     assert memory.match(M, (7, 8)) == 2 and memory.match(M, (1, 2, 3)) == 3
     memory.forget(M)
     assert memory.match(M, (1, 2, 3)) == 0
+
+
+def test_memory_follows_ollamas_rule_by_default_one_sequence_a_slot() -> None:
+    memory = PrefixMemory()
+    first, other = (1, 2, 3), (7, 8)
+    slots = [memory.take(M, first, slots=2), memory.take(M, other, slots=2)]
+    for slot, sent in zip(slots, (first, other), strict=True):
+        memory.release(M, slot, sent)
+    slot = memory.take(M, (5,), slots=2)  # shares nothing: the first idle slot, not the LRU
+    assert slot == slots[0]
+    memory.release(M, slot, (5,))
+    assert memory.match(M, (1, 2, 3)) == 0 and memory.match(M, (7, 8)) == 2  # no RAM cache
 
 
 def busy_with(s: Scheduler, prefix: tuple[int, ...]) -> Ticket:

@@ -1,27 +1,34 @@
-"""An engine's prompt (KV) cache for one loaded model, as llama.cpp's server keeps it, which is
-what Ollama runs for its models (with `cache_prompt` on and `-np OLLAMA_NUM_PARALLEL`) (sans-I/O).
+"""An engine's prompt (KV) cache for one loaded model, by the rules of the engine that keeps it
+(sans-I/O). The emulator runs it on token lists, to time prefills as the engine would; the gateway
+runs it on prompt block hashes (`core.prefixes`), to guess what each backend holds.
 
-The emulator runs it on token lists, to time prefills as the engine would; the gateway runs it
-on prompt block hashes (`core.prefixes`), to guess what each backend holds. The rules, from
-llama.cpp's `server_context::get_available_slot` and `server_prompt_cache`:
+In every engine each slot keeps the sequence it ran last (prompt and answer), and the part of a
+prompt that its slot holds as a common prefix is not evaluated again. Which slot a request takes:
 
-- Each slot keeps the sequence it ran last (prompt and answer).
-- A request takes the idle slot whose sequence shares the largest part of its prompt as a common
-  prefix, over `SIMILARITY` of it (the first of equals), else the least recently used idle slot.
-- When it took the least recently used slot, or one whose sequence it keeps less than half of,
-  that sequence is first saved to the host-RAM prompt cache (`--cache-ram`, 8 GiB by default:
-  oldest dropped first, a sequence that another extends dropped as obsolete), and the saved
-  sequence that serves the request best (keeping at least a quarter of it, and more of both it
-  and the prompt than the slot's own) is restored into the slot, and leaves the cache.
-- The shared prefix is not evaluated again.
+- `ollama`: Ollama's own runners (`runner/ollamarunner/cache.go`, `findLongestCacheSlot`): the
+  idle slot sharing the longest prefix with the prompt, the first of equals (so the first idle
+  slot when none shares anything). No host-RAM cache.
+- `ollama-multiuser` (`OLLAMA_MULTIUSER_CACHE=1`, `findBestCacheSlot`): the slot sharing the
+  longest prefix if it is idle and the prompt extends all it holds; else the least recently used
+  idle slot, into which that longest prefix is copied from its slot (busy or not).
+- `llama.cpp`: llama.cpp's server (`get_available_slot`, `server_prompt_cache`): the idle slot
+  sharing the largest part of the prompt, over `SIMILARITY` of it (the first of equals), else
+  the least recently used idle slot. When it took the least recently used slot, or one whose
+  sequence it keeps less than half of, that sequence is first saved to the host-RAM prompt cache
+  (`--cache-ram`, 8 GiB by default: oldest dropped first, a sequence that another extends
+  dropped as obsolete), and the saved sequence that serves the request best (keeping at least a
+  quarter of it, and more of both it and the prompt than the slot's own) is restored into the
+  slot, and leaves the cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 S = TypeVar("S", bound=Sequence[object])
+CacheRule = Literal["ollama", "ollama-multiuser", "llama.cpp"]
+CACHE_RULES: tuple[CacheRule, ...] = ("ollama", "ollama-multiuser", "llama.cpp")
 
 SIMILARITY = 0.1  # --slot-prompt-similarity's default
 KEEP_SLOT = 0.5  # a slot kept less than this much of is saved first
@@ -29,11 +36,18 @@ KEEP_SAVED = 0.25  # a saved sequence must be kept this much of to be restored
 
 
 class EngineSlots(Generic[S]):
-    def __init__(self, slots: int, saved_budget: int, shared: Callable[[S, S], int]) -> None:
-        """`saved_budget`: how long the saved sequences may be together (0: no RAM cache);
-        `shared`: the length of two sequences' common prefix."""
+    def __init__(
+        self,
+        slots: int,
+        shared: Callable[[S, S], int],
+        rule: CacheRule = "ollama",
+        saved_budget: int = 0,
+    ) -> None:
+        """`shared`: the length of two sequences' common prefix; `saved_budget`: how long the
+        sequences saved in host RAM may be together (`llama.cpp` only; 0: no RAM cache)."""
         self._shared = shared
-        self.budget = saved_budget
+        self.rule = rule
+        self.budget = saved_budget if rule == "llama.cpp" else 0
         self.held: list[S | None] = [None] * max(slots, 1)
         self._busy = [False] * max(slots, 1)
         self._used = [0] * max(slots, 1)
@@ -53,7 +67,9 @@ class EngineSlots(Generic[S]):
             self._used.pop()
 
     def found(self, prompt: S) -> int:
-        """How much of `prompt` an idle slot or the RAM cache holds: what a request would find."""
+        """How much of `prompt` a request would find cached now."""
+        if self.rule == "ollama-multiuser":
+            return max((self._of(i, prompt) for i in range(len(self.held))), default=0)
         best = max((self._of(i, prompt) for i in self._idle()), default=0)
         for entry in self.saved:
             shared = self._shared(entry, prompt)
@@ -67,6 +83,29 @@ class EngineSlots(Generic[S]):
         idle = self._idle()
         if not idle:
             return -1, 0
+        if self.rule == "ollama":
+            slot = max(idle, key=lambda i: self._of(i, prompt))  # the first of equals
+        elif self.rule == "ollama-multiuser":
+            slot = self._best_or_forked(idle, prompt)
+        else:
+            slot = self._similar_or_oldest(idle, prompt)
+        self._busy[slot] = True
+        self._uses += 1
+        self._used[slot] = self._uses
+        return slot, self._of(slot, prompt)
+
+    def _best_or_forked(self, idle: list[int], prompt: S) -> int:
+        shared = [self._of(i, prompt) for i in range(len(self.held))]
+        longest = max(range(len(self.held)), key=shared.__getitem__)
+        held = self.held[longest]
+        if longest in idle and shared[longest] == (len(held) if held else 0):
+            return longest
+        oldest = min(idle, key=lambda i: self._used[i])
+        if shared[longest] > 0 and held is not None and oldest != longest:
+            self.held[oldest] = held[: shared[longest]]  # type: ignore[assignment]
+        return oldest
+
+    def _similar_or_oldest(self, idle: list[int], prompt: S) -> int:
         shared = {i: self._of(i, prompt) for i in idle}
         similar = [i for i in idle if self.held[i] and shared[i] > SIMILARITY * len(prompt)]
         if similar:
@@ -80,10 +119,7 @@ class EngineSlots(Generic[S]):
         if refresh and self.budget > 0:
             self._save(slot)
             self._restore(slot, prompt)
-        self._busy[slot] = True
-        self._uses += 1
-        self._used[slot] = self._uses
-        return slot, self._of(slot, prompt)
+        return slot
 
     def give_back(self, slot: int, sequence: S) -> None:
         """The slot is idle again, holding `sequence`."""

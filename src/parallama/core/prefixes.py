@@ -9,9 +9,10 @@ tokenizer is needed, and no prompt text is kept: only 64-bit hashes. The hash is
 (SipHash, keyed anew in every process, so nobody can aim collisions at it): four times as fast as
 blake2b here, and the record lives in one process anyway.
 
-Ollama (through llama.cpp's server) and llama.cpp's server keep, per slot, the sequence that slot
-last ran, and prompts saved from slots in host RAM (`core.kv_slots`). `PrefixMemory` runs the
-same rules per backend and model on what the gateway sent there and when each request ended.
+Engines keep, per slot, the sequence that slot last ran, and llama.cpp's server also prompts
+saved from slots in host RAM; which slot a request takes is each engine's own rule
+(`core.kv_slots`). `PrefixMemory` runs the backend's rules per model on what the gateway sent
+there and when each request ended.
 A model unloaded from a backend takes its cache with it.
 """
 
@@ -22,13 +23,13 @@ from typing import Any
 
 import orjson
 
-from parallama.core.kv_slots import EngineSlots
+from parallama.core.kv_slots import CacheRule, EngineSlots
 
 BLOCK = 256  # bytes of rendered prompt per block: about 64 tokens
 MAX_BLOCKS = 4096  # per request: 1 MiB of prompt; what comes after is not matched
 MAX_MODELS = 16  # per backend: models remembered (clients name them)
-RAM_BLOCKS = 2048  # saved prompts per backend and model: 512 KiB of prompt, some 130,000
-# tokens, what llama.cpp server's 8 GiB RAM cache holds of a 7B model's KV
+RAM_BLOCKS = 2048  # llama.cpp: saved prompts per backend and model: 512 KiB of prompt, some
+# 130,000 tokens, what llama.cpp server's 8 GiB RAM cache holds of a 7B model's KV
 
 Blocks = tuple[int, ...]
 
@@ -61,10 +62,12 @@ def shared_blocks(cached: Blocks, wanted: Blocks) -> int:
 
 
 class PrefixMemory:
-    """What one backend may hold, per model: the engine's slots and host-RAM prompt cache
-    (`core.kv_slots`), run on what the gateway sent there and when each request ended."""
+    """What one backend may hold, per model: the engine's slots (and host-RAM prompt cache) by
+    its `rule` (`core.kv_slots`), run on what the gateway sent there and when each request
+    ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, rule: CacheRule = "ollama") -> None:
+        self.rule = rule
         self._models: OrderedDict[str, EngineSlots[Blocks]] = OrderedDict()
 
     def match(self, model: str, wanted: Blocks) -> int:
@@ -77,7 +80,7 @@ class PrefixMemory:
         takes there (-1: more at once than its slots, nothing to tell)."""
         engine = self._models.get(model)
         if engine is None:
-            engine = self._models[model] = EngineSlots(slots, RAM_BLOCKS, shared_blocks)
+            engine = self._models[model] = EngineSlots(slots, shared_blocks, self.rule, RAM_BLOCKS)
             while len(self._models) > MAX_MODELS:
                 self._models.popitem(last=False)
         self._models.move_to_end(model)

@@ -109,8 +109,8 @@ class Router:
     def prefixes(self, backend: Backend) -> PrefixMemory:
         """What the backend's slots may hold; a model it has unloaded holds nothing."""
         memory = self._prefixes.get(backend.name)
-        if memory is None:
-            memory = self._prefixes[backend.name] = PrefixMemory()
+        if memory is None or memory.rule != backend.cache_rule:
+            memory = self._prefixes[backend.name] = PrefixMemory(backend.cache_rule)
         for model in memory.models():
             if model not in backend.loaded and not backend.in_flight[model]:
                 memory.forget(model)

@@ -145,6 +145,7 @@ class Fleet:
                 backend.slots = backend.tuner.limit
             backend.weight = wanted.weight
             backend.models = wanted.models
+            backend.cache_rule = wanted.cache_rule
             backend.breaker.threshold = settings.failure_threshold
             backend.breaker.cooldown = settings.breaker_cooldown
             self._scheduler.set_draining(url, wanted.drain)
@@ -172,6 +173,7 @@ class Fleet:
             models=backend.models,
             draining=backend.drain,
             breaker=Breaker(s.failure_threshold, s.breaker_cooldown),
+            cache_rule=backend.cache_rule,
         )
 
     def _new_upstream(self, url: str) -> Upstream:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from parallama.core.kv_slots import CACHE_RULES, CacheRule
 from parallama.errors import ConfigError
 from parallama.protocol.durations import DurationError, env_keep_alive_seconds, keep_alive_seconds
 from parallama.sim.catalog import DEFAULT_MODELS, ModelSpec, spec_for
@@ -34,6 +35,7 @@ class SimConfig:
     # Not Ollama's (it tells nothing of the kind): how busy it is, as llama.cpp's server tells
     # it on /slots or vLLM on /metrics, for tests of a gateway that reads it.
     occupancy: Literal["none", "slots", "vllm"] = "none"
+    prompt_cache: CacheRule = "ollama"  # whose rules: Ollama's runner, or llama.cpp's server
     cache_ram_mib: int = 8192  # llama.cpp server's host-RAM prompt cache, per loaded model
 
 
@@ -45,6 +47,13 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+
+
+def _env_bool(env: Mapping[str, str], name: str) -> bool:
+    """As Ollama's envconfig.Bool reads it: unset or empty is false; what Go's ParseBool does
+    not read as false is true."""
+    raw = env.get(name, "").strip()
+    return bool(raw) and raw not in ("0", "f", "F", "false", "FALSE", "False")
 
 
 def parse_ports(values: list[str]) -> tuple[int, ...]:
@@ -192,12 +201,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed for the generated text (default: 0)"
     )
     models.add_argument(
+        "--prompt-cache",
+        choices=CACHE_RULES,
+        help="which slot's cached prompt a request reuses: Ollama's rule (the idle slot "
+        "sharing the longest prefix), ollama-multiuser (OLLAMA_MULTIUSER_CACHE=1: the prefix "
+        "copied into the least recently used slot), or llama.cpp server's (with a host-RAM "
+        "cache); default: as OLLAMA_MULTIUSER_CACHE says",
+    )
+    models.add_argument(
         "--cache-ram",
         type=int,
         default=8192,
         metavar="MIB",
-        help="host RAM for prompts saved from slots, per loaded model, as llama.cpp's server "
-        "that Ollama runs keeps them (default: %(default)s, its default; 0: none)",
+        help="--prompt-cache llama.cpp: host RAM for prompts saved from slots, per loaded "
+        "model (default: %(default)s, llama.cpp's; 0: none)",
     )
     models.add_argument(
         "--occupancy",
@@ -268,6 +285,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         output_tokens=parse_output_tokens(args.output_tokens),
         seed=args.seed,
         occupancy=args.occupancy,
+        prompt_cache=args.prompt_cache
+        or ("ollama-multiuser" if _env_bool(env, "OLLAMA_MULTIUSER_CACHE") else "ollama"),
         cache_ram_mib=args.cache_ram,
     )
 

@@ -78,6 +78,7 @@ class Emulator:
             ram_tokens_for={
                 m.name: ram_tokens(m, self.config.cache_ram_mib) for m in self.config.models
             },
+            cache_rule=self.config.prompt_cache,
         )
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from parallama.alarm import Alarm
+from parallama.core.kv_slots import CacheRule
 from parallama.sim.scheduler import Admission, AdmissionState, OllamaScheduler, OllamaSettings
 from parallama.sim.text import tokenize
 from parallama.sim.timing import TimingModel
@@ -38,8 +39,10 @@ class Engine:
         settings: OllamaSettings,
         timing: TimingModel,
         slots_for: dict[str, int],
+        *,
         clock: Callable[[], float] = time.monotonic,
         ram_tokens_for: dict[str, int] | None = None,
+        cache_rule: CacheRule = "ollama",
     ) -> None:
         """`clock`: time.monotonic, not loop.time (uvloop's ticks in whole milliseconds), but
         for the capacity planner's virtual one."""
@@ -52,6 +55,7 @@ class Engine:
             load_seconds=lambda _model: timing.load_seconds,
             slots_for=lambda model: slots_for.get(model, settings.num_parallel),
             ram_tokens_for=lambda model: (ram_tokens_for or {}).get(model, 0),
+            cache_rule=cache_rule,
         )
         self._waiters: dict[Admission, asyncio.Future[None]] = {}
         # Per model, prompt tokens asked for and those found in a slot's cache (/_sim/state).

@@ -1,4 +1,4 @@
-"""The emulator's prompt cache is llama.cpp server's (`core.kv_slots`), run on token lists."""
+"""The emulator runs its engines' prompt cache rules (`core.kv_slots`) on token lists."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from parallama.core.kv_slots import EngineSlots
+from parallama.core.kv_slots import CacheRule, EngineSlots
 from parallama.sim.prompt_cache import common_prefix
 
 Clock = Callable[[], float]
@@ -83,11 +83,12 @@ class Runner:
     expires_at: float | None = None  # set while idle; None while busy or kept forever
     running: list[Admission] = field(default_factory=list)
     waiting: deque[Admission] = field(default_factory=deque)
-    ram_tokens: int = 0  # what its engine's host-RAM prompt cache holds, in tokens
+    ram_tokens: int = 0  # what its engine's host-RAM prompt cache holds, in tokens (llama.cpp)
+    cache_rule: CacheRule = "ollama"  # which slot a request takes, by the prompt it shares
     cache: EngineSlots[Sequence[str]] = field(init=False)  # its prompt cache: lost on unload
 
     def __post_init__(self) -> None:
-        self.cache = EngineSlots(self.slots, self.ram_tokens, common_prefix)
+        self.cache = EngineSlots(self.slots, common_prefix, self.cache_rule, self.ram_tokens)
 
     @property
     def busy_slots(self) -> int:
@@ -116,10 +117,13 @@ class OllamaScheduler:
         settings: OllamaSettings,
         clock: Clock,
         load_seconds: Callable[[str], float],
+        *,
         slots_for: Callable[[str], int] | None = None,
         ram_tokens_for: Callable[[str], int] | None = None,
+        cache_rule: CacheRule = "ollama",
     ) -> None:
         self.settings = settings
+        self._cache_rule = cache_rule
         self._clock = clock
         self._load_seconds = load_seconds
         self._slots_for = slots_for or (lambda _model: settings.num_parallel)
@@ -303,6 +307,7 @@ class OllamaScheduler:
             num_ctx=ticket.num_ctx,
             slots=self._slots_for(ticket.model),
             ram_tokens=self._ram_tokens_for(ticket.model),
+            cache_rule=self._cache_rule,
             keep_alive=ticket.keep_alive,
             state=RunnerState.LOADING,
             loaded_at=now,
