@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def http_url(host: str, port: int) -> str:
@@ -35,14 +37,13 @@ async def stop_requested() -> None:
         await stop.wait()
 
 
-def run(coro: Coroutine[Any, Any, None]) -> None:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop where it is installed (it is on Linux and macOS), else asyncio's loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def cancelled(task: asyncio.Task[Any] | None) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +16,7 @@ import orjson
 
 from parallama.bench import report
 from parallama.bench.runner import Mode, Plan, Result, Setup, authorization, run_http
+from parallama.bench.trace import TraceError, read_trace
 from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
 from parallama.errors import ParallamaError
 
@@ -96,8 +99,46 @@ def default_rounds(setups: int, requests: int | None, mode: Mode, levels: tuple[
     return max(1, min(4, requests // int(2 * max(levels))))
 
 
+def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Plan:
+    """`--replay TRACE`: each target gets the whole trace in turn, in real time over `--speed`
+    (no warm-up: the trace's first requests are what they were). `--model` sends every
+    request to that model instead of the traced ones."""
+    if args.rate or args.concurrency or args.requests or args.duration or args.compare_pooling:
+        raise BenchError(
+            "--replay sets the arrivals: no --rate, --concurrency, --requests, --duration or "
+            "--compare-pooling"
+        )
+    if args.speed <= 0:
+        raise BenchError("--speed must be positive")
+    try:
+        trace = read_trace(Path(args.replay))
+    except TraceError as exc:
+        raise BenchError(str(exc)) from None
+    if args.model:
+        trace = tuple(replace(t, model=args.model) for t in trace)
+    workload = Workload(
+        args.api,
+        args.kind,
+        trace[0].model,
+        stream=args.stream,
+        trace=trace,
+        salt=secrets.token_hex(3),
+    )
+    return Plan(
+        setups=chosen,
+        workload=workload,
+        mode="replay",
+        levels=(args.speed,),
+        requests=len(trace),
+        timeout=args.timeout,
+        api_key=args.api_key,
+    )
+
+
 async def plan_from(args: argparse.Namespace) -> Plan:
     chosen = setups(args.targets, args.compare_pooling)
+    if args.replay:
+        return replay_plan(args, chosen)
     distinct = {setup.url: setup for setup in chosen}  # --compare-pooling: one target, twice
     models = [await listed_models(setup, args.api, args.api_key) for setup in distinct.values()]
     model = args.model or choose_model(models[0], args.kind, chosen[0])
@@ -198,13 +239,7 @@ async def bench(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from parallama.runtime import run
 
-    status: list[int] = []
-
-    async def main() -> None:
-        status.append(await bench(args))
-
     try:
-        run(main())
+        return run(bench(args))
     except KeyboardInterrupt:
         return 130
-    return status[0]

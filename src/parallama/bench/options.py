@@ -66,6 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R[,R...]",
         help="open loop: R requests/s arrive whatever happens to earlier ones; a list sweeps",
     )
+    mode.add_argument(
+        "--replay",
+        metavar="TRACE.jsonl",
+        help="the requests of a trace (parallama usage --trace writes one), each at its time, "
+        "with prompts and answers of its lengths; --model sends them all to one model",
+    )
+    load.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="--replay: time runs this many times faster (default: 1)",
+    )
     load.add_argument(
         "--arrivals",
         choices=("poisson", "constant"),

@@ -1,18 +1,24 @@
 """`parallama plan`: how many instances of some hardware a workload needs, found by simulation
 (`simulate.py`) rather than by buying the GPUs first.
 
-It answers two questions: with 1, 2, 4 ... instances of this hardware profile, what QPS, latency
-and time to first token does this workload get; and with `--target-qps` and `--target-p99`, the
-fewest instances that serve that rate of arrivals with that p99 and no errors. The servers are
-taken as warm (models loaded: the steady state), unless `--load-seconds` says otherwise.
+It answers three questions: with 1, 2, 4 ... instances of this hardware profile, what QPS,
+latency and time to first token does this workload get; with `--target-qps` and `--target-p99`,
+the fewest instances that serve that rate of arrivals with that p99 and no errors; and with
+`--replay TRACE`, how the traffic that really came (`parallama usage --trace`) would have fared
+on each candidate fleet (instances x slots x routing), and the cheapest that meets
+`--target-p99`. The servers are taken as warm (models loaded: the steady state), unless
+`--load-seconds` says otherwise; the hardware is a named profile, or one measured on a real
+engine (`--calibrate`, `calibration.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TextIO
 
 import orjson
 
@@ -21,24 +27,36 @@ from parallama.bench.main import BenchError
 from parallama.bench.runner import Plan, Result, Setup
 from parallama.bench.simulate import simulate
 from parallama.bench.stats import Summary
+from parallama.bench.trace import TracedRequest, TraceError, read_trace
 from parallama.bench.workload import SEED_QUESTIONS, PromptError, Workload, load_prompts
+from parallama.core.router import Policy
 from parallama.errors import ConfigError
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig, parse_output_tokens
+from parallama.sim.profiles import timing_for
 from parallama.sim.scheduler import OllamaSettings
-from parallama.sim.timing import PROFILES
+from parallama.sim.timing import TimingModel
 
 
-def sim_config(args: argparse.Namespace) -> SimConfig:
-    timing = PROFILES[args.profile].timing
+def timing(args: argparse.Namespace) -> TimingModel:
+    try:
+        return timing_for(args.profile)
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def sim_config(
+    args: argparse.Namespace, num_parallel: int, models: tuple[str, ...] | None = None
+) -> SimConfig:
     try:
         output_tokens = parse_output_tokens(args.output_tokens)
     except ConfigError as exc:
         raise BenchError(str(exc)) from None
+    names = models or (args.model,)
     return SimConfig(
-        models=(spec_for(args.model),),
-        scheduler=OllamaSettings(num_parallel=args.num_parallel),
-        timing=replace(timing, load_seconds=args.load_seconds),
+        models=tuple(spec_for(m) for m in names),
+        scheduler=OllamaSettings(num_parallel=num_parallel, max_loaded_models=len(names)),
+        timing=replace(timing(args), load_seconds=args.load_seconds),
         output_tokens=output_tokens,
         seed=args.seed,
     )
@@ -62,13 +80,18 @@ def workload_plan(args: argparse.Namespace, counts: list[int], rate: float | Non
 
 
 def label(n: int, args: argparse.Namespace) -> str:
-    return f"{n} x {args.profile}"
+    return f"{n} x {profile_name(args)}"
+
+
+def profile_name(args: argparse.Namespace) -> str:
+    return Path(args.profile).stem if args.profile.endswith(".toml") else args.profile
 
 
 def run(args: argparse.Namespace, counts: list[int], rate: float | None) -> Result:
     plan = workload_plan(args, counts, rate)
     fleets = {label(n, args): n for n in counts}
-    return simulate(plan, sim_config(args), fleets, routing=args.routing)
+    sim = sim_config(args, args.num_parallel[0])
+    return simulate(plan, sim, fleets, routing=args.routing[0])
 
 
 def meets(summary: Summary, target_p99: float) -> bool:
@@ -86,40 +109,104 @@ def fewest_instances(args: argparse.Namespace) -> tuple[int, Result] | None:
     return None
 
 
-def plan_command(args: argparse.Namespace) -> int:
-    if (args.target_qps is None) != (args.target_p99 is None):
-        raise BenchError("--target-qps and --target-p99 go together")
-    if args.requests < 1 or args.num_parallel < 1 or any(n != int(n) for n in args.instances):
-        raise BenchError("--requests, --num-parallel and --instances take positive whole numbers")
-    counts = [int(n) for n in args.instances]
-    timing = PROFILES[args.profile].timing
-    text = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
-    print(
-        f"Simulated on a virtual clock: instances of {args.profile} ({timing.decode_tps:g} "
-        f"tokens/s per sequence, OLLAMA_NUM_PARALLEL={args.num_parallel}), "
-        "behind parallama's scheduler",
-        flush=True,
-        file=text,
+@dataclass(frozen=True)
+class Candidate:
+    """A fleet to replay a trace on."""
+
+    instances: int
+    num_parallel: int
+    routing: Policy
+
+    def label(self, profile: str) -> str:
+        slots = f"{self.num_parallel} slot" + ("s" if self.num_parallel > 1 else "")
+        return f"{self.instances} x {profile}, {slots}, {self.routing}"
+
+
+def candidates(args: argparse.Namespace) -> list[Candidate]:
+    """Every combination asked for, cheapest first: fewer instances, then fewer slots."""
+    combos = itertools.product(args.instances, args.num_parallel, args.routing)
+    return sorted(
+        (Candidate(int(n), int(p), r) for n, p, r in combos),
+        key=lambda c: (c.instances, c.num_parallel),
     )
-    result = run(args, counts, args.rate)
-    print(report.markdown(result, interleaved=False), file=text)
-    payload = report.as_json(result)
-    if args.target_qps is not None:
-        found = fewest_instances(args)
-        goal = f"{args.target_qps:g} requests/s with p99 under {args.target_p99:g} s"
-        if found is None:
-            print(f"\nNo fleet up to {args.max_instances} instances serves {goal}.", file=text)
-            payload["needed"] = None
-        else:
-            n, chosen = found
-            s = chosen.summaries()[0]
-            print(
-                f"\n{goal}: {n} instance{'s' if n > 1 else ''} of {args.profile} "
-                f"(simulated over {s.requests} random arrivals: p50 "
-                f"{report.seconds(s.latency['p50'])}, p99 {report.seconds(s.latency['p99'])}).",
-                file=text,
-            )
-            payload["needed"] = {"instances": n, "summary": s.as_dict()}
+
+
+def replay(args: argparse.Namespace, trace: tuple[TracedRequest, ...]) -> Result:
+    """The trace on each candidate fleet, on a virtual clock: one result, a setup a candidate."""
+    models = tuple(sorted({t.model for t in trace}))
+    workload = Workload("ollama", "chat", models[0], trace=trace)
+    results = []
+    for candidate in candidates(args):
+        name = candidate.label(profile_name(args))
+        plan = Plan((Setup(name, "sim://"),), workload, "replay", (args.speed,), seed=args.seed)
+        sim = sim_config(args, candidate.num_parallel, models)
+        results.append(simulate(plan, sim, {name: candidate.instances}, routing=candidate.routing))
+    setups = tuple(setup for r in results for setup in r.plan.setups)
+    return Result(
+        replace(results[0].plan, setups=setups),
+        [sample for r in results for sample in r.samples],
+        [piece for r in results for piece in r.slices],
+    )
+
+
+def cheapest(result: Result, target_p99: float) -> Summary | None:
+    """The first candidate (they come cheapest first) that meets the target."""
+    return next((s for s in result.summaries() if meets(s, target_p99)), None)
+
+
+def _check(args: argparse.Namespace) -> None:
+    wholes = [*args.instances, *args.num_parallel]
+    if args.requests < 1 or any(n != int(n) for n in wholes):
+        raise BenchError("--requests, --num-parallel and --instances take positive whole numbers")
+    if args.replay:
+        if args.target_qps is not None or args.rate or args.concurrency:
+            raise BenchError("--replay sets the arrivals: no --rate, --concurrency, --target-qps")
+        if args.speed <= 0:
+            raise BenchError("--speed must be positive")
+    elif (args.target_qps is None) != (args.target_p99 is None):
+        raise BenchError("--target-qps and --target-p99 go together")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    if args.calibrate or args.calibrate_from:
+        from parallama.bench.calibration import calibrate_command
+
+        return calibrate_command(args)
+    _check(args)
+    text = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
+    speed = timing(args).decode_tps
+    if args.replay:
+        try:
+            trace = read_trace(Path(args.replay))
+        except TraceError as exc:
+            raise BenchError(str(exc)) from None
+        print(
+            f"Replayed on a virtual clock{f' at {args.speed:g}x' if args.speed != 1 else ''}: "
+            f"{len(trace)} requests over {trace[-1].time:.0f} s, on fleets of "
+            f"{profile_name(args)} ({speed:g} tokens/s per sequence), behind parallama's "
+            "scheduler",
+            flush=True,
+            file=text,
+        )
+        result = replay(args, trace)
+        print(report.markdown(result, interleaved=False), file=text)
+        payload = report.as_json(result)
+        if args.target_p99 is not None:
+            payload["needed"] = _tell_cheapest(result, args.target_p99, text)
+    else:
+        counts = [int(n) for n in args.instances]
+        print(
+            f"Simulated on a virtual clock: instances of {profile_name(args)} ({speed:g} "
+            f"tokens/s per sequence, OLLAMA_NUM_PARALLEL={int(args.num_parallel[0])}), "
+            "behind parallama's scheduler",
+            flush=True,
+            file=text,
+        )
+        result = run(args, counts, args.rate)
+        print(report.markdown(result, interleaved=False), file=text)
+        payload = report.as_json(result)
+        if args.target_qps is not None:
+            payload["needed"] = _tell_fewest(args, text)
     if args.json:
         data = orjson.dumps(payload, option=orjson.OPT_INDENT_2) + b"\n"
         if args.json == "-":
@@ -127,3 +214,36 @@ def plan_command(args: argparse.Namespace) -> int:
         else:
             Path(args.json).write_bytes(data)
     return 0
+
+
+def _tell_cheapest(result: Result, target_p99: float, text: TextIO) -> dict[str, Any] | None:
+    found = cheapest(result, target_p99)
+    if found is None:
+        print(f"\nNo candidate serves this traffic with p99 under {target_p99:g} s.", file=text)
+        return None
+    print(
+        f"\nThe cheapest fleet with p99 under {target_p99:g} s and nothing refused: "
+        f"{found.setup} (p50 {report.seconds(found.latency['p50'])}, p99 "
+        f"{report.seconds(found.latency['p99'])}, TTFT p99 "
+        f"{report.seconds(found.first_token['p99'])}, queue wait p99 "
+        f"{report.seconds(found.queue_wait['p99'])}).",
+        file=text,
+    )
+    return {"setup": found.setup, "summary": found.as_dict()}
+
+
+def _tell_fewest(args: argparse.Namespace, text: TextIO) -> dict[str, Any] | None:
+    found = fewest_instances(args)
+    goal = f"{args.target_qps:g} requests/s with p99 under {args.target_p99:g} s"
+    if found is None:
+        print(f"\nNo fleet up to {args.max_instances} instances serves {goal}.", file=text)
+        return None
+    n, chosen = found
+    s = chosen.summaries()[0]
+    print(
+        f"\n{goal}: {n} instance{'s' if n > 1 else ''} of {profile_name(args)} "
+        f"(simulated over {s.requests} random arrivals: p50 "
+        f"{report.seconds(s.latency['p50'])}, p99 {report.seconds(s.latency['p99'])}).",
+        file=text,
+    )
+    return {"instances": n, "summary": s.as_dict()}

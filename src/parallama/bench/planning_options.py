@@ -13,13 +13,25 @@ from parallama.sim.timing import PROFILES
 DEFAULT_MODEL = "qwen2.5:7b"
 
 
+def policies(text: str) -> list[Policy]:
+    """A policy, or a list of them: `least-loaded,prefix-affinity`."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    known = get_args(Policy)
+    wrong = [name for name in names if name not in known]
+    if wrong or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: policies are {', '.join(known)}")
+    return names  # type: ignore[return-value]  # each checked against Policy above
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     hardware = parser.add_argument_group("the servers")
     hardware.add_argument(
         "--profile",
-        choices=sorted(PROFILES),
         default="rtx4090",
-        help="hardware profile of each instance (default: %(default)s)",
+        metavar="NAME|FILE.toml",
+        help="hardware profile of each instance: "
+        + ", ".join(sorted(PROFILES))
+        + " (default: %(default)s), or a timing profile file (--calibrate writes one)",
     )
     hardware.add_argument(
         "--instances",
@@ -29,16 +41,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instance counts to compare (default: 1,2,4)",
     )
     hardware.add_argument(
-        "--num-parallel", type=int, default=1, help="OLLAMA_NUM_PARALLEL of each (default: 1)"
+        "--num-parallel",
+        type=numbers,
+        default=[1],
+        metavar="N[,N...]",
+        help="OLLAMA_NUM_PARALLEL of each; a list compares them with --replay (default: 1)",
     )
     hardware.add_argument(
         "--load-seconds", type=float, default=0.0, help="model load time (default: 0, warm)"
     )
     hardware.add_argument(
         "--routing",
-        choices=get_args(Policy),
-        default="least-loaded",
-        help="the gateway's policy (default: %(default)s)",
+        type=policies,
+        default=["least-loaded"],
+        metavar="POLICY[,POLICY...]",
+        help="the gateway's policy: " + ", ".join(get_args(Policy)) + "; a list compares them "
+        "with --replay (default: least-loaded)",
+    )
+    traffic = parser.add_argument_group("replayed traffic")
+    traffic.add_argument(
+        "--replay",
+        metavar="TRACE.jsonl",
+        help="the requests that came (parallama usage --trace writes them), replayed on each "
+        "candidate: --instances x --num-parallel x --routing",
+    )
+    traffic.add_argument(
+        "--speed", type=float, default=1.0, help="--replay: time runs this many times faster"
+    )
+    calibration = parser.add_argument_group("a profile measured on a real engine")
+    calibration.add_argument(
+        "--calibrate",
+        metavar="URL",
+        help="measure this engine (Ollama or OpenAI-compatible: one server, not the gateway) "
+        "and write its timing profile to --out; then --profile FILE uses it",
+    )
+    calibration.add_argument(
+        "--calibrate-from",
+        metavar="BENCH.json",
+        help="the same from a parallama bench --json report of one engine at concurrency "
+        "levels 1, 2, ...",
+    )
+    calibration.add_argument(
+        "--out", metavar="FILE.toml", default="profile.toml", help="default: %(default)s"
+    )
+    calibration.add_argument(
+        "--api",
+        choices=("ollama", "openai"),
+        default="ollama",
+        help="--calibrate: the engine's API (default: ollama)",
     )
     work = parser.add_argument_group("the workload (as parallama bench)")
     work.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")

@@ -20,7 +20,7 @@ def seconds(value: float) -> str:
 
 
 def _level(summary: Summary, mode: str) -> str:
-    return f"{summary.level:g}" + ("/s" if mode == "rate" else "")
+    return f"{summary.level:g}" + {"rate": "/s", "replay": "x"}.get(mode, "")
 
 
 def _errors(summary: Summary) -> str:
@@ -34,22 +34,31 @@ def markdown(result: Result, *, interleaved: bool = True) -> str:
     plan = result.plan
     w = plan.workload
     summaries = result.summaries()
-    level_name = "concurrency" if plan.mode == "concurrency" else "rate"
+    level_name = {"concurrency": "concurrency", "rate": "rate", "replay": "speed"}[plan.mode]
     what = f"{w.kind} via the {w.api} API" + (", streamed" if w.streams else "")
     limit = f", up to {w.max_tokens} tokens" if w.max_tokens else ""
+    if w.trace:
+        models = sorted({t.model for t in w.trace})
+        span = w.trace[-1].time
+        title = f"a trace of {len(w.trace)} requests over {span:.0f} s ({', '.join(models)})"
+    else:
+        title = f"{w.model}: {what}{limit}"
+    waits = any(not math.isnan(s.queue_wait["p50"]) for s in summaries)
+    wait_head, wait_rule = (" wait p50 | wait p99 |", "---|---|") if waits else ("", "")
     lines = [
-        f"{w.model}: {what}{limit}",
+        title,
         "",
         f"| setup | {level_name} | requests | errors | P50 latency | p99 latency | QPS "
-        "| tokens/s | TTFT p50 | TTFT p99 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| tokens/s | TTFT p50 | TTFT p99 |{wait_head}",
+        f"|---|---|---|---|---|---|---|---|---|---|{wait_rule}",
     ]
     for s in summaries:
+        wait = f" {seconds(s.queue_wait['p50'])} | {seconds(s.queue_wait['p99'])} |"
         lines.append(
             f"| {s.setup} | {_level(s, plan.mode)} | {s.requests} | {_errors(s)} "
             f"| {seconds(s.latency['p50'])} | {seconds(s.latency['p99'])} | {s.qps:.2f} "
             f"| {s.tokens_per_second:.1f} | {seconds(s.first_token['p50'])} "
-            f"| {seconds(s.first_token['p99'])} |"
+            f"| {seconds(s.first_token['p99'])} |" + (wait if waits else "")
         )
     if len(plan.setups) > 1:
         lines += ["", *_ratios(summaries, plan.mode, interleaved)]

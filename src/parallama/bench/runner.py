@@ -2,7 +2,8 @@
 
 Closed loop (`concurrency`): N clients, each sending its next request when its answer is done.
 Open loop (`rate`): requests start on a schedule (Poisson or evenly spaced arrivals) whether or
-not earlier ones have finished, as real users arrive.
+not earlier ones have finished, as real users arrive. Replay (`replay`): the workload's trace,
+each request at its time (divided by the level, the speed), answered or not.
 
 Setups are never measured one after another: every level is split into rounds, and each round
 runs a slice of every setup in turn (the order reversed every other round), so that whatever the
@@ -23,7 +24,7 @@ import aiohttp
 from parallama.bench.stats import Sample, Summary, summarize
 from parallama.bench.workload import AnswerReader, Workload
 
-Mode = Literal["concurrency", "rate"]
+Mode = Literal["concurrency", "rate", "replay"]
 Arrivals = Literal["poisson", "constant"]
 MAX_OUTSTANDING = 10_000  # an open loop past what the target can take stops adding more
 _JSON = {"Content-Type": "application/json"}
@@ -138,6 +139,8 @@ class Runner:
         started = self._clock()
         if plan.mode == "concurrency":
             samples = await self._closed(setup, count, seconds, int(level), level)
+        elif plan.mode == "replay":
+            samples = await self._replay(setup, level)
         else:
             samples = await self._open(setup, count, seconds, level)
         took = self._clock() - started
@@ -200,10 +203,27 @@ class Runner:
         await asyncio.gather(*tasks)
         return samples
 
-    async def _request(self, setup: Setup, level: float) -> Sample:
-        """One request, timed from the client's side."""
-        n = self._next_prompt.get(setup.label, 0)
-        self._next_prompt[setup.label] = n + 1
+    async def _replay(self, setup: Setup, speed: float) -> list[Sample]:
+        """The trace's requests, each at its time over `speed`, answered or not; then the ones
+        in flight are waited for."""
+        samples: list[Sample] = []
+        start = self._clock()
+
+        async def one(n: int) -> None:
+            samples.append(await self._request(setup, speed, n))
+
+        tasks = []
+        for n, traced in enumerate(self.plan.workload.trace):
+            await asyncio.sleep(max(start + traced.time / speed - self._clock(), 0))
+            tasks.append(asyncio.get_running_loop().create_task(one(n)))
+        await asyncio.gather(*tasks)
+        return samples
+
+    async def _request(self, setup: Setup, level: float, n: int | None = None) -> Sample:
+        """One request (the n-th, else the setup's next), timed from the client's side."""
+        if n is None:
+            n = self._next_prompt.get(setup.label, 0)
+            self._next_prompt[setup.label] = n + 1
         started = self._clock()
         sample = Sample(setup.label, level, started - self._clock0)
         await self._send(setup, n, sample)
@@ -233,6 +253,7 @@ class HttpClient:
             async with session.post(
                 setup.url + workload.path, data=workload.body(n), headers=_JSON
             ) as answer:
+                sample.queue_wait = _milliseconds(answer.headers.get("X-Queue-Wait-Ms"))
                 if answer.status != 200:
                     await answer.read()
                     sample.error = str(answer.status)
@@ -258,6 +279,11 @@ async def run_http(plan: Plan, on_request: Callable[[], None] | None = None) -> 
         return await Runner(plan, client.send, on_request=on_request).run()
     finally:
         await client.close()
+
+
+def _milliseconds(header: str | None) -> float | None:
+    """Seconds, from a header of whole milliseconds."""
+    return int(header) / 1000 if header is not None and header.isdigit() else None
 
 
 def authorization(api_key: str | None) -> dict[str, str]:
@@ -292,4 +318,5 @@ def describe(plan: Plan) -> dict[str, Any]:
         "duration": plan.duration,
         "rounds": plan.rounds,
         "arrivals": plan.arrivals if plan.mode == "rate" else None,
+        "trace": len(w.trace) or None,
     }

@@ -113,14 +113,16 @@ class SimulatedFleet:
         would send it: every decision (admission, "server busy" throttled and moved to another
         engine while one is left, the outcome) is the gateway's own `Lifecycle`'s."""
         workload = self._plan.workload
+        model = workload.trace[n].model if workload.trace else workload.model
         exchange = Exchange("POST", "/api/generate", "bench", self._clock())
         life = Lifecycle(self.scheduler, exchange, self._retries, self._waiting.changed)
         sent = self._clock()
         try:
-            life.admit(workload.model, workload.model, client="bench")
+            life.admit(model, model, client="bench")
             while True:
                 if life.waiting:
                     await self._waiting.until_bound(life.ticket)
+                sample.queue_wait = life.ticket.queue_seconds(self._clock())
                 engine = self._engines[life.attempt()]
                 try:
                     await self._generate(engine, sample, n, sent)
@@ -140,8 +142,15 @@ class SimulatedFleet:
         finally:
             life.close(self._clock())  # the run may have ended it early
 
-    async def _generate(self, engine: Engine, sample: Sample, n: int, sent: float) -> None:
+    def _tokens(self, n: int) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        """The n-th request's model, prompt tokens and answer tokens: a traced request's
+        lengths (its prompt its own, shared with no other), or the workload's prompts and
+        the emulator's answers to them."""
         workload = self._plan.workload
+        if workload.trace:
+            traced = workload.trace[n]
+            prompt_ids = tuple(f"{n}.{i}" for i in range(traced.prompt_tokens))
+            return traced.model, prompt_ids, ("x",) * traced.generated_tokens
         text = workload.prompts[n % len(workload.prompts)]
         if workload.kind == "chat":
             prompt, prompt_ids = chat_prompt([{"role": "user", "content": text}])
@@ -155,14 +164,18 @@ class SimulatedFleet:
             server_seed=self._sim.seed,
             length_range=self._sim.output_tokens,
         )
-        async with engine.admitted(workload.model, keep_alive=None, num_ctx=None) as ticket:
-            async for _ in engine.generate(ticket, prompt_ids, answer.tokens, Generation()):
+        return workload.model, tuple(prompt_ids), tuple(answer.tokens)
+
+    async def _generate(self, engine: Engine, sample: Sample, n: int, sent: float) -> None:
+        model, prompt_ids, answer = self._tokens(n)
+        async with engine.admitted(model, keep_alive=None, num_ctx=None) as ticket:
+            async for _ in engine.generate(ticket, prompt_ids, answer, Generation()):
                 at = self._clock() - sent
                 if sample.first_token is None:
                     sample.first_token = at
                 sample.token_times.append(at)
         sample.prompt_tokens = len(prompt_ids)
-        sample.output_tokens = len(answer.tokens)
+        sample.output_tokens = len(answer)
 
 
 async def _simulate(

@@ -34,6 +34,7 @@ class Sample:
     prompt_tokens: int | None = None  # as the API counted them
     output_tokens: int | None = None
     server_decode_seconds: float | None = None  # Ollama's eval_duration
+    queue_wait: float | None = None  # in the gateway's queue, as its X-Queue-Wait-Ms told
     error: str | None = None  # its kind: "503", "429", "timeout", "connection", ...
 
     @property
@@ -79,6 +80,7 @@ class Summary:
     tokens_per_second: float  # output tokens of completed requests per second, all together
     latency: dict[str, float]
     first_token: dict[str, float]
+    queue_wait: dict[str, float]  # of the answers that told it (through the gateway)
     inter_token: dict[str, float]
     request_tokens_per_second: dict[str, float]  # each request's own decode speed
     server_tokens_per_second: dict[str, float]  # the engine's (eval_count / eval_duration)
@@ -109,6 +111,7 @@ def summarize(setup: str, level: float, samples: Iterable[Sample], seconds: floa
         tokens_per_second=tokens / seconds if seconds > 0 else math.nan,
         latency=quantiles([s.latency for s in done]),
         first_token=quantiles([s.first_token for s in done if s.first_token is not None]),
+        queue_wait=quantiles([s.queue_wait for s in done if s.queue_wait is not None]),
         inter_token=quantiles([gap for s in done for gap in s.inter_token]),
         request_tokens_per_second=quantiles([r for s in done if (r := _decode_rate(s))]),
         server_tokens_per_second=quantiles(

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 
 from parallama.bench.stats import Sample
+from parallama.bench.trace import TracedRequest, replay_prompt
 
 Api = Literal["ollama", "openai"]
 Kind = Literal["chat", "generate", "embed"]
@@ -82,6 +83,8 @@ class Workload:
     prompts: tuple[str, ...] = SEED_QUESTIONS
     stream: bool = True
     max_tokens: int | None = None
+    trace: tuple[TracedRequest, ...] = ()  # replayed: the n-th request is the trace's n-th
+    salt: str = ""  # replayed: starts every prompt, one per run (engines keep prompts cached)
 
     @property
     def path(self) -> str:
@@ -92,9 +95,20 @@ class Workload:
         return self.stream and self.kind != "embed"
 
     def body(self, n: int) -> bytes:
-        """The n-th request."""
-        prompt = self.prompts[n % len(self.prompts)]
-        body: dict[str, Any] = {"model": self.model}
+        """The n-th request: of the prompts in turn, or of the trace (a made-up prompt of its
+        length, an answer of its length: `ignore_eos` and `min_tokens`, which llama.cpp's and
+        vLLM's servers read, keep an engine from ending it sooner)."""
+        if self.trace:
+            traced = self.trace[n]
+            return self._body(
+                traced.model,
+                replay_prompt(n, traced.prompt_tokens, self.salt),
+                traced.generated_tokens,
+            )
+        return self._body(self.model, self.prompts[n % len(self.prompts)], self.max_tokens)
+
+    def _body(self, model: str, prompt: str, max_tokens: int | None) -> bytes:
+        body: dict[str, Any] = {"model": model}
         if self.kind == "embed":
             body["input"] = prompt
             return orjson.dumps(body)
@@ -104,12 +118,15 @@ class Workload:
             body["prompt"] = prompt
         body["stream"] = self.streams
         if self.api == "openai":
-            if self.max_tokens is not None:
-                body["max_tokens"] = self.max_tokens
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            if self.trace and max_tokens is not None:  # as long as traced: llama.cpp, vLLM
+                body["ignore_eos"] = True
+                body["min_tokens"] = max_tokens
             if self.streams:
                 body["stream_options"] = {"include_usage": True}
-        elif self.max_tokens is not None:
-            body["options"] = {"num_predict": self.max_tokens}
+        elif max_tokens is not None:
+            body["options"] = {"num_predict": max_tokens}
         return orjson.dumps(body)
 
 

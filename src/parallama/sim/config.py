@@ -12,6 +12,7 @@ from parallama.core.kv_slots import CACHE_RULES, CacheRule
 from parallama.errors import ConfigError
 from parallama.protocol.durations import DurationError, env_keep_alive_seconds, keep_alive_seconds
 from parallama.sim.catalog import DEFAULT_MODELS, ModelSpec, spec_for
+from parallama.sim.profiles import timing_for
 from parallama.sim.scheduler import EvictionPolicy, OllamaSettings
 from parallama.sim.timing import DEFAULT_PROFILE, PROFILES, TimingModel
 
@@ -162,9 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     models.add_argument(
         "--profile",
-        choices=sorted(PROFILES),
         default=DEFAULT_PROFILE,
-        help="hardware profile from the seed's throughput table (default: %(default)s)",
+        metavar="NAME|FILE.toml",
+        help="hardware profile from the seed's throughput table ("
+        + ", ".join(sorted(PROFILES))
+        + "; default: %(default)s), or a timing profile file (parallama plan --calibrate)",
     )
     models.add_argument(
         "--prefill-tps", type=float, help="prompt tokens/s per sequence (overrides the profile)"
@@ -259,7 +262,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         raise ConfigError(str(exc)) from None
 
     try:
-        timing = PROFILES[args.profile].timing.with_overrides(
+        timing = timing_for(args.profile).with_overrides(
             prefill_tps=args.prefill_tps,
             decode_tps=args.decode_tps,
             batch_slowdown=args.batch_slowdown,

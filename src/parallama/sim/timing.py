@@ -10,6 +10,10 @@ sequences: the shape community measurements of Ollama show on one consumer GPU.
 cores): past it, each more sequence slows every one by a whole step, so aggregate tokens/s
 peaks at the knee and falls after it, and a slot count above it costs throughput.
 
+A calibrated profile (`parallama plan --calibrate`, `sim.profiles`) measures the shape instead:
+`batch_curve` lists how many times slower one sequence decodes with 1, 2, 3 ... sequences busy,
+as the engine did; past its end the curve goes on along its last step.
+
 The named profiles are the rows of the seed document's throughput table: `decode_tps` is that
 row's tokens/s for one sequence. Prefill and load times are plausible values for the hardware.
 """
@@ -26,15 +30,24 @@ class TimingModel:
     batch_slowdown: float = 0.6  # extra cost per additional busy slot of the same model
     load_seconds: float = 2.0  # time to load a model into memory
     batch_knee: int = 0  # sequences past which each more one costs a whole step (0: none)
+    batch_curve: tuple[float, ...] = ()  # measured slowdown at 1, 2, 3 ... busy (replaces both)
 
     def __post_init__(self) -> None:
         if self.prefill_tps <= 0 or self.decode_tps <= 0:
             raise ValueError("prefill and decode rates must be positive")
         if self.batch_slowdown < 0 or self.load_seconds < 0 or self.batch_knee < 0:
             raise ValueError("batch_slowdown, load_seconds and batch_knee must not be negative")
+        if any(factor <= 0 for factor in self.batch_curve):
+            raise ValueError("batch_curve: positive factors, one per number of busy sequences")
 
     def slowdown(self, busy_slots: int) -> float:
         """How many times slower one sequence runs when `busy_slots` share the model."""
+        if self.batch_curve:
+            curve, busy = self.batch_curve, max(busy_slots, 1)
+            if busy <= len(curve):
+                return curve[busy - 1]
+            step = curve[-1] - curve[-2] if len(curve) > 1 else self.batch_slowdown
+            return curve[-1] + max(step, 0.0) * (busy - len(curve))
         past_knee = max(busy_slots - self.batch_knee, 0) if self.batch_knee else 0
         return 1.0 + self.batch_slowdown * max(busy_slots - 1, 0) + past_knee
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from parallama import config
+from parallama.bench.trace import MAX_REQUESTS, from_ledger, trace_lines
 from parallama.errors import ConfigError
 from parallama.teams.access import describe
 from parallama.teams.keys import LIMITS, ApiKey, key_fields, make_key, parse_age
@@ -62,6 +63,13 @@ def add_usage_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="print JSON")
     shape.add_argument("--csv", action="store_true", help="print CSV")
+    shape.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write the answered requests as a trace (JSON Lines: time, model, token counts, "
+        "key; no prompt or answer) for parallama plan --replay and bench --replay (- for "
+        "standard output)",
+    )
     add_database_arguments(parser)
 
 
@@ -92,6 +100,8 @@ def run_usage(args: argparse.Namespace) -> int:
     since = time.time() - parse_age(args.since)
     store = open_store(config.database_of(args.config, flag=args.database))
     try:
+        if args.trace:
+            return _write_trace(store.answered(since, MAX_REQUESTS), args.trace, args.since)
         rows = store.usage(since, by)
     finally:
         store.close()
@@ -105,6 +115,20 @@ def run_usage(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     else:
         _usage_table(rows, by, args.since)
+    return 0
+
+
+def _write_trace(rows: list[dict[str, Any]], path: str, since: str) -> int:
+    requests = from_ledger(rows)
+    if not requests:
+        raise ConfigError(f"no answered request in the ledger in the last {since}")
+    if path == "-":
+        sys.stdout.buffer.writelines(trace_lines(requests))
+    else:
+        with open(path, "wb") as out:
+            out.writelines(trace_lines(requests))
+        span = requests[-1].time
+        print(f"{len(requests)} requests over {span:.0f} s written to {path}", file=sys.stderr)
     return 0
 
 

@@ -313,6 +313,17 @@ class Store:
                 found.append(_plain(entry))
         return found
 
+    def answered(self, since: float, limit: int) -> list[dict[str, Any]]:
+        """The first `limit` requests since `since` that were answered (status 200), by arrival:
+        their time, key, model and token counts (what a trace keeps)."""
+        sql = (
+            "SELECT at, key_name, model, status, prompt_tokens, generated_tokens FROM usage "
+            f"WHERE at >= ? AND status = 200 ORDER BY at LIMIT {int(limit)}"
+        )
+        names = ("at", "key_name", "model", "status", "prompt_tokens", "generated_tokens")
+        with self._read() as conn:
+            return [dict(zip(names, row, strict=True)) for row in self._fetch(conn, sql, (since,))]
+
     # -- plumbing -------------------------------------------------------------------------------
 
     def migrate(self) -> int:

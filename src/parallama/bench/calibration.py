@@ -1,0 +1,141 @@
+"""`parallama plan --calibrate URL`: a timing profile measured on a real engine, for the planner
+and the emulator (`--profile FILE`), so that a plan predicts this hardware and this model rather
+than a table's.
+
+Three things are measured, each by requests of set lengths (a made-up prompt, an answer held to
+its length with `min_tokens`/`ignore_eos` where the engine reads them), streamed, one engine
+addressed directly:
+
+- prefill speed: the time to the first token of long prompts against short ones, one at a time;
+  the difference cancels what both pay (the connection, the template, the first token);
+- decode speed alone: tokens after the first over the time they took, one at a time;
+- the batching curve: the same with 2, 3 ... requests at once, up to `--num-parallel`: how
+  many times slower each sequence decodes (`TimingModel.batch_curve`).
+
+`--calibrate-from BENCH.json` reads the same from a `parallama bench --json` report of one engine
+at concurrency 1, 2 ... (less exactly: its prompts are whatever it asked, its prefill is taken
+from level 1's time to first token less one token's decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from parallama.bench.main import BenchError
+from parallama.bench.runner import Plan, Setup, run_http
+from parallama.bench.stats import Summary
+from parallama.bench.trace import TracedRequest
+from parallama.bench.workload import Api, Workload
+from parallama.runtime import run
+from parallama.sim.profiles import profile_text
+from parallama.sim.timing import TimingModel
+
+SHORT_PROMPT = 32  # tokens
+LONG_PROMPT = 512
+PREFILL_ANSWER = 2  # tokens: the first comes after the prefill
+DECODE_ANSWER = 64
+REPEATS = 3  # requests per measurement and client
+
+
+def _trace(model: str, count: int, prompt: int, answer: int) -> tuple[TracedRequest, ...]:
+    return tuple(TracedRequest(0.0, model, prompt, answer) for _ in range(count))
+
+
+@dataclass(frozen=True)
+class Engine:
+    url: str
+    api: Api
+    model: str
+
+    async def measure(self, clients: int, prompt: int, answer: int) -> Summary:
+        """`clients` at once, each asking `REPEATS` times, streamed; their summary."""
+        count = clients * REPEATS
+        workload = Workload(
+            self.api,
+            "chat",
+            self.model,
+            trace=_trace(self.model, count + 1, prompt, answer),
+            salt=secrets.token_hex(3),
+        )
+        setup = Setup("engine", self.url)
+        plan = Plan((setup,), workload, "concurrency", (clients,), count, warmup=1)
+        (summary,) = (await run_http(plan)).summaries()
+        if summary.errors or not summary.ok:
+            errors = ", ".join(f"{n}x {kind}" for kind, n in summary.errors.items())
+            raise BenchError(f"{self.url} did not answer the calibration's requests ({errors})")
+        return summary
+
+
+async def measure(engine: Engine, most: int, load_seconds: float) -> TimingModel:
+    short = await engine.measure(1, SHORT_PROMPT, PREFILL_ANSWER)
+    long = await engine.measure(1, LONG_PROMPT, PREFILL_ANSWER)
+    prompt_gap = long.prompt_tokens / long.ok - short.prompt_tokens / short.ok
+    time_gap = long.first_token["p50"] - short.first_token["p50"]
+    if not prompt_gap > 0 or not time_gap > 0:
+        raise BenchError(f"{engine.url}: a long prompt was not slower to answer than a short one")
+    speeds = []
+    for clients in range(1, most + 1):
+        summary = await engine.measure(clients, SHORT_PROMPT, DECODE_ANSWER)
+        speeds.append(summary.request_tokens_per_second["p50"])
+    if any(math.isnan(s) or s <= 0 for s in speeds):
+        raise BenchError(f"{engine.url}: no streamed tokens to time (does it stream?)")
+    return TimingModel(
+        prefill_tps=prompt_gap / time_gap,
+        decode_tps=speeds[0],
+        load_seconds=load_seconds,
+        batch_curve=tuple(speeds[0] / s for s in speeds),
+    )
+
+
+def from_report(path: Path, load_seconds: float) -> TimingModel:
+    """The profile from a bench report's summaries at concurrency 1, 2, ..."""
+    try:
+        report: dict[str, Any] = orjson.loads(path.read_bytes())
+        rows = sorted((r for r in report["summaries"] if r["ok"]), key=lambda r: float(r["level"]))
+        if report["plan"]["mode"] != "concurrency" or not rows or float(rows[0]["level"]) != 1:
+            raise ValueError
+        speeds = [float(r["request_tokens_per_second"]["p50"]) for r in rows]
+        first = rows[0]
+        prompt = first["prompt_tokens"] / first["ok"]
+        ttft = float(first["first_token"]["p50"]) - 1 / speeds[0]
+    except OSError as exc:
+        raise BenchError(f"cannot read {path}: {exc.strerror}") from None
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise BenchError(
+            f"{path}: expected a parallama bench --json report of one engine, streamed, at "
+            "--concurrency 1,2,..."
+        ) from None
+    if ttft <= 0 or prompt <= 0:
+        raise BenchError(f"{path}: its time to first token leaves no time for the prefill")
+    return TimingModel(
+        prefill_tps=prompt / ttft,
+        decode_tps=speeds[0],
+        load_seconds=load_seconds,
+        batch_curve=tuple(speeds[0] / s for s in speeds),
+    )
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    most = int(max(args.num_parallel))
+    today = datetime.date.today().isoformat()
+    if args.calibrate:
+        url = args.calibrate.rstrip("/")
+        print(f"Calibrating on {url} ({args.model}, up to {most} at once) ...", flush=True)
+        timing = run(measure(Engine(url, args.api, args.model), most, args.load_seconds))
+        comment = f"calibrated on {url} ({args.model}), {today}"
+    else:
+        timing = from_report(Path(args.calibrate_from), args.load_seconds)
+        comment = f"calibrated from {args.calibrate_from}, {today}"
+    text = profile_text(timing, comment)
+    Path(args.out).write_text(text)
+    print(text, end="")
+    print(f"Written to {args.out}: parallama plan --profile {args.out} ...")
+    return 0
