@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from parallama.bench.trace import read_trace
 from parallama.cli import main
 from parallama.config import BackendSettings
 from parallama.launch.supervisor import free_port
@@ -295,6 +297,28 @@ def test_the_ledger_has_a_row_per_finished_request_and_usage_sums_it(
     assert "alice" in table and "bob" in table
     csv_text = cli("usage", "--database", database, "--csv", "--by", "key")
     assert csv_text.splitlines()[0].startswith("key,requests,errors,prompt_tokens")
+
+
+def test_usage_trace_writes_the_answered_requests_with_no_prompt_or_answer(
+    sim: SimServer, database: str, tmp_path: Path
+) -> None:
+    alice = new_key(database, "alice")
+    with keyed_gateway(sim, database) as url:
+        answers = []
+        for n in range(3):
+            answered = generate(url, alice, {**GENERATE, "prompt": f"a secret question {n}"})
+            answers.append(answered.json())
+        assert generate(url, alice, {**GENERATE, "model": "absent:1b"}).status_code == 404
+        eventually(lambda: ledger_count(database), lambda n: n == 4)
+    out = tmp_path / "trace.jsonl"
+    cli("usage", "--database", database, "--trace", str(out))
+    text = out.read_text()
+    assert "secret" not in text and answers[0]["response"] not in text
+    trace = read_trace(out)
+    assert [(t.model, t.prompt_tokens, t.generated_tokens, t.key) for t in trace] == [
+        (CHAT_MODEL, a["prompt_eval_count"], a["eval_count"], "alice") for a in answers
+    ]  # the 404 is not traffic to replay
+    assert trace[0].time == 0 <= trace[1].time <= trace[2].time < 30
 
 
 def test_the_admin_api_makes_lists_and_revokes_keys(sim: SimServer, database: str) -> None:

@@ -23,14 +23,14 @@ import argparse
 import datetime
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from parallama.bench.main import BenchError
-from parallama.bench.runner import Plan, Setup, run_http
+from parallama.bench.runner import Plan, Setup, fixed_tokens, run_http
 from parallama.bench.stats import Summary
 from parallama.bench.trace import TracedRequest
 from parallama.bench.workload import Api, Workload
@@ -54,9 +54,18 @@ class Engine:
     url: str
     api: Api
     model: str
+    fixed_tokens: int = 0  # what it counts for a prompt of no words (0: not asked yet)
 
-    async def measure(self, clients: int, prompt: int, answer: int) -> Summary:
-        """`clients` at once, each asking `REPEATS` times, streamed; their summary."""
+    async def probed(self) -> Engine:
+        """The engine, with what it counts for a prompt of no words: so that the prompts
+        asked for count as many tokens there (streamed answers may not count them)."""
+        plan = self._plan(1, 1, 1)
+        fixed = await fixed_tokens(plan)
+        if fixed is None:
+            raise BenchError(f"{self.url} did not answer with a token count: check --api")
+        return replace(self, fixed_tokens=fixed)
+
+    def _plan(self, clients: int, prompt: int, answer: int) -> Plan:
         count = clients * REPEATS
         workload = Workload(
             self.api,
@@ -64,10 +73,15 @@ class Engine:
             self.model,
             trace=_trace(self.model, count + 1, prompt, answer),
             salt=secrets.token_hex(3),
+            fixed_tokens=self.fixed_tokens,
         )
-        setup = Setup("engine", self.url)
-        plan = Plan((setup,), workload, "concurrency", (clients,), count, warmup=1)
-        (summary,) = (await run_http(plan)).summaries()
+        return Plan(
+            (Setup("engine", self.url),), workload, "concurrency", (clients,), count, warmup=1
+        )
+
+    async def measure(self, clients: int, prompt: int, answer: int) -> Summary:
+        """`clients` at once, each asking `REPEATS` times, streamed; their summary."""
+        (summary,) = (await run_http(self._plan(clients, prompt, answer))).summaries()
         if summary.errors or not summary.ok:
             errors = ", ".join(f"{n}x {kind}" for kind, n in summary.errors.items())
             raise BenchError(f"{self.url} did not answer the calibration's requests ({errors})")
@@ -75,11 +89,12 @@ class Engine:
 
 
 async def measure(engine: Engine, most: int, load_seconds: float) -> TimingModel:
+    engine = await engine.probed()
     short = await engine.measure(1, SHORT_PROMPT, PREFILL_ANSWER)
     long = await engine.measure(1, LONG_PROMPT, PREFILL_ANSWER)
-    prompt_gap = long.prompt_tokens / long.ok - short.prompt_tokens / short.ok
+    prompt_gap = LONG_PROMPT - SHORT_PROMPT  # as it counts them (`probed`)
     time_gap = long.first_token["p50"] - short.first_token["p50"]
-    if not prompt_gap > 0 or not time_gap > 0:
+    if not time_gap > 0:
         raise BenchError(f"{engine.url}: a long prompt was not slower to answer than a short one")
     speeds = []
     for clients in range(1, most + 1):

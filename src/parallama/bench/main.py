@@ -15,7 +15,15 @@ import aiohttp
 import orjson
 
 from parallama.bench import report
-from parallama.bench.runner import Mode, Plan, Result, Setup, authorization, run_http
+from parallama.bench.runner import (
+    Mode,
+    Plan,
+    Result,
+    Setup,
+    authorization,
+    fixed_tokens,
+    run_http,
+)
 from parallama.bench.trace import TraceError, read_trace
 from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
 from parallama.errors import ParallamaError
@@ -99,10 +107,11 @@ def default_rounds(setups: int, requests: int | None, mode: Mode, levels: tuple[
     return max(1, min(4, requests // int(2 * max(levels))))
 
 
-def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Plan:
+async def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Plan:
     """`--replay TRACE`: each target gets the whole trace in turn, in real time over `--speed`
-    (no warm-up: the trace's first requests are what they were). `--model` sends every
-    request to that model instead of the traced ones."""
+    (no warm-up: the trace's first requests are what they were), its prompts as long as
+    traced as the first target counts them. `--model` sends every request to that model
+    instead of the traced ones."""
     if args.rate or args.concurrency or args.requests or args.duration or args.compare_pooling:
         raise BenchError(
             "--replay sets the arrivals: no --rate, --concurrency, --requests, --duration or "
@@ -124,7 +133,7 @@ def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Plan:
         trace=trace,
         salt=secrets.token_hex(3),
     )
-    return Plan(
+    plan = Plan(
         setups=chosen,
         workload=workload,
         mode="replay",
@@ -133,12 +142,19 @@ def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Plan:
         timeout=args.timeout,
         api_key=args.api_key,
     )
+    fixed = await fixed_tokens(plan)
+    if fixed is None:
+        raise BenchError(
+            f"{plan.setups[0].label} did not answer a first request with its prompt's token "
+            "count: check --api and --model"
+        )
+    return replace(plan, workload=replace(workload, fixed_tokens=fixed))
 
 
 async def plan_from(args: argparse.Namespace) -> Plan:
     chosen = setups(args.targets, args.compare_pooling)
     if args.replay:
-        return replay_plan(args, chosen)
+        return await replay_plan(args, chosen)
     distinct = {setup.url: setup for setup in chosen}  # --compare-pooling: one target, twice
     models = [await listed_models(setup, args.api, args.api_key) for setup in distinct.values()]
     model = args.model or choose_model(models[0], args.kind, chosen[0])

@@ -16,7 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -279,6 +279,22 @@ async def run_http(plan: Plan, on_request: Callable[[], None] | None = None) -> 
         return await Runner(plan, client.send, on_request=on_request).run()
     finally:
         await client.close()
+
+
+async def fixed_tokens(plan: Plan) -> int | None:
+    """What the plan's first target counts for a replayed prompt of no words (its chat
+    template, the request's number), so that replayed prompts count as many tokens there as
+    traced; None if it did not answer with a count."""
+    workload = plan.workload
+    empty = replace(workload.trace[0], prompt_tokens=1, generated_tokens=1)
+    probe = replace(plan, workload=replace(workload, trace=(empty,), stream=False, fixed_tokens=1))
+    client = HttpClient(probe)
+    sample = Sample("probe", 0, 0)
+    try:
+        await client.send(plan.setups[0], 0, sample)
+    finally:
+        await client.close()
+    return sample.prompt_tokens if sample.ok and sample.prompt_tokens else None
 
 
 def _milliseconds(header: str | None) -> float | None:

@@ -57,14 +57,17 @@ _WORDS = """
 the of and to in is that for it as with was on be at by this from or have an are but not
 you all can had her one our out day get has him his how man new now old see two way who
 """.split()  # noqa: SIM905 (a word list reads better as text)
-TEMPLATE_TOKENS = 7  # what a chat template adds around a user message: the emulator's; about
+# What a prompt of no words counts, its chat template and its number: the emulator's. An engine
+# with a longer template counts more: `parallama bench --replay` asks the target first.
+FIXED_TOKENS = 8
 
 
-def replay_prompt(n: int, tokens: int, salt: str = "") -> str:
-    """A made-up prompt of about `tokens` tokens (the chat template's included) for the n-th
-    request of a replay: `salt` (one per run) and its number first, so that no two requests,
-    of this run or an earlier one, share a prefix an engine could reuse."""
-    words = max(tokens - TEMPLATE_TOKENS - 1, 0)
+def replay_prompt(n: int, tokens: int, salt: str = "", fixed: int = FIXED_TOKENS) -> str:
+    """A made-up prompt that counts about `tokens` tokens on an engine where a prompt of no
+    words counts `fixed`, for the n-th request of a replay: `salt` (one per run) and its
+    number first, so that no two requests, of this run or an earlier one, share a prefix an
+    engine could reuse."""
+    words = max(tokens - fixed, 0)
     state = n * 2654435761 + tokens
     chosen = []
     for _ in range(words):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 
 from parallama.bench.stats import Sample
-from parallama.bench.trace import TracedRequest, replay_prompt
+from parallama.bench.trace import FIXED_TOKENS, TracedRequest, replay_prompt
 
 Api = Literal["ollama", "openai"]
 Kind = Literal["chat", "generate", "embed"]
@@ -85,6 +85,7 @@ class Workload:
     max_tokens: int | None = None
     trace: tuple[TracedRequest, ...] = ()  # replayed: the n-th request is the trace's n-th
     salt: str = ""  # replayed: starts every prompt, one per run (engines keep prompts cached)
+    fixed_tokens: int = FIXED_TOKENS  # replayed: what the target counts for a prompt of no words
 
     @property
     def path(self) -> str:
@@ -102,7 +103,7 @@ class Workload:
             traced = self.trace[n]
             return self._body(
                 traced.model,
-                replay_prompt(n, traced.prompt_tokens, self.salt),
+                replay_prompt(n, traced.prompt_tokens, self.salt, self.fixed_tokens),
                 traced.generated_tokens,
             )
         return self._body(self.model, self.prompts[n % len(self.prompts)], self.max_tokens)

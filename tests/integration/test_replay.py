@@ -1,0 +1,149 @@
+"""Traffic replay and calibrated profiles: `parallama plan --calibrate` on an emulator whose speeds
+are known, `plan --replay` on a virtual clock against `bench --replay` of the same trace through
+the gateway in real time, and the errors of both."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from parallama.bench.trace import TracedRequest, trace_lines
+from parallama.sim.profiles import profile_text
+from parallama.sim.timing import TimingModel
+from tests.launchhelpers import finished
+from tests.simhelpers import CHAT_MODEL, gateway_for, make_config, sim_servers
+
+# The emulator's speeds, as a profile file would give them to the planner.
+TIMING = TimingModel(prefill_tps=2000, decode_tps=100, batch_slowdown=0.5, load_seconds=0)
+
+
+def write_trace(path: Path, requests: int, rate: float, seed: int = 5) -> list[TracedRequest]:
+    choose, time, trace = random.Random(seed), 0.0, []
+    for n in range(requests):
+        time += choose.expovariate(rate)
+        key = "alice" if n % 3 else None
+        trace.append(
+            TracedRequest(time, CHAT_MODEL, choose.randint(30, 400), choose.randint(5, 40), key)
+        )
+    path.write_bytes(b"".join(trace_lines(trace)))
+    return trace
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    done = finished(*args, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def summaries(path: Path) -> list[dict[str, Any]]:
+    report: dict[str, Any] = orjson.loads(path.read_bytes())
+    return list(report["summaries"])
+
+
+def test_a_trace_replayed_on_the_virtual_clock_agrees_with_it_replayed_for_real(
+    tmp_path: Path,
+) -> None:
+    trace_file, profile = tmp_path / "trace.jsonl", tmp_path / "emulated.toml"
+    trace = write_trace(trace_file, requests=40, rate=8)
+    profile.write_text(profile_text(TIMING, "the emulator's own speeds"))
+    planned = tmp_path / "plan.json"
+    plan_args = ("plan", "--replay", str(trace_file), "--profile", str(profile))
+    run(*plan_args, "--instances", "2", "--num-parallel", "2", "--json", str(planned))
+    again = tmp_path / "again.json"
+    run(*plan_args, "--instances", "2", "--num-parallel", "2", "--json", str(again))
+    assert summaries(planned) == summaries(again)  # the same trace, the same numbers
+    (predicted,) = summaries(planned)
+    config = make_config(
+        num_parallel=2,
+        prefill_tps=TIMING.prefill_tps,
+        decode_tps=TIMING.decode_tps,
+        batch_slowdown=TIMING.batch_slowdown,
+        output_tokens=(1000, 1000),  # num_predict cuts each answer at its traced length
+        models=(CHAT_MODEL,),
+        ports=2,
+    )
+    measured_file = tmp_path / "run.json"
+    with sim_servers(config) as servers, gateway_for(servers, slots=2) as gateway:
+        run("bench", gateway.url, "--replay", str(trace_file), "--json", str(measured_file))
+    (measured,) = summaries(measured_file)
+    assert predicted["ok"] == measured["ok"] == 40
+    assert measured["output_tokens"] == sum(t.generated_tokens for t in trace)
+    assert measured["prompt_tokens"] == predicted["prompt_tokens"]  # as long as traced
+    assert measured["prompt_tokens"] == sum(t.prompt_tokens for t in trace)
+    assert measured["queue_wait"]["p50"] is not None  # read from the gateway's header
+    for figure in ("qps",):
+        assert predicted[figure] == pytest.approx(measured[figure], rel=0.15)
+    assert predicted["latency"]["p50"] == pytest.approx(measured["latency"]["p50"], rel=0.15)
+
+
+def test_plan_replay_names_the_cheapest_fleet_that_meets_the_target(tmp_path: Path) -> None:
+    trace_file = tmp_path / "trace.jsonl"
+    write_trace(trace_file, requests=60, rate=3)
+    profile = tmp_path / "emulated.toml"
+    profile.write_text(profile_text(TIMING, "the emulator's own speeds"))
+    out = tmp_path / "plan.json"
+    done = run(
+        "plan", "--replay", str(trace_file), "--profile", str(profile),
+        "--instances", "1,2", "--num-parallel", "1,2", "--routing", "least-loaded,round-robin",
+        "--target-p99", "1.5", "--json", str(out),
+    )  # fmt: skip
+    report = orjson.loads(out.read_bytes())
+    rows = {s["setup"]: s for s in report["summaries"]}
+    assert len(rows) == 8
+    assert "| 1 x emulated, 1 slot, least-loaded | 1x | 60 |" in done.stdout
+    cheapest = report["needed"]["setup"]
+    assert f"The cheapest fleet with p99 under 1.5 s and nothing refused: {cheapest}" in done.stdout
+    assert rows[cheapest]["latency"]["p99"] <= 1.5 and not rows[cheapest]["errors"]
+    order = list(rows)  # cheapest first
+    assert all(rows[s]["latency"]["p99"] > 1.5 for s in order[: order.index(cheapest)])
+    assert rows["1 x emulated, 1 slot, least-loaded"]["latency"]["p99"] > 1.5  # one is too few
+
+
+def test_calibrating_an_emulator_finds_the_speeds_it_was_given(tmp_path: Path) -> None:
+    config = make_config(
+        num_parallel=2, prefill_tps=1500, decode_tps=80, batch_slowdown=0.5, models=(CHAT_MODEL,)
+    )
+    out = tmp_path / "profile.toml"
+    with sim_servers(config) as (server,):
+        done = run(
+            "plan", "--calibrate", server.url, "--model", CHAT_MODEL,
+            "--num-parallel", "1,2", "--out", str(out),
+        )  # fmt: skip
+    assert f"Written to {out}" in done.stdout
+    profile = tomllib.loads(out.read_text())
+    assert profile["prefill_tps"] == pytest.approx(1500, rel=0.2)
+    assert profile["decode_tps"] == pytest.approx(80, rel=0.1)
+    assert profile["batch_curve"][0] == 1.0
+    assert profile["batch_curve"][1] == pytest.approx(1.5, rel=0.15)  # two at once: 1 + 0.5
+    planned = run("plan", "--profile", str(out), "--instances", "1", "--requests", "10")
+    assert "| 1 x profile | 8 | 10 | 0 |" in planned.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "--replay", "/nonexistent.jsonl"], "cannot read /nonexistent.jsonl"),
+        (["plan", "--replay", "TRACE", "--rate", "2"], "--replay sets the arrivals"),
+        (["plan", "--replay", "TRACE", "--speed", "0"], "--speed must be positive"),
+        (["plan", "--profile", "h100"], "or a profile file (.toml)"),
+        (["plan", "--routing", "fastest"], "policies are least-loaded"),
+        (["plan", "--calibrate", "http://127.0.0.1:9"], "did not answer"),
+        (["bench", "http://127.0.0.1:9", "--replay", "TRACE"], "did not answer"),
+        (["bench", "http://127.0.0.1:9", "--replay", "/nonexistent.jsonl"], "cannot read"),
+    ],
+)
+def test_bad_replays_and_calibrations_get_a_clear_error(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    write_trace(trace, requests=3, rate=1)
+    done = finished(*(str(trace) if a == "TRACE" else a for a in args))
+    assert done.returncode == 2, done.stdout
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
