@@ -23,9 +23,11 @@ import openai
 import orjson
 import pytest
 
+from parallama.bench.trace import TracedRequest, trace_lines
 from parallama.launch.engines import SMOLLM2_ALIAS, smollm2_path
 from parallama.launch.supervisor import describe_exit
-from tests.launchhelpers import Up, alive, running_up
+from parallama.sim.profiles import read_profile
+from tests.launchhelpers import Up, alive, finished, running_up
 from tests.simhelpers import wait_for_gateway
 
 MODEL = SMOLLM2_ALIAS
@@ -161,6 +163,40 @@ def test_the_openai_client_chats_with_the_real_model(up: Up) -> None:
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(pieces) > 3
     assert len("".join(pieces)) > 10
+
+
+def test_calibrate_replay_and_plan_on_the_real_engine(up: Up, tmp_path: Path) -> None:
+    """The planning loop a user runs: a profile measured on one real engine, a trace replayed
+    through the gateway with answers held to their traced lengths, the same trace planned."""
+    calibrated = finished(
+        "plan", "--calibrate", up.url, "--api", "openai", "--out", str(tmp_path / "smollm2.toml"),
+        timeout=300,
+    )  # fmt: skip
+    assert calibrated.returncode == 0, calibrated.stderr
+    profiles = [tmp_path / "smollm2-1.toml", tmp_path / "smollm2-2.toml"]  # an engine each
+    for written in profiles:
+        timing = read_profile(written)
+        assert timing.prefill_tps > timing.decode_tps > 0  # a prompt token costs less to make
+    profile = profiles[0]
+    trace = [TracedRequest(n * 0.5, MODEL, 30 + 15 * n, 8 + 2 * n) for n in range(8)]
+    trace_file = tmp_path / "trace.jsonl"
+    trace_file.write_bytes(b"".join(trace_lines(trace)))
+    measured_file, planned_file = tmp_path / "run.json", tmp_path / "plan.json"
+    replayed = finished(
+        "bench", up.url, "--api", "openai", "--replay", str(trace_file),
+        "--json", str(measured_file), timeout=300,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    (measured,) = orjson.loads(measured_file.read_bytes())["summaries"]
+    assert measured["ok"] == 8
+    assert measured["output_tokens"] == sum(t.generated_tokens for t in trace)  # held to length
+    planned = finished(
+        "plan", "--replay", str(trace_file), "--profile", str(profile), "--instances", "2",
+        "--json", str(planned_file),
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    (predicted,) = orjson.loads(planned_file.read_bytes())["summaries"]
+    assert predicted["ok"] == 8 and predicted["output_tokens"] == measured["output_tokens"]
 
 
 def test_a_body_sent_as_curl_sends_it_still_reaches_the_engine_as_json(up: Up) -> None:

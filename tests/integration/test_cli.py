@@ -116,6 +116,26 @@ def test_ollama_environment_variables_configure_it() -> None:
         assert process.wait(timeout=10) == 0
 
 
+def test_a_profile_file_sets_the_emulators_speeds(tmp_path: Path) -> None:
+    profile = tmp_path / "measured.toml"
+    profile.write_text("prefill_tps = 1000\ndecode_tps = 40\nbatch_curve = [1.0, 1.5]\n")
+    with sim_process("--port", "0", "--profile", str(profile), "--num-parallel", "2") as (
+        process,
+        urls,
+    ):
+        body = {
+            "model": "qwen2.5:7b",
+            "prompt": "hi",
+            "stream": False,
+            "options": {"num_predict": 8},
+        }
+        answer = httpx.post(f"{urls[0]}/api/generate", json=body, timeout=30).json()
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+    assert answer["eval_count"] == 8
+    assert answer["eval_duration"] / 1e9 == pytest.approx(8 / 40, rel=0.3)  # 40 tokens/s
+
+
 def cached_on_the_first_conversations_next_turn(url: str) -> int:
     """Two slots; conversation A, then B (the same system prompt), then A's next turn: the
     prompt tokens that next turn found cached."""
@@ -204,6 +224,8 @@ def test_help_documents_every_option() -> None:
         (["--keep-alive", "soon"], "invalid duration"),
         (["--output-tokens", "9-3"], "MIN <= MAX"),
         (["--num-parallel", "0"], "must be positive"),
+        (["--profile", "h100"], "or a profile file (.toml)"),
+        (["--profile", "/nonexistent.toml"], "cannot read /nonexistent.toml"),
     ],
 )
 def test_bad_settings_are_refused_clearly(args: list[str], message: str) -> None:

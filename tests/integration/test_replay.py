@@ -105,24 +105,32 @@ def test_plan_replay_names_the_cheapest_fleet_that_meets_the_target(tmp_path: Pa
     assert rows["1 x emulated, 1 slot, least-loaded"]["latency"]["p99"] > 1.5  # one is too few
 
 
-def test_calibrating_an_emulator_finds_the_speeds_it_was_given(tmp_path: Path) -> None:
-    config = make_config(
-        num_parallel=2, prefill_tps=1500, decode_tps=80, batch_slowdown=0.5, models=(CHAT_MODEL,)
+def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) -> None:
+    """Two emulated engines of known, different speeds behind a gateway: a profile each."""
+    fast, slow = (
+        make_config(num_parallel=2, prefill_tps=1500, decode_tps=tps, batch_slowdown=0.5)
+        for tps in (80, 40)
     )
     out = tmp_path / "profile.toml"
-    with sim_servers(config) as (server,):
-        done = run(
-            "plan", "--calibrate", server.url, "--model", CHAT_MODEL,
-            "--num-parallel", "1,2", "--out", str(out),
-        )  # fmt: skip
-    assert f"Written to {out}" in done.stdout
-    profile = tomllib.loads(out.read_text())
-    assert profile["prefill_tps"] == pytest.approx(1500, rel=0.2)
-    assert profile["decode_tps"] == pytest.approx(80, rel=0.1)
-    assert profile["batch_curve"][0] == 1.0
-    assert profile["batch_curve"][1] == pytest.approx(1.5, rel=0.15)  # two at once: 1 + 0.5
-    planned = run("plan", "--profile", str(out), "--instances", "1", "--requests", "10")
-    assert "| 1 x profile | 8 | 10 | 0 |" in planned.stdout
+    with sim_servers(fast) as fast_servers, sim_servers(slow) as slow_servers:
+        engines = [*fast_servers, *slow_servers]
+        with gateway_for(engines, slots=2) as gateway:
+            done = run(
+                "plan", "--calibrate", gateway.url, "--num-parallel", "1,2", "--out", str(out)
+            )
+    for n, (engine, decode_tps) in enumerate(zip(engines, (80, 40), strict=True), 1):
+        written = tmp_path / f"profile-{n}.toml"
+        assert f"Written to {written}" in done.stdout
+        text = written.read_text()
+        assert f"calibrated on {engine.url} ({CHAT_MODEL})" in text  # the first it lists
+        profile = tomllib.loads(text)
+        assert profile["prefill_tps"] == pytest.approx(1500, rel=0.2)
+        assert profile["decode_tps"] == pytest.approx(decode_tps, rel=0.1)
+        assert profile["batch_curve"][0] == 1.0
+        assert profile["batch_curve"][1] == pytest.approx(1.5, rel=0.15)  # two at once: 1 + 0.5
+    first = tmp_path / "profile-1.toml"
+    planned = run("plan", "--profile", str(first), "--instances", "1", "--requests", "10")
+    assert "| 1 x profile-1 | 8 | 10 | 0 |" in planned.stdout
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,10 @@ Three things are measured, each by requests of set lengths (a made-up prompt, an
 its length with `min_tokens`/`ignore_eos` where the engine reads them), streamed, one engine
 addressed directly:
 
-- prefill speed: the time to the first token of long prompts against short ones, one at a time;
-  the difference cancels what both pay (the connection, the template, the first token);
+- prefill speed: the time to the first token of long prompts against short ones, one at a time
+  (256 and 64 tokens, the range of chat prompts: the per-token cost grows with the length); the
+  difference cancels what both pay, and the line through both gives the tokens that no prompt
+  pays for (`prefill_offset`: a chat template the engine keeps cached, less fixed costs);
 - decode speed alone: tokens after the first over the time they took, one at a time;
 - the batching curve: the same with 2, 3 ... requests at once, up to `--num-parallel`: how
   many times slower each sequence decodes (`TimingModel.batch_curve`).
@@ -20,6 +22,7 @@ from level 1's time to first token less one token's decode).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import secrets
@@ -27,9 +30,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
-from parallama.bench.main import BenchError
+from parallama.bench.main import BenchError, choose_model, listed_models
 from parallama.bench.runner import Plan, Setup, fixed_tokens, run_http
 from parallama.bench.stats import Summary
 from parallama.bench.trace import TracedRequest
@@ -38,8 +42,8 @@ from parallama.runtime import run
 from parallama.sim.profiles import profile_text
 from parallama.sim.timing import TimingModel
 
-SHORT_PROMPT = 32  # tokens
-LONG_PROMPT = 512
+SHORT_PROMPT = 64  # tokens
+LONG_PROMPT = 256
 PREFILL_ANSWER = 2  # tokens: the first comes after the prefill
 DECODE_ANSWER = 64
 REPEATS = 3  # requests per measurement and client
@@ -90,20 +94,22 @@ class Engine:
 
 async def measure(engine: Engine, most: int, load_seconds: float) -> TimingModel:
     engine = await engine.probed()
-    short = await engine.measure(1, SHORT_PROMPT, PREFILL_ANSWER)
-    long = await engine.measure(1, LONG_PROMPT, PREFILL_ANSWER)
-    prompt_gap = LONG_PROMPT - SHORT_PROMPT  # as it counts them (`probed`)
-    time_gap = long.first_token["p50"] - short.first_token["p50"]
-    if not time_gap > 0:
-        raise BenchError(f"{engine.url}: a long prompt was not slower to answer than a short one")
     speeds = []
     for clients in range(1, most + 1):
         summary = await engine.measure(clients, SHORT_PROMPT, DECODE_ANSWER)
         speeds.append(summary.request_tokens_per_second["p50"])
     if any(math.isnan(s) or s <= 0 for s in speeds):
         raise BenchError(f"{engine.url}: no streamed tokens to time (does it stream?)")
+    short = (await engine.measure(1, SHORT_PROMPT, PREFILL_ANSWER)).first_token["p50"]
+    long = (await engine.measure(1, LONG_PROMPT, PREFILL_ANSWER)).first_token["p50"]
+    if not long > short:
+        raise BenchError(f"{engine.url}: a long prompt was not slower to answer than a short one")
+    prefill_tps = (LONG_PROMPT - SHORT_PROMPT) / (long - short)  # as it counts them (`probed`)
+    # The line through both: the time to the first token is the prefill, then one token.
+    offset = SHORT_PROMPT - (short - 1 / speeds[0]) * prefill_tps
     return TimingModel(
-        prefill_tps=prompt_gap / time_gap,
+        prefill_tps=prefill_tps,
+        prefill_offset=offset,
         decode_tps=speeds[0],
         load_seconds=load_seconds,
         batch_curve=tuple(speeds[0] / s for s in speeds),
@@ -138,19 +144,69 @@ def from_report(path: Path, load_seconds: float) -> TimingModel:
     )
 
 
-def calibrate_command(args: argparse.Namespace) -> int:
+async def engines_behind(url: str) -> list[str]:
+    """The engines to measure at `url`: a parallama gateway's serving backends (from its
+    status), else the one engine there."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.get(f"{url}/parallama/status") as answer,
+    ):
+        if answer.status in (401, 403):
+            raise BenchError(
+                f"{url} is a parallama gateway whose status needs its admin token: "
+                "calibrate its engines by their own URLs"
+            )
+        if answer.status != 200:
+            return [url]
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+            status = orjson.loads(await answer.read())
+            return [b["url"] for b in status["backends"] if b["online"] and b["healthy"]]
+    return [url]
+
+
+async def calibrate(args: argparse.Namespace) -> list[tuple[str, str, TimingModel]]:
+    """Each engine at `--calibrate`: its URL, the model measured, its timing."""
+    url = args.calibrate.rstrip("/")
+    try:
+        engines = await engines_behind(url)
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        raise BenchError(f"{url} did not answer: is an engine or a gateway there?") from None
+    if not engines:
+        raise BenchError(f"{url} is a gateway with no engine serving to calibrate")
     most = int(max(args.num_parallel))
+    measured = []
+    for engine_url in engines:
+        model = args.model
+        if model is None:
+            listed = await listed_models(Setup(engine_url, engine_url), args.api, None)
+            model = choose_model(listed, "chat", Setup(engine_url, engine_url))
+        print(f"Calibrating on {engine_url} ({model}, up to {most} at once) ...", flush=True)
+        timing = await measure(Engine(engine_url, args.api, model), most, args.load_seconds)
+        measured.append((engine_url, model, timing))
+    return measured
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """One profile for an engine (`--out`), or one per engine behind a gateway (`--out` with
+    the engine's number: profile-1.toml, profile-2.toml ...)."""
     today = datetime.date.today().isoformat()
-    if args.calibrate:
-        url = args.calibrate.rstrip("/")
-        print(f"Calibrating on {url} ({args.model}, up to {most} at once) ...", flush=True)
-        timing = run(measure(Engine(url, args.api, args.model), most, args.load_seconds))
-        comment = f"calibrated on {url} ({args.model}), {today}"
-    else:
+    if args.calibrate_from:
         timing = from_report(Path(args.calibrate_from), args.load_seconds)
-        comment = f"calibrated from {args.calibrate_from}, {today}"
-    text = profile_text(timing, comment)
-    Path(args.out).write_text(text)
-    print(text, end="")
-    print(f"Written to {args.out}: parallama plan --profile {args.out} ...")
+        profiles = [(Path(args.out), timing, f"calibrated from {args.calibrate_from}, {today}")]
+    else:
+        measured = run(calibrate(args))
+        out = Path(args.out)
+        profiles = [
+            (
+                out if len(measured) == 1 else out.with_stem(f"{out.stem}-{n}"),
+                timing,
+                f"calibrated on {url} ({model}), {today}",
+            )
+            for n, (url, model, timing) in enumerate(measured, 1)
+        ]
+    for path, timing, comment in profiles:
+        text = profile_text(timing, comment)
+        path.write_text(text)
+        print(text, end="")
+        print(f"Written to {path}: parallama plan --profile {path} ...")
     return 0

@@ -24,6 +24,7 @@ import orjson
 
 from parallama.bench import report
 from parallama.bench.main import BenchError
+from parallama.bench.planning_options import DEFAULT_MODEL
 from parallama.bench.runner import Plan, Result, Setup
 from parallama.bench.simulate import simulate
 from parallama.bench.stats import Summary
@@ -52,7 +53,7 @@ def sim_config(
         output_tokens = parse_output_tokens(args.output_tokens)
     except ConfigError as exc:
         raise BenchError(str(exc)) from None
-    names = models or (args.model,)
+    names = models or (args.model or DEFAULT_MODEL,)
     return SimConfig(
         models=tuple(spec_for(m) for m in names),
         scheduler=OllamaSettings(num_parallel=num_parallel, max_loaded_models=len(names)),
@@ -70,7 +71,9 @@ def workload_plan(args: argparse.Namespace, counts: list[int], rate: float | Non
     concurrency = args.concurrency or 8.0
     return Plan(
         setups=tuple(Setup(label(n, args), f"sim://{n}") for n in counts),
-        workload=Workload("ollama", args.kind, args.model, prompts, max_tokens=args.max_tokens),
+        workload=Workload(
+            "ollama", args.kind, args.model or DEFAULT_MODEL, prompts, max_tokens=args.max_tokens
+        ),
         mode="rate" if rate else "concurrency",
         levels=(rate or concurrency,),
         requests=args.requests,
@@ -90,7 +93,7 @@ def profile_name(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace, counts: list[int], rate: float | None) -> Result:
     plan = workload_plan(args, counts, rate)
     fleets = {label(n, args): n for n in counts}
-    sim = sim_config(args, args.num_parallel[0])
+    sim = sim_config(args, int(args.num_parallel[0]))
     return simulate(plan, sim, fleets, routing=args.routing[0])
 
 

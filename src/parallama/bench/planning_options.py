@@ -91,7 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--calibrate: the engine's API (default: ollama)",
     )
     work = parser.add_argument_group("the workload (as parallama bench)")
-    work.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    work.add_argument(
+        "--model",
+        help=f"default: {DEFAULT_MODEL}; --calibrate: the first the engine lists",
+    )
     work.add_argument("--kind", choices=("chat", "generate"), default="chat")
     work.add_argument("--prompts", metavar="FILE", help="default: the seed's eight questions")
     work.add_argument(

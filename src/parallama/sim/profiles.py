@@ -3,6 +3,7 @@ as `parallama plan --calibrate` writes one from what a real engine did:
 
     # parallama timing profile: calibrated on http://127.0.0.1:8080 (SmolLM2), 2026-12-01
     prefill_tps = 412.5
+    prefill_offset = 28.0
     decode_tps = 61.2
     batch_curve = [1.0, 1.83]
     load_seconds = 0.0
@@ -18,7 +19,14 @@ from pathlib import Path
 from parallama.errors import ConfigError
 from parallama.sim.timing import PROFILES, TimingModel
 
-_FIELDS = {"prefill_tps", "decode_tps", "batch_slowdown", "load_seconds", "batch_knee"}
+_FIELDS = {
+    "prefill_tps",
+    "prefill_offset",
+    "decode_tps",
+    "batch_slowdown",
+    "load_seconds",
+    "batch_knee",
+}
 
 
 def timing_for(profile: str) -> TimingModel:
@@ -52,6 +60,7 @@ def read_profile(path: Path) -> TimingModel:
     try:
         return TimingModel(
             prefill_tps=float(data["prefill_tps"]),
+            prefill_offset=float(data.get("prefill_offset", 0.0)),
             decode_tps=float(data["decode_tps"]),
             batch_slowdown=float(data.get("batch_slowdown", 0.6)),
             load_seconds=float(data.get("load_seconds", 0.0)),
@@ -67,6 +76,7 @@ def profile_text(timing: TimingModel, comment: str) -> str:
     lines = [
         f"# parallama timing profile: {comment}",
         f"prefill_tps = {timing.prefill_tps:.1f}  # prompt tokens/s, one sequence",
+        f"prefill_offset = {timing.prefill_offset:.1f}  # tokens of every prompt not evaluated",
         f"decode_tps = {timing.decode_tps:.2f}  # generated tokens/s, one sequence alone",
     ]
     if timing.batch_curve:

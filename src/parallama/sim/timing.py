@@ -12,7 +12,9 @@ peaks at the knee and falls after it, and a slot count above it costs throughput
 
 A calibrated profile (`parallama plan --calibrate`, `sim.profiles`) measures the shape instead:
 `batch_curve` lists how many times slower one sequence decodes with 1, 2, 3 ... sequences busy,
-as the engine did; past its end the curve goes on along its last step.
+as the engine did; past its end the curve goes on along its last step. `prefill_offset` is the
+intercept of the prefill's line: tokens of every prompt that the engine did not evaluate (its
+chat template, which it keeps cached from the request before), or, negative, a fixed cost.
 
 The named profiles are the rows of the seed document's throughput table: `decode_tps` is that
 row's tokens/s for one sequence. Prefill and load times are plausible values for the hardware.
@@ -31,6 +33,9 @@ class TimingModel:
     load_seconds: float = 2.0  # time to load a model into memory
     batch_knee: int = 0  # sequences past which each more one costs a whole step (0: none)
     batch_curve: tuple[float, ...] = ()  # measured slowdown at 1, 2, 3 ... busy (replaces both)
+    # Calibrated: prompt tokens no request pays for (a chat template the engine keeps cached),
+    # or, below 0, a fixed cost in tokens' time that every prefill pays.
+    prefill_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prefill_tps <= 0 or self.decode_tps <= 0:
@@ -52,7 +57,8 @@ class TimingModel:
         return 1.0 + self.batch_slowdown * max(busy_slots - 1, 0) + past_knee
 
     def prefill_seconds(self, prompt_tokens: int, busy_slots: int) -> float:
-        return prompt_tokens / self.prefill_tps * self.slowdown(busy_slots)
+        tokens = max(prompt_tokens - self.prefill_offset, 0.0)
+        return tokens / self.prefill_tps * self.slowdown(busy_slots)
 
     def token_seconds(self, busy_slots: int) -> float:
         """Time to decode one token of one sequence while `busy_slots` are busy."""
