@@ -108,8 +108,10 @@ def test_plan_replay_names_the_cheapest_fleet_that_meets_the_target(tmp_path: Pa
 def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) -> None:
     """Two emulated engines of known, different speeds behind a gateway: a profile each."""
     fast, slow = (
-        make_config(num_parallel=2, prefill_tps=1500, decode_tps=tps, batch_slowdown=0.5)
-        for tps in (80, 40)
+        make_config(
+            num_parallel=2, prefill_tps=1500, decode_tps=tps, batch_slowdown=0.5, load_seconds=load
+        )
+        for tps, load in ((80, 0.3), (40, 0.6))
     )
     out = tmp_path / "profile.toml"
     with sim_servers(fast) as fast_servers, sim_servers(slow) as slow_servers:
@@ -118,7 +120,8 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
             done = run(
                 "plan", "--calibrate", gateway.url, "--num-parallel", "1,2", "--out", str(out)
             )
-    for n, (engine, decode_tps) in enumerate(zip(engines, (80, 40), strict=True), 1):
+    speeds = ((80, 0.3), (40, 0.6))
+    for n, (engine, (decode_tps, load)) in enumerate(zip(engines, speeds, strict=True), 1):
         written = tmp_path / f"profile-{n}.toml"
         assert f"Written to {written}" in done.stdout
         text = written.read_text()
@@ -128,6 +131,7 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
         assert profile["decode_tps"] == pytest.approx(decode_tps, rel=0.1)
         assert profile["batch_curve"][0] == 1.0
         assert profile["batch_curve"][1] == pytest.approx(1.5, rel=0.15)  # two at once: 1 + 0.5
+        assert profile["load_seconds"] == pytest.approx(load, rel=0.2)  # unloaded, loaded again
     first = tmp_path / "profile-1.toml"
     planned = run("plan", "--profile", str(first), "--instances", "1", "--requests", "10")
     assert "| 1 x profile-1 | 8 | 10 | 0 |" in planned.stdout

@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import math
 import secrets
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,21 @@ class Engine:
             (Setup("engine", self.url),), workload, "concurrency", (clients,), count, warmup=1
         )
 
+    async def load_seconds(self) -> float:
+        """Ollama's: the model unloaded (`keep_alive: 0`), then loaded again by a request with
+        no prompt, which Ollama answers once the model is loaded (`done_reason: load`)."""
+        url = f"{self.url}/api/generate"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            async with session.post(url, json={"model": self.model, "keep_alive": 0}) as unload:
+                await unload.read()
+            started = time.perf_counter()
+            async with session.post(url, json={"model": self.model}) as load:
+                answer = await load.read()
+            took = time.perf_counter() - started
+        if load.status != 200 or b'"load"' not in answer:
+            raise BenchError(f"{self.url} did not load {self.model} when asked ({load.status})")
+        return took
+
     async def measure(self, clients: int, prompt: int, answer: int) -> Summary:
         """`clients` at once, each asking `REPEATS` times, streamed; their summary."""
         (summary,) = (await run_http(self._plan(clients, prompt, answer))).summaries()
@@ -92,8 +108,11 @@ class Engine:
         return summary
 
 
-async def measure(engine: Engine, most: int, load_seconds: float) -> TimingModel:
+async def measure(engine: Engine, most: int, load_seconds: float | None) -> TimingModel:
+    """`load_seconds`: None to measure it (Ollama's API only: the model is unloaded once)."""
     engine = await engine.probed()
+    if load_seconds is None:
+        load_seconds = await engine.load_seconds() if engine.api == "ollama" else 0.0
     speeds = []
     for clients in range(1, most + 1):
         summary = await engine.measure(clients, SHORT_PROMPT, DECODE_ANSWER)
@@ -191,7 +210,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     the engine's number: profile-1.toml, profile-2.toml ...)."""
     today = datetime.date.today().isoformat()
     if args.calibrate_from:
-        timing = from_report(Path(args.calibrate_from), args.load_seconds)
+        timing = from_report(Path(args.calibrate_from), args.load_seconds or 0.0)
         profiles = [(Path(args.out), timing, f"calibrated from {args.calibrate_from}, {today}")]
     else:
         measured = run(calibrate(args))

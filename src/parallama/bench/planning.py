@@ -57,7 +57,7 @@ def sim_config(
     return SimConfig(
         models=tuple(spec_for(m) for m in names),
         scheduler=OllamaSettings(num_parallel=num_parallel, max_loaded_models=len(names)),
-        timing=replace(timing(args), load_seconds=args.load_seconds),
+        timing=replace(timing(args), load_seconds=args.load_seconds or 0.0),
         output_tokens=output_tokens,
         seed=args.seed,
     )

@@ -48,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="OLLAMA_NUM_PARALLEL of each; a list compares them with --replay (default: 1)",
     )
     hardware.add_argument(
-        "--load-seconds", type=float, default=0.0, help="model load time (default: 0, warm)"
+        "--load-seconds",
+        type=float,
+        help="model load time (default: 0, warm); --calibrate: the profile's, instead of "
+        "measuring it (Ollama's API: the model is unloaded once, then loaded again)",
     )
     hardware.add_argument(
         "--routing",
