@@ -113,7 +113,7 @@ def test_errors_are_counted_by_kind_and_can_fail_the_run(
         )
     assert code == 1
     captured = capsys.readouterr()
-    assert "3x 404" in captured.out
+    assert "| 3x 404 (100%) |" in captured.out  # by kind, and their share
     assert "error rate 100.0% is above --max-error-rate 50.0%" in captured.err
 
 

@@ -319,6 +319,12 @@ def test_usage_trace_writes_the_answered_requests_with_no_prompt_or_answer(
         (CHAT_MODEL, a["prompt_eval_count"], a["eval_count"], "alice") for a in answers
     ]  # the 404 is not traffic to replay
     assert trace[0].time == 0 <= trace[1].time <= trace[2].time < 30
+    replay = ("plan", "--replay", "ledger", "--database", database, "--instances", "1")
+    planned = json.loads(cli(*replay, "--json", "-"))
+    (replayed,) = planned["summaries"]  # the same requests, from the ledger itself
+    assert replayed["ok"] == 3
+    assert replayed["prompt_tokens"] == sum(t.prompt_tokens for t in trace)
+    assert replayed["output_tokens"] == sum(t.generated_tokens for t in trace)
 
 
 def test_the_admin_api_makes_lists_and_revokes_keys(sim: SimServer, database: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,8 +29,15 @@ from parallama.bench.planning_options import DEFAULT_MODEL
 from parallama.bench.runner import Plan, Result, Setup
 from parallama.bench.simulate import simulate
 from parallama.bench.stats import Summary
-from parallama.bench.trace import TracedRequest, TraceError, read_trace
+from parallama.bench.trace import (
+    MAX_REQUESTS,
+    TracedRequest,
+    TraceError,
+    from_ledger,
+    read_trace,
+)
 from parallama.bench.workload import SEED_QUESTIONS, PromptError, Workload, load_prompts
+from parallama.config import database_of
 from parallama.core.router import Policy
 from parallama.errors import ConfigError
 from parallama.sim.catalog import spec_for
@@ -37,6 +45,8 @@ from parallama.sim.config import SimConfig, parse_output_tokens
 from parallama.sim.profiles import timing_for
 from parallama.sim.scheduler import OllamaSettings
 from parallama.sim.timing import TimingModel
+from parallama.teams.keys import parse_age
+from parallama.teams.store import open_store
 
 
 def timing(args: argparse.Namespace) -> TimingModel:
@@ -56,7 +66,9 @@ def sim_config(
     names = models or (args.model or DEFAULT_MODEL,)
     return SimConfig(
         models=tuple(spec_for(m) for m in names),
-        scheduler=OllamaSettings(num_parallel=num_parallel, max_loaded_models=len(names)),
+        scheduler=OllamaSettings(
+            num_parallel=num_parallel, max_loaded_models=args.max_loaded_models or len(names)
+        ),
         timing=replace(timing(args), load_seconds=args.load_seconds or 0.0),
         output_tokens=output_tokens,
         seed=args.seed,
@@ -157,6 +169,24 @@ def cheapest(result: Result, target_p99: float) -> Summary | None:
     return next((s for s in result.summaries() if meets(s, target_p99)), None)
 
 
+def replayed(args: argparse.Namespace) -> tuple[TracedRequest, ...]:
+    """The trace file, or the ledger's answered requests since `--since`."""
+    if args.replay != "ledger":
+        try:
+            return read_trace(Path(args.replay))
+        except TraceError as exc:
+            raise BenchError(str(exc)) from None
+    since = time.time() - parse_age(args.since)
+    store = open_store(database_of(args.config, flag=args.database))
+    try:
+        trace = from_ledger(store.answered(since, MAX_REQUESTS))
+    finally:
+        store.close()
+    if not trace:
+        raise BenchError(f"no answered request in the ledger in the last {args.since}")
+    return tuple(trace)
+
+
 def _check(args: argparse.Namespace) -> None:
     wholes = [*args.instances, *args.num_parallel]
     if args.requests < 1 or any(n != int(n) for n in wholes):
@@ -179,10 +209,7 @@ def plan_command(args: argparse.Namespace) -> int:
     text = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
     speed = timing(args).decode_tps
     if args.replay:
-        try:
-            trace = read_trace(Path(args.replay))
-        except TraceError as exc:
-            raise BenchError(str(exc)) from None
+        trace = replayed(args)
         print(
             f"Replayed on a virtual clock{f' at {args.speed:g}x' if args.speed != 1 else ''}: "
             f"{len(trace)} requests over {trace[-1].time:.0f} s, on fleets of "

@@ -9,6 +9,7 @@ from typing import get_args
 from parallama.bench.options import numbers
 from parallama.core.router import Policy
 from parallama.sim.timing import PROFILES
+from parallama.teams.commands import add_database_arguments
 
 DEFAULT_MODEL = "qwen2.5:7b"
 
@@ -54,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "measuring it (Ollama's API: the model is unloaded once, then loaded again)",
     )
     hardware.add_argument(
+        "--max-loaded-models",
+        type=int,
+        help="OLLAMA_MAX_LOADED_MODELS of each (default: every model asked for fits)",
+    )
+    hardware.add_argument(
         "--routing",
         type=policies,
         default=["least-loaded"],
@@ -64,10 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     traffic = parser.add_argument_group("replayed traffic")
     traffic.add_argument(
         "--replay",
-        metavar="TRACE.jsonl",
-        help="the requests that came (parallama usage --trace writes them), replayed on each "
-        "candidate: --instances x --num-parallel x --routing",
+        metavar="TRACE.jsonl|ledger",
+        help="the requests that came, replayed on each candidate (--instances x --num-parallel "
+        "x --routing): a trace (parallama usage --trace writes one), or `ledger`: the usage "
+        "ledger's answered requests since --since, from the gateway's database",
     )
+    traffic.add_argument(
+        "--since", default="7d", help="--replay ledger: how far back (default: %(default)s)"
+    )
+    add_database_arguments(parser)  # --replay ledger: where the ledger is
     traffic.add_argument(
         "--speed", type=float, default=1.0, help="--replay: time runs this many times faster"
     )

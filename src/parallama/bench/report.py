@@ -24,9 +24,11 @@ def _level(summary: Summary, mode: str) -> str:
 
 
 def _errors(summary: Summary) -> str:
+    """Refused and failed requests by kind, and their share of all."""
     if not summary.errors:
         return "0"
-    return ", ".join(f"{n}x {kind}" for kind, n in sorted(summary.errors.items()))
+    kinds = ", ".join(f"{n}x {kind}" for kind, n in sorted(summary.errors.items()))
+    return f"{kinds} ({summary.error_rate:.0%})"
 
 
 def markdown(result: Result, *, interleaved: bool = True) -> str:
