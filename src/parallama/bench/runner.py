@@ -181,24 +181,13 @@ class Runner:
         tasks: set[asyncio.Task[None]] = set()
         start = due = self._clock()
         gaps = arrival_gaps(rate, self.plan.arrivals, self._rng)
-
-        async def one() -> None:
-            samples.append(await self._request(setup, rate))
-
         sent = 0
         while count is None or sent < count:
             due += next(gaps)
             if seconds is not None and due - start >= seconds:
                 break
             await asyncio.sleep(max(due - self._clock(), 0))
-            if len(tasks) < MAX_OUTSTANDING:
-                task = asyncio.get_running_loop().create_task(one())
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            else:  # counted, not silently skipped: the target is that far behind
-                skipped = Sample(setup.label, rate, self._clock() - self._clock0)
-                skipped.error = "not sent: too many outstanding"
-                samples.append(skipped)
+            self._start(setup, rate, None, tasks, samples)
             sent += 1
         await asyncio.gather(*tasks)
         return samples
@@ -207,17 +196,36 @@ class Runner:
         """The trace's requests, each at its time over `speed`, answered or not; then the ones
         in flight are waited for."""
         samples: list[Sample] = []
+        tasks: set[asyncio.Task[None]] = set()
         start = self._clock()
-
-        async def one(n: int) -> None:
-            samples.append(await self._request(setup, speed, n))
-
-        tasks = []
         for n, traced in enumerate(self.plan.workload.trace):
             await asyncio.sleep(max(start + traced.time / speed - self._clock(), 0))
-            tasks.append(asyncio.get_running_loop().create_task(one(n)))
+            self._start(setup, speed, n, tasks, samples)
         await asyncio.gather(*tasks)
         return samples
+
+    def _start(
+        self,
+        setup: Setup,
+        level: float,
+        n: int | None,
+        tasks: set[asyncio.Task[None]],
+        samples: list[Sample],
+    ) -> None:
+        """An open loop's next request, sent now unless `MAX_OUTSTANDING` are: then counted as
+        not sent (never silently skipped: the target is that far behind)."""
+        if len(tasks) >= MAX_OUTSTANDING:
+            skipped = Sample(setup.label, level, self._clock() - self._clock0)
+            skipped.error = "not sent: too many outstanding"
+            samples.append(skipped)
+            return
+
+        async def one() -> None:
+            samples.append(await self._request(setup, level, n))
+
+        task = asyncio.get_running_loop().create_task(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _request(self, setup: Setup, level: float, n: int | None = None) -> Sample:
         """One request (the n-th, else the setup's next), timed from the client's side."""
