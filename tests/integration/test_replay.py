@@ -145,6 +145,8 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
         (["plan", "--replay", "TRACE", "--speed", "0"], "--speed must be positive"),
         (["plan", "--profile", "h100"], "or a profile file (.toml)"),
         (["plan", "--routing", "fastest"], "policies are least-loaded"),
+        (["plan", "--num-parallel", "1,2"], "are candidates for --replay"),
+        (["plan", "--replay", "TRACE", "--max-loaded-models", "0"], "positive whole numbers"),
         (["plan", "--calibrate", "http://127.0.0.1:9"], "did not answer"),
         (["bench", "http://127.0.0.1:9", "--replay", "TRACE"], "did not answer"),
         (["bench", "http://127.0.0.1:9", "--replay", "/nonexistent.jsonl"], "cannot read"),

@@ -188,9 +188,13 @@ def replayed(args: argparse.Namespace) -> tuple[TracedRequest, ...]:
 
 
 def _check(args: argparse.Namespace) -> None:
-    wholes = [*args.instances, *args.num_parallel]
-    if args.requests < 1 or any(n != int(n) for n in wholes):
-        raise BenchError("--requests, --num-parallel and --instances take positive whole numbers")
+    loaded = 1 if args.max_loaded_models is None else args.max_loaded_models
+    wholes = [*args.instances, *args.num_parallel, loaded]
+    if args.requests < 1 or any(n != int(n) or n < 1 for n in wholes):
+        raise BenchError(
+            "--requests, --num-parallel, --instances and --max-loaded-models take positive "
+            "whole numbers"
+        )
     if args.replay:
         if args.target_qps is not None or args.rate or args.concurrency:
             raise BenchError("--replay sets the arrivals: no --rate, --concurrency, --target-qps")
@@ -198,6 +202,8 @@ def _check(args: argparse.Namespace) -> None:
             raise BenchError("--speed must be positive")
     elif (args.target_qps is None) != (args.target_p99 is None):
         raise BenchError("--target-qps and --target-p99 go together")
+    elif len(args.num_parallel) > 1 or len(args.routing) > 1:
+        raise BenchError("lists of --num-parallel or --routing are candidates for --replay")
 
 
 def plan_command(args: argparse.Namespace) -> int:
