@@ -105,6 +105,24 @@ def test_plan_replay_names_the_cheapest_fleet_that_meets_the_target(tmp_path: Pa
     assert rows["1 x emulated, 1 slot, least-loaded"]["latency"]["p99"] > 1.5  # one is too few
 
 
+def test_plan_replay_compares_warm_models_against_engines_that_load_on_demand(
+    tmp_path: Path,
+) -> None:
+    trace_file, out = tmp_path / "trace.jsonl", tmp_path / "plan.json"
+    write_trace(trace_file, requests=60, rate=2)
+    run(
+        "plan", "--replay", str(trace_file), "--profile", "fast", "--instances", "2",
+        "--load-seconds", "3", "--warm", "both", "--json", str(out),
+    )  # fmt: skip
+    cold, warm = summaries(out)
+    assert (cold["setup"], warm["setup"]) == (
+        "2 x fast, 1 slot, least-loaded",
+        "2 x fast, 1 slot, least-loaded, warm",
+    )
+    assert cold["first_token"]["p99"] > 3  # a first request on an engine waits for its load
+    assert warm["first_token"]["p99"] < 1  # loaded before the first request, and kept
+
+
 def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) -> None:
     """Two emulated engines of known, different speeds behind a gateway: a profile each."""
     fast, slow = (

@@ -131,17 +131,20 @@ class Candidate:
     instances: int
     num_parallel: int
     routing: Policy
+    warm: bool = False
 
     def label(self, profile: str) -> str:
         slots = f"{self.num_parallel} slot" + ("s" if self.num_parallel > 1 else "")
-        return f"{self.instances} x {profile}, {slots}, {self.routing}"
+        warm = ", warm" if self.warm else ""
+        return f"{self.instances} x {profile}, {slots}, {self.routing}{warm}"
 
 
 def candidates(args: argparse.Namespace) -> list[Candidate]:
     """Every combination asked for, cheapest first: fewer instances, then fewer slots."""
-    combos = itertools.product(args.instances, args.num_parallel, args.routing)
+    warm = {"no": [False], "yes": [True], "both": [False, True]}[args.warm]
+    combos = itertools.product(args.instances, args.num_parallel, args.routing, warm)
     return sorted(
-        (Candidate(int(n), int(p), r) for n, p, r in combos),
+        (Candidate(int(n), int(p), r, w) for n, p, r, w in combos),
         key=lambda c: (c.instances, c.num_parallel),
     )
 
@@ -155,7 +158,8 @@ def replay(args: argparse.Namespace, trace: tuple[TracedRequest, ...]) -> Result
         name = candidate.label(profile_name(args))
         plan = Plan((Setup(name, "sim://"),), workload, "replay", (args.speed,), seed=args.seed)
         sim = sim_config(args, candidate.num_parallel, models)
-        results.append(simulate(plan, sim, {name: candidate.instances}, routing=candidate.routing))
+        fleet = {name: candidate.instances}
+        results.append(simulate(plan, sim, fleet, routing=candidate.routing, warm=candidate.warm))
     setups = tuple(setup for r in results for setup in r.plan.setups)
     return Result(
         replace(results[0].plan, setups=setups),

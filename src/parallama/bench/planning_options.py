@@ -78,6 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     traffic.add_argument(
         "--since", default="7d", help="--replay ledger: how far back (default: %(default)s)"
     )
+    traffic.add_argument(
+        "--warm",
+        choices=("no", "yes", "both"),
+        default="no",
+        help="--replay: every model kept loaded on every instance (the gateway's warm = true, "
+        "keep_alive = -1), or engines that start empty and unload after Ollama's default 5 "
+        "minutes idle; both: compare (default: no; loads cost --load-seconds)",
+    )
     add_database_arguments(parser)  # --replay ledger: where the ledger is
     traffic.add_argument(
         "--speed", type=float, default=1.0, help="--replay: time runs this many times faster"

@@ -11,6 +11,7 @@ waiting for it. An hour of load takes seconds, and comes out the same every time
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from parallama.config import GatewaySettings
 from parallama.core.breaker import Breaker
 from parallama.core.exchange import Exchange
 from parallama.core.lifecycle import Lifecycle
+from parallama.core.placement import Warm, loads_wanted
 from parallama.core.router import Policy
 from parallama.core.scheduler import Backend, Scheduler, SchedulerSettings
 from parallama.errors import ApiError
@@ -88,11 +90,16 @@ class SimulatedFleet:
         queue_timeout: float,
         *,
         retries: int = RETRIES,
+        warm: bool = False,
     ) -> None:
+        """`warm`: every model kept loaded on every engine (the gateway's `warm = true` with a
+        pinned `keep_alive = -1`); else engines start empty and each request asks Ollama's
+        default keep-alive."""
         loop = asyncio.get_running_loop()
         self._plan = plan
         self._sim = sim
         self._retries = retries
+        self._keep_alive = math.inf if warm else None
         self._clock = loop.time
         slots = {m.name: 1 for m in sim.models if m.is_embedding}  # as Ollama forces
         self._engines = {
@@ -107,6 +114,24 @@ class SimulatedFleet:
                 Backend(name, slots=sim.scheduler.num_parallel, breaker=Breaker())
             )
         self._waiting = Waiting(self.scheduler, loop.time)
+
+    async def warm(self) -> None:
+        """Load every model where the gateway's warm placement puts it (all engines), before
+        the first request; kept for ever."""
+        models = [m.name for m in self._sim.models]
+        loads = loads_wanted([Warm(m, None) for m in models], self.scheduler.backends, set())
+
+        async def load(name: str, model: str) -> None:
+            engine = self._engines[name]
+            async with engine.admitted(model, keep_alive=math.inf, num_ctx=None, needs_slot=False):
+                pass
+            self._seen(name)
+
+        await asyncio.gather(*(load(name, model) for name, model in loads))
+
+    def _seen(self, name: str) -> None:
+        """What the gateway's probes would find loaded on the engine."""
+        self.scheduler.set_loaded(name, self._engines[name].scheduler.runners)
 
     async def send(self, setup: Setup, n: int, sample: Sample) -> None:
         """The n-th request through the gateway's queue to an engine, as `parallama serve`
@@ -123,9 +148,11 @@ class SimulatedFleet:
                 if life.waiting:
                     await self._waiting.until_bound(life.ticket)
                 sample.queue_wait = life.ticket.queue_seconds(self._clock())
-                engine = self._engines[life.attempt()]
+                name = life.attempt()
+                engine = self._engines[name]
                 try:
                     await self._generate(engine, sample, n, sent)
+                    self._seen(name)
                 except ServerBusyError:
                     if (elsewhere := life.answered(503)) is None:
                         life.ended(503)
@@ -168,7 +195,7 @@ class SimulatedFleet:
 
     async def _generate(self, engine: Engine, sample: Sample, n: int, sent: float) -> None:
         model, prompt_ids, answer = self._tokens(n)
-        async with engine.admitted(model, keep_alive=None, num_ctx=None) as ticket:
+        async with engine.admitted(model, keep_alive=self._keep_alive, num_ctx=None) as ticket:
             async for _ in engine.generate(ticket, prompt_ids, answer, Generation()):
                 at = self._clock() - sent
                 if sample.first_token is None:
@@ -179,13 +206,21 @@ class SimulatedFleet:
 
 
 async def _simulate(
-    plan: Plan, sim: SimConfig, fleets: Mapping[str, int], routing: Policy, queue_timeout: float
+    plan: Plan,
+    sim: SimConfig,
+    fleets: Mapping[str, int],
+    *,
+    routing: Policy,
+    queue_timeout: float,
+    warm: bool,
 ) -> Result:
     loop = asyncio.get_running_loop()
     by_setup = {
-        label: SimulatedFleet(plan, sim, count, routing, queue_timeout)
+        label: SimulatedFleet(plan, sim, count, routing, queue_timeout, warm=warm)
         for label, count in fleets.items()
     }
+    if warm:
+        await asyncio.gather(*(fleet.warm() for fleet in by_setup.values()))
 
     async def send(setup: Setup, n: int, sample: Sample) -> None:
         await by_setup[setup.label].send(setup, n, sample)
@@ -200,6 +235,9 @@ def simulate(
     *,
     routing: Policy = "least-loaded",
     queue_timeout: float = 60.0,
+    warm: bool = False,
 ) -> Result:
     """Run `plan` against simulated fleets: setup label -> instances of the `sim` server."""
-    return run_virtual(_simulate(plan, sim, fleets, routing, queue_timeout))
+    return run_virtual(
+        _simulate(plan, sim, fleets, routing=routing, queue_timeout=queue_timeout, warm=warm)
+    )
