@@ -111,3 +111,20 @@ def test_ram_holds_tokens_by_the_models_size() -> None:
     assert ram_tokens(spec_for("qwen2.5:7b"), 8192) == 8192 * 2**20 // (16 * 3584)
     assert ram_tokens(spec_for("nomic-embed-text:latest"), 8192) == 0
     assert ram_tokens(spec_for("qwen2.5:7b"), 0) == 0
+
+
+
+def test_a_taken_slot_keeps_only_the_prefix_it_shares_as_ollama_cuts_it() -> None:
+    # Ollama's LoadCacheSlot cuts a slot to the shared prefix as it takes it: a busy slot's
+    # old sequence is gone, and OLLAMA_MULTIUSER_CACHE copies only what is left of it.
+    slots = engine(2, rule="ollama-multiuser")
+    first = (*SYSTEM, "a1", "a2")
+    assert slots.take(first) == (0, 0)
+    slots.give_back(0, first)
+    stranger = ("x",) * 10
+    assert slots.take(stranger) == (1, 0)
+    slots.give_back(1, stranger)
+    # The system prompt is in slot 0, which is also the least recently used: taken and cut.
+    assert slots.take((*SYSTEM, "c1")) == (0, len(SYSTEM))
+    assert slots.found((*first, "q2")) == len(SYSTEM)  # not first's turn: gone from slot 0
+    assert slots.take((*first, "q2")) == (1, len(SYSTEM))  # the system prompt copied over

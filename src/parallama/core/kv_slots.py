@@ -24,7 +24,7 @@ prompt that its slot holds as a common prefix is not evaluated again. Which slot
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, cast
 
 S = TypeVar("S", bound=Sequence[object])
 CacheRule = Literal["ollama", "ollama-multiuser", "llama.cpp"]
@@ -89,10 +89,14 @@ class EngineSlots(Generic[S]):
             slot = self._best_or_forked(idle, prompt)
         else:
             slot = self._similar_or_oldest(idle, prompt)
+        shared = self._of(slot, prompt)
+        # From now on the slot holds the shared prefix, then what the request adds: what it
+        # held past that is gone (a busy slot's fork source is only that prefix).
+        self.held[slot] = cast(S, prompt[:shared])
         self._busy[slot] = True
         self._uses += 1
         self._used[slot] = self._uses
-        return slot, self._of(slot, prompt)
+        return slot, shared
 
     def _best_or_forked(self, idle: list[int], prompt: S) -> int:
         shared = [self._of(i, prompt) for i in range(len(self.held))]
@@ -102,7 +106,7 @@ class EngineSlots(Generic[S]):
             return longest
         oldest = min(idle, key=lambda i: self._used[i])
         if shared[longest] > 0 and held is not None and oldest != longest:
-            self.held[oldest] = held[: shared[longest]]  # type: ignore[assignment]
+            self.held[oldest] = cast(S, held[: shared[longest]])
         return oldest
 
     def _similar_or_oldest(self, idle: list[int], prompt: S) -> int:
