@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import subprocess
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,11 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
             done = run(
                 "plan", "--calibrate", gateway.url, "--num-parallel", "1,2", "--out", str(out)
             )
-    speeds = ((80, 0.3), (40, 0.6))
-    for n, (engine, (decode_tps, load)) in enumerate(zip(engines, speeds, strict=True), 1):
+        direct = tmp_path / "direct.toml"  # an engine alone: its load time is measured too
+        run("plan", "--calibrate", engines[1].url, "--out", str(direct))
+    assert "Behind a gateway the load time is not measured" in done.stdout
+    assert tomllib.loads(direct.read_text())["load_seconds"] == pytest.approx(0.6, rel=0.2)
+    for n, (engine, decode_tps) in enumerate(zip(engines, (80, 40), strict=True), 1):
         written = tmp_path / f"profile-{n}.toml"
         assert f"Written to {written}" in done.stdout
         text = written.read_text()
@@ -149,7 +153,7 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
         assert profile["decode_tps"] == pytest.approx(decode_tps, rel=0.1)
         assert profile["batch_curve"][0] == 1.0
         assert profile["batch_curve"][1] == pytest.approx(1.5, rel=0.15)  # two at once: 1 + 0.5
-        assert profile["load_seconds"] == pytest.approx(load, rel=0.2)  # unloaded, loaded again
+        assert profile["load_seconds"] == 0  # engines serving traffic are not unloaded
     first = tmp_path / "profile-1.toml"
     planned = run("plan", "--profile", str(first), "--instances", "1", "--requests", "10")
     assert "| 1 x profile-1 | 8 | 10 | 0 |" in planned.stdout
@@ -161,6 +165,15 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
         (["plan", "--replay", "/nonexistent.jsonl"], "cannot read /nonexistent.jsonl"),
         (["plan", "--replay", "TRACE", "--rate", "2"], "--replay sets the arrivals"),
         (["plan", "--replay", "TRACE", "--speed", "0"], "--speed must be positive"),
+        (["plan", "--replay", "TRACE", "--speed", "nan"], "--speed must be positive"),
+        (["plan", "--replay", "TRACE", "--load-seconds", "-1"], "a number of seconds from 0"),
+        (["plan", "--instances", "nan"], "give positive numbers"),
+        (["plan", "--replay", "TRACE", "--routing", "prefix-affinity"], "keeps no prompt"),
+        (
+            ["plan", "--replay", "TRACE", "--profile", "CURVE", "--num-parallel", "1,4"],
+            "measured with up to 2 at once: calibrate with --num-parallel 4",
+        ),
+        (["bench", "http://127.0.0.1:9", "--replay", "TRACE", "--prompts", "x.txt"], "--prompts"),
         (["plan", "--profile", "h100"], "or a profile file (.toml)"),
         (["plan", "--routing", "fastest"], "policies are least-loaded"),
         (["plan", "--num-parallel", "1,2"], "are candidates for --replay"),
@@ -173,9 +186,11 @@ def test_calibrating_a_gateway_measures_each_engine_behind_it(tmp_path: Path) ->
 def test_bad_replays_and_calibrations_get_a_clear_error(
     args: list[str], message: str, tmp_path: Path
 ) -> None:
-    trace = tmp_path / "trace.jsonl"
+    trace, curve = tmp_path / "trace.jsonl", tmp_path / "curve.toml"
     write_trace(trace, requests=3, rate=1)
-    done = finished(*(str(trace) if a == "TRACE" else a for a in args))
+    curve.write_text(profile_text(replace(TIMING, batch_curve=(1.0, 1.4)), "two at most"))
+    files = {"TRACE": str(trace), "CURVE": str(curve)}
+    done = finished(*(files.get(a, a) for a in args))
     assert done.returncode == 2, done.stdout
     assert message in done.stderr
     assert "Traceback" not in done.stderr

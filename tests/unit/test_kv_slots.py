@@ -113,7 +113,6 @@ def test_ram_holds_tokens_by_the_models_size() -> None:
     assert ram_tokens(spec_for("qwen2.5:7b"), 0) == 0
 
 
-
 def test_a_taken_slot_keeps_only_the_prefix_it_shares_as_ollama_cuts_it() -> None:
     # Ollama's LoadCacheSlot cuts a slot to the shared prefix as it takes it: a busy slot's
     # old sequence is gone, and OLLAMA_MULTIUSER_CACHE copies only what is left of it.

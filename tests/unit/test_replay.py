@@ -16,6 +16,7 @@ from parallama.bench.trace import (
     TraceError,
     from_ledger,
     parse_trace,
+    read_trace,
     replay_prompt,
     trace_lines,
 )
@@ -29,12 +30,18 @@ def lines(*objects: object) -> list[bytes]:
     return [orjson.dumps(o) for o in objects]
 
 
-def test_a_trace_is_read_sorted_by_time_and_written_back_the_same() -> None:
+def test_a_trace_is_read_sorted_from_time_zero_and_written_back_the_same() -> None:
     trace = parse_trace(
         [
             *lines(
-                {"time": 2.5, "model": "m", "prompt_tokens": 10, "generated_tokens": 0},
-                {"time": 0, "model": "m", "prompt_tokens": 300, "generated_tokens": 20, "key": "a"},
+                {"time": 102.5, "model": "m", "prompt_tokens": 10, "generated_tokens": 1},
+                {
+                    "time": 100,
+                    "model": "m",
+                    "prompt_tokens": 300,
+                    "generated_tokens": 20,
+                    "key": "a",
+                },
             ),
             b"  \n",
         ],
@@ -42,9 +49,16 @@ def test_a_trace_is_read_sorted_by_time_and_written_back_the_same() -> None:
     )
     assert trace == (
         TracedRequest(0.0, "m", 300, 20, "a"),
-        TracedRequest(2.5, "m", 10, 0, None),
+        TracedRequest(2.5, "m", 10, 1, None),
     )
     assert parse_trace(list(trace_lines(trace)), "again") == trace
+
+
+def test_a_trace_file_is_read_a_bounded_line_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"x" * 10_000_000)  # no newline anywhere: never read whole
+    with pytest.raises(TraceError, match=r"t\.jsonl:1: a line of over 4096 bytes"):
+        read_trace(path)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +71,7 @@ def test_a_trace_is_read_sorted_by_time_and_written_back_the_same() -> None:
         (b'{"time": 1, "model": "", "prompt_tokens": 1, "generated_tokens": 1}', '"model"'),
         (b'{"time": 1, "model": "m", "prompt_tokens": 0, "generated_tokens": 1}', "prompt_tokens"),
         (b'{"time": 1, "model": "m", "prompt_tokens": 5, "generated_tokens": 1.5}', "generated"),
+        (b'{"time": 1, "model": "m", "prompt_tokens": 5, "generated_tokens": 0}', "from 1 to"),
         (b'{"time": 1, "model": "m", "prompt_tokens": 5}', "generated_tokens"),
         (b'{"time": 1, "model": "m", "prompt_tokens": 5, "generated_tokens": 1, "key": 7}', "key"),
         (b'{"time": 1, "model": "' + b"m" * 5000 + b'"}', "over 4096 bytes"),
@@ -82,9 +97,21 @@ def test_the_ledgers_answered_requests_become_a_trace_from_the_first_arrival() -
          "generated_tokens": None},
         {"at": 999.5, "key_name": "b", "model": None, "status": 200, "prompt_tokens": 3,
          "generated_tokens": 3},
+        {"at": 999.7, "key_name": "b", "model": "nomic-embed-text", "status": 200,
+         "prompt_tokens": 3, "generated_tokens": 0},  # an embedding: not chat traffic
     ]  # fmt: skip
-    assert from_ledger(rows) == [TracedRequest(0.0, "m", 5, 7, "a"), TracedRequest(3.5, "m", 9, 2)]
-    assert from_ledger(rows[2:]) == []
+    assert from_ledger(rows) == (TracedRequest(0.0, "m", 5, 7, "a"), TracedRequest(3.5, "m", 9, 2))
+    assert from_ledger(rows[2:]) == ()
+
+
+def test_a_ledger_of_more_requests_than_a_trace_holds_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("parallama.bench.trace.MAX_REQUESTS", 2)
+    row = {"at": 1.0, "model": "m", "status": 200, "prompt_tokens": 5, "generated_tokens": 7}
+    assert len(from_ledger([row, row])) == 2
+    with pytest.raises(TraceError, match="over 2 requests: ask for a shorter time"):
+        from_ledger([row, row, row])
 
 
 def test_made_up_prompts_count_as_traced_and_share_no_prefix() -> None:
@@ -107,6 +134,19 @@ def test_a_measured_batching_curve_replaces_the_linear_law_and_goes_on_along_its
     assert TimingModel(1000, 50, batch_curve=(1.0,)).slowdown(3) == pytest.approx(1 + 2 * 0.6)
     with pytest.raises(ValueError, match="batch_curve"):
         TimingModel(1000, 50, batch_curve=(1.0, 0.0))
+    with pytest.raises(ValueError, match="finite"):
+        TimingModel(float("nan"), 50)
+    # A flag for the linear law's shape replaces the measured curve: every value can be set.
+    assert timing.with_overrides(batch_slowdown=0.2).slowdown(3) == pytest.approx(1.4)
+
+
+def test_the_prefill_offset_and_the_cache_overlap_at_the_prompts_start() -> None:
+    timing = TimingModel(1000, 50, prefill_offset=30)
+    assert timing.evaluated_tokens(100, cached=0) == 70  # the template, cached from before
+    assert timing.evaluated_tokens(100, cached=90) == 10  # a turn's history covers it: once
+    assert timing.evaluated_tokens(20, cached=0) == 0
+    fixed_cost = TimingModel(1000, 50, prefill_offset=-5)
+    assert fixed_cost.evaluated_tokens(100, cached=40) == 65
 
 
 def test_a_profile_file_round_trips_and_bad_ones_say_why(tmp_path: Path) -> None:
@@ -122,6 +162,9 @@ def test_a_profile_file_round_trips_and_bad_ones_say_why(tmp_path: Path) -> None
         ("prefill_tps = 5\ndecode_tps = 5\nturbo = 1\n", "unknown fields turbo"),
         ("prefill_tps = 5\ndecode_tps = -5\n", "must be positive"),
         ("prefill_tps = [", "not TOML"),
+        ("prefill_tps = 5\ndecode_tps = 5\nbatch_curve = 3\n", "batch_curve a list"),
+        ("prefill_tps = 5\ndecode_tps = 5\nbatch_knee = inf\n", "cannot convert float infinity"),
+        ("prefill_tps = nan\ndecode_tps = 5\n", "finite"),
     ]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
@@ -135,7 +178,7 @@ def test_a_profile_file_round_trips_and_bad_ones_say_why(tmp_path: Path) -> None
 def test_a_profile_from_a_bench_report_at_concurrency_1_and_2(tmp_path: Path) -> None:
     def summary(level: int, speed: float, ttft: float) -> dict[str, object]:
         return {
-            "level": level, "ok": 10, "prompt_tokens": 1000,
+            "setup": "engine", "level": level, "ok": 10, "prompt_tokens": 1000,
             "request_tokens_per_second": {"p50": speed}, "first_token": {"p50": ttft},
         }  # fmt: skip
 
@@ -150,6 +193,11 @@ def test_a_profile_from_a_bench_report_at_concurrency_1_and_2(tmp_path: Path) ->
     assert timing.prefill_tps == pytest.approx(200)
     assert timing.decode_tps == 50 and timing.batch_curve == (1.0, 1.25)
     assert timing.load_seconds == 2
-    path.write_bytes(orjson.dumps({"plan": {"mode": "rate"}, "summaries": []}))
-    with pytest.raises(BenchError, match="at --concurrency 1,2"):
-        from_report(path, 0)
+    for wrong in (
+        {"plan": {"mode": "rate"}, "summaries": []},
+        {**report, "summaries": [summary(1, 50, 0.52), summary(2, 40, 0.9), summary(4, 30, 1)]},
+        {**report, "summaries": [summary(1, 50, 0.52), {**summary(2, 40, 0.9), "setup": "b"}]},
+    ):  # not a bench; a level missing (3 busy is not 4); two engines
+        path.write_bytes(orjson.dumps(wrong))
+        with pytest.raises(BenchError, match="at --concurrency 1,2"):
+            from_report(path, 0)

@@ -55,13 +55,13 @@ def _trace(model: str, count: int, prompt: int, answer: int) -> tuple[TracedRequ
 
 
 @dataclass(frozen=True)
-class Engine:
+class Target:
     url: str
     api: Api
     model: str
     fixed_tokens: int = 0  # what it counts for a prompt of no words (0: not asked yet)
 
-    async def probed(self) -> Engine:
+    async def probed(self) -> Target:
         """The engine, with what it counts for a prompt of no words: so that the prompts
         asked for count as many tokens there (streamed answers may not count them)."""
         plan = self._plan(1, 1, 1)
@@ -88,13 +88,16 @@ class Engine:
         """Ollama's: the model unloaded (`keep_alive: 0`), then loaded again by a request with
         no prompt, which Ollama answers once the model is loaded (`done_reason: load`)."""
         url = f"{self.url}/api/generate"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-            async with session.post(url, json={"model": self.model, "keep_alive": 0}) as unload:
-                await unload.read()
-            started = time.perf_counter()
-            async with session.post(url, json={"model": self.model}) as load:
-                answer = await load.read()
-            took = time.perf_counter() - started
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+                async with session.post(url, json={"model": self.model, "keep_alive": 0}) as off:
+                    await off.read()
+                started = time.perf_counter()
+                async with session.post(url, json={"model": self.model}) as load:
+                    answer = await load.read()
+                took = time.perf_counter() - started
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise BenchError(f"{self.url}: loading {self.model} failed ({exc!r})") from None
         if load.status != 200 or b'"load"' not in answer:
             raise BenchError(f"{self.url} did not load {self.model} when asked ({load.status})")
         return took
@@ -108,7 +111,7 @@ class Engine:
         return summary
 
 
-async def measure(engine: Engine, most: int, load_seconds: float | None) -> TimingModel:
+async def measure(engine: Target, most: int, load_seconds: float | None) -> TimingModel:
     """`load_seconds`: None to measure it (Ollama's API only: the model is unloaded once)."""
     engine = await engine.probed()
     if load_seconds is None:
@@ -139,8 +142,12 @@ def from_report(path: Path, load_seconds: float) -> TimingModel:
     """The profile from a bench report's summaries at concurrency 1, 2, ..."""
     try:
         report: dict[str, Any] = orjson.loads(path.read_bytes())
-        rows = sorted((r for r in report["summaries"] if r["ok"]), key=lambda r: float(r["level"]))
-        if report["plan"]["mode"] != "concurrency" or not rows or float(rows[0]["level"]) != 1:
+        rows = sorted(report["summaries"], key=lambda r: float(r["level"]))
+        levels = [float(r["level"]) for r in rows]
+        one_engine = len({r["setup"] for r in rows}) == 1
+        if report["plan"]["mode"] != "concurrency" or not one_engine:
+            raise ValueError
+        if levels != list(range(1, len(rows) + 1)) or not all(r["ok"] for r in rows):
             raise ValueError
         speeds = [float(r["request_tokens_per_second"]["p50"]) for r in rows]
         first = rows[0]
@@ -151,7 +158,7 @@ def from_report(path: Path, load_seconds: float) -> TimingModel:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError):
         raise BenchError(
             f"{path}: expected a parallama bench --json report of one engine, streamed, at "
-            "--concurrency 1,2,..."
+            "--concurrency 1,2,... (every level from 1 on, each with answers)"
         ) from None
     if ttft <= 0 or prompt <= 0:
         raise BenchError(f"{path}: its time to first token leaves no time for the prefill")
@@ -179,7 +186,8 @@ async def engines_behind(url: str) -> list[str]:
             return [url]
         with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
             status = orjson.loads(await answer.read())
-            return [b["url"] for b in status["backends"] if b["online"] and b["healthy"]]
+            serving = [b for b in status["backends"] if b["online"] and b["healthy"]]
+            return [b["url"] for b in serving if not b["draining"]]
     return [url]
 
 
@@ -193,6 +201,10 @@ async def calibrate(args: argparse.Namespace) -> list[tuple[str, str, TimingMode
     if not engines:
         raise BenchError(f"{url} is a gateway with no engine serving to calibrate")
     most = int(max(args.num_parallel))
+    load_seconds = args.load_seconds
+    if load_seconds is None and engines != [url]:
+        load_seconds = 0.0  # not measured: unloading a model under a gateway's traffic hurts
+        print("Behind a gateway the load time is not measured (--load-seconds sets it).")
     measured = []
     for engine_url in engines:
         model = args.model
@@ -200,7 +212,7 @@ async def calibrate(args: argparse.Namespace) -> list[tuple[str, str, TimingMode
             listed = await listed_models(Setup(engine_url, engine_url), args.api, None)
             model = choose_model(listed, "chat", Setup(engine_url, engine_url))
         print(f"Calibrating on {engine_url} ({model}, up to {most} at once) ...", flush=True)
-        timing = await measure(Engine(engine_url, args.api, model), most, args.load_seconds)
+        timing = await measure(Target(engine_url, args.api, model), most, load_seconds)
         measured.append((engine_url, model, timing))
     return measured
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import socket
@@ -112,12 +113,12 @@ async def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Pl
     (no warm-up: the trace's first requests are what they were), its prompts as long as
     traced as the first target counts them. `--model` sends every request to that model
     instead of the traced ones."""
-    if args.rate or args.concurrency or args.requests or args.duration or args.compare_pooling:
+    if args.requests or args.duration or args.compare_pooling or args.prompts:
         raise BenchError(
-            "--replay sets the arrivals: no --rate, --concurrency, --requests, --duration or "
-            "--compare-pooling"
+            "--replay sets the arrivals and the lengths: no --requests, --duration, "
+            "--compare-pooling or --prompts"
         )
-    if args.speed <= 0:
+    if not 0 < args.speed < math.inf:
         raise BenchError("--speed must be positive")
     try:
         trace = read_trace(Path(args.replay))

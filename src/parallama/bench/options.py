@@ -4,6 +4,7 @@ not load it)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import get_args
 
@@ -16,7 +17,7 @@ def numbers(text: str) -> list[float]:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a list of numbers") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers")
     return values
 

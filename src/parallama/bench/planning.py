@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ import orjson
 from parallama.bench import report
 from parallama.bench.main import BenchError
 from parallama.bench.planning_options import DEFAULT_MODEL
-from parallama.bench.runner import Plan, Result, Setup
+from parallama.bench.runner import Plan, Result, Setup, Slice
 from parallama.bench.simulate import simulate
 from parallama.bench.stats import Summary
 from parallama.bench.trace import (
@@ -144,28 +145,30 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
     warm = {"no": [False], "yes": [True], "both": [False, True]}[args.warm]
     combos = itertools.product(args.instances, args.num_parallel, args.routing, warm)
     return sorted(
-        (Candidate(int(n), int(p), r, w) for n, p, r, w in combos),
+        dict.fromkeys(Candidate(int(n), int(p), r, w) for n, p, r, w in combos),
         key=lambda c: (c.instances, c.num_parallel),
     )
 
 
 def replay(args: argparse.Namespace, trace: tuple[TracedRequest, ...]) -> Result:
-    """The trace on each candidate fleet, on a virtual clock: one result, a setup a candidate."""
+    """The trace on each candidate fleet, on a virtual clock: one result, a setup a candidate,
+    each summarised as it ends (a long trace's samples for every candidate would not fit)."""
     models = tuple(sorted({t.model for t in trace}))
     workload = Workload("ollama", "chat", models[0], trace=trace)
-    results = []
+    plan = Plan((), workload, "replay", (args.speed,), seed=args.seed)
+    setups: list[Setup] = []
+    slices: list[Slice] = []
+    summaries: list[Summary] = []
     for candidate in candidates(args):
         name = candidate.label(profile_name(args))
-        plan = Plan((Setup(name, "sim://"),), workload, "replay", (args.speed,), seed=args.seed)
+        one = replace(plan, setups=(Setup(name, "sim://"),))
         sim = sim_config(args, candidate.num_parallel, models)
         fleet = {name: candidate.instances}
-        results.append(simulate(plan, sim, fleet, routing=candidate.routing, warm=candidate.warm))
-    setups = tuple(setup for r in results for setup in r.plan.setups)
-    return Result(
-        replace(results[0].plan, setups=setups),
-        [sample for r in results for sample in r.samples],
-        [piece for r in results for piece in r.slices],
-    )
+        result = simulate(one, sim, fleet, routing=candidate.routing, warm=candidate.warm)
+        setups += one.setups
+        slices += result.slices
+        summaries += result.summaries()  # and its samples go
+    return Result(replace(plan, setups=tuple(setups)), slices=slices, summarized=summaries)
 
 
 def cheapest(result: Result, target_p99: float) -> Summary | None:
@@ -183,15 +186,22 @@ def replayed(args: argparse.Namespace) -> tuple[TracedRequest, ...]:
     since = time.time() - parse_age(args.since)
     store = open_store(database_of(args.config, flag=args.database))
     try:
-        trace = from_ledger(store.answered(since, MAX_REQUESTS))
+        trace = from_ledger(store.answered(since, MAX_REQUESTS + 1))
+    except TraceError as exc:
+        raise BenchError(f"the ledger since {args.since}: {exc}") from None
     finally:
         store.close()
     if not trace:
         raise BenchError(f"no answered request in the ledger in the last {args.since}")
-    return tuple(trace)
+    return trace
+
+
+AFFINITY = ("session-affinity", "prefix-affinity")  # they need prompts; a trace has none
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.load_seconds is not None and not 0 <= args.load_seconds < math.inf:
+        raise BenchError("--load-seconds: a number of seconds from 0")
     loaded = 1 if args.max_loaded_models is None else args.max_loaded_models
     wholes = [*args.instances, *args.num_parallel, loaded]
     if args.requests < 1 or any(n != int(n) or n < 1 for n in wholes):
@@ -202,8 +212,21 @@ def _check(args: argparse.Namespace) -> None:
     if args.replay:
         if args.target_qps is not None or args.rate or args.concurrency:
             raise BenchError("--replay sets the arrivals: no --rate, --concurrency, --target-qps")
-        if args.speed <= 0:
+        if not 0 < args.speed < math.inf:
             raise BenchError("--speed must be positive")
+        if affinity := [p for p in args.routing if p in AFFINITY]:
+            raise BenchError(
+                f"--replay: {', '.join(affinity)} route by what prompts share, and a trace "
+                "keeps no prompt (its replayed prompts share nothing): compare the others"
+            )
+        curve = len(timing(args).batch_curve)
+        if curve and max(args.num_parallel) > curve:
+            raise BenchError(
+                f"the profile's batching was measured with up to {curve} at once: calibrate "
+                f"with --num-parallel {int(max(args.num_parallel))} to plan that many slots"
+            )
+    elif args.calibrate or args.calibrate_from:
+        return
     elif (args.target_qps is None) != (args.target_p99 is None):
         raise BenchError("--target-qps and --target-p99 go together")
     elif len(args.num_parallel) > 1 or len(args.routing) > 1:
@@ -211,11 +234,11 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def plan_command(args: argparse.Namespace) -> int:
+    _check(args)
     if args.calibrate or args.calibrate_from:
         from parallama.bench.calibration import calibrate_command
 
         return calibrate_command(args)
-    _check(args)
     text = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
     speed = timing(args).decode_tps
     if args.replay:

@@ -4,7 +4,7 @@ load it)."""
 from __future__ import annotations
 
 import argparse
-from typing import get_args
+from typing import cast, get_args
 
 from parallama.bench.options import numbers
 from parallama.core.router import Policy
@@ -21,7 +21,7 @@ def policies(text: str) -> list[Policy]:
     wrong = [name for name in names if name not in known]
     if wrong or not names:
         raise argparse.ArgumentTypeError(f"{text!r}: policies are {', '.join(known)}")
-    return names  # type: ignore[return-value]  # each checked against Policy above
+    return [cast(Policy, name) for name in names]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument(
         "--calibrate",
         metavar="URL",
-        help="measure this engine (Ollama or OpenAI-compatible: one server, not the gateway) "
-        "and write its timing profile to --out; then --profile FILE uses it",
+        help="measure this engine (Ollama or OpenAI-compatible), or each engine serving behind "
+        "this parallama gateway, and write its timing profile to --out (one per engine: "
+        "--out's name with -1, -2 ...); then --profile FILE uses it",
     )
     calibration.add_argument(
         "--calibrate-from",

@@ -70,9 +70,12 @@ class Result:
     plan: Plan
     samples: list[Sample] = field(default_factory=list)
     slices: list[Slice] = field(default_factory=list)
+    summarized: list[Summary] | None = None  # the summaries, once the samples are let go
 
     def summaries(self) -> list[Summary]:
         """Per level, per setup in the order given: over all of its samples."""
+        if self.summarized is not None:
+            return self.summarized
         out = []
         for level in self.plan.levels:
             for setup in self.plan.setups:
@@ -307,7 +310,9 @@ async def fixed_tokens(plan: Plan) -> int | None:
 
 def _milliseconds(header: str | None) -> float | None:
     """Seconds, from a header of whole milliseconds."""
-    return int(header) / 1000 if header is not None and header.isdigit() else None
+    if header is None or not (header.isascii() and header.isdigit()):
+        return None
+    return int(header) / 1000
 
 
 def authorization(api_key: str | None) -> dict[str, str]:

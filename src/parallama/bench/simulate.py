@@ -138,12 +138,14 @@ class SimulatedFleet:
         would send it: every decision (admission, "server busy" throttled and moved to another
         engine while one is left, the outcome) is the gateway's own `Lifecycle`'s."""
         workload = self._plan.workload
-        model = workload.trace[n].model if workload.trace else workload.model
+        traced = workload.trace[n] if workload.trace else None
+        model = traced.model if traced else workload.model
+        client = traced.key if traced and traced.key else "bench"  # fair shares are per key
         exchange = Exchange("POST", "/api/generate", "bench", self._clock())
         life = Lifecycle(self.scheduler, exchange, self._retries, self._waiting.changed)
         sent = self._clock()
         try:
-            life.admit(model, model, client="bench")
+            life.admit(model, model, client=client)
             while True:
                 if life.waiting:
                     await self._waiting.until_bound(life.ticket)

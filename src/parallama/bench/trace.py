@@ -8,14 +8,18 @@ JSON Lines, one request a line, in any order (they are sorted by time):
     {"time": 12.5, "model": "qwen2.5:7b", "prompt_tokens": 310, "generated_tokens": 120,
      "key": "alice"}
 
-`time` is in seconds from the trace's start; `key` (who sent it) is optional. A trace holds token
-counts and times, never a prompt or an answer: replays make up prompts of the same length.
+`time` is in seconds (from the trace's start: the first request's time is taken as 0); `key`
+(who sent it) is optional. A trace holds token counts and times, never a prompt or an answer:
+replays make up prompts of the same length, and ask for answers of the same length (at least
+one token: requests that generated nothing, such as embeddings, are not chat traffic).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ class TraceError(ValueError):
     """A trace that cannot be used; the message says where and why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TracedRequest:
     time: float  # seconds from the trace's start
     model: str
@@ -98,12 +102,14 @@ def parse_trace(lines: Iterable[bytes], source: str) -> tuple[TracedRequest, ...
             raise TraceError(f"{source}:{number}: {exc}") from None
     if not requests:
         raise TraceError(f"{source} has no requests")
-    return tuple(sorted(requests, key=lambda r: r.time))
+    return _from_zero(requests)
 
 
 def read_trace(path: Path) -> tuple[TracedRequest, ...]:
     try:
-        with path.open("rb") as lines:
+        with path.open("rb") as file:
+            # A line at most one byte over the bound is read, and refused for its length.
+            lines = iter(lambda: file.readline(MAX_LINE + 1), b"")
             return parse_trace(lines, str(path))
     except OSError as exc:
         raise TraceError(f"cannot read {path}: {exc.strerror}") from None
@@ -114,49 +120,50 @@ def trace_lines(requests: Iterable[TracedRequest]) -> Iterable[bytes]:
         yield orjson.dumps(request.as_json()) + b"\n"
 
 
-def from_ledger(rows: Iterable[Mapping[str, Any]]) -> list[TracedRequest]:
-    """A trace of the ledger's answered requests (status 200, with their token counts and a
-    model), times from the first one's arrival."""
-    kept = [
-        row
-        for row in rows
-        if row.get("status") == 200
-        and row.get("model")
-        and isinstance(row.get("prompt_tokens"), int)
-        and isinstance(row.get("generated_tokens"), int)
-    ]
-    if not kept:
-        return []
-    start = min(float(row["at"]) for row in kept)
-    return sorted(
-        (
-            TracedRequest(
-                time=float(row["at"]) - start,
-                model=str(row["model"]),
-                prompt_tokens=int(row["prompt_tokens"]),
-                generated_tokens=int(row["generated_tokens"]),
-                key=row.get("key_name"),
-            )
-            for row in kept
-        ),
-        key=lambda r: r.time,
-    )
+def from_ledger(rows: Iterable[Mapping[str, Any]]) -> tuple[TracedRequest, ...]:
+    """A trace of the ledger's answered requests (status 200) that a trace can hold (a model,
+    a prompt, at least one generated token: no embeddings), times from the first arrival.
+    Asked for up to `MAX_REQUESTS` + 1 rows, it refuses more than it can keep."""
+    rows = list(rows)
+    if len(rows) > MAX_REQUESTS:
+        raise TraceError(f"over {MAX_REQUESTS:,} requests: ask for a shorter time")
+    kept = []
+    for row in rows:
+        if row.get("status") != 200:
+            continue
+        line = {
+            "time": row.get("at"),
+            "model": row.get("model"),
+            "prompt_tokens": row.get("prompt_tokens"),
+            "generated_tokens": row.get("generated_tokens"),
+            "key": row.get("key_name"),
+        }
+        with contextlib.suppress(ValueError):
+            kept.append(_request(line, earliest=-math.inf))
+    return _from_zero(kept) if kept else ()
 
 
-def _request(value: dict[str, Any]) -> TracedRequest:
+def _from_zero(requests: list[TracedRequest]) -> tuple[TracedRequest, ...]:
+    """Sorted by time, the first at 0."""
+    start = min(r.time for r in requests)
+    return tuple(sorted((replace(r, time=r.time - start) for r in requests), key=lambda r: r.time))
+
+
+def _request(value: Mapping[str, Any], earliest: float = 0.0) -> TracedRequest:
+    """One request, checked; `earliest`: the first time allowed (a ledger's are Unix times)."""
     time, model, key = value.get("time"), value.get("model"), value.get("key")
-    if not isinstance(time, int | float) or isinstance(time, bool) or not 0 <= time < 1e9:
+    if isinstance(time, bool) or not isinstance(time, int | float) or not earliest <= time < 1e10:
         raise ValueError('"time": seconds from the trace\'s start, a number from 0')
     if not isinstance(model, str) or not 0 < len(model) <= MAX_NAME:
         raise ValueError(f'"model": a name of 1 to {MAX_NAME} characters')
     if key is not None and (not isinstance(key, str) or len(key) > MAX_NAME):
         raise ValueError(f'"key": a name of up to {MAX_NAME} characters')
-    prompt, generated = _count(value, "prompt_tokens", 1), _count(value, "generated_tokens", 0)
+    prompt, generated = _count(value, "prompt_tokens"), _count(value, "generated_tokens")
     return TracedRequest(float(time), model, prompt, generated, key)
 
 
-def _count(value: dict[str, Any], name: str, least: int) -> int:
+def _count(value: Mapping[str, Any], name: str) -> int:
     count = value.get(name)
-    if isinstance(count, bool) or not isinstance(count, int) or not least <= count <= MAX_TOKENS:
-        raise ValueError(f'"{name}": a whole number from {least} to {MAX_TOKENS:,}')
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_TOKENS:
+        raise ValueError(f'"{name}": a whole number from 1 to {MAX_TOKENS:,}')
     return count

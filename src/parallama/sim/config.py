@@ -36,7 +36,7 @@ class SimConfig:
     # Not Ollama's (it tells nothing of the kind): how busy it is, as llama.cpp's server tells
     # it on /slots or vLLM on /metrics, for tests of a gateway that reads it.
     occupancy: Literal["none", "slots", "vllm"] = "none"
-    prompt_cache: CacheRule = "ollama"  # whose rules: Ollama's runner, or llama.cpp's server
+    prompt_cache: CacheRule = "ollama"  # whose rules: Ollama's (multi-user or not), llama.cpp's
     cache_ram_mib: int = 8192  # llama.cpp server's host-RAM prompt cache, per loaded model
 
 
@@ -53,7 +53,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
 def _env_bool(env: Mapping[str, str], name: str) -> bool:
     """As Ollama's envconfig.Bool reads it: unset or empty is false; what Go's ParseBool does
     not read as false is true."""
-    raw = env.get(name, "").strip()
+    raw = env.get(name, "").strip().strip("\"'")  # as its envconfig.Var reads a value
     return bool(raw) and raw not in ("0", "f", "F", "false", "FALSE", "False")
 
 

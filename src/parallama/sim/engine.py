@@ -126,7 +126,10 @@ class Engine:
         try:
             start = now()
             busy = self.scheduler.busy_slots(ticket.model)
-            prefill = self.timing.prefill_seconds(len(prompt) - stats.cached, busy)
+            evaluated = (
+                self.timing.evaluated_tokens(len(prompt), stats.cached) if cache else len(prompt)
+            )
+            prefill = self.timing.prefill_seconds(evaluated, busy)
             await _sleep_until(now, start + prefill)
             stats.prompt_eval = now() - start
             decode_start = deadline = now()

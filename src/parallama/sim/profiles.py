@@ -50,11 +50,15 @@ def read_profile(path: Path) -> TimingModel:
     if unknown:
         raise ConfigError(f"{path}: unknown fields {', '.join(sorted(unknown))}")
     curve = data.get("batch_curve", [])
-    numbers = [v for k, v in data.items() if k in _FIELDS] + list(curve)
+    numbers = [v for k, v in data.items() if k in _FIELDS] + (
+        curve if isinstance(curve, list) else []
+    )
     if not isinstance(curve, list) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in numbers
     ):
-        raise ConfigError(f"{path}: numbers only ({', '.join(sorted(_FIELDS))}, batch_curve)")
+        raise ConfigError(
+            f"{path}: numbers only ({', '.join(sorted(_FIELDS))}), and batch_curve a list of them"
+        )
     if "prefill_tps" not in data or "decode_tps" not in data:
         raise ConfigError(f"{path}: prefill_tps and decode_tps are needed")
     try:
@@ -67,7 +71,7 @@ def read_profile(path: Path) -> TimingModel:
             batch_knee=int(data.get("batch_knee", 0)),
             batch_curve=tuple(float(v) for v in curve),
         )
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
@@ -75,12 +79,12 @@ def profile_text(timing: TimingModel, comment: str) -> str:
     """The profile as a TOML file, with `comment` (where it was measured) on top."""
     lines = [
         f"# parallama timing profile: {comment}",
-        f"prefill_tps = {timing.prefill_tps:.1f}  # prompt tokens/s, one sequence",
-        f"prefill_offset = {timing.prefill_offset:.1f}  # tokens of every prompt not evaluated",
-        f"decode_tps = {timing.decode_tps:.2f}  # generated tokens/s, one sequence alone",
+        f"prefill_tps = {timing.prefill_tps:.5g}  # prompt tokens/s, one sequence",
+        f"prefill_offset = {timing.prefill_offset:.4g}  # tokens of every prompt not evaluated",
+        f"decode_tps = {timing.decode_tps:.5g}  # generated tokens/s, one sequence alone",
     ]
     if timing.batch_curve:
-        factors = ", ".join(f"{f:.3f}" for f in timing.batch_curve)
+        factors = ", ".join(f"{f:.4g}" for f in timing.batch_curve)
         lines.append(f"batch_curve = [{factors}]  # times slower with 1, 2, ... sequences busy")
     else:
         lines.append(f"batch_slowdown = {timing.batch_slowdown:g}")

@@ -22,6 +22,7 @@ row's tokens/s for one sequence. Prefill and load times are plausible values for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -38,6 +39,9 @@ class TimingModel:
     prefill_offset: float = 0.0
 
     def __post_init__(self) -> None:
+        numbers = (self.prefill_tps, self.decode_tps, self.batch_slowdown, self.load_seconds)
+        if not all(map(math.isfinite, (*numbers, self.prefill_offset, *self.batch_curve))):
+            raise ValueError("timing values must be finite numbers")
         if self.prefill_tps <= 0 or self.decode_tps <= 0:
             raise ValueError("prefill and decode rates must be positive")
         if self.batch_slowdown < 0 or self.load_seconds < 0 or self.batch_knee < 0:
@@ -56,9 +60,16 @@ class TimingModel:
         past_knee = max(busy_slots - self.batch_knee, 0) if self.batch_knee else 0
         return 1.0 + self.batch_slowdown * max(busy_slots - 1, 0) + past_knee
 
-    def prefill_seconds(self, prompt_tokens: int, busy_slots: int) -> float:
-        tokens = max(prompt_tokens - self.prefill_offset, 0.0)
-        return tokens / self.prefill_tps * self.slowdown(busy_slots)
+    def evaluated_tokens(self, prompt_tokens: int, cached: int) -> float:
+        """The prompt tokens a prefill pays for: those past what the slot held (`cached`) and
+        past `prefill_offset`, which lies at the start too (a template both may cover); a
+        negative offset adds its cost to every prefill."""
+        if self.prefill_offset < 0:
+            return prompt_tokens - cached - self.prefill_offset
+        return max(prompt_tokens - max(cached, self.prefill_offset), 0.0)
+
+    def prefill_seconds(self, prompt_tokens: float, busy_slots: int) -> float:
+        return prompt_tokens / self.prefill_tps * self.slowdown(busy_slots)
 
     def token_seconds(self, busy_slots: int) -> float:
         """Time to decode one token of one sequence while `busy_slots` are busy."""
@@ -77,8 +88,10 @@ class TimingModel:
         load_seconds: float | None = None,
         batch_knee: int | None = None,
     ) -> TimingModel:
+        shape = batch_slowdown is not None or batch_knee is not None
         return replace(
             self,
+            batch_curve=() if shape else self.batch_curve,  # the flags' shape, not the curve's
             batch_knee=self.batch_knee if batch_knee is None else batch_knee,
             prefill_tps=self.prefill_tps if prefill_tps is None else prefill_tps,
             decode_tps=self.decode_tps if decode_tps is None else decode_tps,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from parallama import config
-from parallama.bench.trace import MAX_REQUESTS, from_ledger, trace_lines
+from parallama.bench.trace import MAX_REQUESTS, TraceError, from_ledger, trace_lines
 from parallama.errors import ConfigError
 from parallama.teams.access import describe
 from parallama.teams.keys import LIMITS, ApiKey, key_fields, make_key, parse_age
@@ -101,7 +101,7 @@ def run_usage(args: argparse.Namespace) -> int:
     store = open_store(config.database_of(args.config, flag=args.database))
     try:
         if args.trace:
-            return _write_trace(store.answered(since, MAX_REQUESTS), args.trace, args.since)
+            return _write_trace(store.answered(since, MAX_REQUESTS + 1), args.trace, args.since)
         rows = store.usage(since, by)
     finally:
         store.close()
@@ -119,7 +119,10 @@ def run_usage(args: argparse.Namespace) -> int:
 
 
 def _write_trace(rows: list[dict[str, Any]], path: str, since: str) -> int:
-    requests = from_ledger(rows)
+    try:
+        requests = from_ledger(rows)
+    except TraceError as exc:
+        raise ConfigError(f"the ledger since {since}: {exc}") from None
     if not requests:
         raise ConfigError(f"no answered request in the ledger in the last {since}")
     if path == "-":
