@@ -12,8 +12,10 @@ which parallama runs here with late binding: a request is still sent only to a f
 **chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
 of four long shared system prompts, `--active` of them at a time) over three emulators of
 different speeds with 4 slots each, whose prompt caches follow `--prompt-cache`'s rules:
-Ollama's (the default: a sequence per slot), Ollama's with OLLAMA_MULTIUSER_CACHE=1, or
-llama.cpp server's with `--cache-ram` MiB of host-RAM prompt cache each (8192, its default).
+llama.cpp's server, which Ollama runs since v0.30 (the default), with `--cache-ram` MiB of
+host-RAM prompt cache each (8192, its default); or Ollama's own runners before v0.30 (a
+sequence per slot, nothing more: `ollama-legacy`, and `ollama-legacy-multiuser` for
+OLLAMA_MULTIUSER_CACHE=1).
 Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached.
 
 **slots**: one emulated engine whose aggregate tokens/s peaks at 3 sequences at once (past
@@ -296,7 +298,7 @@ def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) 
     )
     ram = (
         f", {args.cache_ram} MiB of RAM prompt cache each"
-        if args.prompt_cache == "llama.cpp"
+        if args.prompt_cache == "llama-server"
         else ""
     )
     print(
@@ -445,14 +447,14 @@ def main() -> None:
     parser.add_argument(
         "--prompt-cache",
         choices=CACHE_RULES,
-        default="ollama",
-        help="chat: whose prompt-cache rules the engines follow (ollama)",
+        default="llama-server",
+        help="chat: whose prompt-cache rules the engines follow (llama-server)",
     )
     parser.add_argument(
         "--cache-ram",
         type=int,
         default=8192,
-        help="chat, llama.cpp: each engine's host-RAM prompt cache, MiB (8192, its default)",
+        help="chat, llama-server: each engine's host-RAM prompt cache, MiB (8192, its default)",
     )
     args = parser.parse_args()
     table: dict[Policy, dict[str, float]] = {}

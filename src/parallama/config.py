@@ -80,19 +80,12 @@ class BackendSettings(BaseModel):
         "this gateway: llama.cpp server's /slots, vLLM's /metrics, none; auto: whichever an "
         "OpenAI-dialect engine answers (Ollama tells nothing of the kind)",
     )
-    prompt_cache: Literal["auto", CacheRule] = Field(
-        "auto",
-        description="prefix-affinity: whose rules its prompt cache follows: Ollama's (one "
-        "sequence a slot), Ollama's with OLLAMA_MULTIUSER_CACHE=1, or llama.cpp server's "
-        "(with its 8 GiB host-RAM cache); auto: Ollama's for kind ollama, else llama.cpp's",
+    prompt_cache: CacheRule = Field(
+        "llama-server",
+        description="prefix-affinity: whose rules its prompt cache follows: llama.cpp's server "
+        "(what Ollama runs since v0.30, with its 8 GiB host-RAM cache), or Ollama's own runners "
+        "before v0.30 (ollama-legacy; ollama-legacy-multiuser with OLLAMA_MULTIUSER_CACHE=1)",
     )
-
-    @property
-    def cache_rule(self) -> CacheRule:
-        """The rules its prompt cache follows."""
-        if self.prompt_cache != "auto":
-            return self.prompt_cache
-        return "ollama" if self.kind == "ollama" else "llama.cpp"
 
     @field_validator("models")
     @classmethod

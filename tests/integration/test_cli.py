@@ -159,17 +159,22 @@ def cached_on_the_first_conversations_next_turn(url: str) -> int:
 
 
 @pytest.mark.parametrize(
-    ("multiuser", "args", "keeps_the_conversation"),
-    [("", (), False), ("1", (), True), ("1", ("--prompt-cache", "ollama"), False)],
+    ("args", "keeps_the_conversation"),
+    [
+        ((), False),
+        (("--prompt-cache", "ollama-legacy"), False),
+        (("--prompt-cache", "ollama-legacy-multiuser"), True),
+    ],
 )
-def test_the_prompt_cache_follows_ollama_and_ollama_multiuser_cache(
-    multiuser: str, args: tuple[str, ...], keeps_the_conversation: bool
+def test_the_prompt_cache_follows_the_rules_of_ollamas_engines(
+    args: tuple[str, ...], keeps_the_conversation: bool
 ) -> None:
-    # Ollama takes the idle slot sharing the longest prefix: B's turn overwrites A's slot, and
-    # A's next turn finds only the system prompt. With OLLAMA_MULTIUSER_CACHE=1, B takes the
-    # least recently used slot with the system prompt copied in, and A's slot stays A's.
-    env = {"OLLAMA_MULTIUSER_CACHE": multiuser}
-    with sim_process("--port", "0", "--num-parallel", "2", "--profile", "fast", *args, env=env) as (
+    # Ollama's llama.cpp server (the default) and its older runners both give B's turn the
+    # slot that shares its system prompt, overwriting A's conversation there: A's next turn
+    # finds only the system prompt (llama.cpp saves a slot to RAM only when it keeps less than
+    # half of it). With OLLAMA_MULTIUSER_CACHE=1, the older runners give B the least recently
+    # used slot, the system prompt copied in, and A's slot stays A's.
+    with sim_process("--port", "0", "--num-parallel", "2", "--profile", "fast", *args) as (
         process,
         urls,
     ):

@@ -391,3 +391,54 @@ def test_session_affinity_keeps_each_growing_conversation_on_one_backend() -> No
     # (least-loaded would put all 18 where the model is loaded).
     assert all(count % 3 == 0 for count in served)
     assert sum(count > 0 for count in served) > 1
+
+
+@pytest.mark.parametrize(
+    ("routing", "finds_its_history"), [("prefix-affinity", True), ("least-loaded", False)]
+)
+def test_prefix_affinity_sends_each_turn_to_the_backend_that_holds_its_history(
+    routing: str, finds_its_history: bool
+) -> None:
+    """Two one-slot engines without a RAM prompt cache, two conversations with different system
+    prompts, their first turns at once (one on each engine), then their second turns at once in
+    the other order: least-loaded sends each to the engine holding the other's history, prefix
+    affinity to its own, where the whole first exchange is found cached."""
+    config = replace(
+        make_config(decode_tps=20, output_tokens=(20, 20), models=(CHAT_MODEL,), ports=2),
+        cache_ram_mib=0,
+    )
+    chats = {
+        name: [
+            {"role": "system", "content": f"You are {name}'s assistant. " * 30},
+            {"role": "user", "content": f"Hello, I am {name}."},
+        ]
+        for name in ("ann", "bob")
+    }
+    with sim_servers(config) as servers, gateway_for(servers, routing=routing, slots=1) as gateway:
+
+        async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
+            body = {"model": CHAT_MODEL, "messages": chats[name], "stream": False}
+            answer: dict[str, Any] = (
+                await client.post(f"{gateway.url}/api/chat", json=body)
+            ).json()
+            chats[name] += [answer["message"], {"role": "user", "content": "And then?"}]
+            return answer
+
+        async def turn(first: str, second: str) -> list[dict[str, Any]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                leading = asyncio.ensure_future(ask(client, first))
+                await asyncio.to_thread(  # the first is on an engine: the other one is free
+                    wait_for_gateway, gateway.url, lambda s: s["in_flight"] == 1
+                )
+                return list(await asyncio.gather(leading, ask(client, second)))
+
+        firsts = asyncio.run(turn("ann", "bob"))
+        assert all(state(s.url)["prompt_tokens"] for s in servers)  # one on each engine
+        before = sum(state(s.url)["cached_tokens"][CHAT_MODEL] for s in servers)
+        asyncio.run(turn("bob", "ann"))  # the other order: least-loaded swaps them
+        cached = sum(state(s.url)["cached_tokens"][CHAT_MODEL] for s in servers) - before
+    history = sum(a["prompt_eval_count"] + a["eval_count"] for a in firsts)
+    if finds_its_history:
+        assert cached >= history - 4  # each first exchange, but for a token or two of the turn's
+    else:
+        assert cached < history / 10  # the other's slot: the template and "You are" at most

@@ -1,5 +1,5 @@
-"""Engines' prompt caches (Ollama's runner's slots; llama.cpp server's slots and host-RAM cache),
-as the emulator and the gateway both run them."""
+"""Engines' prompt caches (llama.cpp server's slots and host-RAM cache, which Ollama runs since
+v0.30; the slots of Ollama's own runners before it), as the emulator and the gateway run them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ Tokens = tuple[str, ...]
 SYSTEM: Tokens = tuple(f"s{i}" for i in range(50))
 
 
-def engine(slots: int, budget: int = 0, rule: CacheRule = "llama.cpp") -> EngineSlots[Tokens]:
+def engine(slots: int, budget: int = 0, rule: CacheRule = "llama-server") -> EngineSlots[Tokens]:
     return EngineSlots(slots, common_prefix, rule, budget)
 
 
-def test_ollama_takes_the_idle_slot_sharing_most_else_always_the_first() -> None:
-    slots = engine(2, rule="ollama")
+def test_ollama_legacy_takes_the_idle_slot_sharing_most_else_always_the_first() -> None:
+    slots = engine(2, rule="ollama-legacy")
     first = (*SYSTEM, "q1")
     assert slots.take(first) == (0, 0)
     stranger = ("x",) * 60
@@ -33,8 +33,8 @@ def test_ollama_takes_the_idle_slot_sharing_most_else_always_the_first() -> None
     assert slots.saved == []  # and no host-RAM cache, whatever the budget
 
 
-def test_ollama_multiuser_copies_the_longest_prefix_into_the_least_recently_used_slot() -> None:
-    slots = engine(2, rule="ollama-multiuser")
+def test_ollama_legacy_multiuser_copies_the_longest_prefix_into_the_lru_slot() -> None:
+    slots = engine(2, rule="ollama-legacy-multiuser")
     first = (*SYSTEM, "q1", "a1")
     assert slots.take(first[:-1]) == (0, 0)
     slots.give_back(0, first)
@@ -116,7 +116,7 @@ def test_ram_holds_tokens_by_the_models_size() -> None:
 def test_a_taken_slot_keeps_only_the_prefix_it_shares_as_ollama_cuts_it() -> None:
     # Ollama's LoadCacheSlot cuts a slot to the shared prefix as it takes it: a busy slot's
     # old sequence is gone, and OLLAMA_MULTIUSER_CACHE copies only what is left of it.
-    slots = engine(2, rule="ollama-multiuser")
+    slots = engine(2, rule="ollama-legacy-multiuser")
     first = (*SYSTEM, "a1", "a2")
     assert slots.take(first) == (0, 0)
     slots.give_back(0, first)

@@ -37,8 +37,8 @@ def test_shared_blocks_finds_the_first_difference() -> None:
     assert shared_blocks((5,), (1,)) == 0
 
 
-def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_llama_cpp_would() -> None:
-    memory = PrefixMemory("llama.cpp")
+def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_ollama_and_llama_cpp_do() -> None:
+    memory = PrefixMemory()  # llama.cpp's server: what Ollama runs since v0.30
     first, other = (1, 2), (7, 8)
     slots = [memory.take(M, first, slots=2), memory.take(M, other, slots=2)]
     assert memory.match(M, (1, 2, 3)) == 0  # both slots busy: their caches serve no other
@@ -58,8 +58,8 @@ def test_memory_keeps_what_each_slot_and_the_ram_cache_hold_as_llama_cpp_would()
     assert memory.match(M, (1, 2, 3)) == 0
 
 
-def test_memory_follows_ollamas_rule_by_default_one_sequence_a_slot() -> None:
-    memory = PrefixMemory()
+def test_memory_follows_older_ollamas_rule_when_told_one_sequence_a_slot() -> None:
+    memory = PrefixMemory("ollama-legacy")
     first, other = (1, 2, 3), (7, 8)
     slots = [memory.take(M, first, slots=2), memory.take(M, other, slots=2)]
     for slot, sent in zip(slots, (first, other), strict=True):

@@ -5,20 +5,25 @@ runs it on prompt block hashes (`core.prefixes`), to guess what each backend hol
 In every engine each slot keeps the sequence it ran last (prompt and answer), and the part of a
 prompt that its slot holds as a common prefix is not evaluated again. Which slot a request takes:
 
-- `ollama`: Ollama's own runners (`runner/ollamarunner/cache.go`, `findLongestCacheSlot`): the
-  idle slot sharing the longest prefix with the prompt, the first of equals (so the first idle
-  slot when none shares anything). No host-RAM cache.
-- `ollama-multiuser` (`OLLAMA_MULTIUSER_CACHE=1`, `findBestCacheSlot`): the slot sharing the
-  longest prefix if it is idle and the prompt extends all it holds; else the least recently used
-  idle slot, into which that longest prefix is copied from its slot (busy or not).
-- `llama.cpp`: llama.cpp's server (`get_available_slot`, `server_prompt_cache`): the idle slot
-  sharing the largest part of the prompt, over `SIMILARITY` of it (the first of equals), else
-  the least recently used idle slot. When it took the least recently used slot, or one whose
+- `llama-server`: llama.cpp's server (`get_available_slot`, `server_prompt_cache`), which Ollama
+  runs for every model since v0.30 (`-np OLLAMA_NUM_PARALLEL`, no `--cache-ram`): the idle slot
+  sharing the largest part of the prompt, over `SIMILARITY` of it (the first of equals), else the
+  least recently used idle slot. When it took the least recently used slot, or one whose
   sequence it keeps less than half of, that sequence is first saved to the host-RAM prompt cache
   (`--cache-ram`, 8 GiB by default: oldest dropped first, a sequence that another extends
   dropped as obsolete), and the saved sequence that serves the request best (keeping at least a
   quarter of it, and more of both it and the prompt than the slot's own) is restored into the
   slot, and leaves the cache.
+- `ollama-legacy`: Ollama's own runners before v0.30 (`runner/ollamarunner/cache.go`,
+  `findLongestCacheSlot`): the idle slot sharing the longest prefix with the prompt, the first
+  of equals (so the first idle slot when none shares anything). No host-RAM cache.
+- `ollama-legacy-multiuser` (those runners with `OLLAMA_MULTIUSER_CACHE=1`,
+  `findBestCacheSlot`): the slot sharing the longest prefix if it is idle and the prompt extends
+  all it holds; else the least recently used idle slot, into which that longest prefix is
+  copied from its slot (busy or not).
+
+A slot taken keeps only the prefix it shares (Ollama's `LoadCacheSlot` cuts it so, and llama.cpp
+overwrites the rest), then what the request adds.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar, cast
 
 S = TypeVar("S", bound=Sequence[object])
-CacheRule = Literal["ollama", "ollama-multiuser", "llama.cpp"]
-CACHE_RULES: tuple[CacheRule, ...] = ("ollama", "ollama-multiuser", "llama.cpp")
+CacheRule = Literal["llama-server", "ollama-legacy", "ollama-legacy-multiuser"]
+CACHE_RULES: tuple[CacheRule, ...] = ("llama-server", "ollama-legacy", "ollama-legacy-multiuser")
 
 SIMILARITY = 0.1  # --slot-prompt-similarity's default
 KEEP_SLOT = 0.5  # a slot kept less than this much of is saved first
@@ -40,14 +45,14 @@ class EngineSlots(Generic[S]):
         self,
         slots: int,
         shared: Callable[[S, S], int],
-        rule: CacheRule = "ollama",
+        rule: CacheRule = "llama-server",
         saved_budget: int = 0,
     ) -> None:
         """`shared`: the length of two sequences' common prefix; `saved_budget`: how long the
         sequences saved in host RAM may be together (`llama.cpp` only; 0: no RAM cache)."""
         self._shared = shared
         self.rule = rule
-        self.budget = saved_budget if rule == "llama.cpp" else 0
+        self.budget = saved_budget if rule == "llama-server" else 0
         self.held: list[S | None] = [None] * max(slots, 1)
         self._busy = [False] * max(slots, 1)
         self._used = [0] * max(slots, 1)
@@ -68,7 +73,7 @@ class EngineSlots(Generic[S]):
 
     def found(self, prompt: S) -> int:
         """How much of `prompt` a request would find cached now."""
-        if self.rule == "ollama-multiuser":
+        if self.rule == "ollama-legacy-multiuser":
             return max((self._of(i, prompt) for i in range(len(self.held))), default=0)
         best = max((self._of(i, prompt) for i in self._idle()), default=0)
         for entry in self.saved:
@@ -83,15 +88,13 @@ class EngineSlots(Generic[S]):
         idle = self._idle()
         if not idle:
             return -1, 0
-        if self.rule == "ollama":
+        if self.rule == "ollama-legacy":
             slot = max(idle, key=lambda i: self._of(i, prompt))  # the first of equals
-        elif self.rule == "ollama-multiuser":
+        elif self.rule == "ollama-legacy-multiuser":
             slot = self._best_or_forked(idle, prompt)
         else:
             slot = self._similar_or_oldest(idle, prompt)
         shared = self._of(slot, prompt)
-        # From now on the slot holds the shared prefix, then what the request adds: what it
-        # held past that is gone (a busy slot's fork source is only that prefix).
         self.held[slot] = cast(S, prompt[:shared])
         self._busy[slot] = True
         self._uses += 1

@@ -66,7 +66,7 @@ class PrefixMemory:
     its `rule` (`core.kv_slots`), run on what the gateway sent there and when each request
     ended."""
 
-    def __init__(self, rule: CacheRule = "ollama") -> None:
+    def __init__(self, rule: CacheRule = "llama-server") -> None:
         self.rule = rule
         self._models: OrderedDict[str, EngineSlots[Blocks]] = OrderedDict()
 

@@ -142,7 +142,7 @@ class Backend:
     standby: bool = False  # offline, but started when work waits (autoscaling): worth a wait
     last_release: float = -math.inf  # when a request last left it (autoscaling's idle time)
     outside: int = 0  # slots busy with requests that did not come through this gateway
-    cache_rule: CacheRule = "ollama"  # whose rules its prompt cache follows (prefix affinity)
+    cache_rule: CacheRule = "llama-server"  # whose rules its prompt cache follows (prefix affinity)
     tuner: SlotTuner | None = None  # slots learned (`slots = "auto"`): its limit is `slots`
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0

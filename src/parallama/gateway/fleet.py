@@ -145,7 +145,7 @@ class Fleet:
                 backend.slots = backend.tuner.limit
             backend.weight = wanted.weight
             backend.models = wanted.models
-            backend.cache_rule = wanted.cache_rule
+            backend.cache_rule = wanted.prompt_cache
             backend.breaker.threshold = settings.failure_threshold
             backend.breaker.cooldown = settings.breaker_cooldown
             self._scheduler.set_draining(url, wanted.drain)
@@ -173,7 +173,7 @@ class Fleet:
             models=backend.models,
             draining=backend.drain,
             breaker=Breaker(s.failure_threshold, s.breaker_cooldown),
-            cache_rule=backend.cache_rule,
+            cache_rule=backend.prompt_cache,
         )
 
     def _new_upstream(self, url: str) -> Upstream:

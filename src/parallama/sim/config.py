@@ -36,7 +36,7 @@ class SimConfig:
     # Not Ollama's (it tells nothing of the kind): how busy it is, as llama.cpp's server tells
     # it on /slots or vLLM on /metrics, for tests of a gateway that reads it.
     occupancy: Literal["none", "slots", "vllm"] = "none"
-    prompt_cache: CacheRule = "ollama"  # whose rules: Ollama's (multi-user or not), llama.cpp's
+    prompt_cache: CacheRule = "llama-server"  # Ollama's since v0.30; its older runners' rules
     cache_ram_mib: int = 8192  # llama.cpp server's host-RAM prompt cache, per loaded model
 
 
@@ -48,13 +48,6 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-
-
-def _env_bool(env: Mapping[str, str], name: str) -> bool:
-    """As Ollama's envconfig.Bool reads it: unset or empty is false; what Go's ParseBool does
-    not read as false is true."""
-    raw = env.get(name, "").strip().strip("\"'")  # as its envconfig.Var reads a value
-    return bool(raw) and raw not in ("0", "f", "F", "false", "FALSE", "False")
 
 
 def parse_ports(values: list[str]) -> tuple[int, ...]:
@@ -206,18 +199,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument(
         "--prompt-cache",
         choices=CACHE_RULES,
-        help="which slot's cached prompt a request reuses: Ollama's rule (the idle slot "
-        "sharing the longest prefix), ollama-multiuser (OLLAMA_MULTIUSER_CACHE=1: the prefix "
-        "copied into the least recently used slot), or llama.cpp server's (with a host-RAM "
-        "cache); default: as OLLAMA_MULTIUSER_CACHE says",
+        default="llama-server",
+        help="whose rules say which slot's cached prompt a request reuses: llama.cpp's server, "
+        "which Ollama runs since v0.30 (with a host-RAM prompt cache; the default), or "
+        "Ollama's own runners before it (ollama-legacy: the idle slot sharing the longest "
+        "prefix; ollama-legacy-multiuser: with OLLAMA_MULTIUSER_CACHE=1)",
     )
     models.add_argument(
         "--cache-ram",
         type=int,
         default=8192,
         metavar="MIB",
-        help="--prompt-cache llama.cpp: host RAM for prompts saved from slots, per loaded "
-        "model (default: %(default)s, llama.cpp's; 0: none)",
+        help="host RAM for prompts saved from slots, per loaded model, as llama.cpp's server "
+        "keeps them (default: %(default)s, its default and Ollama's; 0: none)",
     )
     models.add_argument(
         "--occupancy",
@@ -288,8 +282,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         output_tokens=parse_output_tokens(args.output_tokens),
         seed=args.seed,
         occupancy=args.occupancy,
-        prompt_cache=args.prompt_cache
-        or ("ollama-multiuser" if _env_bool(env, "OLLAMA_MULTIUSER_CACHE") else "ollama"),
+        prompt_cache=args.prompt_cache,
         cache_ram_mib=args.cache_ram,
     )
 

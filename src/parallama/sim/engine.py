@@ -42,7 +42,7 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
         ram_tokens_for: dict[str, int] | None = None,
-        cache_rule: CacheRule = "ollama",
+        cache_rule: CacheRule = "llama-server",
     ) -> None:
         """`clock`: time.monotonic, not loop.time (uvloop's ticks in whole milliseconds), but
         for the capacity planner's virtual one."""

@@ -84,7 +84,7 @@ class Runner:
     running: list[Admission] = field(default_factory=list)
     waiting: deque[Admission] = field(default_factory=deque)
     ram_tokens: int = 0  # what its engine's host-RAM prompt cache holds, in tokens (llama.cpp)
-    cache_rule: CacheRule = "ollama"  # which slot a request takes, by the prompt it shares
+    cache_rule: CacheRule = "llama-server"  # which slot a request takes, by the prompt it shares
     cache: EngineSlots[Sequence[str]] = field(init=False)  # its prompt cache: lost on unload
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class OllamaScheduler:
         *,
         slots_for: Callable[[str], int] | None = None,
         ram_tokens_for: Callable[[str], int] | None = None,
-        cache_rule: CacheRule = "ollama",
+        cache_rule: CacheRule = "llama-server",
     ) -> None:
         self.settings = settings
         self._cache_rule = cache_rule
