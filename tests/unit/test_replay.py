@@ -156,6 +156,9 @@ def test_a_profile_file_round_trips_and_bad_ones_say_why(tmp_path: Path) -> None
     assert path.read_text().startswith("# parallama timing profile: calibrated on a test\n")
     assert timing_for(str(path)) == timing
     assert timing_for("fast").decode_tps == 500
+    knee = TimingModel(100, 10, batch_slowdown=0.2, batch_knee=3)
+    path.write_text(profile_text(knee, "a linear law with a knee"))
+    assert read_profile(path) == knee
     for text, message in [
         ("decode_tps = 5\n", "prefill_tps and decode_tps are needed"),
         ('prefill_tps = 5\ndecode_tps = "fast"\n', "numbers only"),

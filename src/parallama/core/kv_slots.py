@@ -49,7 +49,7 @@ class EngineSlots(Generic[S]):
         saved_budget: int = 0,
     ) -> None:
         """`shared`: the length of two sequences' common prefix; `saved_budget`: how long the
-        sequences saved in host RAM may be together (`llama.cpp` only; 0: no RAM cache)."""
+        sequences saved in host RAM may be together (`llama-server` only; 0: no RAM cache)."""
         self._shared = shared
         self.rule = rule
         self.budget = saved_budget if rule == "llama-server" else 0

@@ -88,5 +88,7 @@ def profile_text(timing: TimingModel, comment: str) -> str:
         lines.append(f"batch_curve = [{factors}]  # times slower with 1, 2, ... sequences busy")
     else:
         lines.append(f"batch_slowdown = {timing.batch_slowdown:g}")
+        if timing.batch_knee:
+            lines.append(f"batch_knee = {timing.batch_knee}")
     lines.append(f"load_seconds = {timing.load_seconds:g}")
     return "\n".join(lines) + "\n"
