@@ -378,6 +378,11 @@ class Scheduler:
             backend.online = online
             self._dispatch_all()
 
+    def online(self, names: Iterable[str]) -> list[str]:
+        """Of `names`, the backends whose engine serves: not those `parallama up` knows are
+        down, whatever answers on their port meanwhile."""
+        return [n for n in names if n in self.backends and self.backends[n].online]
+
     def set_standby(self, name: str, standby: bool) -> None:
         """Whether requests wait for the backend while it is offline: autoscaling starts its
         engine when they do (`parallama up`)."""

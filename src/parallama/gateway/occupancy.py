@@ -52,11 +52,10 @@ class OccupancyProbe:
 
     async def _run(self) -> None:
         while True:
-            backends = self._scheduler.backends
-            for name, backend in backends.items():
+            for name, backend in self._scheduler.backends.items():
                 if not backend.online:
                     self._scheduler.observe_busy(name, None)  # it will be looked at afresh
-            names = [n for n in self._upstreams if n in backends and backends[n].online]
+            names = self._scheduler.online(self._upstreams)
             await asyncio.gather(*(self.look(name) for name in names))
             await asyncio.sleep(self.interval)
 

@@ -50,8 +50,7 @@ class Prober:
     async def probe_all(self) -> None:
         """Every backend but those whose engine `parallama up` knows is not serving: whatever
         answers on such a port meanwhile is not the engine, and it gets probed once it serves."""
-        backends = self._scheduler.backends
-        names = [name for name in self._upstreams if name in backends and backends[name].online]
+        names = self._scheduler.online(self._upstreams)
         await asyncio.gather(*(self.probe(name) for name in names))
 
     async def probe(self, name: str) -> None:
