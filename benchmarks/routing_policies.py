@@ -7,7 +7,12 @@ client, `--outside` requests at a time, and tells how busy it is (`/slots`, as l
 server does). Bursts of streaming requests over three models (60/30/10 %), the same (seeded)
 for each policy. Printed: completed requests, p50/p99 latency and time to
 first token, and the ratio of each to round-robin's (the seed's policy, and nginx's default),
-which parallama runs here with late binding: a request is still sent only to a free slot.
+which parallama runs here with late binding: a request is still sent only to a free slot. Then
+least-loaded over the same backends, each given by hand the models it serves (`models`: the
+most asked model on all, the second on the fast two, the third on the slow one, so that no
+backend holds more than it has room for); and a floor: model-affinity over the same backends
+whose loads take no time, about the least any routing could reach (what a policy spares is
+loads, and the waits of evictions).
 
 **chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
 of four long shared system prompts, `--active` of them at a time) over three emulators of
@@ -16,7 +21,9 @@ llama.cpp's server, which Ollama runs since v0.30 (the default), with `--cache-r
 host-RAM prompt cache each (8192, its default); or Ollama's own runners before v0.30 (a
 sequence per slot, nothing more: `ollama-legacy`, and `ollama-legacy-multiuser` for
 OLLAMA_MULTIUSER_CACHE=1).
-Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached.
+Printed: time to first token p50/p99 per policy, and the share of prompt tokens found cached;
+and a floor: least-loaded over the same engines with prefill that costs nothing, the least any
+routing by prompt cache could reach (it can only save prefill).
 
 **slots**: one emulated engine whose aggregate tokens/s peaks at 3 sequences at once (past
 them, each more one slows all: `--batch-knee 3`), saturated by `--clients` closed-loop clients
@@ -82,16 +89,20 @@ def backend_config(decode_tps: float, load_seconds: float) -> SimConfig:
 
 @contextlib.asynccontextmanager
 async def gateway_over(
-    configs: list[SimConfig], settings: dict[str, Any], backend: dict[str, Any] | None = None
+    configs: list[SimConfig],
+    settings: dict[str, Any],
+    backend: dict[str, Any] | None = None,
+    each: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """An emulated server for each config, fresh, behind a gateway with `settings` (and
-    `backend` in each `[[backends]]` table): its URL, and theirs."""
+    `backend` in each `[[backends]]` table, and `each`'s in its own): its URL, and theirs."""
     async with contextlib.AsyncExitStack() as stack:
         urls = []
         for config in configs:
             servers = await stack.enter_async_context(running_servers(config))
             urls.append(servers[0].url)
-        backends = [{"url": url, **(backend or {})} for url in urls]
+        own = each or [{} for _ in urls]
+        backends = [{"url": url, **(backend or {}), **o} for url, o in zip(urls, own, strict=True)]
         gateway_settings = GatewaySettings.model_validate(
             {"port": 0, "log_requests": False, **settings, "backends": backends}
         )
@@ -100,12 +111,16 @@ async def gateway_over(
 
 
 @contextlib.asynccontextmanager
-async def fleet(policy: Policy, load_seconds: float) -> AsyncIterator[tuple[str, str]]:
-    """Two normal backends and a slow one, fresh, behind a gateway with `policy`: its URL, and
-    the first backend's."""
+async def fleet(
+    policy: Policy, load_seconds: float, placed: bool = False
+) -> AsyncIterator[tuple[str, str]]:
+    """Two normal backends and a slow one, fresh, behind a gateway with `policy` (and the
+    models each serves set by hand if `placed`): its URL, and the first backend's."""
     configs = [backend_config(decode_tps, load_seconds) for decode_tps in (120.0, 120.0, 40.0)]
     settings = {"slots": 2, "routing": policy, "occupancy_interval": 0.25}
-    async with gateway_over(configs, settings, {"occupancy": "slots"}) as (url, backends):
+    first, second, third = MODELS
+    each = [{"models": [first, m]} for m in (second, second, third)] if placed else None
+    async with gateway_over(configs, settings, {"occupancy": "slots"}, each) as (url, backends):
         yield url, backends[0]
 
 
@@ -197,15 +212,18 @@ def chat_config(
 
 @contextlib.asynccontextmanager
 async def chat_fleet(
-    policy: Policy, prompt_cache: CacheRule, cache_ram_mib: int
+    policy: Policy, prompt_cache: CacheRule, cache_ram_mib: int, free_prefill: bool = False
 ) -> AsyncIterator[tuple[str, list[str]]]:
-    """Three backends (prefill and decode tokens/s: two alike, one a third as fast) with 4 slots
-    each, whose prompt caches follow `prompt_cache`'s rules, behind a gateway with `policy` that
-    knows it; the gateway's URL and the backends'."""
+    """Three backends (prefill and decode tokens/s: two alike, one a third as fast; prefill
+    instant if `free_prefill`) with 4 slots each, whose prompt caches follow `prompt_cache`'s
+    rules, behind a gateway with `policy` that knows them; the gateway's URL and the backends'."""
     speeds = ((3000.0, 90.0), (3000.0, 90.0), (1000.0, 30.0))
-    configs = [chat_config(p, d, prompt_cache, cache_ram_mib) for p, d in speeds]
+    configs = [
+        chat_config(1e12 if free_prefill else p, d, prompt_cache, cache_ram_mib) for p, d in speeds
+    ]
     settings = {"slots": 4, "routing": policy, "queue_timeout": 300}
-    async with gateway_over(configs, settings, {"prompt_cache": prompt_cache}) as fleet:
+    told = {"prompt_cache": prompt_cache, "prompt_cache_ram": cache_ram_mib}
+    async with gateway_over(configs, settings, told) as fleet:
         yield fleet
 
 
@@ -272,15 +290,20 @@ async def cached_share(backends: list[str]) -> float:
     return cached / asked if asked else 0.0
 
 
-async def measure_chat(args: argparse.Namespace) -> dict[Policy, dict[str, float]]:
-    table: dict[Policy, dict[str, float]] = {}
-    for policy in CHAT_POLICIES:
-        async with chat_fleet(policy, args.prompt_cache, args.cache_ram) as (url, backends):
+FLOOR = "floor: no prefill"
+
+
+async def measure_chat(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    runs: list[tuple[str, Policy, bool]] = [(p, p, False) for p in CHAT_POLICIES]
+    for name, policy, free in [*runs, (FLOOR, "least-loaded", True)]:
+        fleet = chat_fleet(policy, args.prompt_cache, args.cache_ram, free)
+        async with fleet as (url, backends):
             results = await chat_workload(url, args.conversations, args.turns, args.active)
             share = await cached_share(backends)
         done = [r for r in results if r.ok]
         firsts = [r.first_token for r in done]
-        table[policy] = {
+        table[name] = {
             "completed": len(done),
             "ttft50": percentile(firsts, 50),
             "ttft99": percentile(firsts, 99),
@@ -290,7 +313,7 @@ async def measure_chat(args: argparse.Namespace) -> dict[Policy, dict[str, float
     return table
 
 
-def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) -> None:
+def print_chat(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     total = args.conversations * args.turns
     print(
         f"\nMulti-turn chat: {args.conversations} conversations x {args.turns} turns, "
@@ -305,10 +328,10 @@ def print_chat(table: dict[Policy, dict[str, float]], args: argparse.Namespace) 
         "3 backends (prefill/decode tokens/s 3000/90, 3000/90, 1000/30), 4 slots each, "
         f"prompt caches by {args.prompt_cache}'s rules{ram}"
     )
-    print(f"{'policy':18}{'completed':>11}{'ttft p50':>11}{'ttft p99':>11}{'p50':>11}{'cached':>9}")
+    print(f"{'policy':20}{'completed':>11}{'ttft p50':>11}{'ttft p99':>11}{'p50':>11}{'cached':>9}")
     for policy, row in table.items():
         print(
-            f"{policy:18}{int(row['completed']):>6}/{total:<4}{row['ttft50']:>9.2f} s"
+            f"{policy:20}{int(row['completed']):>6}/{total:<4}{row['ttft50']:>9.2f} s"
             f"{row['ttft99']:>9.2f} s{row['p50']:>9.2f} s{row['cached']:>8.0%}"
         )
     base = table["least-loaded"]
@@ -413,15 +436,24 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if values else 0.0
 
 
-async def measure(args: argparse.Namespace) -> dict[Policy, dict[str, float]]:
-    table: dict[Policy, dict[str, float]] = {}
-    for policy in POLICIES:
-        async with fleet(policy, args.load) as (url, used), outside_client(used, args.outside):
+PLACED = "placed by hand"
+NO_LOADS = "floor: free loads"
+
+
+async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    runs: list[tuple[str, Policy, float, bool]] = [(p, p, args.load, False) for p in POLICIES]
+    runs += [(PLACED, "least-loaded", args.load, True), (NO_LOADS, "model-affinity", 0.0, False)]
+    for name, policy, load, placed in runs:
+        async with (
+            fleet(policy, load, placed) as (url, used),
+            outside_client(used, args.outside),
+        ):
             results = await workload(url, args.bursts, args.burst_size, args.gap)
         done = [r for r in results if r.ok]
         latencies = [r.seconds for r in done]
         firsts = [r.first_token for r in done]
-        table[policy] = {
+        table[name] = {
             "completed": len(done),
             "p50": percentile(latencies, 50),
             "p99": percentile(latencies, 99),
@@ -457,8 +489,8 @@ def main() -> None:
         help="chat, llama-server: each engine's host-RAM prompt cache, MiB (8192, its default)",
     )
     args = parser.parse_args()
-    table: dict[Policy, dict[str, float]] = {}
-    chat: dict[Policy, dict[str, float]] = {}
+    table: dict[str, dict[str, float]] = {}
+    chat: dict[str, dict[str, float]] = {}
     slots: dict[str, dict[str, float]] = {}
 
     async def go() -> None:
@@ -478,16 +510,16 @@ def main() -> None:
         print_slots(slots, args)
 
 
-def print_mixed(table: dict[Policy, dict[str, float]], args: argparse.Namespace) -> None:
+def print_mixed(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     total = args.bursts * args.burst_size
     print(f"Routing policies: {args.bursts} bursts of {args.burst_size} streaming requests,")
     print("3 models (60/30/10 %), 3 backends (one 3x slower), 2 slots, 2 loaded models each;")
     print(f"{args.outside} request(s) at a time sent to a fast one directly by an outside client")
     columns = ("completed", "p50", "p99", "ttft50", "ttft99")
-    print(f"{'policy':16}" + "".join(f"{c:>11}" for c in columns))
+    print(f"{'policy':18}" + "".join(f"{c:>11}" for c in columns))
     for policy, row in table.items():
         cells = [f"{int(row['completed'])}/{total}"] + [f"{row[c]:.2f} s" for c in columns[1:]]
-        print(f"{policy:16}" + "".join(f"{c:>11}" for c in cells))
+        print(f"{policy:18}" + "".join(f"{c:>11}" for c in cells))
     base = table["round-robin"]
     print("\nRatio to round-robin (lower is better):")
     for policy, row in table.items():

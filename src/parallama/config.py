@@ -86,6 +86,14 @@ class BackendSettings(BaseModel):
         "(what Ollama runs since v0.30, with its 8 GiB host-RAM cache), or Ollama's own runners "
         "before v0.30 (ollama-legacy; ollama-legacy-multiuser with OLLAMA_MULTIUSER_CACHE=1)",
     )
+    prompt_cache_ram: int = Field(
+        8192,
+        ge=0,
+        le=2**20,
+        description="prefix-affinity, llama-server: its host-RAM prompt cache, MiB (llama.cpp's "
+        "--cache-ram, 8192 by default and in Ollama since v0.30; 0: none), counted in tokens of "
+        "each model's f16 KV cache (from Ollama's /api/show; a 7B's 64 KiB where not told)",
+    )
 
     @field_validator("models")
     @classmethod

@@ -22,6 +22,7 @@ from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
     OTHER_MODEL,
+    eventually,
     gateway_for,
     gateway_from_file,
     gateway_status,
@@ -399,10 +400,11 @@ def test_session_affinity_keeps_each_growing_conversation_on_one_backend() -> No
 def test_prefix_affinity_sends_each_turn_to_the_backend_that_holds_its_history(
     routing: str, finds_its_history: bool
 ) -> None:
-    """Two one-slot engines without a RAM prompt cache, two conversations with different system
-    prompts, their first turns at once (one on each engine), then their second turns at once in
-    the other order: least-loaded sends each to the engine holding the other's history, prefix
-    affinity to its own, where the whole first exchange is found cached."""
+    """Two one-slot engines without a RAM prompt cache (as the gateway is told), two
+    conversations with different system prompts, their first turns at once (one on each
+    engine), then their second turns at once in the other order: least-loaded sends each to
+    the engine holding the other's history, prefix affinity to its own, where the whole first
+    exchange is found cached."""
     config = replace(
         make_config(decode_tps=20, output_tokens=(20, 20), models=(CHAT_MODEL,), ports=2),
         cache_ram_mib=0,
@@ -414,7 +416,14 @@ def test_prefix_affinity_sends_each_turn_to_the_backend_that_holds_its_history(
         ]
         for name in ("ann", "bob")
     }
-    with sim_servers(config) as servers, gateway_for(servers, routing=routing, slots=1) as gateway:
+    with (
+        sim_servers(config) as servers,
+        gateway_with(
+            tuple(BackendSettings(url=s.url, prompt_cache_ram=0) for s in servers),
+            routing=routing,
+            slots=1,
+        ) as gateway,
+    ):
 
         async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
             body = {"model": CHAT_MODEL, "messages": chats[name], "stream": False}
@@ -442,3 +451,28 @@ def test_prefix_affinity_sends_each_turn_to_the_backend_that_holds_its_history(
         assert cached >= history - 4  # each first exchange, but for a token or two of the turn's
     else:
         assert cached < history / 10  # the other's slot: the template and "You are" at most
+
+
+def test_the_gateway_learns_each_loaded_models_kv_size_from_ollama_once() -> None:
+    """Prefix affinity counts what an engine's RAM prompt cache holds in the model's own tokens:
+    the probes ask Ollama's `/api/show` once per loaded model."""
+    big = "llama3.1:8b"
+    config = make_config(models=(CHAT_MODEL, big))
+    with sim_servers(config) as (server,), gateway_for([server], health_interval=0.02) as gateway:
+        assert gateway.scheduler.kv_bytes(CHAT_MODEL) is None
+        for model in (CHAT_MODEL, big):
+            body = {"model": model, "prompt": "hi", "stream": False}
+            assert httpx.post(f"{gateway.url}/api/generate", json=body).status_code == 200
+        learnt = eventually(
+            lambda: (gateway.scheduler.kv_bytes(CHAT_MODEL), gateway.scheduler.kv_bytes(big)),
+            lambda sizes: None not in sizes,
+        )
+        for keep_alive in (0, -1):  # unloaded, then loaded again: each seen in another probe
+            body = {"model": big, "prompt": "", "keep_alive": keep_alive}
+            assert httpx.post(f"{server.url}/api/generate", json=body).status_code == 200
+            wait_for_gateway(
+                gateway.url, lambda s, k=keep_alive: (big in s["backends"][0]["loaded"]) == (k != 0)
+            )
+        asked = state(server.url)["requests_by_route"]["/api/show"]
+    assert learnt == (28 * 4 * 256 * 2, 32 * 8 * 256 * 2)  # 56 and 128 KiB a token
+    assert asked == 2

@@ -108,7 +108,10 @@ def test_the_ram_cache_keeps_to_its_budget_oldest_out_and_drops_what_another_ext
 
 
 def test_ram_holds_tokens_by_the_models_size() -> None:
-    assert ram_tokens(spec_for("qwen2.5:7b"), 8192) == 8192 * 2**20 // (16 * 3584)
+    # 28 layers of 4 KV heads of 128, a key and a value in f16 each: 56 KiB a token
+    assert ram_tokens(spec_for("qwen2.5:7b"), 8192) == 8192 * 1024 // 56
+    # 32 layers of 8 KV heads of 128: 128 KiB
+    assert ram_tokens(spec_for("llama3.1:8b"), 8192) == 65_536
     assert ram_tokens(spec_for("nomic-embed-text:latest"), 8192) == 0
     assert ram_tokens(spec_for("qwen2.5:7b"), 0) == 0
 

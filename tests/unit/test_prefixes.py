@@ -7,6 +7,7 @@ from typing import Any
 
 from parallama.core.prefixes import PrefixMemory, prefix_blocks, shared_blocks
 from parallama.core.scheduler import LOOKAHEAD, Backend, Scheduler, Ticket
+from parallama.protocol.ollama import kv_bytes_per_token
 from tests.unit.schedulers import M, make
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}  # ~1,100 bytes
@@ -68,6 +69,68 @@ def test_memory_follows_older_ollamas_rule_when_told_one_sequence_a_slot() -> No
     assert slot == slots[0]
     memory.release(M, slot, (5,))
     assert memory.match(M, (1, 2, 3)) == 0 and memory.match(M, (7, 8)) == 2  # no RAM cache
+
+
+def test_memory_holds_in_ram_what_the_engines_cache_ram_holds() -> None:
+    def saved_after_eviction(memory: PrefixMemory, blocks: int) -> int:
+        first = tuple(range(blocks))
+        slot = memory.take(M, first, slots=1)
+        memory.release(M, slot, first)
+        stranger = (-1,)
+        slot = memory.take(M, stranger, slots=1)  # the one slot now holds another prompt
+        memory.release(M, slot, stranger)
+        return memory.match(M, first)
+
+    assert saved_after_eviction(PrefixMemory(), 100) == 100  # 8 GiB by default
+    assert saved_after_eviction(PrefixMemory(ram=0), 100) == 0  # --cache-ram 0
+    # 16 MiB hold 256 tokens of a 7B model's KV (64 KiB each), 4 blocks of about 64 tokens
+    assert saved_after_eviction(PrefixMemory(ram=16), 4) == 4
+    assert saved_after_eviction(PrefixMemory(ram=16), 5) == 0
+    # a model whose KV cache is half a 7B's: twice as many of its tokens
+    assert saved_after_eviction(PrefixMemory(ram=16, kv_bytes={M: 32 * 1024}), 8) == 8
+    assert saved_after_eviction(PrefixMemory(ram=16, kv_bytes={M: 32 * 1024}), 9) == 0
+
+
+def test_a_models_kv_cache_per_token_is_read_from_ollamas_model_info() -> None:
+    qwen = {  # qwen2.5:7b's, as Ollama's /api/show gives it (some keys)
+        "general.architecture": "qwen2",
+        "qwen2.block_count": 28,
+        "qwen2.embedding_length": 3584,
+        "qwen2.attention.head_count": 28,
+        "qwen2.attention.head_count_kv": 4,
+    }
+    assert kv_bytes_per_token(qwen) == 28 * 4 * (128 + 128) * 2  # 56 KiB: f16 keys and values
+    lengths = {"qwen2.attention.key_length": 192, "qwen2.attention.value_length": 128}
+    assert kv_bytes_per_token(qwen | lengths) == 28 * 4 * (192 + 128) * 2
+    per_layer = qwen | {"qwen2.block_count": 3, "qwen2.attention.head_count_kv": [4, 0, 8]}
+    assert kv_bytes_per_token(per_layer) == 12 * 256 * 2  # layers without KV heads keep none
+    broken_ones: list[object] = [
+        None,
+        [],
+        {},
+        {"general.architecture": 7},
+        qwen | {"qwen2.block_count": None},
+        qwen | {"qwen2.block_count": True},
+        qwen | {"qwen2.attention.head_count_kv": "4"},
+        qwen | {"qwen2.attention.head_count": 0},
+        qwen | {"qwen2.block_count": 10**9},  # no engine keeps 14 GB a token
+    ]
+    for broken in broken_ones:
+        assert kv_bytes_per_token(broken) is None, broken
+
+
+def test_what_the_ram_cache_holds_is_counted_anew_once_a_models_kv_size_is_known() -> None:
+    s = make(Backend("a", slots=1, cache_ram=16), routing="prefix-affinity")  # 4 blocks of a 7B's
+    first, stranger = tuple(range(6)), (-1,)
+    busy_with(s, first)
+    busy_with(s, stranger)  # pushes `first` out of the one slot: 6 blocks do not fit in RAM
+    memory = s._router.prefixes(s.backends["a"])
+    assert memory.match(M, first) == 0
+    s.learn_kv_bytes(M, 16 * 1024)  # a small model: 16 blocks fit
+    assert s.kv_bytes(M) == 16 * 1024 and memory.ram_blocks(M) == 16
+    busy_with(s, first)
+    busy_with(s, stranger)
+    assert memory.match(M, first) == 6
 
 
 def busy_with(s: Scheduler, prefix: tuple[int, ...]) -> Ticket:

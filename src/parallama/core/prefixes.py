@@ -19,6 +19,7 @@ A model unloaded from a backend takes its cache with it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -28,8 +29,8 @@ from parallama.core.kv_slots import CacheRule, EngineSlots
 BLOCK = 256  # bytes of rendered prompt per block: about 64 tokens
 MAX_BLOCKS = 4096  # per request: 1 MiB of prompt; what comes after is not matched
 MAX_MODELS = 16  # per backend: models remembered (clients name them)
-RAM_BLOCKS = 2048  # llama.cpp: saved prompts per backend and model: 512 KiB of prompt, some
-# 130,000 tokens, what llama.cpp server's 8 GiB RAM cache holds of a 7B model's KV
+TOKENS_PER_BLOCK = 64
+KV_BYTES_PER_TOKEN = 64 * 1024  # a model's KV cache per token, till its own is known: a 7B's
 
 Blocks = tuple[int, ...]
 
@@ -66,8 +67,18 @@ class PrefixMemory:
     its `rule` (`core.kv_slots`), run on what the gateway sent there and when each request
     ended."""
 
-    def __init__(self, rule: CacheRule = "llama-server") -> None:
+    def __init__(
+        self,
+        rule: CacheRule = "llama-server",
+        ram: int = 8192,
+        kv_bytes: Mapping[str, int] | None = None,
+    ) -> None:
+        """`ram`: MiB of host-RAM prompt cache (llama.cpp's `--cache-ram`); `kv_bytes`: each
+        model's KV cache per token, where known (8 GiB, the default, holds some 130,000 tokens
+        of a 7B model's KV, 64 KiB each: 2,048 blocks)."""
         self.rule = rule
+        self.ram = ram
+        self._kv_bytes = {} if kv_bytes is None else kv_bytes  # shared: learnt later
         self._models: OrderedDict[str, EngineSlots[Blocks]] = OrderedDict()
 
     def match(self, model: str, wanted: Blocks) -> int:
@@ -80,12 +91,19 @@ class PrefixMemory:
         takes there (-1: more at once than its slots, nothing to tell)."""
         engine = self._models.get(model)
         if engine is None:
-            engine = self._models[model] = EngineSlots(slots, shared_blocks, self.rule, RAM_BLOCKS)
+            engine = self._models[model] = EngineSlots(
+                slots, shared_blocks, self.rule, self.ram_blocks(model)
+            )
             while len(self._models) > MAX_MODELS:
                 self._models.popitem(last=False)
         self._models.move_to_end(model)
         engine.resize(slots)
         return engine.take(sent)[0]
+
+    def ram_blocks(self, model: str) -> int:
+        """How many blocks of `model`'s prompts the host-RAM cache holds."""
+        per_token = self._kv_bytes.get(model, KV_BYTES_PER_TOKEN)
+        return self.ram * 2**20 // (per_token * TOKENS_PER_BLOCK)
 
     def release(self, model: str, slot: int, sent: Blocks) -> None:
         """The request sent with `sent` ended: its slot is idle, and holds it."""

@@ -48,11 +48,15 @@ def _affinity(session: str, backend: str) -> bytes:
     return hashlib.blake2b(f"{session}\n{backend}".encode(), digest_size=8).digest()
 
 
+MAX_KV_MODELS = 4096  # models whose KV size is kept (backends name them, not clients)
+
+
 class Router:
     def __init__(self) -> None:
         self._turn = 0  # round-robin
         self._credit: dict[str, float] = {}  # smooth weighted round-robin, as nginx does it
         self._prefixes: dict[str, PrefixMemory] = {}  # per backend: what its slots may hold
+        self._kv_bytes: dict[str, int] = {}  # per model: its KV cache per token, where known
 
     def choose(
         self,
@@ -109,8 +113,9 @@ class Router:
     def prefixes(self, backend: Backend) -> PrefixMemory:
         """What the backend's slots may hold; a model it has unloaded holds nothing."""
         memory = self._prefixes.get(backend.name)
-        if memory is None or memory.rule != backend.cache_rule:
-            memory = self._prefixes[backend.name] = PrefixMemory(backend.cache_rule)
+        if memory is None or (memory.rule, memory.ram) != (backend.cache_rule, backend.cache_ram):
+            memory = PrefixMemory(backend.cache_rule, backend.cache_ram, self._kv_bytes)
+            self._prefixes[backend.name] = memory
         for model in memory.models():
             if model not in backend.loaded and not backend.in_flight[model]:
                 memory.forget(model)
@@ -155,3 +160,16 @@ class Router:
     def forget(self, backend: str) -> None:
         self._credit.pop(backend, None)
         self._prefixes.pop(backend, None)
+
+    def kv_bytes(self, model: str) -> int | None:
+        return self._kv_bytes.get(model)
+
+    def learn_kv_bytes(self, model: str, per_token: int) -> None:
+        """A backend told `model`'s KV cache per token: what each backend's RAM cache holds of
+        it is counted anew from nothing (it is learnt once, before or soon after the first
+        requests)."""
+        if self._kv_bytes.get(model) == per_token or len(self._kv_bytes) >= MAX_KV_MODELS:
+            return
+        self._kv_bytes[model] = per_token
+        for memory in self._prefixes.values():
+            memory.forget(model)

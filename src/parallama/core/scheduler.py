@@ -143,6 +143,7 @@ class Backend:
     last_release: float = -math.inf  # when a request last left it (autoscaling's idle time)
     outside: int = 0  # slots busy with requests that did not come through this gateway
     cache_rule: CacheRule = "llama-server"  # whose rules its prompt cache follows (prefix affinity)
+    cache_ram: int = 8192  # MiB of host-RAM prompt cache (llama-server's rule)
     tuner: SlotTuner | None = None  # slots learned (`slots = "auto"`): its limit is `slots`
     cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
     cap_until: float = 0.0
@@ -408,6 +409,13 @@ class Scheduler:
 
     def set_loaded(self, name: str, models: Iterable[str]) -> None:
         self.backends[name].loaded = set(models)
+
+    def kv_bytes(self, model: str) -> int | None:
+        """`model`'s KV cache per token, if a backend told it (prefix affinity)."""
+        return self._router.kv_bytes(model)
+
+    def learn_kv_bytes(self, model: str, per_token: int) -> None:
+        self._router.learn_kv_bytes(model, per_token)
 
     def report(self, name: str, ok: bool) -> bool:
         """A request or probe on the backend succeeded or failed: its breaker decides.

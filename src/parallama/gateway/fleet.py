@@ -146,6 +146,7 @@ class Fleet:
             backend.weight = wanted.weight
             backend.models = wanted.models
             backend.cache_rule = wanted.prompt_cache
+            backend.cache_ram = wanted.prompt_cache_ram
             backend.breaker.threshold = settings.failure_threshold
             backend.breaker.cooldown = settings.breaker_cooldown
             self._scheduler.set_draining(url, wanted.drain)
@@ -174,6 +175,7 @@ class Fleet:
             draining=backend.drain,
             breaker=Breaker(s.failure_threshold, s.breaker_cooldown),
             cache_rule=backend.prompt_cache,
+            cache_ram=backend.prompt_cache_ram,
         )
 
     def _new_upstream(self, url: str) -> Upstream:

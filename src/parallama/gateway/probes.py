@@ -3,7 +3,9 @@
 Passive signs (a refused connection, a reset, a 5xx) reach the circuit breakers from real
 requests; the probes find a dead backend that gets no traffic, give an open breaker its trial
 when no request comes, and keep each backend's inventory (`/api/tags`, or `/v1/models` for an
-OpenAI-dialect engine) and loaded models (`/api/ps`) fresh for routing.
+OpenAI-dialect engine) and loaded models (`/api/ps`) fresh for routing. Each model an Ollama
+loads is looked up once (`/api/show`) for its KV cache per token, which tells prefix affinity how
+many of its prompts the engine's host-RAM cache holds.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from parallama.core.router import MAX_KV_MODELS
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.upstream import Upstream
 from parallama.protocol.inspect import Dialect
-from parallama.protocol.ollama import normalize_name
+from parallama.protocol.ollama import kv_bytes_per_token, normalize_name
 from parallama.runtime import cancelled
 
 log = logging.getLogger("parallama.probes")
@@ -40,6 +43,7 @@ class Prober:
         self.timeout = timeout
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
+        self._shown: set[str] = set()  # models looked up with /api/show
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -72,6 +76,8 @@ class Prober:
                     self._scheduler.set_inventory(name, installed)
                 if running is not None:
                     self._scheduler.set_loaded(name, running)
+            if running and self._dialect(name) == "ollama":
+                await self._look_up(upstream, running)
         self._on_change()
 
     async def _run(self) -> None:
@@ -90,6 +96,18 @@ class Prober:
         tags = await upstream.get_json(b"/api/tags", self.timeout)
         loaded = await upstream.get_json(b"/api/ps", self.timeout)
         return _names(tags, "models", "name"), _names(loaded, "models", "name")
+
+    async def _look_up(self, upstream: Upstream, models: list[str]) -> None:
+        """Each model not looked up yet: its KV cache per token, from its `model_info`."""
+        for model in models:
+            if model in self._shown or len(self._shown) >= MAX_KV_MODELS:
+                continue
+            self._shown.add(model)
+            shown = await upstream.post_json(b"/api/show", {"model": model}, self.timeout)
+            info = shown.get("model_info") if isinstance(shown, dict) else None
+            per_token = kv_bytes_per_token(info)
+            if per_token is not None:
+                self._scheduler.learn_kv_bytes(model, per_token)
 
     async def _alive(self, upstream: Upstream) -> bool:
         """Any answer below 500, in time: even a 404 (an engine without Ollama's routes)."""

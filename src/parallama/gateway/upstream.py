@@ -47,6 +47,7 @@ _LOW_WATER = 64 * 1024
 # seldom closes a connection just as it is reused.
 _MAX_IDLE = 256
 _IDLE_SECONDS = 4.0
+WHOLE_LIMIT = 16 * 2**20  # bytes of a probe's or listing's answer
 
 
 class UpstreamError(Exception):
@@ -389,11 +390,33 @@ class Upstream:
 
         For probes and listings, which treat "no answer in time" like any failure: taking the
         timeout here saves each caller its own `asyncio.timeout` and `TimeoutError` mapping."""
+        return await self._whole(b"GET", target, b"", timeout)
+
+    async def post_json(self, target: bytes, body: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        """The JSON of a 200 answer to a POST of `body` as JSON within `timeout`, else None."""
+        return _json(await self._whole(b"POST", target, orjson.dumps(body), timeout))
+
+    async def _whole(
+        self,
+        method: bytes,
+        target: bytes,
+        body: bytes,
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[int, bytes]:
+        """A whole answer, up to `WHOLE_LIMIT` bytes (status 0 if longer: a listing that big is
+        not one to trust)."""
         reply = None
+        headers = [(b"content-type", b"application/json")] if body else []
         try:
             async with asyncio.timeout(timeout):
-                reply = await self.send(b"GET", target, [], b"")
-                return reply.status, await reply.read()
+                reply = await self.send(method, target, headers, body)
+                parts, size = [], 0
+                while (chunk := await reply.next_chunk()) is not None:
+                    size += len(chunk)
+                    if size > WHOLE_LIMIT:
+                        return 0, b""  # released unfinished: the connection is closed
+                    parts.append(chunk)
+                return reply.status, b"".join(parts)
         except (UpstreamError, TimeoutError):
             return 0, b""
         finally:
@@ -402,13 +425,7 @@ class Upstream:
 
     async def get_json(self, target: bytes, timeout: float) -> Any:  # noqa: ASYNC109
         """The JSON of a 200 answer to a GET within `timeout`, else None."""
-        status, body = await self.get(target, timeout)
-        if status != 200:
-            return None
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
+        return _json(await self.get(target, timeout))
 
     def retire(self) -> None:
         """The backend was removed: close idle connections now, the others when released."""
@@ -454,3 +471,14 @@ class Upstream:
             ) from None
         self._open.add(conn)
         return conn
+
+
+def _json(answer: tuple[int, bytes]) -> Any:
+    """The JSON of a 200 answer, else None."""
+    status, body = answer
+    if status != 200:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None

@@ -16,9 +16,8 @@ def common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def ram_tokens(spec: ModelSpec, cache_ram_mib: int) -> int:
-    """How many tokens of KV cache `cache_ram_mib` of host RAM holds for the model: at about 16
-    bytes per token per unit of hidden size (qwen2.5:7b's 3,584 give 57 KB a token, as its 28
-    layers of 4 KV heads of 128 in f16 do). Embedding models keep none."""
+    """How many tokens of KV cache `cache_ram_mib` of host RAM holds for the model (qwen2.5:7b
+    keeps 56 KiB a token, llama3.1:8b 128 KiB). Embedding models keep none."""
     if spec.is_embedding or cache_ram_mib <= 0:
         return 0
-    return cache_ram_mib * 2**20 // (16 * spec.embedding_length)
+    return cache_ram_mib * 2**20 // spec.kv_bytes_per_token
