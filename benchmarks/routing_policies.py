@@ -8,7 +8,8 @@ server does). Bursts of streaming requests over three models (60/30/10 %), the s
 for each policy. Printed: completed requests, p50/p99 latency and time to
 first token, and the ratio of each to round-robin's (the seed's policy, and nginx's default),
 which parallama runs here with late binding: a request is still sent only to a free slot. Then
-least-loaded over the same backends, each given by hand the models it serves (`models`: the
+model-affinity told each backend's room for models (`max_loaded_models`); least-loaded over the
+same backends, each given by hand the models it serves (`models`: the
 most asked model on all, the second on the fast two, the third on the slow one, so that no
 backend holds more than it has room for); and a floor: model-affinity over the same backends
 whose loads take no time, about the least any routing could reach (what a policy spares is
@@ -45,7 +46,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -63,6 +64,7 @@ from parallama.sim.timing import TimingModel
 
 MODELS = ("qwen2.5:7b", "llama3.2:3b", "mistral:7b")
 MODEL_WEIGHTS = (6, 3, 1)
+ROOM = 2  # models each mixed-workload backend keeps loaded at once
 POLICIES: tuple[Policy, ...] = ("round-robin", "least-loaded", "model-affinity")
 
 
@@ -79,7 +81,7 @@ def backend_config(decode_tps: float, load_seconds: float) -> SimConfig:
         host="127.0.0.1",
         ports=(0,),
         models=tuple(spec_for(m) for m in MODELS),
-        scheduler=OllamaSettings(num_parallel=2, max_loaded_models=2),
+        scheduler=OllamaSettings(num_parallel=2, max_loaded_models=ROOM),
         timing=TimingModel(
             prefill_tps=2000, decode_tps=decode_tps, batch_slowdown=0.3, load_seconds=load_seconds
         ),
@@ -110,16 +112,24 @@ async def gateway_over(
         yield gateway.url, urls
 
 
+Told = Literal["nothing", "room", "placement"]
+
+
 @contextlib.asynccontextmanager
 async def fleet(
-    policy: Policy, load_seconds: float, placed: bool = False
+    policy: Policy, load_seconds: float, told: Told = "nothing"
 ) -> AsyncIterator[tuple[str, str]]:
-    """Two normal backends and a slow one, fresh, behind a gateway with `policy` (and the
-    models each serves set by hand if `placed`): its URL, and the first backend's."""
+    """Two normal backends and a slow one, fresh, behind a gateway with `policy`, told their
+    room for models (`max_loaded_models`), or the models each serves (`models`), or neither:
+    its URL, and the first backend's."""
     configs = [backend_config(decode_tps, load_seconds) for decode_tps in (120.0, 120.0, 40.0)]
     settings = {"slots": 2, "routing": policy, "occupancy_interval": 0.25}
     first, second, third = MODELS
-    each = [{"models": [first, m]} for m in (second, second, third)] if placed else None
+    each: list[dict[str, Any]] | None = None
+    if told == "placement":
+        each = [{"models": [first, m]} for m in (second, second, third)]
+    elif told == "room":
+        each = [{"max_loaded_models": ROOM}] * len(configs)
     async with gateway_over(configs, settings, {"occupancy": "slots"}, each) as (url, backends):
         yield url, backends[0]
 
@@ -436,17 +446,17 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if values else 0.0
 
 
-PLACED = "placed by hand"
-NO_LOADS = "floor: free loads"
-
-
 async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
-    runs: list[tuple[str, Policy, float, bool]] = [(p, p, args.load, False) for p in POLICIES]
-    runs += [(PLACED, "least-loaded", args.load, True), (NO_LOADS, "model-affinity", 0.0, False)]
-    for name, policy, load, placed in runs:
+    runs: list[tuple[str, Policy, float, Told]] = [(p, p, args.load, "nothing") for p in POLICIES]
+    runs += [
+        ("model-affinity, room", "model-affinity", args.load, "room"),
+        ("placed by hand", "least-loaded", args.load, "placement"),
+        ("floor: free loads", "model-affinity", 0.0, "nothing"),
+    ]
+    for name, policy, load, told in runs:
         async with (
-            fleet(policy, load, placed) as (url, used),
+            fleet(policy, load, told) as (url, used),
             outside_client(used, args.outside),
         ):
             results = await workload(url, args.bursts, args.burst_size, args.gap)
@@ -516,10 +526,10 @@ def print_mixed(table: dict[str, dict[str, float]], args: argparse.Namespace) ->
     print("3 models (60/30/10 %), 3 backends (one 3x slower), 2 slots, 2 loaded models each;")
     print(f"{args.outside} request(s) at a time sent to a fast one directly by an outside client")
     columns = ("completed", "p50", "p99", "ttft50", "ttft99")
-    print(f"{'policy':18}" + "".join(f"{c:>11}" for c in columns))
+    print(f"{'policy':22}" + "".join(f"{c:>11}" for c in columns))
     for policy, row in table.items():
         cells = [f"{int(row['completed'])}/{total}"] + [f"{row[c]:.2f} s" for c in columns[1:]]
-        print(f"{policy:18}" + "".join(f"{c:>11}" for c in cells))
+        print(f"{policy:22}" + "".join(f"{c:>11}" for c in cells))
     base = table["round-robin"]
     print("\nRatio to round-robin (lower is better):")
     for policy, row in table.items():

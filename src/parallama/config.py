@@ -68,6 +68,14 @@ class BackendSettings(BaseModel):
     min_slots: int = Field(1, ge=1, description='slots = "auto": the fewest')
     max_slots: int = Field(8, ge=1, description='slots = "auto": the most')
     weight: float = Field(1.0, gt=0, description="relative capacity when comparing load")
+    max_loaded_models: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="how many models it keeps loaded at once (its OLLAMA_MAX_LOADED_MODELS, or "
+        "as many as its memory holds): model-affinity then loads a model there only into room, "
+        "or in place of an idle model; absent: unknown",
+    )
     models: frozenset[str] | None = Field(
         None, description="the only models sent here; absent: any model it has installed"
     )

@@ -128,6 +128,29 @@ def test_model_affinity_keeps_a_model_on_one_backend_until_it_is_saturated(
     assert loaded.count(True) == (2 if spread else 1)
 
 
+@pytest.mark.parametrize("room_told", [True, False])
+def test_model_affinity_told_the_room_evicts_no_models_only_copy_to_spill(room_told: bool) -> None:
+    """Two engines that keep one model each, one holding each model: a burst for the first
+    model waits for its engine rather than evict the other's only copy, once the gateway knows
+    the room (unknown, it spills there, and the engine unloads the other model)."""
+    config = make_config(
+        max_loaded_models=1, models=(CHAT_MODEL, OTHER_MODEL), decode_tps=200, ports=2
+    )
+    with sim_servers(config) as servers:
+        for server, model in zip(servers, (CHAT_MODEL, OTHER_MODEL), strict=True):
+            load = {"model": model, "prompt": ""}
+            assert httpx.post(f"{server.url}/api/generate", json=load).status_code == 200
+        room = {"max_loaded_models": 1} if room_told else {}
+        backends = tuple(BackendSettings(url=s.url, **room) for s in servers)
+        with gateway_with(backends, routing="model-affinity", **FAST_HEALTH) as gateway:
+            wait_for_gateway(
+                gateway.url, lambda s: all(len(b["loaded"]) == 1 for b in s["backends"])
+            )
+            assert asyncio.run(burst(gateway.url, 6)) == [200] * 6
+        unloads = [state(s.url)["unloads"] for s in servers]
+    assert unloads == ([0, 0] if room_told else [0, 1])
+
+
 @asynccontextmanager
 async def scripted_backend(
     answer: bytes | list[bytes | None] | None,

@@ -51,6 +51,8 @@ def test_ollama_gets_its_address_and_concurrency_from_its_environment() -> None:
         4,
         2,
     )
+    assert started.backend.max_loaded_models == 2  # the room model affinity respects
+    assert launch(instance(max_loaded_models=0), 0, 11440).backend.max_loaded_models is None
     assert started.ready_path == b"/api/version"
 
 

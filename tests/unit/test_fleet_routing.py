@@ -214,6 +214,62 @@ def test_model_affinity_puts_a_new_model_where_fewest_models_are_loaded() -> Non
     assert backend_of(s.submit(M)) == "b"
 
 
+THIRD = "mistral:7b"
+
+
+def test_model_affinity_spills_only_into_room_or_in_place_of_an_idle_spare_copy() -> None:
+    """Backends that keep two models each: a full one takes a spilled model only in place of
+    an idle model that another backend also holds."""
+    a, b, c = (Backend(n, slots=1, room=2) for n in "abc")
+    s = policy_scheduler("model-affinity", a, b, c)
+    s.set_loaded("a", [M, OTHER])
+    s.set_loaded("b", [OTHER, THIRD])  # full
+    s.set_loaded("c", [THIRD])  # room for one more
+    asked = [s.submit(M) for _ in range(3)]  # one runs on a; two wait for its one slot: spill
+    assert backend_of(asked[0]) == "a" and backend_of(asked[1]) == "c"  # c's room, not b
+    assert asked[2].queued  # one waits for the two slots it has now
+    more = [s.submit(M) for _ in range(2)]  # three wait: spill again, b is full, but its idle
+    assert backend_of(asked[2]) == "b"  # OTHER and THIRD are held elsewhere too
+    assert all(t.queued for t in more)
+    assert adds_up(s)
+
+
+def test_model_affinity_never_evicts_a_busy_model_or_the_last_copy_when_room_is_known() -> None:
+    a, b = Backend("a", slots=1, room=1), Backend("b", slots=1, room=1)
+    s = policy_scheduler("model-affinity", a, b)
+    s.set_loaded("a", [M])
+    s.set_loaded("b", [OTHER])
+    other = s.submit(OTHER)  # busy on b
+    first = s.submit(M)
+    waiting = [s.submit(M) for _ in range(3)]  # more than a's slot: it would spill, but b's
+    assert backend_of(first) == "a"  # one model is busy
+    assert all(t.queued for t in waiting)
+    finish(s, other)  # b's model is idle now, but the only copy of OTHER: kept
+    assert all(t.queued for t in waiting)
+    finish(s, first)
+    assert backend_of(waiting[0]) == "a"
+
+
+def test_model_affinity_places_a_new_model_in_place_of_an_idle_one_when_all_are_full() -> None:
+    a, b = Backend("a", slots=1, room=1), Backend("b", slots=1, room=1)
+    s = policy_scheduler("model-affinity", a, b)
+    s.set_loaded("a", [M])
+    s.set_loaded("b", [OTHER])
+    busy = s.submit(M)
+    assert backend_of(busy) == "a"
+    assert backend_of(s.submit(THIRD)) == "b"  # held nowhere: b's idle model makes way
+    blocked = s.submit("x:1b")  # held nowhere either, and both backends are busy: it waits
+    assert blocked.queued
+
+
+def test_model_affinity_without_known_room_spills_where_fewest_models_are_held() -> None:
+    s = policy_scheduler("model-affinity", Backend("a"), Backend("b"))
+    s.set_loaded("a", [M])
+    s.set_loaded("b", [OTHER, THIRD])
+    asked = [s.submit(M) for _ in range(3)]  # two wait for a's one slot: the first spills
+    assert [backend_of(t) for t in asked[:2]] == ["a", "b"]  # unknown room: b may load it
+
+
 def test_session_affinity_keeps_a_conversation_on_one_backend_and_spreads_sessions() -> None:
     s = policy_scheduler("session-affinity", *(Backend(n, slots=4) for n in "abcd"))
     homes = {}

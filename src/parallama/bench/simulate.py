@@ -109,9 +109,10 @@ class SimulatedFleet:
         self.scheduler = Scheduler(
             SchedulerSettings(routing=routing, queue_timeout=queue_timeout), loop.time
         )
+        room = sim.scheduler.max_loaded_models or None  # told, as `parallama up` tells it
         for name in self._engines:
             self.scheduler.add_backend(
-                Backend(name, slots=sim.scheduler.num_parallel, breaker=Breaker())
+                Backend(name, slots=sim.scheduler.num_parallel, room=room, breaker=Breaker())
             )
         self._waiting = Waiting(self.scheduler, loop.time)
 

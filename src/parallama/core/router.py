@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -144,7 +145,15 @@ class Router:
         model: str, serving: Sequence[Backend], free: Sequence[Backend], waiting: int
     ) -> Backend | None:
         """A backend with the model loaded (or loading) if one is free; else wait for one, unless
-        more requests wait than the warm backends have slots: then load it on another."""
+        more requests wait than the warm backends have slots: then load it on another.
+
+        Loading it there must not cost more than it gains: where a backend's room (how many
+        models it keeps at once) is known, the model goes only into free room, or in place of
+        an idle model (one that runs nothing) that another backend also holds, so that nothing
+        busy is evicted, nor the last copy of a model that will be asked for again; a model
+        loaded nowhere yet may take any idle one's place. Else it waits. (Evicting a busy model
+        makes the engine wait for it to finish, and then its requests load it elsewhere in
+        turn: in a fleet short of room, loads chase each other.)"""
         warm = [b for b in serving if model in b.loaded or b.in_flight[model]]
         free_warm = [b for b in free if b in warm]
         if free_warm:
@@ -154,8 +163,23 @@ class Router:
         cold = [b for b in free if b not in warm]
         if not cold:
             return None
-        # The backend with the fewest models loaded: the least likely to evict one for this.
-        return min(cold, key=lambda b: (len(b.loaded), b.load(), b.name))
+        held = {b.name: b.loaded | {m for m, n in b.in_flight.items() if n} for b in serving}
+        roomy = [b for b in cold if b.room is None or len(held[b.name]) < b.room]
+        if roomy:  # the fewest models held: the least likely to evict one
+            return min(roomy, key=lambda b: (len(held[b.name]), b.load(), b.name))
+        copies = Counter(m for models in held.values() for m in models)
+
+        def spare(b: Backend) -> int:
+            """Idle models there that may make way: held elsewhere too, or any if this model
+            is held nowhere; no more than its room leaves beside the busy ones (the probes may
+            not have seen an eviction yet)."""
+            busy = sum(1 for m in held[b.name] if b.in_flight[m])
+            idle = [m for m in held[b.name] if not b.in_flight[m]]
+            may_go = sum(1 for m in idle if copies[m] > 1 or not warm)
+            return min(may_go, (b.room or 0) - busy)
+
+        best = max(cold, key=lambda b: (spare(b), -b.load()))
+        return best if spare(best) else None
 
     def forget(self, backend: str) -> None:
         self._credit.pop(backend, None)

@@ -133,6 +133,7 @@ class Backend:
     slots: int = 1  # per model, like OLLAMA_NUM_PARALLEL
     weight: float = 1.0
     models: frozenset[str] | None = None  # configured: the only models sent here; None: any
+    room: int | None = None  # models it keeps loaded at once, if known (model affinity)
     inventory: frozenset[str] | None = None  # installed, from its /api/tags; None: unknown
     loaded: set[str] = field(default_factory=set)
     in_flight: Counter[str] = field(default_factory=Counter)

@@ -144,6 +144,7 @@ class Fleet:
                 backend.tuner = SlotTuner(wanted.min_slots, wanted.max_slots)
                 backend.slots = backend.tuner.limit
             backend.weight = wanted.weight
+            backend.room = wanted.max_loaded_models
             backend.models = wanted.models
             backend.cache_rule = wanted.prompt_cache
             backend.cache_ram = wanted.prompt_cache_ram
@@ -171,6 +172,7 @@ class Fleet:
             if backend.slots == "auto"
             else None,
             weight=backend.weight,
+            room=backend.max_loaded_models,
             models=backend.models,
             draining=backend.drain,
             breaker=Breaker(s.failure_threshold, s.breaker_cooldown),

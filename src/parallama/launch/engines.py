@@ -188,6 +188,8 @@ def launch(
         slots=instance.slots or _slots(instance),
         weight=instance.weight,
         models=instance.models,
+        # the room model affinity respects (0 is Ollama's own default: not known here)
+        max_loaded_models=instance.max_loaded_models or None,
     )
     return Launch(
         name=name,
