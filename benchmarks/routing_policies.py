@@ -9,11 +9,11 @@ for each policy. Printed: completed requests, p50/p99 latency and time to
 first token, and the ratio of each to round-robin's (the seed's policy, and nginx's default),
 which parallama runs here with late binding: a request is still sent only to a free slot. Then
 model-affinity told each backend's room for models (`max_loaded_models`); least-loaded over the
-same backends, each given by hand the models it serves (`models`: the
-most asked model on all, the second on the fast two, the third on the slow one, so that no
-backend holds more than it has room for); and a floor: model-affinity over the same backends
-whose loads take no time, about the least any routing could reach (what a policy spares is
-loads, and the waits of evictions).
+same backends, each given by hand the models it serves (`models`: the most asked model on all,
+the second on the fast two, the third on the slow one, so that no backend holds more than it
+has room for); and a floor: model-affinity over the same backends whose loads take no time,
+about the least any routing could reach (what a policy spares is loads, and the waits of
+evictions).
 
 **chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
 of four long shared system prompts, `--active` of them at a time) over three emulators of
