@@ -8,11 +8,12 @@ server does). Bursts of streaming requests over three models (60/30/10 %), the s
 for each policy. Printed: completed requests, p50/p99 latency and time to
 first token, and the ratio of each to round-robin's (the seed's policy, and nginx's default),
 which parallama runs here with late binding: a request is still sent only to a free slot. Then
-model-affinity told each backend's room for models (`max_loaded_models`); least-loaded over the
-same backends, each given by hand the models it serves (`models`: the most asked model on all,
-the second on the fast two, the third on the slow one, so that no backend holds more than it
-has room for); and a floor: model-affinity over the same backends whose loads take no time,
-about the least any routing could reach (what a policy spares is loads, and the waits of
+model-affinity told each backend's room for models (`max_loaded_models`), and told it with the
+three models kept warm (`warm`, `replicas` 3, 2 and 1, loaded as the bursts begin); least-loaded
+over the same backends, each given by hand the models it serves (`models`: the most asked model
+on all, the second on the fast two, the third on the slow one, so that no backend holds more
+than it has room for); and a floor: model-affinity over the same backends whose loads take no
+time, about the least any routing could reach (what a policy spares is loads, and the waits of
 evictions).
 
 **chat**: multi-turn conversations (`--conversations` of `--turns` turns, each opening with one
@@ -112,7 +113,8 @@ async def gateway_over(
         yield gateway.url, urls
 
 
-Told = Literal["nothing", "room", "placement"]
+Told = Literal["nothing", "room", "room and warm", "placement"]
+WARM = {m: {"warm": True, "replicas": n} for m, n in zip(MODELS, (3, 2, 1), strict=True)}
 
 
 @contextlib.asynccontextmanager
@@ -120,15 +122,17 @@ async def fleet(
     policy: Policy, load_seconds: float, told: Told = "nothing"
 ) -> AsyncIterator[tuple[str, str]]:
     """Two normal backends and a slow one, fresh, behind a gateway with `policy`, told their
-    room for models (`max_loaded_models`), or the models each serves (`models`), or neither:
-    its URL, and the first backend's."""
+    room for models (`max_loaded_models`, and the models to keep warm), or the models each
+    serves (`models`), or neither: its URL, and the first backend's."""
     configs = [backend_config(decode_tps, load_seconds) for decode_tps in (120.0, 120.0, 40.0)]
-    settings = {"slots": 2, "routing": policy, "occupancy_interval": 0.25}
+    settings: dict[str, Any] = {"slots": 2, "routing": policy, "occupancy_interval": 0.25}
+    if told == "room and warm":
+        settings["models"] = WARM
     first, second, third = MODELS
     each: list[dict[str, Any]] | None = None
     if told == "placement":
         each = [{"models": [first, m]} for m in (second, second, third)]
-    elif told == "room":
+    elif told in ("room", "room and warm"):
         each = [{"max_loaded_models": ROOM}] * len(configs)
     async with gateway_over(configs, settings, {"occupancy": "slots"}, each) as (url, backends):
         yield url, backends[0]
@@ -451,6 +455,7 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     runs: list[tuple[str, Policy, float, Told]] = [(p, p, args.load, "nothing") for p in POLICIES]
     runs += [
         ("model-affinity, room", "model-affinity", args.load, "room"),
+        ("  and warm 3/2/1", "model-affinity", args.load, "room and warm"),
         ("placed by hand", "least-loaded", args.load, "placement"),
         ("floor: free loads", "model-affinity", 0.0, "nothing"),
     ]

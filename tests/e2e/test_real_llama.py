@@ -189,7 +189,12 @@ def test_calibrate_replay_and_plan_on_the_real_engine(up: Up, tmp_path: Path) ->
     assert replayed.returncode == 0, replayed.stderr
     (measured,) = orjson.loads(measured_file.read_bytes())["summaries"]
     assert measured["ok"] == 8
-    assert measured["output_tokens"] == sum(t.generated_tokens for t in trace)  # held to length
+    # Held to length, as far as this engine lets: llama-cpp-python's min_tokens bans only the
+    # end-of-sequence token (MinTokensLogitsProcessor) and it has no ignore_eos, so another
+    # end-of-generation token or a stop string now and then ends an answer a few tokens early
+    # (117 of 120 once in CI).
+    traced = sum(t.generated_tokens for t in trace)
+    assert 0.9 * traced <= measured["output_tokens"] <= traced
     planned = finished(
         "plan", "--replay", str(trace_file), "--profile", str(profile), "--instances", "2",
         "--json", str(planned_file),

@@ -3,6 +3,7 @@ model, as Ollama does, for a request whose runner options differ from the loaded
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -128,3 +129,40 @@ def test_a_warm_model_is_loaded_with_its_pinned_options_so_no_request_reloads_it
         assert httpx.post(f"{gateway.url}/api/generate", json=body, timeout=30).status_code == 200
         count = state(sim.url)["loads"][CHAT_MODEL]
     assert count == 1  # the warm load, and no other
+
+
+def test_model_affinity_told_the_room_never_evicts_a_warm_model_to_spill() -> None:
+    """Engines that keep one model each: the first serves the chat model only, the two others
+    keep a warm model and may also serve the chat model. A burst for the chat model waits for
+    its engine rather than evict the warm model's copies (which the warmer would load back)."""
+    config = with_ports(make_config(max_loaded_models=1, models=(CHAT_MODEL, OTHER_MODEL)), 3)
+    with sim_servers(config) as sims:
+        chat_only, *others = (s.url for s in sims)
+        load = {"model": CHAT_MODEL, "prompt": ""}
+        assert httpx.post(f"{chat_only}/api/generate", json=load).status_code == 200
+        backends = (
+            BackendSettings(url=chat_only, models=frozenset({CHAT_MODEL}), max_loaded_models=1),
+            *(BackendSettings(url=url, max_loaded_models=1) for url in others),
+        )
+        models: dict[str, Any] = {OTHER_MODEL: {"warm": True}}  # on every engine serving it
+        with gateway_with(
+            backends, models=models, routing="model-affinity", health_interval=0.05
+        ) as gateway:
+            eventually(
+                lambda: [loaded(url) for url in others],
+                lambda seen: all(OTHER_MODEL in s for s in seen),
+            )
+            statuses = asyncio.run(at_once(gateway.url, CHAT_MODEL, 6))
+        unloads = [state(url)["unloads"] for url in others]
+    assert statuses == [200] * 6
+    assert unloads == [0, 0]
+
+
+async def at_once(url: str, model: str, count: int) -> list[int]:
+    """`count` generations sent together; their status codes."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        body = {"model": model, "prompt": "hi", "stream": False}
+        replies = await asyncio.gather(
+            *(client.post("/api/generate", json=body) for _ in range(count))
+        )
+    return [r.status_code for r in replies]

@@ -262,6 +262,23 @@ def test_model_affinity_places_a_new_model_in_place_of_an_idle_one_when_all_are_
     assert blocked.queued
 
 
+def test_model_affinity_counts_warm_loads_and_never_evicts_a_warm_model() -> None:
+    a, b, c = (Backend(n, slots=1, room=1) for n in "abc")
+    s = policy_scheduler("model-affinity", a, b, c)
+    s.set_loaded("a", [M])
+    s.set_loaded("b", [OTHER])
+    s.set_loaded("c", [OTHER])
+    b.kept = c.kept = frozenset({OTHER})  # warm, kept on every backend that serves it
+    asked = [s.submit(M) for _ in range(3)]  # two wait for a's one slot
+    assert backend_of(asked[0]) == "a" and asked[1].queued  # no warm model makes way
+    s.set_loaded("c", [])  # c's OTHER unloaded, and the warmer loads M there instead:
+    c.loading = {M}  # M's requests may go there and wait for it
+    finish(s, asked[0])
+    assert {backend_of(asked[1]), backend_of(asked[2])} == {"a", "c"}
+    newcomer = s.submit(THIRD)  # held nowhere: a warm model's idle copy makes way, rather
+    assert backend_of(newcomer) == "b"  # than the request wait for ever
+
+
 def test_model_affinity_without_known_room_spills_where_fewest_models_are_held() -> None:
     s = policy_scheduler("model-affinity", Backend("a"), Backend("b"))
     s.set_loaded("a", [M])

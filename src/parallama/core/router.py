@@ -154,7 +154,8 @@ class Router:
         loaded nowhere yet may take any idle one's place. Else it waits. (Evicting a busy model
         makes the engine wait for it to finish, and then its requests load it elsewhere in
         turn: in a fleet short of room, loads chase each other.)"""
-        warm = [b for b in serving if model in b.loaded or b.in_flight[model]]
+        held = {b.name: b.held() for b in serving}
+        warm = [b for b in serving if model in held[b.name]]
         free_warm = [b for b in free if b in warm]
         if free_warm:
             return _least_loaded(model, free_warm)
@@ -163,20 +164,21 @@ class Router:
         cold = [b for b in free if b not in warm]
         if not cold:
             return None
-        held = {b.name: b.loaded | {m for m, n in b.in_flight.items() if n} for b in serving}
         roomy = [b for b in cold if b.room is None or len(held[b.name]) < b.room]
         if roomy:  # the fewest models held: the least likely to evict one
             return min(roomy, key=lambda b: (len(held[b.name]), b.load(), b.name))
         copies = Counter(m for models in held.values() for m in models)
 
         def spare(b: Backend) -> int:
-            """Idle models there that may make way: held elsewhere too, or any if this model
-            is held nowhere; no more than its room leaves beside the busy ones (the probes may
-            not have seen an eviction yet)."""
-            busy = sum(1 for m in held[b.name] if b.in_flight[m])
-            idle = [m for m in held[b.name] if not b.in_flight[m]]
+            """Idle models there that may make way: held elsewhere too and not a warm model's
+            needed copy; or, if this model is held nowhere, any (it must be served somewhere);
+            no more than its room leaves beside the busy ones (the probes may not have seen an
+            eviction yet)."""
+            idle = {m for m in b.loaded if not b.in_flight[m]} - b.loading
+            if warm:
+                idle -= b.kept
             may_go = sum(1 for m in idle if copies[m] > 1 or not warm)
-            return min(may_go, (b.room or 0) - busy)
+            return min(may_go, (b.room or 0) - (len(held[b.name]) - len(idle)))
 
         best = max(cold, key=lambda b: (spare(b), -b.load()))
         return best if spare(best) else None

@@ -136,6 +136,8 @@ class Backend:
     room: int | None = None  # models it keeps loaded at once, if known (model affinity)
     inventory: frozenset[str] | None = None  # installed, from its /api/tags; None: unknown
     loaded: set[str] = field(default_factory=set)
+    loading: set[str] = field(default_factory=set)  # warm loads started, not yet seen loaded
+    kept: frozenset[str] = frozenset()  # warm models: kept loaded, never to make way for others
     in_flight: Counter[str] = field(default_factory=Counter)
     breaker: Breaker = field(default_factory=Breaker)
     draining: bool = False
@@ -175,6 +177,10 @@ class Backend:
     def awaits(self, model: str) -> bool:
         """Serves the model, or will once its engine has started: a request may wait for it."""
         return self.serves(model) or (self.standby and not self.draining and self.offers(model))
+
+    def held(self) -> set[str]:
+        """The models it has loaded, is loading, or runs."""
+        return self.loaded | self.loading | {m for m, n in self.in_flight.items() if n}
 
     def has_free_slot(self, model: str) -> bool:
         if self.breaker.state is BreakerState.HALF_OPEN and self.active:

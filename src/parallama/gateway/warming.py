@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from parallama.config import GatewaySettings
-from parallama.core.placement import Warm, loads_wanted, placement
+from parallama.core.placement import Warm, kept_copies, loads_wanted, placement
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.upstream import Upstream, UpstreamError
 
@@ -56,12 +56,23 @@ class Warmer:
         now = time.monotonic()
         self._resting = {k: until for k, until in self._resting.items() if until > now}
         busy = self._loading | self._resting.keys()
+        self._tell_scheduler()
         for backend, model in loads_wanted(self._warm, self._scheduler.backends, busy):
             self._loading.add((backend, model))
             self.loads += 1
             task = asyncio.get_running_loop().create_task(self._load(backend, model))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self._tell_scheduler()
+
+    def _tell_scheduler(self) -> None:
+        """Routing and placement see what the warmer keeps and is loading: neither evicts a
+        warm model's needed copy, nor fills the room a warm load is about to take."""
+        backends = self._scheduler.backends
+        for name, backend in backends.items():
+            backend.loading = {m for n, m in self._loading if n == name}
+        for name, kept in kept_copies(self._warm, backends).items():
+            backends[name].kept = frozenset(kept)
 
     def status(self) -> dict[str, dict[str, object]]:
         return placement(self._warm, self._scheduler.backends, self._loading)
@@ -92,7 +103,10 @@ class Warmer:
             fields["error"] = str(exc)
         finally:
             self._loading.discard((backend, model))
+            self._tell_scheduler()
             if fields.get("status") == 200:
+                if (known := self._scheduler.backends.get(backend)) is not None:
+                    known.loaded.add(model)  # till the probe below tells the same
                 log.info("warm model loaded", extra={"fields": fields})
             else:
                 self._resting[backend, model] = time.monotonic() + _REST_SECONDS
