@@ -260,6 +260,8 @@ def test_model_affinity_places_a_new_model_in_place_of_an_idle_one_when_all_are_
     assert backend_of(s.submit(THIRD)) == "b"  # held nowhere: b's idle model makes way
     blocked = s.submit("x:1b")  # held nowhere either, and both backends are busy: it waits
     assert blocked.queued
+    finish(s, busy)  # a's model is idle now: the waiting one takes its place at once
+    assert backend_of(blocked) == "a"
 
 
 def test_model_affinity_counts_warm_loads_and_never_evicts_a_warm_model() -> None:
@@ -277,6 +279,18 @@ def test_model_affinity_counts_warm_loads_and_never_evicts_a_warm_model() -> Non
     assert {backend_of(asked[1]), backend_of(asked[2])} == {"a", "c"}
     newcomer = s.submit(THIRD)  # held nowhere: a warm model's idle copy makes way, rather
     assert backend_of(newcomer) == "b"  # than the request wait for ever
+
+
+def test_model_affinity_places_a_waiting_request_as_soon_as_a_probe_finds_room() -> None:
+    a, b = Backend("a", slots=1, room=1), Backend("b", slots=1, room=1)
+    s = policy_scheduler("model-affinity", a, b)
+    s.set_loaded("a", [OTHER])
+    a.kept = frozenset({OTHER})  # warm there: it stays
+    s.set_loaded("b", [M])
+    asked = [s.submit(M) for _ in range(3)]  # two wait for b's one slot; a has no room
+    assert backend_of(asked[0]) == "b" and asked[1].queued
+    s.set_loaded("a", [])  # the engine unloaded OTHER (its keep-alive ran out): room
+    assert backend_of(asked[1]) == "a"
 
 
 def test_model_affinity_without_known_room_spills_where_fewest_models_are_held() -> None:

@@ -415,7 +415,10 @@ class Scheduler:
         self._dispatch_all()
 
     def set_loaded(self, name: str, models: Iterable[str]) -> None:
-        self.backends[name].loaded = set(models)
+        backend = self.backends[name]
+        before, backend.loaded = backend.loaded, set(models)
+        if backend.room is not None and backend.loaded != before:
+            self._dispatch_all()  # room freed or taken: model affinity may place a waiting model
 
     def kv_bytes(self, model: str) -> int | None:
         """`model`'s KV cache per token, if a backend told it (prefix affinity)."""
@@ -582,7 +585,10 @@ class Scheduler:
                     backend.slots = backend.tuner.limit
         self._free(ticket)
         self._end(ticket, outcome)
-        self._dispatch(ticket.model)
+        if backend.room is not None and not backend.in_flight[ticket.model]:
+            self._dispatch_all()  # its model is idle now: another may wait to take its place
+        else:
+            self._dispatch(ticket.model)
 
     def has_alternative(self, ticket: Ticket) -> bool:
         """Could another backend than the ticket's (and those it failed on) take it?"""
