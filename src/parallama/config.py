@@ -100,7 +100,7 @@ class BackendSettings(BaseModel):
         le=2**20,
         description="prefix-affinity, llama-server: its host-RAM prompt cache, MiB (llama.cpp's "
         "--cache-ram, 8192 by default and in Ollama since v0.30; 0: none), counted in tokens of "
-        "each model's f16 KV cache (from Ollama's /api/show; a 7B's 64 KiB where not told)",
+        "each model's f16 KV cache (from Ollama's /api/show; 64 KiB where not told)",
     )
 
     @field_validator("models")

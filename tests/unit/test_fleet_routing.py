@@ -260,8 +260,17 @@ def test_model_affinity_places_a_new_model_in_place_of_an_idle_one_when_all_are_
     assert backend_of(s.submit(THIRD)) == "b"  # held nowhere: b's idle model makes way
     blocked = s.submit("x:1b")  # held nowhere either, and both backends are busy: it waits
     assert blocked.queued
-    finish(s, busy)  # a's model is idle now: the waiting one takes its place at once
+    s.cancel(busy)  # its client left: a's model is idle now, the waiting one takes its place
     assert backend_of(blocked) == "a"
+
+
+def test_model_affinity_spills_nowhere_when_more_run_than_the_room_says() -> None:
+    a = Backend("a", slots=2, room=1)
+    s = policy_scheduler("model-affinity", a)
+    s.set_loaded("a", [M, OTHER])  # the engine said room 1, yet runs two: nothing to spare
+    running = [s.submit(M), s.submit(OTHER)]
+    assert [backend_of(t) for t in running] == ["a", "a"]
+    assert s.submit(THIRD).queued
 
 
 def test_model_affinity_counts_warm_loads_and_never_evicts_a_warm_model() -> None:

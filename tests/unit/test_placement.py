@@ -58,3 +58,6 @@ def test_only_the_copies_a_warm_model_needs_are_kept_from_eviction() -> None:
     )
     kept = kept_copies([Warm("m", 2), Warm("n", None)], backends)
     assert kept == {"a": {"m"}, "b": {"m", "n"}, "c": set()}  # c's copy of m is one too many
+    backends["a"].draining = True  # a copy on a backend that serves nothing counts for none
+    kept = kept_copies([Warm("m", 2), Warm("n", None)], backends)
+    assert kept == {"a": set(), "b": {"m", "n"}, "c": {"m"}}

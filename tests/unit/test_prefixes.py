@@ -104,6 +104,8 @@ def test_a_models_kv_cache_per_token_is_read_from_ollamas_model_info() -> None:
     assert kv_bytes_per_token(qwen | lengths) == 28 * 4 * (192 + 128) * 2
     per_layer = qwen | {"qwen2.block_count": 3, "qwen2.attention.head_count_kv": [4, 0, 8]}
     assert kv_bytes_per_token(per_layer) == 12 * 256 * 2  # layers without KV heads keep none
+    no_kv_heads = {k: v for k, v in qwen.items() if k != "qwen2.attention.head_count_kv"}
+    assert kv_bytes_per_token(no_kv_heads) == 28 * 28 * 256 * 2  # as many as attention heads
     broken_ones: list[object] = [
         None,
         [],
@@ -114,12 +116,15 @@ def test_a_models_kv_cache_per_token_is_read_from_ollamas_model_info() -> None:
         qwen | {"qwen2.attention.head_count_kv": "4"},
         qwen | {"qwen2.attention.head_count": 0},
         qwen | {"qwen2.block_count": 10**9},  # no engine keeps 14 GB a token
+        qwen | {"qwen2.block_count": 1, "qwen2.attention.head_count_kv": 1},  # 512 bytes
+        qwen | {"qwen2.attention.head_count_kv": [True, True]},
+        qwen | {"qwen2.block_count": -28, "qwen2.attention.head_count_kv": -4},
     ]
     for broken in broken_ones:
         assert kv_bytes_per_token(broken) is None, broken
 
 
-def test_what_the_ram_cache_holds_is_counted_anew_once_a_models_kv_size_is_known() -> None:
+def test_the_ram_cache_holds_more_once_a_small_models_kv_size_is_known() -> None:
     s = make(Backend("a", slots=1, cache_ram=16), routing="prefix-affinity")  # 4 blocks of a 7B's
     first, stranger = tuple(range(6)), (-1,)
     busy_with(s, first)
@@ -128,6 +133,7 @@ def test_what_the_ram_cache_holds_is_counted_anew_once_a_models_kv_size_is_known
     assert memory.match(M, first) == 0
     s.learn_kv_bytes(M, 16 * 1024)  # a small model: 16 blocks fit
     assert s.kv_bytes(M) == 16 * 1024 and memory.ram_blocks(M) == 16
+    assert memory.match(M, stranger) == 1  # what the slot holds is kept
     busy_with(s, first)
     busy_with(s, stranger)
     assert memory.match(M, first) == 6

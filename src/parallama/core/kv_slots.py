@@ -59,6 +59,13 @@ class EngineSlots(Generic[S]):
         self._uses = 0
         self.saved: list[S] = []  # oldest first
 
+    def set_budget(self, saved_budget: int) -> None:
+        """How long the sequences saved in host RAM may now be together."""
+        self.budget = saved_budget if self.rule == "llama-server" else 0
+        total = sum(map(len, self.saved))
+        while self.saved and total > self.budget:
+            total -= len(self.saved.pop(0))
+
     def resize(self, slots: int) -> None:
         """The engine's slots are now `slots` (busy ones are kept)."""
         slots = max(slots, 1)

@@ -57,7 +57,11 @@ def kept_copies(warm: Iterable[Warm], backends: Mapping[str, Backend]) -> dict[s
     beyond the replicas (model affinity loaded it for a burst) is an idle model like any."""
     kept: dict[str, set[str]] = {name: set() for name in backends}
     for model in warm:
-        holders = [n for n, b in backends.items() if model.model in b.loaded | b.loading]
+        holders = [
+            n
+            for n, b in backends.items()
+            if b.serves(model.model) and model.model in b.loaded | b.loading
+        ]
         for name in holders if model.replicas is None else holders[: model.replicas]:
             kept[name].add(model.model)
     return kept

@@ -30,7 +30,10 @@ BLOCK = 256  # bytes of rendered prompt per block: about 64 tokens
 MAX_BLOCKS = 4096  # per request: 1 MiB of prompt; what comes after is not matched
 MAX_MODELS = 16  # per backend: models remembered (clients name them)
 TOKENS_PER_BLOCK = 64
-KV_BYTES_PER_TOKEN = 64 * 1024  # a model's KV cache per token, till its own is known: a 7B's
+# A model's KV cache per token till its own is known: between qwen2.5:7b's 56 KiB and
+# llama3.1:8b's 128 KiB (f16).
+KV_BYTES_PER_TOKEN = 64 * 1024
+MAX_RAM_BLOCKS = 16384  # saved prompt blocks per backend and model: a million tokens
 
 Blocks = tuple[int, ...]
 
@@ -103,7 +106,14 @@ class PrefixMemory:
     def ram_blocks(self, model: str) -> int:
         """How many blocks of `model`'s prompts the host-RAM cache holds."""
         per_token = self._kv_bytes.get(model, KV_BYTES_PER_TOKEN)
-        return self.ram * 2**20 // (per_token * TOKENS_PER_BLOCK)
+        return min(self.ram * 2**20 // (per_token * TOKENS_PER_BLOCK), MAX_RAM_BLOCKS)
+
+    def rebudget(self, model: str) -> None:
+        """The model's KV size became known: what the RAM cache holds of it is counted anew
+        (what it keeps now stays, up to the new size, the oldest dropped first)."""
+        engine = self._models.get(model)
+        if engine is not None:
+            engine.set_budget(self.ram_blocks(model))
 
     def release(self, model: str, slot: int, sent: Blocks) -> None:
         """The request sent with `sent` ended: its slot is idle, and holds it."""

@@ -181,7 +181,7 @@ class Router:
             return min(may_go, (b.room or 0) - (len(held[b.name]) - len(idle)))
 
         best = max(cold, key=lambda b: (spare(b), -b.load()))
-        return best if spare(best) else None
+        return best if spare(best) > 0 else None
 
     def forget(self, backend: str) -> None:
         self._credit.pop(backend, None)
@@ -191,11 +191,10 @@ class Router:
         return self._kv_bytes.get(model)
 
     def learn_kv_bytes(self, model: str, per_token: int) -> None:
-        """A backend told `model`'s KV cache per token: what each backend's RAM cache holds of
-        it is counted anew from nothing (it is learnt once, before or soon after the first
-        requests)."""
+        """A backend told `model`'s KV cache per token: each backend's RAM cache of it holds
+        that many blocks from now on (slots in use keep theirs)."""
         if self._kv_bytes.get(model) == per_token or len(self._kv_bytes) >= MAX_KV_MODELS:
             return
         self._kv_bytes[model] = per_token
         for memory in self._prefixes.values():
-            memory.forget(model)
+            memory.rebudget(model)

@@ -561,9 +561,9 @@ class Scheduler:
             self._leave_queue(ticket)
             self._end(ticket, Outcome.CANCELLED)
         else:
-            self._free(ticket)
+            went_idle = self._free(ticket)
             self._end(ticket, Outcome.CANCELLED)
-            self._dispatch(ticket.model)
+            self._dispatch_freed(ticket.model, went_idle)
 
     def release(
         self, ticket: Ticket, outcome: Outcome = Outcome.COMPLETED, tokens: int = 0
@@ -583,12 +583,9 @@ class Scheduler:
                 waiting = self.queue_depth(ticket.model) > 0
                 if backend.tuner.observe(ticket.concurrency, tokens / took, now, waiting):
                     backend.slots = backend.tuner.limit
-        self._free(ticket)
+        went_idle = self._free(ticket)
         self._end(ticket, outcome)
-        if backend.room is not None and not backend.in_flight[ticket.model]:
-            self._dispatch_all()  # its model is idle now: another may wait to take its place
-        else:
-            self._dispatch(ticket.model)
+        self._dispatch_freed(ticket.model, went_idle)
 
     def has_alternative(self, ticket: Ticket) -> bool:
         """Could another backend than the ticket's (and those it failed on) take it?"""
@@ -602,20 +599,20 @@ class Scheduler:
             return False
         model = ticket.model
         alternative = self.has_alternative(ticket)
-        self._free(ticket)
+        went_idle = self._free(ticket)
         ticket.avoid |= {ticket.backend.name}
         ticket.backend = None
         ticket.dispatched_at = None
         ticket.queued_since = self._clock()
         if not alternative:
             self._end(ticket, Outcome.FAILED)
-            self._dispatch(model)
+            self._dispatch_freed(model, went_idle)
             return False
         self._queues.setdefault(model, _ModelQueue(self.settings.discipline)).push(ticket)
         # Its time on the failed backend is no queue time: a later key (its first entry, if still
         # in the heap, is now stale), and a fresh tie-breaker.
         heapq.heappush(self._waiting, (ticket.queue_key, next(self._seq), ticket))
-        self._dispatch(model)
+        self._dispatch_freed(model, went_idle)
         return True
 
     def tick(self) -> None:
@@ -694,7 +691,9 @@ class Scheduler:
         if not queue:  # model names come from clients: keep no empty queue around
             del self._queues[ticket.model]
 
-    def _free(self, ticket: Ticket) -> None:
+    def _free(self, ticket: Ticket) -> bool:
+        """Give back the ticket's slot; True if that left its model idle on a backend whose
+        room is known (model affinity may put another model in its place)."""
         backend = ticket.backend
         assert backend is not None
         backend.last_release = self._clock()
@@ -702,10 +701,24 @@ class Scheduler:
             self._router.released(ticket, backend)
             ticket.prefix_slot = -1
         backend.in_flight[ticket.model] -= 1
-        if backend.in_flight[ticket.model] <= 0:
+        went_idle = backend.in_flight[ticket.model] <= 0
+        if went_idle:
             del backend.in_flight[ticket.model]
         if backend.leased is not None:  # its lease goes back to all gateways
             self._return_lease(backend, ticket.model)
+        return went_idle and backend.room is not None
+
+    def _dispatch_freed(self, model: str, went_idle: bool) -> None:
+        """After a slot of `model` was given back: its queue; every queue if the model went idle
+        where room counts (a request of another model may wait to take its place)."""
+        if went_idle:
+            self._dispatch_all()
+        else:
+            self._dispatch(model)
+
+    def placement_changed(self) -> None:
+        """Models kept or being loaded changed (the warmer): waiting requests may go now."""
+        self._dispatch_all()
 
     # -- slots shared with other gateways -------------------------------------------------------
 

@@ -69,6 +69,7 @@ class Prober:
         if alive != backend.healthy:
             log.warning("backend probe", extra={"fields": {"backend": name, "alive": alive}})
         self._scheduler.report(name, alive)
+        running: list[str] | None = None
         if alive:
             installed, running = await self._models(upstream, self._dialect(name))
             if name in self._scheduler.backends:
@@ -76,9 +77,9 @@ class Prober:
                     self._scheduler.set_inventory(name, installed)
                 if running is not None:
                     self._scheduler.set_loaded(name, running)
-            if running and self._dialect(name) == "ollama":
-                await self._look_up(upstream, running)
         self._on_change()
+        if running and self._dialect(name) == "ollama":  # after: no probe round waits for it
+            await self._look_up(upstream, running)
 
     async def _run(self) -> None:
         while True:
@@ -98,14 +99,16 @@ class Prober:
         return _names(tags, "models", "name"), _names(loaded, "models", "name")
 
     async def _look_up(self, upstream: Upstream, models: list[str]) -> None:
-        """Each model not looked up yet: its KV cache per token, from its `model_info`."""
+        """Each model not looked up yet: its KV cache per token, from its `model_info`; asked
+        again at the next probe if no answer came."""
         for model in models:
             if model in self._shown or len(self._shown) >= MAX_KV_MODELS:
                 continue
-            self._shown.add(model)
             shown = await upstream.post_json(b"/api/show", {"model": model}, self.timeout)
-            info = shown.get("model_info") if isinstance(shown, dict) else None
-            per_token = kv_bytes_per_token(info)
+            if not isinstance(shown, dict):
+                continue
+            self._shown.add(model)
+            per_token = kv_bytes_per_token(shown.get("model_info"))
             if per_token is not None:
                 self._scheduler.learn_kv_bytes(model, per_token)
 

@@ -73,6 +73,7 @@ class Warmer:
             backend.loading = {m for n, m in self._loading if n == name}
         for name, kept in kept_copies(self._warm, backends).items():
             backends[name].kept = frozenset(kept)
+        self._scheduler.placement_changed()
 
     def status(self) -> dict[str, dict[str, object]]:
         return placement(self._warm, self._scheduler.backends, self._loading)
@@ -103,7 +104,6 @@ class Warmer:
             fields["error"] = str(exc)
         finally:
             self._loading.discard((backend, model))
-            self._tell_scheduler()
             if fields.get("status") == 200:
                 if (known := self._scheduler.backends.get(backend)) is not None:
                     known.loaded.add(model)  # till the probe below tells the same
@@ -111,4 +111,5 @@ class Warmer:
             else:
                 self._resting[backend, model] = time.monotonic() + _REST_SECONDS
                 log.warning("warm model not loaded", extra={"fields": fields})
+            self._tell_scheduler()
             self._probe_now(backend)  # what it has loaded now

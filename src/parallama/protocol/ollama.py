@@ -150,29 +150,38 @@ def chat_chunk(model: str, created_at: str, text: str) -> dict[str, Any]:
 def kv_bytes_per_token(model_info: Any) -> int | None:
     """A model's KV cache per token at f16 (Ollama's default `OLLAMA_KV_CACHE_TYPE`), from
     `/api/show`'s `model_info`: a key and a value per layer and KV head (a list of heads per
-    layer where layers differ). None where it does not tell, or tells nonsense."""
+    layer where layers differ; the attention heads where no KV heads are given, as llama.cpp
+    reads it). None where it does not tell, or tells what no engine keeps: under 1 KiB or over
+    16 MiB a token."""
     if not isinstance(model_info, dict):
         return None
     arch = model_info.get("general.architecture")
     if not isinstance(arch, str):
         return None
 
-    def number(key: str) -> int | None:
-        value = model_info.get(f"{arch}.{key}")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    def count(value: Any) -> int | None:
+        return (
+            value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        )
 
-    layers, kv_heads = number("block_count"), model_info.get(f"{arch}.attention.head_count_kv")
-    heads, width = number("attention.head_count"), number("embedding_length")
+    def number(key: str) -> int | None:
+        return count(model_info.get(f"{arch}.{key}"))
+
+    layers, heads = number("block_count"), number("attention.head_count")
+    width = number("embedding_length")
     default_dim = width // heads if width and heads else None
     key_dim = number("attention.key_length") or default_dim
     value_dim = number("attention.value_length") or default_dim
     if not layers or not key_dim or not value_dim:
         return None
-    if isinstance(kv_heads, int) and not isinstance(kv_heads, bool):
-        heads_kv = kv_heads * layers
-    elif isinstance(kv_heads, list) and all(isinstance(h, int) for h in kv_heads):
+    kv_heads = model_info.get(f"{arch}.attention.head_count_kv", heads)
+    if (each := count(kv_heads)) is not None:
+        heads_kv = each * layers
+    elif isinstance(kv_heads, list) and all(
+        h == 0 or count(h) is not None for h in kv_heads[:layers]
+    ):
         heads_kv = sum(kv_heads[:layers])
     else:
         return None
     total = heads_kv * (key_dim + value_dim) * 2
-    return total if 0 < total <= 2**24 else None
+    return total if 1024 <= total <= 2**24 else None
