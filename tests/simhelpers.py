@@ -178,3 +178,18 @@ def model_state(current: dict[str, Any], name: str) -> dict[str, Any]:
     """One model's row of the emulator state; an unloaded model has no busy or waiting slots."""
     absent = {"name": name, "state": "unloaded", "busy": 0, "waiting": 0}
     return next((m for m in current["models"] if m["name"] == name), absent)
+
+
+async def burst(url: str, count: int, model: str = CHAT_MODEL) -> list[int]:
+    """`count` concurrent non-streaming generations; their status codes."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> int:
+            if model == EMBED_MODEL:
+                embed = {"model": model, "input": f"text {i}"}
+                return (await client.post("/api/embed", json=embed)).status_code
+            body = {"model": model, "prompt": f"question {i}", "stream": False}
+            return (await client.post("/api/generate", json=body)).status_code
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))

@@ -22,6 +22,7 @@ from tests.simhelpers import (
     CHAT_MODEL,
     EMBED_MODEL,
     OTHER_MODEL,
+    burst,
     eventually,
     gateway_for,
     gateway_from_file,
@@ -44,21 +45,6 @@ def backend_row(status: dict[str, Any], url: str) -> dict[str, Any]:
 
 def completed(url: str) -> int:
     return int(state(url)["outcomes"].get("completed", 0))
-
-
-async def burst(url: str, count: int, model: str = CHAT_MODEL) -> list[int]:
-    """`count` concurrent non-streaming generations; their status codes."""
-    limits = httpx.Limits(max_connections=count)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-
-        async def one(i: int) -> int:
-            if model == EMBED_MODEL:
-                embed = {"model": model, "input": f"text {i}"}
-                return (await client.post("/api/embed", json=embed)).status_code
-            body = {"model": model, "prompt": f"question {i}", "stream": False}
-            return (await client.post("/api/generate", json=body)).status_code
-
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
 def test_a_backend_dying_mid_burst_loses_no_request_and_its_breaker_closes_on_return() -> None:

@@ -12,6 +12,7 @@ from parallama.config import BackendSettings
 from tests.simhelpers import (
     CHAT_MODEL,
     OTHER_MODEL,
+    burst,
     eventually,
     gateway_with,
     make_config,
@@ -152,17 +153,7 @@ def test_model_affinity_told_the_room_never_evicts_a_warm_model_to_spill() -> No
                 lambda: [loaded(url) for url in others],
                 lambda seen: all(OTHER_MODEL in s for s in seen),
             )
-            statuses = asyncio.run(at_once(gateway.url, CHAT_MODEL, 6))
+            statuses = asyncio.run(burst(gateway.url, 6))
         unloads = [state(url)["unloads"] for url in others]
     assert statuses == [200] * 6
     assert unloads == [0, 0]
-
-
-async def at_once(url: str, model: str, count: int) -> list[int]:
-    """`count` generations sent together; their status codes."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        body = {"model": model, "prompt": "hi", "stream": False}
-        replies = await asyncio.gather(
-            *(client.post("/api/generate", json=body) for _ in range(count))
-        )
-    return [r.status_code for r in replies]

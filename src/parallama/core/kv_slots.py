@@ -52,17 +52,21 @@ class EngineSlots(Generic[S]):
         sequences saved in host RAM may be together (`llama-server` only; 0: no RAM cache)."""
         self._shared = shared
         self.rule = rule
-        self.budget = saved_budget if rule == "llama-server" else 0
         self.held: list[S | None] = [None] * max(slots, 1)
         self._busy = [False] * max(slots, 1)
         self._used = [0] * max(slots, 1)
         self._uses = 0
         self.saved: list[S] = []  # oldest first
+        self.set_budget(saved_budget)
 
     def set_budget(self, saved_budget: int) -> None:
         """How long the sequences saved in host RAM may now be together."""
         self.budget = saved_budget if self.rule == "llama-server" else 0
-        total = sum(map(len, self.saved))
+        self._make_room(0)
+
+    def _make_room(self, length: int) -> None:
+        """Drop the oldest saved sequences till one of `length` fits beside the rest."""
+        total = sum(map(len, self.saved)) + length
         while self.saved and total > self.budget:
             total -= len(self.saved.pop(0))
 
@@ -155,9 +159,7 @@ class EngineSlots(Generic[S]):
         if len(held) > self.budget:
             return
         self.saved = [e for e in self.saved if self._shared(e, held) < len(e)]  # obsolete
-        total = sum(map(len, self.saved)) + len(held)
-        while self.saved and total > self.budget:
-            total -= len(self.saved.pop(0))
+        self._make_room(len(held))
         self.saved.append(held)
 
     def _restore(self, slot: int, prompt: S) -> None:

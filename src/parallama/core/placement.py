@@ -34,7 +34,7 @@ def loads_wanted(
 
     def fits(b: Backend) -> bool:
         """Room for one more where its room is known: free, or an idle model not kept warm."""
-        idle = {m for m in b.loaded if not b.in_flight[m]} - b.kept
+        idle = b.idle() - b.kept
         return b.room is None or planned[b.name] - len(idle) < b.room
 
     for model in warm:

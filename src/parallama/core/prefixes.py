@@ -78,7 +78,7 @@ class PrefixMemory:
     ) -> None:
         """`ram`: MiB of host-RAM prompt cache (llama.cpp's `--cache-ram`); `kv_bytes`: each
         model's KV cache per token, where known (8 GiB, the default, holds some 130,000 tokens
-        of a 7B model's KV, 64 KiB each: 2,048 blocks)."""
+        at `KV_BYTES_PER_TOKEN`: 2,048 blocks)."""
         self.rule = rule
         self.ram = ram
         self._kv_bytes = {} if kv_bytes is None else kv_bytes  # shared: learnt later

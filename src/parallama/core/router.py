@@ -174,7 +174,7 @@ class Router:
             needed copy; or, if this model is held nowhere, any (it must be served somewhere);
             no more than its room leaves beside the busy ones (the probes may not have seen an
             eviction yet)."""
-            idle = {m for m in b.loaded if not b.in_flight[m]} - b.loading
+            idle = b.idle()
             if warm:
                 idle -= b.kept
             may_go = sum(1 for m in idle if copies[m] > 1 or not warm)

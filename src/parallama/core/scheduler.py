@@ -182,6 +182,11 @@ class Backend:
         """The models it has loaded, is loading, or runs."""
         return self.loaded | self.loading | {m for m, n in self.in_flight.items() if n}
 
+    def idle(self) -> set[str]:
+        """The models it has loaded that run nothing and are not being loaded again: those a
+        load may evict without waiting."""
+        return {m for m in self.loaded if not self.in_flight[m]} - self.loading
+
     def has_free_slot(self, model: str) -> bool:
         if self.breaker.state is BreakerState.HALF_OPEN and self.active:
             return False  # one trial request at a time
@@ -561,9 +566,9 @@ class Scheduler:
             self._leave_queue(ticket)
             self._end(ticket, Outcome.CANCELLED)
         else:
-            went_idle = self._free(ticket)
+            room_freed = self._free(ticket)
             self._end(ticket, Outcome.CANCELLED)
-            self._dispatch_freed(ticket.model, went_idle)
+            self._dispatch_freed(ticket.model, room_freed)
 
     def release(
         self, ticket: Ticket, outcome: Outcome = Outcome.COMPLETED, tokens: int = 0
@@ -583,9 +588,9 @@ class Scheduler:
                 waiting = self.queue_depth(ticket.model) > 0
                 if backend.tuner.observe(ticket.concurrency, tokens / took, now, waiting):
                     backend.slots = backend.tuner.limit
-        went_idle = self._free(ticket)
+        room_freed = self._free(ticket)
         self._end(ticket, outcome)
-        self._dispatch_freed(ticket.model, went_idle)
+        self._dispatch_freed(ticket.model, room_freed)
 
     def has_alternative(self, ticket: Ticket) -> bool:
         """Could another backend than the ticket's (and those it failed on) take it?"""
@@ -599,20 +604,20 @@ class Scheduler:
             return False
         model = ticket.model
         alternative = self.has_alternative(ticket)
-        went_idle = self._free(ticket)
+        room_freed = self._free(ticket)
         ticket.avoid |= {ticket.backend.name}
         ticket.backend = None
         ticket.dispatched_at = None
         ticket.queued_since = self._clock()
         if not alternative:
             self._end(ticket, Outcome.FAILED)
-            self._dispatch_freed(model, went_idle)
+            self._dispatch_freed(model, room_freed)
             return False
         self._queues.setdefault(model, _ModelQueue(self.settings.discipline)).push(ticket)
         # Its time on the failed backend is no queue time: a later key (its first entry, if still
         # in the heap, is now stale), and a fresh tie-breaker.
         heapq.heappush(self._waiting, (ticket.queue_key, next(self._seq), ticket))
-        self._dispatch_freed(model, went_idle)
+        self._dispatch_freed(model, room_freed)
         return True
 
     def tick(self) -> None:
@@ -701,17 +706,17 @@ class Scheduler:
             self._router.released(ticket, backend)
             ticket.prefix_slot = -1
         backend.in_flight[ticket.model] -= 1
-        went_idle = backend.in_flight[ticket.model] <= 0
-        if went_idle:
+        idle = backend.in_flight[ticket.model] <= 0
+        if idle:
             del backend.in_flight[ticket.model]
         if backend.leased is not None:  # its lease goes back to all gateways
             self._return_lease(backend, ticket.model)
-        return went_idle and backend.room is not None
+        return idle and backend.room is not None
 
-    def _dispatch_freed(self, model: str, went_idle: bool) -> None:
-        """After a slot of `model` was given back: its queue; every queue if the model went idle
-        where room counts (a request of another model may wait to take its place)."""
-        if went_idle:
+    def _dispatch_freed(self, model: str, room_freed: bool) -> None:
+        """After a slot of `model` was given back: its queue; every queue if that left the
+        model idle where room counts (a request of another model may wait to take its place)."""
+        if room_freed:
             self._dispatch_all()
         else:
             self._dispatch(model)

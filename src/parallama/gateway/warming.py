@@ -56,24 +56,27 @@ class Warmer:
         now = time.monotonic()
         self._resting = {k: until for k, until in self._resting.items() if until > now}
         busy = self._loading | self._resting.keys()
-        self._tell_scheduler()
+        changed = self._share()  # what placement below must not evict
         for backend, model in loads_wanted(self._warm, self._scheduler.backends, busy):
             self._loading.add((backend, model))
             self.loads += 1
             task = asyncio.get_running_loop().create_task(self._load(backend, model))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._tell_scheduler()
+        if self._share() or changed:
+            self._scheduler.placement_changed()
 
-    def _tell_scheduler(self) -> None:
-        """Routing and placement see what the warmer keeps and is loading: neither evicts a
-        warm model's needed copy, nor fills the room a warm load is about to take."""
+    def _share(self) -> bool:
+        """Tell routing and placement what the warmer keeps and is loading, so that neither
+        evicts a warm model's needed copy, nor fills the room a warm load is about to take;
+        True if that changed."""
         backends = self._scheduler.backends
+        before = {name: (b.loading, b.kept) for name, b in backends.items()}
         for name, backend in backends.items():
             backend.loading = {m for n, m in self._loading if n == name}
-        for name, kept in kept_copies(self._warm, backends).items():
+        for name, kept in kept_copies(self._warm, backends).items():  # of those loading too
             backends[name].kept = frozenset(kept)
-        self._scheduler.placement_changed()
+        return any(before[name] != (b.loading, b.kept) for name, b in backends.items())
 
     def status(self) -> dict[str, dict[str, object]]:
         return placement(self._warm, self._scheduler.backends, self._loading)
@@ -111,5 +114,6 @@ class Warmer:
             else:
                 self._resting[backend, model] = time.monotonic() + _REST_SECONDS
                 log.warning("warm model not loaded", extra={"fields": fields})
-            self._tell_scheduler()
+            if self._share():
+                self._scheduler.placement_changed()
             self._probe_now(backend)  # what it has loaded now
