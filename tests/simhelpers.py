@@ -24,6 +24,7 @@ import httpx
 from parallama.config import BackendSettings, GatewaySettings, load
 from parallama.gateway.app import Gateway
 from parallama.gateway.run import running_gateway
+from parallama.protocol import ollama
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig
 from parallama.sim.run import running_servers
@@ -51,6 +52,7 @@ def make_config(
     output_tokens: tuple[int, int] = (8, 16),
     eviction: str = "ollama",
     ports: int = 1,
+    version: str = ollama.CURRENT_VERSION,
 ) -> SimConfig:
     """A fast emulator configuration; tests slow down only what they measure."""
     return SimConfig(
@@ -66,6 +68,7 @@ def make_config(
         ),
         timing=TimingModel(prefill_tps, decode_tps, batch_slowdown, load_seconds),
         output_tokens=output_tokens,
+        version=version,
     )
 
 

@@ -36,7 +36,7 @@ def test_list_show_and_version(client: ollama.Client) -> None:
     shown = client.show(CHAT_MODEL)
     assert shown.details is not None
     assert shown.details.family == "qwen2"
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
 
 
 def test_generate_streaming_matches_final_statistics(client: ollama.Client) -> None:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 _ROOT = ollama.ROOT_TEXT.encode()
 _TEXT = b"text/plain; charset=utf-8"
+_VERSION = __version__.encode()
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -50,7 +51,14 @@ class Admin:
         reply.send(200, _ROOT, _TEXT)
 
     async def version(self, request: Request, reply: Reply, exchange: Exchange) -> None:
-        send_json(reply, {"version": __version__})
+        """The Ollama version clients may count on (Codex refuses an Ollama before 0.13.4, Open
+        WebUI reads it as numbers): the lowest among the healthy Ollama backends, else a
+        current one (the gateway serves its routes, translating where an engine lacks one).
+        parallama's own is in a header, and in `/parallama/status`."""
+        lowest = self._gateway.fleet.ollama_version()
+        version = ollama.CURRENT_VERSION if lowest is None else ".".join(map(str, lowest))
+        reply.extra_headers = [*reply.extra_headers, (b"x-parallama-version", _VERSION)]
+        send_json(reply, {"version": version})
 
     async def prometheus(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         reply.send(200, self._gateway.metrics.render(), CONTENT_TYPE.encode())
@@ -69,6 +77,7 @@ class Admin:
             "active": counts["in_flight"],
             "queues": s.queue_depths(),
             "routing": gateway.settings.routing,
+            "version": __version__,
             "backends": backends,
             **{name: section() for name, section in gateway.status_sections.items()},
         }

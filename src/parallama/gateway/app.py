@@ -31,7 +31,7 @@ from parallama.gateway.proxy import Proxy, refuse
 from parallama.gateway.server import ClientGone, Reply, Request, start_server
 from parallama.gateway.waiting import Waiting
 from parallama.protocol.hosts import host_of, local_host, loopback_only
-from parallama.protocol.inspect import STREAM_DEFAULTS, dialect_of
+from parallama.protocol.inspect import STREAM_DEFAULTS, api_key_of
 from parallama.runtime import http_url
 from parallama.teams.access import Access
 from parallama.teams.store import Store
@@ -47,6 +47,8 @@ _READ_AT_START = (
     *("auth", "database", "ledger", "ledger_buffer", "otlp_endpoint", "trace_sample"),
 )
 log = logging.getLogger("parallama.gateway")
+_MODEL_PREFIX = "/v1/models/"
+_MODEL_PATH = _MODEL_PREFIX + "{model}"  # one model: the OpenAI SDK's models.retrieve
 
 
 class Gateway:
@@ -78,7 +80,9 @@ class Gateway:
         if self.access is not None:
             self.metrics.registry.register(self.access.collector())
         self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, settings, self.access)
-        self._listings = Listings(self.scheduler, self.fleet, settings.connect_timeout)
+        self._listings = Listings(
+            self.scheduler, self.fleet, settings.connect_timeout, settings.aliases
+        )
         self.admin = admin = Admin(self)
         self.dashboard = dashboard = Dashboard(self)
         fleet_models = FleetModels(self)
@@ -88,6 +92,8 @@ class Gateway:
             "/api/tags": {"GET": self._listings.tags},
             "/api/ps": {"GET": self._listings.ps},
             "/v1/models": {"GET": self._listings.models},
+            _MODEL_PATH: {"GET": self._listings.model},
+            "/v1/messages/count_tokens": {"POST": self._proxy.count_tokens},
             "/metrics": {"GET": admin.prometheus},
             "/parallama/status": {"GET": admin.status},
             "/parallama": {"GET": dashboard.page},
@@ -103,6 +109,7 @@ class Gateway:
         }
         # What needs an API key when keys are required: the models, not the gateway's own.
         self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}
+        self._keyed |= {_MODEL_PATH, "/v1/messages/count_tokens"}
         self._server: asyncio.Server | None = None
         self.port = settings.port
         # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
@@ -178,6 +185,7 @@ class Gateway:
         changes = self.fleet.apply(settings)
         self.settings = self._proxy.settings = settings
         self._listings.timeout = settings.connect_timeout
+        self._listings.aliases = settings.aliases
         running = self.connections.limits.max_connections
         self.connections.limits = self._connection_limits(settings, running)
         self._local_hosts.clear()  # allowed_hosts may have changed
@@ -204,19 +212,17 @@ class Gateway:
                 self._check_host_header(request)
                 route = self._route(request.method, path)
                 access = self.access
-                if access is not None and access.keys_required and path in self._keyed:
-                    authorization = request.headers.get("Authorization")
-                    exchange.key = name = access.authenticate(authorization, request.target).name
+                keyed = path in self._keyed or path.startswith(_MODEL_PREFIX)
+                if access is not None and access.keys_required and keyed:
+                    given = api_key_of(request.headers)
+                    exchange.key = name = access.authenticate(given, request.target).name
                     reply.extra_headers = access.headers(name)  # on whatever it is answered
                 await route(request, reply, exchange)
             except ApiError as exc:
                 exchange.error = exc.message
                 headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
                 exchange.status = exc.status  # a stream told of its wait already said 200
-                dialect = dialect_of(path)
-                await refuse(
-                    reply, dialect, exc.status, exc.message, code=exc.code, headers=headers
-                )
+                await refuse(reply, path, exc.status, exc.message, code=exc.code, headers=headers)
             exchange.status = exchange.status or reply.status
         except BaseException as exc:
             # 499, as nginx logs it: the client closed the connection before the answer ended.
@@ -228,7 +234,7 @@ class Gateway:
             self._record(exchange)
 
     def _route(self, method: str, path: str) -> Route:
-        by_method = self.routes.get(path)
+        by_method = self.routes.get(_MODEL_PATH if path.startswith(_MODEL_PREFIX) else path)
         if by_method is None:
             raise ApiError(404, f"no route {method} {excerpt(path)}")
         route = by_method.get("GET" if method == "HEAD" else method)

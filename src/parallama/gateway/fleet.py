@@ -100,6 +100,22 @@ class Fleet:
     def dialect(self, url: str) -> Dialect:
         return self._dialects.get(url, "ollama")
 
+    def serves(self, url: str, route: str) -> bool:
+        """Whether the backend was found to serve `route` (`probes.ROUTE_SINCE`); until it is
+        known, no: every engine serves `/v1/chat/completions`, which can do the route's work."""
+        return self._prober is not None and route in self._prober.routes.get(url, ())
+
+    def ollama_version(self) -> tuple[int, int, int] | None:
+        """The lowest version among the healthy Ollama backends: what a client can count on
+        whichever of them answers it. None when there are none."""
+        backends = self._scheduler.backends
+        versions = [
+            version
+            for url, version in (self._prober.versions.items() if self._prober else ())
+            if url in backends and backends[url].healthy
+        ]
+        return min(versions, default=None)
+
     async def stop(self) -> None:
         if self._prober is not None:
             await self._prober.stop()

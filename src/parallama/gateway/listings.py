@@ -13,10 +13,12 @@ from typing import Any
 
 from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
+from parallama.errors import ApiError, excerpt
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama
 from parallama.protocol.inspect import Dialect
+from parallama.protocol.ollama import normalize_name
 
 
 def union(
@@ -37,10 +39,13 @@ def union(
 
 
 class Listings:
-    def __init__(self, scheduler: Scheduler, fleet: Fleet, timeout: float) -> None:
+    def __init__(
+        self, scheduler: Scheduler, fleet: Fleet, timeout: float, aliases: dict[str, str]
+    ) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
         self.timeout = timeout  # connect_timeout, replaced on reload
+        self.aliases = aliases  # public name -> the backends' name, replaced on reload
 
     async def tags(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """Installed models: the union over healthy backends, first answer wins per name."""
@@ -57,6 +62,18 @@ class Listings:
     async def models(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         answers = await self._ask_all("/v1/models", dialects=("ollama", "openai"))
         send_json(reply, {"object": "list", "data": union(answers, "data", "id")})
+
+    async def model(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """`GET /v1/models/{model}`: the one model, if a healthy backend lists it (or it is an
+        alias of one that does); else a 404."""
+        wanted = request.path.removeprefix("/v1/models/")
+        answers = await self._ask_all("/v1/models", dialects=("ollama", "openai"))
+        rows = {normalize_name(row["id"]): row for row in union(answers, "data", "id")}
+        name = normalize_name(wanted)
+        row = rows.get(name) or rows.get(self.aliases.get(name, ""))
+        if row is None:
+            raise ApiError(404, f"model {excerpt(wanted)!r} not found")
+        send_json(reply, {**row, "id": wanted})
 
     async def _ask_all(
         self, path: str, dialects: tuple[Dialect, ...] = ("ollama",)

@@ -23,7 +23,7 @@ from parallama.errors import ApiError, excerpt
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.gateway.upstream import UpstreamError
 from parallama.protocol import ollama
-from parallama.protocol.inspect import parse_json_object
+from parallama.protocol.bodies import parse_json_object
 
 if TYPE_CHECKING:
     from parallama.gateway.app import Gateway

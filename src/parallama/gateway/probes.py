@@ -6,6 +6,10 @@ when no request comes, and keep each backend's inventory (`/api/tags`, or `/v1/m
 OpenAI-dialect engine) and loaded models (`/api/ps`) fresh for routing. Each model an Ollama
 loads is looked up once (`/api/show`) for its KV cache per token, which tells prefix affinity how
 many of its prompts the engine's host-RAM cache holds.
+
+Which of the routes an engine may lack (`/v1/messages`, `/v1/responses`) each backend serves is
+found, never assumed from its name: an Ollama's from the version it reports, any other engine's
+by asking the route once with an empty request (a 404 or 405: it has no such route).
 """
 
 from __future__ import annotations
@@ -15,14 +19,24 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
 from parallama.core.router import MAX_KV_MODELS
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.upstream import Upstream
 from parallama.protocol.inspect import Dialect
-from parallama.protocol.ollama import kv_bytes_per_token, normalize_name
+from parallama.protocol.ollama import (
+    ROUTE_SINCE,
+    kv_bytes_per_token,
+    normalize_name,
+    parse_version,
+    routes_since,
+)
 from parallama.runtime import cancelled
 
 log = logging.getLogger("parallama.probes")
+# What a non-Ollama engine is asked whether it serves (Ollama counts no tokens).
+ENGINE_ROUTES = (*ROUTE_SINCE, "/v1/messages/count_tokens")
 
 
 class Prober:
@@ -44,6 +58,8 @@ class Prober:
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._shown: set[str] = set()  # models looked up with /api/show
+        self.versions: dict[str, tuple[int, int, int]] = {}  # each Ollama's, as it says
+        self.routes: dict[str, frozenset[str]] = {}  # of ROUTE_SINCE, what each serves
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -62,10 +78,12 @@ class Prober:
         upstream = self._upstreams.get(name)
         if upstream is None:  # removed meanwhile
             return
-        alive = await self._alive(upstream)
+        status, version = await upstream.get(b"/api/version", self.timeout)
+        alive = 0 < status < 500  # any answer in time, even a 404 (no Ollama routes)
         backend = self._scheduler.backends.get(name)
         if backend is None:  # removed meanwhile
             return
+        await self._learn_routes(name, upstream, version if alive else None)
         if alive != backend.healthy:
             log.warning("backend probe", extra={"fields": {"backend": name, "alive": alive}})
         self._scheduler.report(name, alive)
@@ -112,10 +130,37 @@ class Prober:
             if per_token is not None:
                 self._scheduler.learn_kv_bytes(model, per_token)
 
-    async def _alive(self, upstream: Upstream) -> bool:
-        """Any answer below 500, in time: even a 404 (an engine without Ollama's routes)."""
-        status, _ = await upstream.get(b"/api/version", self.timeout)
-        return 0 < status < 500
+    async def _learn_routes(self, name: str, upstream: Upstream, version: bytes | None) -> None:
+        """What of `ROUTE_SINCE` the backend serves: forgotten while it is down (it may come
+        back as another release), asked of a non-Ollama engine only until it answers."""
+        if version is None:
+            self.versions.pop(name, None)
+            self.routes.pop(name, None)
+            return
+        if self._dialect(name) == "ollama":
+            said = parse_version(_field(version, "version"))
+            if said is not None:
+                self.versions[name] = said
+                self.routes[name] = routes_since(said)
+            return
+        if name in self.routes:
+            return
+        served = set()
+        for route in ENGINE_ROUTES:
+            status, _ = await upstream.post(route.encode(), {}, self.timeout)
+            if status == 0:
+                return  # no answer: asked again at the next probe
+            if status not in (404, 405):
+                served.add(route)
+        self.routes[name] = frozenset(served)
+
+
+def _field(body: bytes, key: str) -> Any:
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return answer.get(key) if isinstance(answer, dict) else None
 
 
 def _names(answer: Any, list_key: str, name_key: str) -> list[str] | None:

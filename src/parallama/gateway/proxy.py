@@ -26,22 +26,30 @@ from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.http1 import Headers
-from parallama.gateway.relay import PassThrough, Relay, Translating, content_type_of, passable
+from parallama.gateway.relay import (
+    PassThrough,
+    Relay,
+    ToChat,
+    Translating,
+    content_type_of,
+    passable,
+)
 from parallama.gateway.server import ClientGone, Reply, Request
 from parallama.gateway.upstream import Connection, UpstreamError, UpstreamTimeout
 from parallama.gateway.waiting import Waiting
-from parallama.protocol import ollama, openai
+from parallama.protocol import anthropic, ollama, openai, responses
+from parallama.protocol.bodies import parse_json_object
 from parallama.protocol.inspect import (
     PINNABLE_PATHS,
-    Dialect,
     RequestInfo,
+    dialect_of,
     error_body,
     inspect_request,
     with_model,
     with_pins,
 )
 from parallama.protocol.ollama import normalize_name
-from parallama.protocol.translate import BadAnswer, ollama_request
+from parallama.protocol.translate import BadAnswer, error_message, ollama_request
 from parallama.protocol.usage import (
     TAIL_BYTES,
     Usage,
@@ -61,21 +69,31 @@ _UPDATE_SECONDS = 1.0  # between a waiting stream's position comments
 _QUEUE_WAIT = b"x-queue-wait-ms"  # the answer's time in the gateway's queue, over all its waits
 # A client's credentials for the gateway, never sent on to a backend.
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+# Routes an engine may lack, done by its /v1/chat/completions then.
+_AGENT_ROUTES = frozenset({anthropic.MESSAGES, responses.RESPONSES})
+# What the OpenAI and Anthropic SDKs retry: a refusal that another try may pass (a full
+# queue, a limit, no backend for now), never bad input (their `x-should-retry` header).
+_RETRIED = frozenset({408, 409, 429, 502, 503, 504})
 
 
-def _error_chunk(content_type: bytes, message: str) -> bytes | None:
-    """How a stream that already began says it failed: Ollama's `{"error": ...}` line (which
-    its clients raise), or an SSE event with the OpenAI error object."""
+def stream_error(path: str, content_type: bytes, status: int, message: str) -> bytes | None:
+    """How a stream that already began says it failed, in its API's own way: Ollama's
+    `{"error": ...}` line (which its clients raise), Anthropic's `event: error`, the Responses
+    API's `response.failed`, or an SSE event with the OpenAI error object."""
     if content_type.startswith(_NDJSON):
         return ollama.error_body(message) + b"\n"
-    if content_type.startswith(openai.EVENT_STREAM.encode()):
-        return b"data: " + openai.error_body(502, message) + b"\n\n"
-    return None
+    if not content_type.startswith(_EVENT_STREAM):
+        return None
+    if path == anthropic.MESSAGES:
+        return anthropic.error_event(status, message)
+    if path == responses.RESPONSES:
+        return responses.failed_event(message)
+    return b"data: " + openai.error_body(status, message) + b"\n\n"
 
 
 async def refuse(
     reply: Reply,
-    dialect: Dialect,
+    path: str,
     status: int,
     message: str,
     *,
@@ -83,9 +101,19 @@ async def refuse(
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     """An error in the route's own format: the whole answer; or, for a stream whose head went
-    out while it waited (`X-Queue-Updates`, OpenAI routes only), its one event."""
-    body = error_body(dialect, status, message, code)
-    await _whole(reply, status, body, headers, content_type=_JSON)
+    out while it waited, its one event. On the OpenAI and Anthropic routes, whether the SDKs
+    should try again."""
+    dialect = dialect_of(path)
+    if dialect != "ollama":
+        retry = b"true" if status in _RETRIED else b"false"
+        headers = [*headers, (b"x-should-retry", retry)]
+    if reply.started:
+        event = stream_error(path, _EVENT_STREAM, status, message)
+        assert event is not None
+        await reply.write(event)
+        reply.end()
+        return
+    reply.send(status, error_body(dialect, status, message, code), _JSON, headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +193,7 @@ class Proxy:
             while True:
                 if life.waiting:
                     if info.queue_updates:
-                        await self._wait_telling(reply, life)
+                        await self._wait_telling(reply, life, path)
                     else:
                         await waiting.until_bound(life.ticket)
                     waited = life.ticket.queue_seconds(time.monotonic())
@@ -176,12 +204,50 @@ class Proxy:
                 except _Failover as failed:
                     given_up = life.failed(failed.failure)
                     if given_up is not None:
-                        await refuse(reply, info.dialect, given_up.status, given_up.message)
+                        await refuse(reply, path, given_up.status, given_up.message)
                         return
         finally:
             life.close(time.monotonic())
             if key is not None and self._access is not None:
                 self._access.finish(key, exchange)
+
+    async def count_tokens(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """`POST /v1/messages/count_tokens`: asked of a backend that has the model and counts
+        (llama.cpp's server does; Ollama does not), without waiting for a slot: counting
+        runs no generation. A 404 in Anthropic's format where none counts."""
+        body = request.body if request.body is not None else await request.read()
+        info = inspect_request(anthropic.MESSAGES, body, request.headers, request.remote)
+        body, model = self._as_served(anthropic.COUNT_TOKENS, body, info, exchange)
+        exchange.model = model
+        counting = [
+            b.name
+            for b in self.scheduler.backends.values()
+            if b.serves(model) and self.fleet.serves(b.name, anthropic.COUNT_TOKENS)
+        ]
+        if not counting:
+            raise ApiError(
+                404,
+                f"no backend serving model {info.model!r} counts tokens: Ollama has no "
+                f"{anthropic.COUNT_TOKENS}; llama.cpp's llama-server has",
+            )
+        backend = min(counting, key=lambda name: self.scheduler.backends[name].load())
+        headers = [
+            (k, v) for k, v in passable(request.raw_headers) if k.lower() not in _CREDENTIALS
+        ]
+        relay = PassThrough(request.target, body, json_body=True)
+        try:
+            sent = relay.request_headers(headers)
+            answer = await self.fleet.upstream(backend).send(b"POST", request.target, sent, body)
+            try:
+                whole = await answer.read()
+            finally:
+                answer.release()
+        except UpstreamError as exc:
+            raise ApiError(502, f"backend {backend} {exc}") from None
+        status = answer.status
+        if status != 200:
+            whole = anthropic.error_body(status, error_message(whole))
+        reply.send(status, whole, _JSON, relay.headers(status, answer.headers))
 
     def _as_served(
         self, path: str, body: bytes, info: RequestInfo, exchange: Exchange
@@ -207,15 +273,20 @@ class Proxy:
             body, model = with_model(body, target), target
         return body, model
 
-    async def _wait_telling(self, reply: Reply, life: Lifecycle) -> None:
-        """Wait for a backend, telling the client its place in the queue once a second: the
-        stream's head goes out now, and SSE comments (`: queued, position 3`, which SSE
-        clients skip) until the answer's first event."""
+    async def _wait_telling(self, reply: Reply, life: Lifecycle, path: str) -> None:
+        """Wait for a backend, telling the client it is still in the queue once a second: the
+        stream's head goes out now, then SSE comments (`: queued, position 3`), or on the
+        Anthropic route its own `ping` events, which clients skip, until the answer's first
+        event."""
         if not reply.started:
             reply.start(200, [(b"cache-control", b"no-cache")], _EVENT_STREAM)
         ticket = life.ticket
         while life.waiting:
-            await reply.write(b": queued, position %d\n\n" % self.scheduler.position(ticket))
+            if path == anthropic.MESSAGES:
+                await reply.write(anthropic.PING)
+            else:
+                position = self.scheduler.position(ticket)
+                await reply.write(b": queued, position %d\n\n" % position)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_UPDATE_SECONDS):
                     await self._waiting.until_bound(ticket)
@@ -262,7 +333,7 @@ class Proxy:
             if not outbound.info.stream or upstream_status != 200:  # one answer: whole
                 whole = relay.whole(upstream_status, await answer.read())
                 relayed.tail = whole[-TAIL_BYTES:]
-                await _whole(reply, status, whole, headers)
+                await _whole(reply, outbound.path, status, whole, headers)
             else:
                 await _stream(answer, relay, reply, life, relayed, status=status, headers=headers)
         except ClientGone:
@@ -279,7 +350,7 @@ class Proxy:
                 raise _Failover(Failure(status, reason, worked_on=worked_on)) from None
             life.exchange.usage = relayed.usage(outbound.body)
             life.broke(reason)
-            last_words = _error_chunk(content_type_of(headers), reason)
+            last_words = stream_error(outbound.path, content_type_of(headers), status, reason)
             if last_words is not None:
                 await reply.write(last_words)
                 reply.end()
@@ -310,9 +381,18 @@ class Proxy:
             attempt.status = life.exchange.status
 
     def _relay(self, outbound: _Outbound, life: Lifecycle) -> Relay:
-        """Bytes through, unless an Ollama request meets an OpenAI-dialect engine."""
+        """Bytes through, unless the engine lacks the route: an Ollama request at an
+        OpenAI-dialect engine, an Anthropic Messages or Responses request at an engine not
+        found to serve it."""
         engine = self.fleet.dialect(life.backend)
-        if outbound.info.dialect == "openai" or engine == "ollama":
+        path = outbound.path
+        if path in _AGENT_ROUTES and not self.fleet.serves(life.backend, path):
+            try:
+                return ToChat(path, parse_json_object(outbound.body), outbound.info.model)
+            except ApiError:  # a request the engine's chat completions cannot express
+                life.rejected()
+                raise
+        if outbound.info.dialect != "ollama" or engine == "ollama":
             return PassThrough(outbound.target, outbound.body, json_body=engine == "openai")
         exchange = life.exchange
         arrived = time.time() - (time.monotonic() - exchange.started)
@@ -330,13 +410,14 @@ class _Relayed:
     at the end) and, for a stream, the pieces (lines) relayed."""
 
     tail: bytes = b""
+    head: bytes = b""  # an event stream's first bytes: Anthropic's say the prompt's tokens
     began: bool = False  # the answer's first bytes went to the client
     lines: int = 0
     event_stream: bool = False
 
     def usage(self, body: bytes) -> Usage | None:
         """The engine's counts, else (a stream that gave none) the gateway's estimate."""
-        said = usage_from_tail(self.tail)
+        said = usage_from_tail(self.head + self.tail if self.event_stream else self.tail)
         if said is not None or not self.lines:
             return said
         pieces = self.lines // 2 if self.event_stream else self.lines  # "data: ...\n\n"
@@ -344,18 +425,15 @@ class _Relayed:
 
 
 async def _whole(
-    reply: Reply,
-    status: int,
-    whole: bytes,
-    headers: Iterable[tuple[bytes, bytes]],
-    content_type: bytes | None = None,
+    reply: Reply, path: str, status: int, whole: bytes, headers: Iterable[tuple[bytes, bytes]]
 ) -> None:
-    """A whole answer (`content_type` None: `headers` say it); or, to a stream told of its
-    wait (its head went out), its one event: a stream answers whole only with an error."""
+    """A whole answer; or, to a stream told of its wait (its head went out), its one event: a
+    stream answers whole only with an error."""
     if not reply.started:
-        reply.send(status, whole, content_type, headers)
+        reply.send(status, whole, None, headers)
         return
-    await reply.write(b"data: " + whole.strip() + b"\n\n")
+    event = stream_error(path, _EVENT_STREAM, status, error_message(whole))
+    await reply.write(event or b"data: " + whole.strip() + b"\n\n")
     reply.end()
 
 
@@ -385,6 +463,8 @@ async def _stream(
                 life.first_byte(time.monotonic())
                 if not reply.started:  # else it went out while the request waited
                     reply.start(status, headers)
+            if relayed.event_stream and len(relayed.head) < TAIL_BYTES:
+                relayed.head += chunk[: TAIL_BYTES - len(relayed.head)]
             relayed.tail = keep_tail(relayed.tail, chunk)
             relayed.lines += chunk.count(b"\n")
             reply.write_now(chunk)

@@ -1,6 +1,7 @@
-"""How one attempt's answer reaches the client: passed through as bytes when the backend speaks
-the client's dialect, or translated (`protocol.translate`) when an Ollama request went to an
-OpenAI-dialect engine.
+"""How one attempt's answer reaches the client: passed through as bytes when the backend serves
+the client's route, or translated: an Ollama request at an OpenAI-dialect engine
+(`protocol.translate`), an Anthropic Messages or Responses request at an engine that serves only
+`/v1/chat/completions` (`protocol.anthropic`, `protocol.responses`).
 
 The proxy's attempts are the same either way; only these few steps differ.
 """
@@ -9,10 +10,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from parallama.gateway.http1 import Headers
-from parallama.protocol import ollama
-from parallama.protocol.translate import AnswerTranslator, Translated, error_message, ollama_status
+from parallama.protocol import anthropic, ollama, openai, responses
+from parallama.protocol.anthropic import MessagesAnswer
+from parallama.protocol.responses import ResponsesAnswer
+from parallama.protocol.translate import (
+    CHAT,
+    AnswerTranslator,
+    Translated,
+    error_message,
+    ollama_status,
+)
 
 # Headers a proxy must not pass on (hop-by-hop), plus the framing each side sets itself.
 _HOP_HEADERS = frozenset(
@@ -36,6 +46,7 @@ _HOP_HEADERS = frozenset(
 _ANSWER_DROPPED = _HOP_HEADERS | {b"date", b"server"}
 _JSON_TYPE = (b"Content-Type", b"application/json")
 _NDJSON_TYPE = (b"Content-Type", ollama.NDJSON.encode())
+_EVENT_STREAM_TYPE = (b"Content-Type", openai.EVENT_STREAM.encode())
 _CONTENT_TYPE = frozenset({b"content-type"})
 _REWRITTEN = _CONTENT_TYPE | {b"accept-encoding", b"accept"}
 
@@ -121,4 +132,45 @@ class Translating:
         return self._answer.end(time.time())
 
 
-Relay = PassThrough | Translating
+class ToChat:
+    """An Anthropic Messages or Responses request done by the engine's `/v1/chat/completions`:
+    the answer, and the engine's errors, in the client's API."""
+
+    local: bytes | None = None
+    target = CHAT
+
+    def __init__(self, path: str, data: dict[str, Any], model: str) -> None:
+        """`data`: the client's request; `model`: the name to answer with (the client's)."""
+        self._answer: MessagesAnswer | ResponsesAnswer
+        if path == anthropic.MESSAGES:
+            self.body, self._stream = anthropic.chat_request(data)
+            self._answer = MessagesAnswer(model, stream=self._stream)
+        else:
+            self.body, self._stream = responses.chat_request(data)
+            self._answer = ResponsesAnswer(model, data, stream=self._stream)
+        self._anthropic = path == anthropic.MESSAGES
+
+    def request_headers(self, headers: Headers) -> Headers:
+        return _as_json(headers, _REWRITTEN)
+
+    def status(self, status: int) -> int:
+        return ollama_status(status)
+
+    def headers(self, status: int, upstream: Headers) -> Headers:
+        return [_EVENT_STREAM_TYPE if status == 200 and self._stream else _JSON_TYPE]
+
+    def whole(self, status: int, body: bytes) -> bytes:
+        if status == 200:
+            return self._answer.whole(body)
+        if self._anthropic:
+            return anthropic.error_body(status, error_message(body))
+        return openai.error_body(status, error_message(body))
+
+    def chunk(self, data: bytes) -> bytes:
+        return self._answer.feed(data)
+
+    def end(self) -> bytes:
+        return self._answer.end()
+
+
+Relay = PassThrough | Translating | ToChat

@@ -392,9 +392,13 @@ class Upstream:
         timeout here saves each caller its own `asyncio.timeout` and `TimeoutError` mapping."""
         return await self._whole(b"GET", target, b"", timeout)
 
+    async def post(self, target: bytes, body: Any, timeout: float) -> tuple[int, bytes]:  # noqa: ASYNC109
+        """A whole answer to a POST of `body` as JSON within `timeout`; status 0 if none came."""
+        return await self._whole(b"POST", target, orjson.dumps(body), timeout)
+
     async def post_json(self, target: bytes, body: Any, timeout: float) -> Any:  # noqa: ASYNC109
         """The JSON of a 200 answer to a POST of `body` as JSON within `timeout`, else None."""
-        return _json(await self._whole(b"POST", target, orjson.dumps(body), timeout))
+        return _json(await self.post(target, body, timeout))
 
     async def _whole(
         self,

@@ -15,9 +15,11 @@ from typing import Any, Literal
 import orjson
 
 from parallama.errors import ApiError
-from parallama.protocol import ollama, openai
+from parallama.protocol import anthropic, ollama, openai
+from parallama.protocol.bodies import parse_json_object
 
-Dialect = Literal["ollama", "openai"]
+# Whose error object a route answers with: Ollama's `{"error": ...}`, OpenAI's, or Anthropic's.
+Dialect = Literal["ollama", "openai", "anthropic"]
 
 # Routes that carry a model, and whether each streams when the body does not say.
 STREAM_DEFAULTS: dict[str, tuple[Dialect, bool]] = {
@@ -29,6 +31,8 @@ STREAM_DEFAULTS: dict[str, tuple[Dialect, bool]] = {
     "/v1/chat/completions": ("openai", False),
     "/v1/completions": ("openai", False),
     "/v1/embeddings": ("openai", False),
+    "/v1/responses": ("openai", False),
+    "/v1/messages": ("anthropic", False),
 }
 PRIORITY_RANGE = range(-10, 11)
 MAX_DEADLINE = 86_400
@@ -61,16 +65,26 @@ class RequestInfo:
 
 
 def dialect_of(path: str) -> Dialect:
+    if path.startswith(anthropic.MESSAGES):
+        return "anthropic"
     return "openai" if path.startswith("/v1/") else "ollama"
+
+
+def api_key_of(headers: Mapping[str, str]) -> str | None:
+    """The key a client sent: `Authorization: Bearer <key>` (Ollama's and OpenAI's clients), else
+    `x-api-key` (Anthropic's); None if neither."""
+    scheme, _, given = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and given.strip():
+        return given.strip()
+    return headers.get("x-api-key", "").strip() or None
 
 
 def client_identity(headers: Mapping[str, str], remote: str) -> str:
     """Who is asking, for fairness: API key (as a short hash, never the key), else
     `X-Client-Id`, else the remote address."""
-    authorization = headers.get("Authorization", "")
-    if authorization.lower().startswith("bearer ") and authorization[7:].strip():
-        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()[:16]
-        return f"key:{digest}"
+    key = api_key_of(headers)
+    if key is not None:
+        return f"key:{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     client_id = headers.get("X-Client-Id", "").strip()
     if client_id:
         return f"id:{client_id[:128]}"
@@ -107,8 +121,12 @@ def parse_deadline(headers: Mapping[str, str]) -> float | None:
 def leading_part(data: Mapping[str, Any]) -> Any:
     """A conversation's beginning: its messages up to the first user message (any system
     prompt, and the first question), or the prompt's first 256 characters; None if the request
-    has neither. The first turn already holds all of it, and every later turn repeats it."""
-    messages = data.get("messages")
+    has neither. The first turn already holds all of it, and every later turn repeats it.
+    Anthropic's `system` and the Responses API's `instructions` stand beside the messages."""
+    messages = data.get("messages", data.get("input"))
+    system = data.get("system", data.get("instructions"))
+    if system is not None and isinstance(messages, list):
+        return [system, leading_part({"messages": messages})]
     if isinstance(messages, list) and messages:
         first_user = next(
             (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
@@ -119,27 +137,19 @@ def leading_part(data: Mapping[str, Any]) -> Any:
     return prompt[:256] if isinstance(prompt, str) else None
 
 
-def prompt_material(data: Mapping[str, Any]) -> Any:
-    """What the engine's prompt is made of, in the order it renders it: the messages, or the
-    system prompt and the prompt; None if neither (embeddings). Prefix affinity hashes it."""
+def prompt_material(path: str, data: Mapping[str, Any]) -> Any:
+    """What the engine's prompt is made of, in the order it renders it: the system prompt (or
+    instructions), the tools, then the messages (or input); or the system prompt and the prompt;
+    None if neither (embeddings). Prefix affinity hashes it."""
+    if path == anthropic.MESSAGES:
+        return [data.get("system"), data.get("tools"), data.get("messages")]
+    if path == "/v1/responses":
+        return [data.get("instructions"), data.get("tools"), data.get("input")]
     messages = data.get("messages")
     if isinstance(messages, list):
-        return messages
+        return [data["tools"], messages] if data.get("tools") else messages
     prompt = data.get("prompt")
     return None if prompt is None else [data.get("system"), prompt]
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 `ApiError` saying what is wrong with it."""
-    if not raw.strip():
-        raise ApiError(400, "missing request body")
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"invalid JSON: {exc.msg} at position {exc.pos}") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return value
 
 
 def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: str) -> RequestInfo:
@@ -167,10 +177,15 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         priority=parse_priority(headers),
         deadline=parse_deadline(headers),
         # Only SSE has comments, which every SSE client skips; NDJSON has nothing of the kind.
-        queue_updates=stream and dialect == "openai" and headers.get("X-Queue-Updates") == "1",
+        # Anthropic's streams have their own `ping`, which its clients skip: always sent.
+        queue_updates=stream
+        and (
+            dialect == "anthropic"
+            or (dialect == "openai" and headers.get("X-Queue-Updates") == "1")
+        ),
         session_id=headers.get("X-Session-Id", "").strip()[:128],
         leading=leading_part(data),
-        material=prompt_material(data),
+        material=prompt_material(path, data),
     )
 
 
@@ -226,4 +241,6 @@ def error_body(dialect: Dialect, status: int, message: str, code: str | None = N
     """An error in the dialect's own format (only OpenAI's has a `code`)."""
     if dialect == "openai":
         return openai.error_body(status, message, code)
+    if dialect == "anthropic":
+        return anthropic.error_body(status, message)
     return ollama.error_body(message)

@@ -21,6 +21,30 @@ FOREVER_SECONDS = (2**63 - 1) / 1e9
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"  # how Go marshals an unset time.Time
 
 
+# A current release: what the emulator reports, and what the gateway says of a fleet with no
+# Ollama in it (it serves every route this release has, translating where an engine lacks one).
+CURRENT_VERSION = "0.32.6"
+# The first release with each route that an engine may lack (Ollama's server/routes.go).
+ROUTE_SINCE = {"/v1/responses": (0, 13, 3), "/v1/messages": (0, 14, 0)}
+
+
+def parse_version(text: Any) -> tuple[int, int, int] | None:
+    """Ollama's `/api/version` text ("0.14.2", "0.15.0-rc1", "v0.9.0") as three numbers; None
+    for what is not a version."""
+    if not isinstance(text, str):
+        return None
+    numbers = text.strip().removeprefix("v").split("-", 1)[0].split(".")
+    if len(numbers) != 3 or not all(n.isdigit() and len(n) <= 6 for n in numbers):
+        return None
+    major, minor, patch = (int(n) for n in numbers)
+    return major, minor, patch
+
+
+def routes_since(version: tuple[int, int, int]) -> frozenset[str]:
+    """The routes of `ROUTE_SINCE` an Ollama of this version serves."""
+    return frozenset(route for route, first in ROUTE_SINCE.items() if version >= first)
+
+
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import orjson
 
 from parallama.errors import ApiError
-from parallama.protocol.inspect import parse_json_object
+from parallama.protocol.bodies import parse_json_object
 from parallama.protocol.ollama import final_statistics, rfc3339
 
 Kind = Literal["chat", "generate", "embed", "embeddings"]

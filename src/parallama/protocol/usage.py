@@ -1,9 +1,13 @@
 """Token counts from the end of an answer, without parsing the answer (sans-I/O).
 
-The relay keeps only the last few kilobytes of each answer. Both dialects put their counts at the
-very end: Ollama's final object (`prompt_eval_count`, `eval_count`, `eval_duration` in ns) and
-OpenAI's `usage` object (`prompt_tokens`, `completion_tokens`), which a stream carries only when
-the client asked for `stream_options.include_usage`. A count quoted inside generated text is
+The relay keeps only the last few kilobytes of each answer (and of an event stream its first
+few too). The APIs put their counts at the very end: Ollama's final object
+(`prompt_eval_count`, `eval_count`, `eval_duration` in ns), OpenAI's `usage` object
+(`prompt_tokens`, `completion_tokens`), which a stream carries only when the client asked for
+`stream_options.include_usage`, and the Responses API's and Anthropic's (`input_tokens`,
+`output_tokens`). An Anthropic stream says its prompt's count in its first event, and counts
+the tokens read from its prompt cache apart (`cache_read_input_tokens`,
+`cache_creation_input_tokens`): the prompt is all three. A count quoted inside generated text is
 JSON-escaped (`\\"eval_count\\"`), so it cannot match.
 """
 
@@ -14,8 +18,11 @@ from dataclasses import dataclass
 
 TAIL_BYTES = 4096
 _COUNT = re.compile(
-    rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|completion_tokens)"\s*:\s*(\d+)'
+    rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|completion_tokens'
+    rb"|input_tokens|output_tokens|cache_read_input_tokens|cache_creation_input_tokens)"
+    rb'"\s*:\s*(\d+)'
 )
+_CACHE_COUNTS = (b"cache_read_input_tokens", b"cache_creation_input_tokens")
 
 
 @dataclass(slots=True)
@@ -47,6 +54,10 @@ def usage_from_tail(tail: bytes) -> Usage | None:
         return None
     prompt = counts.get(b"prompt_eval_count", counts.get(b"prompt_tokens"))
     generated = counts.get(b"eval_count", counts.get(b"completion_tokens"))
+    if prompt is None and b"input_tokens" in counts:
+        prompt = b"%d" % sum(int(counts.get(k, 0)) for k in (b"input_tokens", *_CACHE_COUNTS))
+    if generated is None:
+        generated = counts.get(b"output_tokens")
     duration = int(counts.get(b"eval_duration", 0))
     return Usage(
         prompt_tokens=None if prompt is None else int(prompt),

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from parallama.sim.text import generate_tokens, seed_for, tokenize
 
 Tokens = tuple[str, ...]
@@ -31,11 +33,14 @@ def message_text(message: dict[str, Any]) -> str:
     return ""
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> tuple[str, Tokens]:
-    """The prompt text (for seeding) and its tokens as the model sees them: each message in the
-    chat template's markers (four tokens a message), then the assistant's turn opened."""
+def chat_prompt(messages: list[dict[str, Any]], tools: Any = None) -> tuple[str, Tokens]:
+    """The prompt text (for seeding) and its tokens as the model sees them: the tools offered
+    (rendered first, as chat templates put them in the system turn), each message in the chat
+    template's markers (four tokens a message), then the assistant's turn opened."""
     texts = [message_text(m) for m in messages]
     tokens: list[str] = []
+    if tools:
+        tokens += ["<|start|>", "tools", "\n", *tokenize(orjson.dumps(tools).decode()), "<|end|>"]
     for message, text in zip(messages, texts, strict=True):
         role = str(message.get("role", ""))
         tokens += ["<|start|>", role, "\n", *tokenize(text), "<|end|>"]
@@ -67,6 +72,27 @@ def plan_answer(
     if num_predict is not None and 0 <= num_predict < natural:
         return PlannedAnswer(generate_tokens(rng, prompt, num_predict), "length")
     return PlannedAnswer(generate_tokens(rng, prompt, natural), "stop")
+
+
+def tool_call(
+    tools: list[Any], messages: list[Any], answer: PlannedAnswer
+) -> dict[str, Any] | None:
+    """The emulated model calls a tool when it is offered some and the last word is the user's
+    (after a tool's result it answers in text): the first tool, each required argument filled
+    with a word of the planned answer, so that a client can run the call and send the result."""
+    last = messages[-1] if messages else None
+    if not tools or not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    tool: dict[str, Any] = tools[0] if isinstance(tools[0], dict) else {}
+    inner = tool.get("function")
+    function: dict[str, Any] = inner if isinstance(inner, dict) else tool
+    schema = function.get("parameters")
+    required = schema.get("required", []) if isinstance(schema, dict) else []
+    words = answer.text.split() or ["value"]
+    arguments = {
+        str(name): words[i % len(words)] for i, name in enumerate(required) if isinstance(name, str)
+    }
+    return {"name": str(function.get("name", "")), "arguments": arguments}
 
 
 def context_ids(prompt: str, answer: str, prompt_tokens: int, answer_tokens: int) -> list[int]:

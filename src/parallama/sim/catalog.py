@@ -35,7 +35,7 @@ class ModelSpec:
 
     @property
     def capabilities(self) -> list[str]:
-        return ["embedding"] if self.is_embedding else ["completion"]
+        return ["embedding"] if self.is_embedding else ["completion", "tools"]
 
 
 def _spec(

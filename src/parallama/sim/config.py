@@ -10,6 +10,7 @@ from typing import Literal
 
 from parallama.core.kv_slots import CACHE_RULES, CacheRule
 from parallama.errors import ConfigError
+from parallama.protocol import ollama
 from parallama.protocol.durations import DurationError, env_keep_alive_seconds, keep_alive_seconds
 from parallama.sim.catalog import DEFAULT_MODELS, ModelSpec, spec_for
 from parallama.sim.profiles import timing_for
@@ -32,7 +33,7 @@ class SimConfig:
     timing: TimingModel = field(default_factory=lambda: PROFILES[DEFAULT_PROFILE].timing)
     output_tokens: tuple[int, int] = (40, 120)  # natural answer length range, before num_predict
     seed: int = 0
-    version: str = "0.12.0"
+    version: str = ollama.CURRENT_VERSION  # older releases lack routes (`--version 0.12.0`)
     # Not Ollama's (it tells nothing of the kind): how busy it is, as llama.cpp's server tells
     # it on /slots or vLLM on /metrics, for tests of a gateway that reads it.
     occupancy: Literal["none", "slots", "vllm"] = "none"

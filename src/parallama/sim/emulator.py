@@ -18,7 +18,7 @@ from aiohttp import web
 
 from parallama.errors import ApiError
 from parallama.protocol import ollama
-from parallama.protocol.inspect import parse_json_object
+from parallama.protocol.bodies import parse_json_object
 from parallama.protocol.ollama import normalize_name
 from parallama.sim.answers import PlannedAnswer, Tokens, plan_answer
 from parallama.sim.catalog import ModelSpec

@@ -11,15 +11,17 @@ import itertools
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 
 from parallama.errors import ApiError
 from parallama.protocol import openai
-from parallama.sim.answers import chat_prompt, generate_prompt
+from parallama.sim.answers import chat_prompt, generate_prompt, tool_call
 from parallama.sim.emulator import Emulator, Job, json_response
 from parallama.sim.engine import Generation
+from parallama.sim.requests import Body
 
 _ids = itertools.count(1)
 
@@ -34,6 +36,13 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self.emulator.read_body(request, "ChatCompletionRequest")
+        return await self.chat(request, body)
+
+    async def chat(
+        self, request: web.Request, body: Body, answer: AgentAnswer | None = None
+    ) -> web.StreamResponse:
+        """A chat completion; with `answer`, written in another API (`agent_routes.py`), as
+        Ollama's middleware turns its chat answers into Anthropic's or the Responses API's."""
         spec = self.emulator.find_model(body.model())
         messages = body.get("messages", list, [])
         if not messages:
@@ -42,17 +51,29 @@ class OpenAIRoutes:
             raise ApiError(400, "invalid message format")
         if spec.is_embedding:
             raise ApiError(400, f'"{body.model()}" does not support chat')
-        job = self.emulator.job(spec, body, *chat_prompt(messages), openai=True)
+        tools = body.get("tools", list, [])
+        job = self.emulator.job(spec, body, *chat_prompt(messages, tools), openai=True)
         header = openai.completion_header(f"chatcmpl-{next(_ids)}", spec.name, int(time.time()))
+        call = tool_call(tools, messages, job.answer)
+        calls = [] if call is None else [_openai_call(call)]
+        done_reason = "tool_calls" if calls else job.answer.done_reason
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return openai.chat_chunk(header, text, finish)
+            if calls:  # the call whole, in the last chunk, as Ollama streams it
+                text = ""
+            event = openai.chat_chunk(header, text, finish and done_reason)
+            if calls and finish:
+                event["choices"][0]["delta"]["tool_calls"] = calls
+            return event
 
         def whole() -> dict[str, Any]:
-            answer = job.answer
-            return openai.chat_completion(header, answer.text, answer.done_reason, _usage(job))
+            text = "" if calls else job.answer.text
+            completion = openai.chat_completion(header, text, done_reason, _usage(job))
+            if calls:
+                completion["choices"][0]["message"]["tool_calls"] = calls
+            return completion
 
-        return await self._run(request, job, chunk, whole)
+        return await self._run(request, job, chunk, whole, answer, quiet=bool(calls))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self.emulator.read_body(request, "CompletionRequest")
@@ -80,11 +101,17 @@ class OpenAIRoutes:
         job: Job,
         chunk: Callable[[str, str | None], dict[str, Any]],
         whole: Callable[[], dict[str, Any]],
+        answer: AgentAnswer | None = None,
+        *,
+        quiet: bool = False,
     ) -> web.StreamResponse:
-        """Generate, then answer as SSE (`data: …`, `data: [DONE]`) or as one JSON object."""
+        """Generate, then answer as SSE (`data: …`, `data: [DONE]`) or as one JSON object; with
+        `answer`, in its API. `quiet`: the tokens are not streamed (a tool call's, sent whole
+        at the end)."""
         emulator = self.emulator
         stream = job.body.get("stream", bool, False)
         include_usage = bool(job.body.get("stream_options", dict, {}).get("include_usage"))
+        written = (lambda data: data) if answer is None else answer.feed
         stats = Generation()
         async with emulator.admitted(job.spec, job.body) as ticket:
             tokens = emulator.engine.generate(ticket, job.prompt_ids, job.answer.tokens, stats)
@@ -92,16 +119,22 @@ class OpenAIRoutes:
                 async for _ in tokens:
                     pass
                 emulator.outcomes["completed"] += 1
-                return json_response(whole())
+                if answer is None:
+                    return json_response(whole())
+                return _json_bytes(answer.whole(orjson.dumps(whole())))
             response = web.StreamResponse(headers={"Content-Type": openai.EVENT_STREAM})
             await response.prepare(request)
             async for token in tokens:
-                await response.write(openai.sse_event(chunk(token, None)))
+                if not quiet:
+                    await response.write(written(openai.sse_event(chunk(token, None))))
         last = chunk("", job.answer.done_reason)
-        await response.write(openai.sse_event(last))
+        await response.write(written(openai.sse_event(last)))
         if include_usage:
-            await response.write(openai.sse_event({**last, "choices": [], "usage": _usage(job)}))
-        await response.write(openai.SSE_DONE)
+            usage = openai.sse_event({**last, "choices": [], "usage": _usage(job)})
+            await response.write(written(usage))
+        await response.write(written(openai.SSE_DONE))
+        if answer is not None:
+            await response.write(answer.end())
         await response.write_eof()
         emulator.outcomes["completed"] += 1
         return response
@@ -135,6 +168,23 @@ class OpenAIRoutes:
     async def retrieve_model(self, request: web.Request) -> web.Response:
         spec = self.emulator.find_model(request.match_info["model"])
         return json_response(openai.model_entry(spec.name, int(self.emulator.started_at)))
+
+
+class AgentAnswer(Protocol):
+    """A chat answer turned into another API's (`protocol.anthropic`, `protocol.responses`)."""
+
+    def whole(self, body: bytes) -> bytes: ...
+    def feed(self, data: bytes) -> bytes: ...
+    def end(self) -> bytes: ...
+
+
+def _json_bytes(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
+def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = {"name": call["name"], "arguments": orjson.dumps(call["arguments"]).decode()}
+    return {"index": 0, "id": f"call_{next(_ids)}", "type": "function", "function": function}
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from parallama.errors import ApiError
-from parallama.protocol import ollama
+from parallama.protocol import anthropic, ollama
 from parallama.protocol.hosts import host_allowed
 from parallama.protocol.inspect import dialect_of, error_body
+from parallama.protocol.responses import RESPONSES
 from parallama.runtime import http_url
+from parallama.sim.agent_routes import AgentRoutes
 from parallama.sim.config import SimConfig
 from parallama.sim.emulator import Emulator, json_response
 from parallama.sim.engine import Engine
@@ -60,6 +62,7 @@ class SimServer:
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         native, compatible = OllamaRoutes(self.emulator), OpenAIRoutes(self.emulator)
+        agents = AgentRoutes(self.emulator, compatible)
         manage = ModelManagement(self.emulator)
         for method, path, handler in (
             ("GET", "/", native.root),  # aiohttp adds HEAD to GET routes, as Ollama has it
@@ -81,6 +84,7 @@ class SimServer:
             ("GET", "/v1/models/{model:.+}", compatible.retrieve_model),
             ("GET", STATE_PATH, self.state),
             *self._occupancy_route(),
+            *self._routes_since({anthropic.MESSAGES: agents.messages, RESPONSES: agents.responses}),
         ):
             if method == "GET":
                 app.router.add_get(path, handler)
@@ -141,6 +145,13 @@ class SimServer:
         return web.Response(body=body, status=exc.status, content_type="application/json")
 
     # -- emulator-only --------------------------------------------------------------------------
+
+    def _routes_since(self, handlers: dict[str, Handler]) -> list[tuple[str, str, Handler]]:
+        """The routes the emulated release has (`ollama.ROUTE_SINCE`): an older one answers
+        them 404, as that Ollama would."""
+        version = ollama.parse_version(self.config.version) or (0, 0, 0)
+        served = ollama.routes_since(version)
+        return [("POST", path, handler) for path, handler in handlers.items() if path in served]
 
     def _occupancy_route(self) -> list[tuple[str, str, Handler]]:
         if self.config.occupancy == "slots":

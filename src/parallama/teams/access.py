@@ -118,14 +118,14 @@ class Access:
 
     # -- every request --------------------------------------------------------------------------
 
-    def authenticate(self, authorization: str | None, target: bytes) -> ApiKey:
-        """The request's key, or a 401."""
+    def authenticate(self, given: str | None, target: bytes) -> ApiKey:
+        """The request's key (`inspect.api_key_of`: a Bearer token or `x-api-key`), or a 401."""
         if b"?" in target and _key_in_url(target):
             raise _unauthorized("API keys go in the Authorization header, never in the URL")
-        scheme, _, given = (authorization or "").strip().partition(" ")
-        given = given.strip()
-        if scheme.lower() != "bearer" or not given:
-            raise _unauthorized("an API key is required: send Authorization: Bearer <key>")
+        if not given:
+            raise _unauthorized(
+                "an API key is required: send Authorization: Bearer <key> (or x-api-key: <key>)"
+            )
         key_id = key_id_of(given)
         key = None if key_id is None else self._by_id.get(key_id)
         if key is None or not matches(given, key):

@@ -1,0 +1,433 @@
+"""What coding agents speak, through the gateway over emulated Ollama servers, with the official
+`anthropic` and `openai` SDKs: the Anthropic Messages API (`/v1/messages`) and OpenAI's
+Responses API (`/v1/responses`).
+
+Each test runs twice: in front of a current Ollama, which serves both routes (the gateway passes
+the bytes through), and in front of Ollama 0.12, which has neither (the gateway does their work
+with its `/v1/chat/completions`). The emulator counts the routes it was asked, so each test also
+checks which of the two happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from parallama.protocol import ollama
+from parallama.sim.server import SimServer
+from tests.simhelpers import (
+    CHAT_MODEL,
+    gateway_for,
+    make_config,
+    sim_servers,
+    state,
+    wait_for_gateway,
+)
+
+OLD_OLLAMA = "0.12.0"  # before /v1/responses (0.13.3) and /v1/messages (0.14.0)
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city now.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+# A 1x1 PNG.
+PIXEL = base64.b64encode(
+    bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360f8ffff3f0005fe02fea35c8fef0000000049454e44ae426082"
+    )
+).decode()
+
+
+@dataclass
+class Fleet:
+    url: str
+    servers: list[SimServer]
+    translated: bool
+
+    def routes(self) -> dict[str, int]:
+        """Generation routes asked of the emulators, summed over them."""
+        counts: dict[str, int] = {}
+        for server in self.servers:
+            for route, n in state(server.url)["requests_by_route"].items():
+                counts[route] = counts.get(route, 0) + n
+        return counts
+
+    def served_by(self, route: str, before: dict[str, int]) -> None:
+        """The last requests went to `route` at the engines, or (translated) to their chat
+        completions, and nothing else."""
+        after = self.routes()
+        grown = {r for r in after if after[r] > before.get(r, 0)} - {"/api/show"}
+        assert grown == ({"/v1/chat/completions"} if self.translated else {route})
+
+
+@pytest.fixture(scope="module", params=["passed through", "translated"])
+def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    translated = request.param == "translated"
+    version = OLD_OLLAMA if translated else ollama.CURRENT_VERSION
+    config = make_config(ports=2, num_parallel=2, output_tokens=(10, 16), version=version)
+    with sim_servers(config) as servers, gateway_for(servers, health_interval=0.05) as gateway:
+        wait_for_gateway(gateway.url, lambda s: all(b["installed"] for b in s["backends"]))
+        yield Fleet(gateway.url, servers, translated)
+
+
+@pytest.fixture
+def claude(fleet: Fleet) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=fleet.url, api_key="ollama", max_retries=0)
+
+
+@pytest.fixture
+def oai(fleet: Fleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="ollama", max_retries=0)
+
+
+def ask(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+# -- the Anthropic Messages API ------------------------------------------------------------------
+
+
+def test_a_message_whole(fleet: Fleet, claude: anthropic.Anthropic) -> None:
+    before = fleet.routes()
+    message = claude.messages.create(
+        model=CHAT_MODEL, max_tokens=64, system="Be brief.", messages=ask("Why is the sky blue?")
+    )
+    fleet.served_by("/v1/messages", before)
+    assert message.role == "assistant"
+    assert message.model == CHAT_MODEL
+    assert message.id.startswith("msg_")
+    assert message.stop_reason == "end_turn"
+    [block] = message.content
+    assert block.type == "text"
+    assert block.text.strip()
+    assert message.usage.input_tokens > 0
+    assert message.usage.output_tokens >= 10
+
+
+def test_a_message_streamed(fleet: Fleet, claude: anthropic.Anthropic) -> None:
+    before = fleet.routes()
+    with claude.messages.stream(
+        model=CHAT_MODEL, max_tokens=64, messages=ask("Tell me about queues.")
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    fleet.served_by("/v1/messages", before)
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds
+    assert kinds.index("content_block_start") < kinds.index("content_block_stop")
+    [block] = final.content
+    assert block.type == "text"
+    assert block.text.strip()
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens >= 10
+    assert final.usage.input_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_use_round_trip(claude: anthropic.Anthropic, *, stream: bool) -> None:
+    messages: list[Any] = ask("What is the weather in Paris?")
+    tools: Any = [WEATHER]
+    if stream:
+        with claude.messages.stream(
+            model=CHAT_MODEL, max_tokens=64, tools=tools, messages=messages
+        ) as events:
+            first = events.get_final_message()
+    else:
+        first = claude.messages.create(
+            model=CHAT_MODEL, max_tokens=64, tools=tools, messages=messages
+        )
+    assert first.stop_reason == "tool_use"
+    [call] = [b for b in first.content if b.type == "tool_use"]
+    assert call.name == "get_weather"
+    assert isinstance(call.input, dict)
+    assert set(call.input) == {"city"}
+    messages += [
+        {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 C"}],
+        },
+    ]
+    second = claude.messages.create(model=CHAT_MODEL, max_tokens=64, tools=tools, messages=messages)
+    assert second.stop_reason == "end_turn"
+    assert [b.type for b in second.content] == ["text"]
+    # The tool's definition and result reached the engine: the prompt grew by them.
+    assert second.usage.input_tokens > first.usage.input_tokens > 20
+
+
+def test_an_image_is_sent_on(claude: anthropic.Anthropic) -> None:
+    image = {"type": "base64", "media_type": "image/png", "data": PIXEL}
+    message = claude.messages.create(
+        model=CHAT_MODEL,
+        max_tokens=32,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": image},
+                    {"type": "text", "text": "What is in this picture?"},
+                ],
+            }
+        ],
+    )
+    assert message.content[0].type == "text"
+    assert message.usage.input_tokens > 0
+
+
+def test_count_tokens_says_no_backend_counts(claude: anthropic.Anthropic) -> None:
+    """Ollama has no count_tokens route: a clear 404, in Anthropic's format, not retried."""
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        claude.messages.count_tokens(model=CHAT_MODEL, messages=ask("How many tokens is this?"))
+    assert raised.value.body == {
+        "type": "error",
+        "error": {
+            "type": "not_found_error",
+            "message": f"no backend serving model {CHAT_MODEL!r} counts tokens: Ollama has no "
+            "/v1/messages/count_tokens; llama.cpp's llama-server has",
+        },
+    }
+    assert raised.value.response.headers["x-should-retry"] == "false"
+
+
+def test_messages_errors_are_anthropics_and_bad_input_is_not_retried(
+    fleet: Fleet, claude: anthropic.Anthropic
+) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.create(model="no-such-model:1b", max_tokens=8, messages=ask("hi"))
+    assert missing.value.body["type"] == "error"
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    assert "no-such-model:1b" in missing.value.body["error"]["message"]
+    # Not JSON at all: the gateway's own 400, in Anthropic's format.
+    answer = httpx.post(f"{fleet.url}/v1/messages", content=b"{not json", timeout=10)
+    assert answer.status_code == 400
+    assert answer.json()["type"] == "error"
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert answer.headers["x-should-retry"] == "false"
+    # No model: the SDK's own class for a 400.
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model="", max_tokens=8, messages=ask("hi"))
+
+
+# -- OpenAI's Responses API ------------------------------------------------------------------------
+
+FUNCTION = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city now.",
+    "parameters": WEATHER["input_schema"],
+}
+
+
+def test_a_response_whole(fleet: Fleet, oai: openai.OpenAI) -> None:
+    before = fleet.routes()
+    response = oai.responses.create(
+        model=CHAT_MODEL, instructions="Be brief.", input="Why is the sky blue?"
+    )
+    fleet.served_by("/v1/responses", before)
+    assert response.status == "completed"
+    assert response.model == CHAT_MODEL
+    assert response.output_text.strip()
+    assert response.usage is not None
+    assert response.usage.input_tokens > 0
+    assert response.usage.output_tokens >= 10
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+
+
+def test_a_response_streamed(fleet: Fleet, oai: openai.OpenAI) -> None:
+    before = fleet.routes()
+    with oai.responses.stream(model=CHAT_MODEL, input="Tell me about queues.") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    fleet.served_by("/v1/responses", before)
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text
+    assert final.output_text.strip()
+
+
+def test_a_function_call_round_trip(oai: openai.OpenAI) -> None:
+    tools: Any = [FUNCTION]
+    first = oai.responses.create(model=CHAT_MODEL, input="Weather in Paris?", tools=tools)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather"
+    assert set(__import__("json").loads(call.arguments)) == {"city"}
+    second = oai.responses.create(
+        model=CHAT_MODEL,
+        tools=tools,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+        ],
+    )
+    assert second.output_text.strip()
+    assert not [item for item in second.output if item.type == "function_call"]
+
+
+def test_responses_errors_are_openais(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.responses.create(model="no-such-model:1b", input="hi")
+    assert missing.value.code is None
+    assert "no-such-model:1b" in missing.value.message
+
+
+# -- what the clients ask before they talk ---------------------------------------------------------
+
+
+def test_the_version_is_the_fleets_and_models_can_be_retrieved(
+    fleet: Fleet, oai: openai.OpenAI
+) -> None:
+    """Codex refuses an Ollama before 0.13.4: the gateway says what its Ollamas are (the
+    lowest), and its own version in a header; `models.retrieve` finds a model."""
+    answer = httpx.get(f"{fleet.url}/api/version", timeout=10)
+    expected = OLD_OLLAMA if fleet.translated else ollama.CURRENT_VERSION
+    assert answer.json() == {"version": expected}
+    assert answer.headers["x-parallama-version"]
+    status = httpx.get(f"{fleet.url}/parallama/status", timeout=10).json()
+    assert status["version"] == answer.headers["x-parallama-version"]
+    model = oai.models.retrieve(CHAT_MODEL)
+    assert model.id == CHAT_MODEL
+    assert model.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-model:1b")
+
+
+# -- waiting, refusals and retries ------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_slot() -> Iterator[tuple[str, SimServer]]:
+    """A gateway with one slot and room for one waiting request, before a slow engine."""
+    config = make_config(decode_tps=40.0, output_tokens=(80, 80))
+    with sim_servers(config) as servers:
+        settings = {"max_queue": 1, "health_interval": 0.05}
+        with gateway_for(servers, **settings) as gateway:
+            wait_for_gateway(gateway.url, lambda s: s["backends"][0]["installed"])
+            yield gateway.url, servers[0]
+
+
+def _stream_in_background(url: str, opened: threading.Event, stop: threading.Event) -> None:
+    body = {"model": CHAT_MODEL, "messages": ask("hold the slot"), "stream": True}
+    with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/api/chat", json=body):
+        opened.set()
+        stop.wait(30)
+
+
+def test_a_waiting_messages_stream_gets_pings(one_slot: tuple[str, SimServer]) -> None:
+    url, _ = one_slot
+    opened, stop = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_stream_in_background, args=(url, opened, stop))
+    holder.start()
+    try:
+        assert opened.wait(10)
+        wait_for_gateway(url, lambda s: s["in_flight"] == 1)
+        body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi"), "stream": True}
+        with httpx.stream("POST", f"{url}/v1/messages", json=body, timeout=30) as answer:
+            assert answer.status_code == 200
+            lines = answer.iter_lines()
+            assert next(lines) == "event: ping"
+            assert next(lines) == 'data: {"type":"ping"}'
+            stop.set()  # the slot frees: the answer follows the pings
+            rest = list(lines)
+        events = [line for line in rest if line.startswith("event: ")]
+        assert set(events[: events.index("event: message_start")]) <= {"event: ping"}
+        assert events[-1] == "event: message_stop"
+    finally:
+        stop.set()
+        holder.join(10)
+
+
+def test_a_full_queue_is_retried_by_the_sdks_and_then_answered(
+    one_slot: tuple[str, SimServer],
+) -> None:
+    """The SDKs retry a 503 (x-should-retry: true) after its Retry-After: once the queue has
+    room, the same call is answered."""
+    url, _ = one_slot
+    for call in ("messages", "responses"):
+        opened, stop = threading.Event(), threading.Event()
+        holders = [
+            threading.Thread(target=_stream_in_background, args=(url, opened, stop))
+            for _ in range(2)
+        ]
+        for holder in holders:
+            holder.start()
+        try:
+            wait_for_gateway(url, lambda s: s["in_flight"] == 1 and s["queued"] == 1)
+            refused_before = httpx.get(f"{url}/parallama/status").json()["rejected"]
+            result: list[Any] = []
+
+            def run(call: str = call) -> None:
+                if call == "messages":
+                    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=2)
+                    result.append(
+                        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=ask("hi"))
+                    )
+                else:
+                    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=2)
+                    result.append(oai.responses.create(model=CHAT_MODEL, input="hi"))
+
+            caller = threading.Thread(target=run)
+            caller.start()
+            wait_for_gateway(url, lambda s: s["rejected"] > refused_before)
+            stop.set()  # the queue empties: the SDK's next try gets in
+            caller.join(60)
+            assert len(result) == 1, "the SDK did not get its answer"
+        finally:
+            stop.set()
+            for holder in holders:
+                holder.join(10)
+        refusal = httpx.post(
+            f"{url}/v1/messages",
+            json={"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi")},
+            timeout=10,
+        )
+        assert refusal.status_code == 200  # nothing else queued now
+
+
+def test_a_503_says_the_sdks_should_retry(one_slot: tuple[str, SimServer]) -> None:
+    url, _ = one_slot
+    opened, stop = threading.Event(), threading.Event()
+    holders = [
+        threading.Thread(target=_stream_in_background, args=(url, opened, stop)) for _ in range(2)
+    ]
+    for holder in holders:
+        holder.start()
+    try:
+        wait_for_gateway(url, lambda s: s["in_flight"] == 1 and s["queued"] == 1)
+        body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi")}
+        refused = httpx.post(f"{url}/v1/messages", json=body, timeout=10)
+        assert refused.status_code == 503
+        assert refused.headers["x-should-retry"] == "true"
+        assert "retry-after" in refused.headers
+        assert refused.json()["error"]["type"] == "overloaded_error"
+        responses_refused = httpx.post(
+            f"{url}/v1/responses", json={"model": CHAT_MODEL, "input": "hi"}, timeout=10
+        )
+        assert responses_refused.status_code == 503
+        assert responses_refused.json()["error"]["type"] == "api_error"
+    finally:
+        stop.set()
+        for holder in holders:
+            holder.join(10)
