@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from parallama.cli import main
 from parallama.launch.supervisor import free_port
 
 _names = itertools.count()
@@ -101,3 +104,18 @@ def postgres_pids(server: Postgres) -> list[int]:
 
     postmasters = pgrep("-f", f"postgres -D {server.data}")
     return [*postmasters, *(child for pid in postmasters for child in pgrep("-P", str(pid)))]
+
+
+def cli(*args: str) -> str:
+    """`parallama ...` as a user runs it; its output (a non-zero exit fails the test)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(list(args))
+    assert status == 0, out.getvalue()
+    return out.getvalue()
+
+
+def new_key(database: str, name: str, *limits: str) -> str:
+    created = json.loads(cli("keys", "create", name, "--database", database, "--json", *limits))
+    key: str = created["key"]
+    return key

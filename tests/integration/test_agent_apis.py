@@ -14,18 +14,23 @@ import base64
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from parallama.protocol import ollama
 from parallama.sim.server import SimServer
+from parallama.teams.store import open_store
+from tests.dbhelpers import new_key
 from tests.simhelpers import (
     CHAT_MODEL,
     gateway_for,
+    gateway_status,
     make_config,
     sim_servers,
     state,
@@ -141,6 +146,7 @@ def test_a_message_streamed(fleet: Fleet, claude: anthropic.Anthropic) -> None:
 def test_a_tool_use_round_trip(claude: anthropic.Anthropic, *, stream: bool) -> None:
     messages: list[Any] = ask("What is the weather in Paris?")
     tools: Any = [WEATHER]
+    first: Any
     if stream:
         with claude.messages.stream(
             model=CHAT_MODEL, max_tokens=64, tools=tools, messages=messages
@@ -171,18 +177,12 @@ def test_a_tool_use_round_trip(claude: anthropic.Anthropic, *, stream: bool) -> 
 
 def test_an_image_is_sent_on(claude: anthropic.Anthropic) -> None:
     image = {"type": "base64", "media_type": "image/png", "data": PIXEL}
+    content: Any = [
+        {"type": "image", "source": image},
+        {"type": "text", "text": "What is in this picture?"},
+    ]
     message = claude.messages.create(
-        model=CHAT_MODEL,
-        max_tokens=32,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "source": image},
-                    {"type": "text", "text": "What is in this picture?"},
-                ],
-            }
-        ],
+        model=CHAT_MODEL, max_tokens=32, messages=[{"role": "user", "content": content}]
     )
     assert message.content[0].type == "text"
     assert message.usage.input_tokens > 0
@@ -208,9 +208,10 @@ def test_messages_errors_are_anthropics_and_bad_input_is_not_retried(
 ) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
         claude.messages.create(model="no-such-model:1b", max_tokens=8, messages=ask("hi"))
-    assert missing.value.body["type"] == "error"
-    assert missing.value.body["error"]["type"] == "not_found_error"
-    assert "no-such-model:1b" in missing.value.body["error"]["message"]
+    body: Any = missing.value.body
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "not_found_error"
+    assert "no-such-model:1b" in body["error"]["message"]
     # Not JSON at all: the gateway's own 400, in Anthropic's format.
     answer = httpx.post(f"{fleet.url}/v1/messages", content=b"{not json", timeout=10)
     assert answer.status_code == 400
@@ -267,7 +268,7 @@ def test_a_function_call_round_trip(oai: openai.OpenAI) -> None:
     first = oai.responses.create(model=CHAT_MODEL, input="Weather in Paris?", tools=tools)
     [call] = [item for item in first.output if item.type == "function_call"]
     assert call.name == "get_weather"
-    assert set(__import__("json").loads(call.arguments)) == {"city"}
+    assert set(orjson.loads(call.arguments)) == {"city"}
     second = oai.responses.create(
         model=CHAT_MODEL,
         tools=tools,
@@ -314,7 +315,7 @@ def test_the_version_is_the_fleets_and_models_can_be_retrieved(
         oai.models.retrieve("no-such-model:1b")
 
 
-# -- waiting, refusals and retries ------------------------------------------------------------------
+# -- waiting, refusals and retries ---------------------------------------------------------------
 
 
 @pytest.fixture
@@ -359,51 +360,44 @@ def test_a_waiting_messages_stream_gets_pings(one_slot: tuple[str, SimServer]) -
         holder.join(10)
 
 
+def sdk_call(url: str, api: str) -> Any:
+    """One call as a coding agent makes it, with the SDK's own retries (two, its default)."""
+    if api == "messages":
+        claude = anthropic.Anthropic(base_url=url, api_key="x", max_retries=2)
+        return claude.messages.create(model=CHAT_MODEL, max_tokens=8, messages=ask("hi"))
+    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=2)
+    return oai.responses.create(model=CHAT_MODEL, input="hi")
+
+
+@pytest.mark.parametrize("api", ["messages", "responses"])
 def test_a_full_queue_is_retried_by_the_sdks_and_then_answered(
-    one_slot: tuple[str, SimServer],
+    one_slot: tuple[str, SimServer], api: str
 ) -> None:
     """The SDKs retry a 503 (x-should-retry: true) after its Retry-After: once the queue has
     room, the same call is answered."""
     url, _ = one_slot
-    for call in ("messages", "responses"):
-        opened, stop = threading.Event(), threading.Event()
-        holders = [
-            threading.Thread(target=_stream_in_background, args=(url, opened, stop))
-            for _ in range(2)
-        ]
+    opened, stop = threading.Event(), threading.Event()
+    holders = [
+        threading.Thread(target=_stream_in_background, args=(url, opened, stop)) for _ in range(2)
+    ]
+    for holder in holders:
+        holder.start()
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.append(sdk_call(url, api)))
+    try:
+        wait_for_gateway(url, lambda s: s["in_flight"] == 1 and s["queued"] == 1)
+        refused_before = gateway_status(url)["rejected"]
+        caller.start()
+        wait_for_gateway(url, lambda s: s["rejected"] > refused_before)
+        stop.set()  # the queue empties: the SDK's next try gets in
+        caller.join(60)
+    finally:
+        stop.set()
         for holder in holders:
-            holder.start()
-        try:
-            wait_for_gateway(url, lambda s: s["in_flight"] == 1 and s["queued"] == 1)
-            refused_before = httpx.get(f"{url}/parallama/status").json()["rejected"]
-            result: list[Any] = []
-
-            def run(call: str = call) -> None:
-                if call == "messages":
-                    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=2)
-                    result.append(
-                        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=ask("hi"))
-                    )
-                else:
-                    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=2)
-                    result.append(oai.responses.create(model=CHAT_MODEL, input="hi"))
-
-            caller = threading.Thread(target=run)
-            caller.start()
-            wait_for_gateway(url, lambda s: s["rejected"] > refused_before)
-            stop.set()  # the queue empties: the SDK's next try gets in
-            caller.join(60)
-            assert len(result) == 1, "the SDK did not get its answer"
-        finally:
-            stop.set()
-            for holder in holders:
-                holder.join(10)
-        refusal = httpx.post(
-            f"{url}/v1/messages",
-            json={"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi")},
-            timeout=10,
-        )
-        assert refusal.status_code == 200  # nothing else queued now
+            holder.join(10)
+    assert len(result) == 1, "the SDK did not get its answer"
+    status = gateway_status(url)
+    assert status["rejected"] == refused_before + 1  # refused once, then answered
 
 
 def test_a_503_says_the_sdks_should_retry(one_slot: tuple[str, SimServer]) -> None:
@@ -431,3 +425,48 @@ def test_a_503_says_the_sdks_should_retry(one_slot: tuple[str, SimServer]) -> No
         stop.set()
         for holder in holders:
             holder.join(10)
+
+
+# -- keys and the ledger -------------------------------------------------------------------------
+
+
+def test_anthropic_clients_key_in_x_api_key_and_the_ledger_counts_their_tokens(
+    tmp_path: Path,
+) -> None:
+    """Claude Code and the anthropic SDK send the key as `x-api-key`: it is the key, its
+    limits apply in Anthropic's format, and the ledger has the stream's counts."""
+    database = str(tmp_path / "keys.db")
+    key = new_key(database, "alice", "--rpm", "2")
+    config = make_config(output_tokens=(10, 16))
+    with (
+        sim_servers(config) as servers,
+        gateway_for(servers, auth="keys", database=database) as gateway,
+    ):
+        claude = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0)
+        with claude.messages.stream(model=CHAT_MODEL, max_tokens=64, messages=ask("hi")) as s:
+            final = s.get_final_message()
+        answer = httpx.post(
+            f"{gateway.url}/v1/messages",
+            json={"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi")},
+            headers={"x-api-key": key},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            claude.messages.create(model=CHAT_MODEL, max_tokens=8, messages=ask("hi"))
+        limited_body: Any = limited.value.body
+        assert limited_body["error"]["type"] == "rate_limit_error"
+        assert limited.value.response.headers["x-should-retry"] == "true"
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            anthropic.Anthropic(
+                base_url=gateway.url, api_key="pk-wrong", max_retries=0
+            ).messages.create(model=CHAT_MODEL, max_tokens=8, messages=ask("hi"))
+        refused_body: Any = refused.value.body
+        assert refused_body["error"]["type"] == "authentication_error"
+    store = open_store(database)
+    try:
+        streamed, _ = store.answered(0.0, 10)  # the ledger is written when the gateway stops
+    finally:
+        store.close()
+    assert streamed["prompt_tokens"] == final.usage.input_tokens
+    assert streamed["generated_tokens"] == final.usage.output_tokens

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from parallama.config import BackendSettings
+from parallama.gateway.probes import ENGINE_ROUTES
 from tests.simhelpers import (
     CHAT_MODEL,
     gateway_with,
@@ -68,7 +69,8 @@ def test_slots_taken_by_a_direct_client_are_left_alone(source: Literal["slots", 
             sent: dict[str, Any] = state(used.url)["requests_by_route"]
     assert [a.status_code for a in answers] == [200] * 4
     assert direct == [200, 200]
-    assert sent == {"/v1/chat/completions": 2}  # the direct client's, and none of ours
+    # The direct client's, and none of ours but the probes' one look at each route it may lack.
+    assert sent == {"/v1/chat/completions": 2, **dict.fromkeys(ENGINE_ROUTES, 1)}
 
 
 def test_ollama_is_asked_nothing_of_the_kind() -> None:

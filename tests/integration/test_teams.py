@@ -7,7 +7,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import io
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from parallama.config import BackendSettings
 from parallama.launch.supervisor import free_port
 from parallama.sim.server import SimServer
 from parallama.teams.store import open_store
-from tests.dbhelpers import Postgres, postgres_pids, postgres_server
+from tests.dbhelpers import Postgres, cli, new_key, postgres_pids, postgres_server
 from tests.launchhelpers import sim_process
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.redishelpers import RedisServer
@@ -44,21 +43,6 @@ from tests.simhelpers import (
 )
 
 GENERATE = {"model": CHAT_MODEL, "prompt": "Why is the sky blue?", "stream": False}
-
-
-def cli(*args: str) -> str:
-    """`parallama ...` as a user runs it; its output (a non-zero exit fails the test)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = main(list(args))
-    assert status == 0, out.getvalue()
-    return out.getvalue()
-
-
-def new_key(database: str, name: str, *limits: str) -> str:
-    created = json.loads(cli("keys", "create", name, "--database", database, "--json", *limits))
-    key: str = created["key"]
-    return key
 
 
 def bearer(key: str) -> dict[str, str]:
