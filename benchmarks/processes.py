@@ -20,6 +20,13 @@ from parallama.launch.supervisor import free_port
 def started(*args: str) -> Iterator[list[str]]:
     """`parallama ARGS` until it serves (it printed "Ctrl-C to stop"); the addresses it printed,
     first the one it listens on."""
+    with started_process(*args) as (urls, _):
+        yield urls
+
+
+@contextlib.contextmanager
+def started_process(*args: str) -> Iterator[tuple[list[str], int]]:
+    """`started`, with the process id (for its CPU time)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "parallama", *args],
         stdout=subprocess.PIPE,
@@ -35,7 +42,7 @@ def started(*args: str) -> Iterator[list[str]]:
                 break
         else:
             raise RuntimeError(f"parallama {args[0]} exited with {process.wait()}")
-        yield urls
+        yield urls, process.pid
     finally:
         process.terminate()
         process.wait(30)

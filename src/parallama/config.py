@@ -12,6 +12,7 @@ import os
 import tomllib
 import typing
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -354,6 +355,12 @@ class GatewaySettings(BaseModel):
     @field_validator("models")
     @classmethod
     def _normalized_names(cls, models: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name, model in models.items():
+            if _is_pattern(name) and (model.warm or model.target is None or model.routing):
+                raise ValueError(
+                    f"models.{name!r}: a pattern names no one model: it takes a target, "
+                    "and neither warm nor routing (set those on the target's own table)"
+                )
         return {
             normalize_name(name): m.model_copy(
                 update={"target": normalize_name(m.target) if m.target else None}
@@ -391,8 +398,23 @@ class GatewaySettings(BaseModel):
 
     @property
     def aliases(self) -> dict[str, str]:
-        """Public model name -> the name the backends know."""
-        return {name: m.target for name, m in self.models.items() if m.target}
+        """Public model name -> the name the backends know (names, not patterns)."""
+        return {n: m.target for n, m in self.models.items() if m.target and not _is_pattern(n)}
+
+    def model_entry(self, name: str) -> ModelSettings | None:
+        """How the model `name` (normalised) is served: its own `[models."name"]` table, else
+        the first pattern that matches it (`[models."claude-*"]`, for the Claude names coding
+        agents ask for), else None."""
+        entry = self.models.get(name)
+        if entry is not None:
+            return entry
+        return next(
+            (m for n, m in self.models.items() if _is_pattern(n) and fnmatchcase(name, n)), None
+        )
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
 
 
 def env_name(setting: str) -> str:

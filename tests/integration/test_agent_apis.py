@@ -470,3 +470,19 @@ def test_anthropic_clients_key_in_x_api_key_and_the_ledger_counts_their_tokens(
         store.close()
     assert streamed["prompt_tokens"] == final.usage.input_tokens
     assert streamed["generated_tokens"] == final.usage.output_tokens
+
+
+def test_a_pattern_alias_serves_the_claude_names_agents_ask_for() -> None:
+    """Claude Code asks for its small model by a Claude name: `[models."claude-*"]` maps every
+    such name to a model the fleet has."""
+    config = make_config(output_tokens=(8, 12))
+    models = {"claude-*": {"target": CHAT_MODEL}}
+    with sim_servers(config) as servers, gateway_for(servers, models=models) as gateway:
+        claude = anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0)
+        for name in ("claude-haiku-4-5-20251001", "claude-sonnet-4-5"):
+            message = claude.messages.create(model=name, max_tokens=16, messages=ask("hi"))
+            assert message.model == CHAT_MODEL  # what ran, as the engine names it
+        oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        assert oai.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"
+        with pytest.raises(anthropic.NotFoundError):
+            claude.messages.create(model="gpt-4o", max_tokens=16, messages=ask("hi"))

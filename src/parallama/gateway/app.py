@@ -80,9 +80,7 @@ class Gateway:
         if self.access is not None:
             self.metrics.registry.register(self.access.collector())
         self._proxy = Proxy(self.scheduler, self.fleet, self._waiting, settings, self.access)
-        self._listings = Listings(
-            self.scheduler, self.fleet, settings.connect_timeout, settings.aliases
-        )
+        self._listings = Listings(self.scheduler, self.fleet, settings)
         self.admin = admin = Admin(self)
         self.dashboard = dashboard = Dashboard(self)
         fleet_models = FleetModels(self)
@@ -184,8 +182,7 @@ class Gateway:
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in fixed})
         changes = self.fleet.apply(settings)
         self.settings = self._proxy.settings = settings
-        self._listings.timeout = settings.connect_timeout
-        self._listings.aliases = settings.aliases
+        self._listings.settings = settings
         running = self.connections.limits.max_connections
         self.connections.limits = self._connection_limits(settings, running)
         self._local_hosts.clear()  # allowed_hosts may have changed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from parallama.config import GatewaySettings
 from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, excerpt
@@ -39,13 +40,10 @@ def union(
 
 
 class Listings:
-    def __init__(
-        self, scheduler: Scheduler, fleet: Fleet, timeout: float, aliases: dict[str, str]
-    ) -> None:
+    def __init__(self, scheduler: Scheduler, fleet: Fleet, settings: GatewaySettings) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
-        self.timeout = timeout  # connect_timeout, replaced on reload
-        self.aliases = aliases  # public name -> the backends' name, replaced on reload
+        self.settings = settings  # replaced on reload
 
     async def tags(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """Installed models: the union over healthy backends, first answer wins per name."""
@@ -70,7 +68,8 @@ class Listings:
         answers = await self._ask_all("/v1/models", dialects=("ollama", "openai"))
         rows = {normalize_name(row["id"]): row for row in union(answers, "data", "id")}
         name = normalize_name(wanted)
-        row = rows.get(name) or rows.get(self.aliases.get(name, ""))
+        entry = self.settings.model_entry(name)
+        row = rows.get(name) or rows.get(entry.target or "" if entry else "")
         if row is None:
             raise ApiError(404, f"model {excerpt(wanted)!r} not found")
         send_json(reply, {**row, "id": wanted})
@@ -87,7 +86,10 @@ class Listings:
             if b.healthy and fleet.dialect(b.name) in dialects
         ]
         answers = await asyncio.gather(
-            *(fleet.upstreams[base].get_json(target, self.timeout) for base in asked)
+            *(
+                fleet.upstreams[base].get_json(target, self.settings.connect_timeout)
+                for base in asked
+            )
         )
         return [answer for answer in answers if isinstance(answer, dict)]
 

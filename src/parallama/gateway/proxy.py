@@ -255,7 +255,7 @@ class Proxy:
         """The body and model as the backends are to get them: with the model's pinned
         `keep_alive` and options (`[models."name"]`), under the backends' name for it."""
         model = normalize_name(info.model)
-        served = self.settings.models.get(model)
+        served = self.settings.model_entry(model)
         if served is not None and served.pinned and path in PINNABLE_PATHS:
             try:
                 body = with_pins(
@@ -268,7 +268,7 @@ class Proxy:
             except ApiError:
                 refuse_input(self.scheduler, exchange)
                 raise
-        target = self.settings.aliases.get(model)
+        target = None if served is None else served.target
         if target is not None:
             body, model = with_model(body, target), target
         return body, model
@@ -388,7 +388,7 @@ class Proxy:
         path = outbound.path
         if path in _AGENT_ROUTES and not self.fleet.serves(life.backend, path):
             try:
-                return ToChat(path, parse_json_object(outbound.body), outbound.info.model)
+                return ToChat(path, parse_json_object(outbound.body))
             except ApiError:  # a request the engine's chat completions cannot express
                 life.rejected()
                 raise

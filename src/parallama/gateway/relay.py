@@ -139,8 +139,10 @@ class ToChat:
     local: bytes | None = None
     target = CHAT
 
-    def __init__(self, path: str, data: dict[str, Any], model: str) -> None:
-        """`data`: the client's request; `model`: the name to answer with (the client's)."""
+    def __init__(self, path: str, data: dict[str, Any]) -> None:
+        """`data`: the request, naming the model the engine runs (as a passed-through answer
+        names it)."""
+        model = str(data.get("model", ""))
         self._answer: MessagesAnswer | ResponsesAnswer
         if path == anthropic.MESSAGES:
             self.body, self._stream = anthropic.chat_request(data)

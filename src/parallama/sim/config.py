@@ -215,6 +215,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "keeps them (default: %(default)s, its default and Ollama's; 0: none)",
     )
     models.add_argument(
+        "--ollama-version",
+        default=ollama.CURRENT_VERSION,
+        metavar="X.Y.Z",
+        help="the Ollama release to be, in /api/version and its routes: before 0.14.0 there is "
+        "no /v1/messages, before 0.13.3 no /v1/responses (default: %(default)s)",
+    )
+    models.add_argument(
         "--occupancy",
         choices=("none", "slots", "vllm"),
         default="none",
@@ -285,7 +292,14 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         occupancy=args.occupancy,
         prompt_cache=args.prompt_cache,
         cache_ram_mib=args.cache_ram,
+        version=_version(args.ollama_version),
     )
+
+
+def _version(text: str) -> str:
+    if ollama.parse_version(text) is None:
+        raise ConfigError(f"--ollama-version {text!r}: expected a version such as 0.14.0")
+    return text
 
 
 def _number_or_none(text: str) -> float | None:
