@@ -138,7 +138,7 @@ def test_images_become_data_url_parts() -> None:
     "data",
     [
         {"messages": "hi"},
-        {"messages": [{"role": "system", "content": "x"}]},
+        {"messages": [{"role": "tool", "content": "x"}]},
         {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
         {"messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
     ],

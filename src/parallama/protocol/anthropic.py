@@ -117,8 +117,10 @@ def _chat_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
     messages (first: they answer the calls of the assistant message before), an assistant's
     `tool_use` blocks its `tool_calls`, images data-URL parts."""
     role = message.get("role")
+    if role == "system":  # Claude Code sends its environment so, amid the turns
+        return [{"role": "system", "content": _plain_text(message.get("content"), "system")}]
     if role not in ("user", "assistant"):
-        raise ApiError(400, "messages: each role must be 'user' or 'assistant'")
+        raise ApiError(400, "messages: each role must be 'user', 'assistant' or 'system'")
     content = message.get("content")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
