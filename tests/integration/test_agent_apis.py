@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import openai
 import orjson
 import pytest
 
+from parallama.config import BackendSettings
 from parallama.protocol import ollama
 from parallama.sim.server import SimServer
 from parallama.teams.store import open_store
@@ -31,6 +32,7 @@ from tests.simhelpers import (
     CHAT_MODEL,
     gateway_for,
     gateway_status,
+    gateway_with,
     make_config,
     sim_servers,
     state,
@@ -486,3 +488,22 @@ def test_a_pattern_alias_serves_the_claude_names_agents_ask_for() -> None:
         assert oai.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"
         with pytest.raises(anthropic.NotFoundError):
             claude.messages.create(model="gpt-4o", max_tokens=16, messages=ask("hi"))
+
+
+def test_an_engine_found_to_serve_the_routes_is_passed_them_and_counts_tokens() -> None:
+    """An OpenAI-dialect engine (as llama-server) is asked once whether it has the routes:
+    this one has all three, so Messages pass through and count_tokens is answered by it."""
+    config = replace(make_config(output_tokens=(8, 12)), count_tokens=True)
+    with sim_servers(config) as (engine,):
+        backend = BackendSettings(url=engine.url, kind="openai")
+        with gateway_with((backend,), health_interval=0.05) as gateway:
+            wait_for_gateway(gateway.url, lambda s: s["backends"][0]["installed"])
+            claude = anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0)
+            messages = ask("How many tokens is this?")
+            counted = claude.messages.count_tokens(model=CHAT_MODEL, messages=messages)
+            answer = claude.messages.create(model=CHAT_MODEL, max_tokens=16, messages=messages)
+        routes = state(engine.url)["requests_by_route"]
+    assert counted.input_tokens == answer.usage.input_tokens > 0
+    assert routes["/v1/messages/count_tokens"] == 2  # the probe's look, and the count
+    assert routes["/v1/messages"] == 2
+    assert "/v1/chat/completions" not in routes

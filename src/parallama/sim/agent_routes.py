@@ -15,7 +15,8 @@ from aiohttp import web
 from parallama.protocol import anthropic, responses
 from parallama.protocol.anthropic import MessagesAnswer
 from parallama.protocol.responses import ResponsesAnswer
-from parallama.sim.emulator import Emulator
+from parallama.sim.answers import chat_prompt
+from parallama.sim.emulator import Emulator, json_response
 from parallama.sim.openai_routes import OpenAIRoutes
 from parallama.sim.requests import Body
 
@@ -31,6 +32,15 @@ class AgentRoutes:
         body, stream = anthropic.chat_request(data)
         answer = MessagesAnswer(str(data["model"]), stream=stream)
         return await self._chat.chat(request, Body(orjson.loads(body), "MessagesRequest"), answer)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """Not Ollama's (it has no such route): llama.cpp's server counts a Messages request's
+        prompt, as `--count-tokens` asks the emulator to."""
+        data = (await self.emulator.read_body(request, "MessagesRequest")).data
+        self.emulator.find_model(Body(data, "MessagesRequest").model())
+        body = Body(orjson.loads(anthropic.chat_request(data)[0]), "MessagesRequest")
+        _, tokens = chat_prompt(body.get("messages", list, []), body.get("tools", list, []))
+        return json_response({"input_tokens": len(tokens)})
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         data = (await self.emulator.read_body(request, "ResponsesRequest")).data

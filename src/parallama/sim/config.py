@@ -39,6 +39,7 @@ class SimConfig:
     occupancy: Literal["none", "slots", "vllm"] = "none"
     prompt_cache: CacheRule = "llama-server"  # Ollama's since v0.30; its older runners' rules
     cache_ram_mib: int = 8192  # llama.cpp server's host-RAM prompt cache, per loaded model
+    count_tokens: bool = False  # not Ollama's: /v1/messages/count_tokens, as llama.cpp's server
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -222,6 +223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "no /v1/messages, before 0.13.3 no /v1/responses (default: %(default)s)",
     )
     models.add_argument(
+        "--count-tokens",
+        action="store_true",
+        help="not Ollama's: count a Messages request's tokens on POST /v1/messages/count_tokens, "
+        "as llama.cpp's server does",
+    )
+    models.add_argument(
         "--occupancy",
         choices=("none", "slots", "vllm"),
         default="none",
@@ -293,6 +300,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         prompt_cache=args.prompt_cache,
         cache_ram_mib=args.cache_ram,
         version=_version(args.ollama_version),
+        count_tokens=args.count_tokens,
     )
 
 

@@ -85,6 +85,11 @@ class SimServer:
             ("GET", STATE_PATH, self.state),
             *self._occupancy_route(),
             *self._routes_since({anthropic.MESSAGES: agents.messages, RESPONSES: agents.responses}),
+            *(
+                [("POST", anthropic.COUNT_TOKENS, agents.count_tokens)]
+                if self.config.count_tokens
+                else []
+            ),
         ):
             if method == "GET":
                 app.router.add_get(path, handler)
