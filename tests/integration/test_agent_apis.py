@@ -10,6 +10,7 @@ checks which of the two happened.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from parallama.protocol import ollama
 from parallama.sim.server import SimServer
 from parallama.teams.store import open_store
 from tests.dbhelpers import new_key
+from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (
     CHAT_MODEL,
     gateway_for,
@@ -37,6 +39,7 @@ from tests.simhelpers import (
     sim_servers,
     state,
     wait_for_gateway,
+    wait_for_state,
 )
 
 OLD_OLLAMA = "0.12.0"  # before /v1/responses (0.13.3) and /v1/messages (0.14.0)
@@ -507,3 +510,78 @@ def test_an_engine_found_to_serve_the_routes_is_passed_them_and_counts_tokens() 
     assert routes["/v1/messages/count_tokens"] == 2  # the probe's look, and the count
     assert routes["/v1/messages"] == 2
     assert "/v1/chat/completions" not in routes
+
+
+# -- failover and cancellation --------------------------------------------------------------------
+
+
+def _json_answer(payload: Any) -> bytes:
+    body = orjson.dumps(payload)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+async def _dies_on_generations(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+    """A current Ollama by its probes, whose engine dies on every generation it is sent."""
+    answers = {
+        b"GET /api/version": {"version": ollama.CURRENT_VERSION},
+        b"GET /api/tags": {"models": [{"name": CHAT_MODEL}]},
+        b"GET /api/ps": {"models": []},
+    }
+    path = request.line.rsplit(b" ", 1)[0]
+    if path not in answers:
+        return False  # the connection closed before a byte of the answer
+    writer.write(_json_answer(answers[path]))
+    return True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_messages_request_fails_over_before_its_first_byte(*, stream: bool) -> None:
+    async def scenario() -> tuple[Any, list[bytes], dict[str, Any]]:
+        async with raw_backend(_dies_on_generations) as broken:
+            with (
+                sim_servers(make_config(output_tokens=(8, 12))) as servers,
+                gateway_with(
+                    (BackendSettings(url=broken.url), BackendSettings(url=servers[0].url)),
+                    routing="round-robin",  # the broken backend first
+                    health_interval=0.05,
+                ) as gateway,
+            ):
+                # In a thread: this loop answers the broken backend's probes meanwhile.
+                await asyncio.to_thread(
+                    wait_for_gateway,
+                    gateway.url,
+                    lambda s: all(b["healthy"] for b in s["backends"]),
+                )
+                claude = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="x", max_retries=0)
+                if stream:
+                    async with claude.messages.stream(
+                        model=CHAT_MODEL, max_tokens=16, messages=ask("hi")
+                    ) as events:
+                        message = await events.get_final_message()
+                else:
+                    message = await claude.messages.create(
+                        model=CHAT_MODEL, max_tokens=16, messages=ask("hi")
+                    )
+                status = await asyncio.to_thread(gateway_status, gateway.url)
+            sent = [r.line for r in broken.requests if not r.is_probe]
+        return message, sent, status
+
+    message, sent, status = asyncio.run(scenario())
+    assert message.stop_reason == "end_turn"
+    assert sent == [b"POST /v1/messages HTTP/1.1"]  # passed through: it is a current Ollama
+    assert (status["completed"], status["failed"]) == (1, 0)
+
+
+def test_a_client_that_leaves_a_messages_stream_cancels_it_at_the_engine() -> None:
+    config = make_config(decode_tps=20.0, output_tokens=(200, 200))
+    with sim_servers(config) as (engine,), gateway_for([engine], health_interval=0.05) as gateway:
+        wait_for_gateway(gateway.url, lambda s: s["backends"][0]["installed"])
+        body = {"model": CHAT_MODEL, "max_tokens": 300, "messages": ask("hi"), "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, timeout=30) as answer:
+            lines = answer.iter_lines()
+            assert next(lines) == "event: message_start"
+        # Closed after the first event: the engine stops generating for it.
+        wait_for_state(engine.url, lambda s: s["outcomes"].get("cancelled") == 1)
+        status = wait_for_gateway(gateway.url, lambda s: s["in_flight"] == 0)
+    assert status["cancelled"] == 1
