@@ -140,7 +140,7 @@ def test_images_become_data_url_parts() -> None:
         {"messages": "hi"},
         {"messages": [{"role": "tool", "content": "x"}]},
         {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
-        {"messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+        {"messages": [], "tools": ["web_search"]},
     ],
 )
 def test_what_a_chat_engine_cannot_do_is_a_400(data: dict[str, Any]) -> None:
@@ -307,11 +307,37 @@ def test_a_responses_request_becomes_chat_messages() -> None:
     ]
 
 
+def test_hosted_tools_are_left_out_and_namespaces_expanded() -> None:
+    """What Codex offers every model: a web search (OpenAI's service) and namespaced tools."""
+    body, _ = responses.chat_request(
+        {
+            "model": "m",
+            "input": "hi",
+            "tools": [
+                {"type": "web_search"},
+                {"type": "function", "name": "exec_command", "parameters": {"type": "object"}},
+                {
+                    "type": "namespace",
+                    "name": "multi_agent_v1",
+                    "tools": [{"type": "function", "name": "spawn", "description": "d"}],
+                },
+            ],
+        }
+    )
+    names = [t["function"]["name"] for t in chat_of(body)["tools"]]
+    assert names == ["exec_command", "multi_agent_v1.spawn"]
+    server_tool = {"type": "web_search_20250305", "name": "web_search"}
+    messages_body, _ = anthropic.chat_request(
+        {"model": "m", "messages": [], "tools": [server_tool]}
+    )
+    assert "tools" not in chat_of(messages_body)
+
+
 @pytest.mark.parametrize(
     "data",
     [
         {"input": "hi", "previous_response_id": "resp_1"},
-        {"input": "hi", "tools": [{"type": "web_search"}]},
+        {"input": "hi", "tools": "web_search"},
         {"input": [{"type": "computer_call"}]},
         {"input": 3},
     ],

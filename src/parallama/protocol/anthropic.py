@@ -189,15 +189,18 @@ def _image_url(block: dict[str, Any]) -> str:
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
+    """Custom tools as functions. Anthropic's server tools (`web_search_20250305`, ...) run at
+    Anthropic, which an engine here is not: they are left out, as if not offered."""
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise ApiError(400, "tools: a list is required")
     functions = []
     for tool in tools:
-        if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise ApiError(400, f"tools: a tool of type {kind!r} is not supported here")
+        if not isinstance(tool, dict):
+            raise ApiError(400, "tools: each tool must be an object")
+        if tool.get("type", "custom") != "custom":
+            continue
         function = {
             "name": str(tool.get("name", "")),
             "description": str(tool.get("description", "")),

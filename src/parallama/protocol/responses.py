@@ -138,24 +138,34 @@ def _text_of(parts: Any) -> str:
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
-    """Function tools; the hosted ones (web search, file search, ...) are OpenAI's services,
-    which no engine here has: a request that needs them gets a 400."""
+    """Function tools, those of a `namespace` named `namespace.name` (as Ollama expands them).
+    The hosted ones (`web_search`, `file_search`, ...) are OpenAI's services, which an engine
+    here does not have: they are left out, as if not offered (Codex offers web search to
+    every model)."""
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise ApiError(400, "tools: a list is required")
     functions = []
     for tool in tools:
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise ApiError(400, f"tools: a tool of type {kind!r} is not supported here")
-        function = {
-            "name": str(tool.get("name", "")),
-            "description": str(tool.get("description") or ""),
-            "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
-        }
-        functions.append({"type": "function", "function": function})
+        if not isinstance(tool, dict):
+            raise ApiError(400, "tools: each tool must be an object")
+        if tool.get("type") == "function":
+            functions.append(_function(tool, ""))
+        elif tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+            prefix = f"{tool.get('name', '')}."
+            nested = [t for t in tool["tools"] if isinstance(t, dict)]
+            functions += [_function(t, prefix) for t in nested if t.get("type") == "function"]
     return functions
+
+
+def _function(tool: dict[str, Any], prefix: str) -> dict[str, Any]:
+    function = {
+        "name": prefix + str(tool.get("name", "")),
+        "description": str(tool.get("description") or ""),
+        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+    }
+    return {"type": "function", "function": function}
 
 
 def _tool_choice(choice: Any) -> Any:
