@@ -52,11 +52,15 @@ class Admin:
 
     async def version(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """The Ollama version clients may count on (Codex refuses an Ollama before 0.13.4, Open
-        WebUI reads it as numbers): the lowest among the healthy Ollama backends, else a
-        current one (the gateway serves its routes, translating where an engine lacks one).
-        parallama's own is in a header, and in `/parallama/status`."""
+        WebUI reads it as numbers): the lowest among the healthy Ollama backends, but not below
+        the first release with every route the gateway serves whatever the engine (it does the
+        work of `/v1/messages` and `/v1/responses` where an engine lacks them); a current one
+        where there is no Ollama. parallama's own is in a header, and in `/parallama/status`."""
         lowest = self._gateway.fleet.ollama_version()
-        version = ollama.CURRENT_VERSION if lowest is None else ".".join(map(str, lowest))
+        if lowest is None:
+            version = ollama.CURRENT_VERSION
+        else:
+            version = ".".join(map(str, max(lowest, *ollama.ROUTE_SINCE.values())))
         reply.extra_headers = [*reply.extra_headers, (b"x-parallama-version", _VERSION)]
         send_json(reply, {"version": version})
 
