@@ -5,7 +5,8 @@ Each session is what Claude Code sends: a streamed `/v1/messages` request with a
 and tool definitions of a few thousand tokens; each turn appends the last answer and a tool's
 result, so the prompt grows. `--sessions` of them run at once, `--turns` turns each, over two
 emulated Ollama servers with slots for all (no queueing: what is measured is the path, not the
-wait). Every target gets the same sessions:
+wait). The gateway runs alone on one CPU, the emulators and the load on the other. Every target
+gets the same sessions, in turn, `--rounds` times:
 
 - direct: the emulator's own `/v1/messages` (Ollama >= 0.14);
 - through the gateway, passed through to it;
@@ -17,7 +18,7 @@ Printed: time to the first token's event (p50, p99) and what the gateway adds to
 gateway's CPU time per relayed event (from /proc, the gateway alone). Target (issue 27): added
 p50 <= 2 ms, passed through and translated.
 
-    python benchmarks/agents.py [--sessions 16] [--turns 5] [--rounds 3]
+    python benchmarks/agents.py [--sessions 4] [--turns 5] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import started, started_process
+from processes import started_process
 
 MODEL = "qwen2.5:7b"
+# The gateway alone on one CPU; the emulators and this load on the other (as
+# gateway_overhead.py), so that what the gateway adds is not the load's CPU.
+GATEWAY_CPU, LOAD_CPU = "0", "1"
 TOOLS = [
     {
         "name": name,
@@ -173,10 +177,10 @@ def fleet(version: str, slots: int) -> Iterator[tuple[str, str, int]]:
         *("--prefill-tps", "400000", "--decode-tps", "200", "--batch-slowdown", "0"),
     )
     with ExitStack() as stack:
-        servers = stack.enter_context(started(*sim))[:2]
+        servers = stack.enter_context(started_process(*sim, cpu=LOAD_CPU))[0][:2]
         backends = [a for url in servers for a in ("--backend", url)]
         serve = ("serve", "--port", "0", *backends, "--slots", str(slots), "--no-log-requests")
-        (gateway, *_), pid = stack.enter_context(started_process(*serve))
+        (gateway, *_), pid = stack.enter_context(started_process(*serve, cpu=GATEWAY_CPU))
         yield servers[0], gateway, pid
 
 
@@ -188,10 +192,12 @@ def p(values: list[float], q: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="each target this often, in turn")
+    parser.add_argument("--rounds", type=int, default=5, help="each target this often, in turn")
     args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(LOAD_CPU)})
     slots = max(2, args.sessions)
     results: dict[str, Measured] = {}
     cpu: dict[str, float] = {}

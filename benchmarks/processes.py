@@ -25,10 +25,11 @@ def started(*args: str) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def started_process(*args: str) -> Iterator[tuple[list[str], int]]:
-    """`started`, with the process id (for its CPU time)."""
+def started_process(*args: str, cpu: str | None = None) -> Iterator[tuple[list[str], int]]:
+    """`started`, with the process id (for its CPU time); `cpu`: pinned to those CPUs."""
+    pinned = ["taskset", "-c", cpu] if cpu is not None and shutil.which("taskset") else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "parallama", *args],
+        [*pinned, sys.executable, "-m", "parallama", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

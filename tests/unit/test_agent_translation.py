@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
+from parallama.core.prefixes import prefix_blocks, shared_blocks
 from parallama.errors import ApiError
-from parallama.protocol import anthropic, ollama, responses
+from parallama.protocol import anthropic, inspect, ollama, responses
 from parallama.protocol.anthropic import MessagesAnswer
 from parallama.protocol.responses import ResponsesAnswer
 from parallama.protocol.sse import EventReader, EventTooLarge
@@ -435,3 +436,26 @@ def test_an_event_reader_is_bounded() -> None:
     with pytest.raises(EventTooLarge):
         reader.feed(b"data: " + b"x" * 2048)
     assert EventReader().feed(b"event: a\ndata: 1\ndata: 2\n\n: comment\n\n") == [(b"a", b"1\n2")]
+
+
+@pytest.mark.parametrize(
+    ("path", "system", "turns"),
+    [("/v1/messages", "system", "messages"), ("/v1/responses", "instructions", "input")],
+)
+def test_prefix_affinity_hashes_the_system_prompt_the_tools_then_the_turns(
+    path: str, system: str, turns: str
+) -> None:
+    """A session's next turn shares all its earlier prompt's blocks; another system prompt
+    shares none."""
+    tools = [{"name": "read_file", "description": "Reads a file. " * 40}]
+    first = {
+        system: "You are a coding agent. " * 40,
+        "tools": tools,
+        turns: [{"role": "user", "content": "go"}],
+    }
+    later = {**first, turns: [*first[turns], {"role": "assistant", "content": "done"}]}
+    other = {**first, system: "You are another agent. " * 40}
+    blocks = [prefix_blocks("m", inspect.prompt_material(path, d)) for d in (first, later, other)]
+    assert len(blocks[0]) >= 5
+    assert shared_blocks(blocks[0], blocks[1]) >= len(blocks[0]) - 1
+    assert shared_blocks(blocks[0], blocks[2]) == 0

@@ -23,7 +23,7 @@ from parallama.core.exchange import Exchange
 from parallama.core.lifecycle import Failure, Lifecycle, refuse_input
 from parallama.core.prefixes import prefix_blocks
 from parallama.core.scheduler import Scheduler
-from parallama.errors import ApiError
+from parallama.errors import ApiError, excerpt
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.http1 import Headers
 from parallama.gateway.relay import (
@@ -214,40 +214,52 @@ class Proxy:
     async def count_tokens(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """`POST /v1/messages/count_tokens`: asked of a backend that has the model and counts
         (llama.cpp's server does; Ollama does not), without waiting for a slot: counting
-        runs no generation. A 404 in Anthropic's format where none counts."""
+        runs no generation. A 404 in Anthropic's format where none counts. A key's say on the
+        model and its limits apply, as to a generation."""
         body = request.body if request.body is not None else await request.read()
         info = inspect_request(anthropic.MESSAGES, body, request.headers, request.remote)
         body, model = self._as_served(anthropic.COUNT_TOKENS, body, info, exchange)
         exchange.model = model
+        forwarded = passable(request.raw_headers)
+        key = exchange.key
+        if key is not None:
+            await self._admit(key, model, reply, exchange)
+            forwarded = [(k, v) for k, v in forwarded if k.lower() not in _CREDENTIALS]
+        try:
+            status, whole, headers = await self._counted(request.target, forwarded, body, model)
+        finally:
+            if key is not None and self._access is not None:
+                self._access.finish(key, exchange)
+        reply.send(status, whole, _JSON, headers)
+
+    async def _counted(
+        self, target: bytes, headers: Headers, body: bytes, model: str
+    ) -> tuple[int, bytes, Headers]:
         counting = [
-            b.name
+            b
             for b in self.scheduler.backends.values()
             if b.serves(model) and self.fleet.serves(b.name, anthropic.COUNT_TOKENS)
         ]
         if not counting:
             raise ApiError(
                 404,
-                f"no backend serving model {info.model!r} counts tokens: Ollama has no "
+                f"no backend serving model {excerpt(model)!r} counts tokens: Ollama has no "
                 f"{anthropic.COUNT_TOKENS}; llama.cpp's llama-server has",
             )
-        backend = min(counting, key=lambda name: self.scheduler.backends[name].load())
-        headers = [
-            (k, v) for k, v in passable(request.raw_headers) if k.lower() not in _CREDENTIALS
-        ]
-        relay = PassThrough(request.target, body, json_body=True)
+        backend = min(counting, key=lambda b: b.load()).name
+        relay = PassThrough(target, body, json_body=True)
         try:
             sent = relay.request_headers(headers)
-            answer = await self.fleet.upstream(backend).send(b"POST", request.target, sent, body)
+            answer = await self.fleet.upstream(backend).send(b"POST", target, sent, body)
             try:
                 whole = await answer.read()
             finally:
                 answer.release()
         except UpstreamError as exc:
             raise ApiError(502, f"backend {backend} {exc}") from None
-        status = answer.status
-        if status != 200:
-            whole = anthropic.error_body(status, error_message(whole))
-        reply.send(status, whole, _JSON, relay.headers(status, answer.headers))
+        if answer.status != 200:
+            whole = anthropic.error_body(answer.status, error_message(whole))
+        return answer.status, whole, relay.headers(answer.status, answer.headers)
 
     def _as_served(
         self, path: str, body: bytes, info: RequestInfo, exchange: Exchange

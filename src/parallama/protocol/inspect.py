@@ -118,15 +118,16 @@ def parse_deadline(headers: Mapping[str, str]) -> float | None:
     return value
 
 
-def leading_part(data: Mapping[str, Any]) -> Any:
+def leading_part(path: str, data: Mapping[str, Any]) -> Any:
     """A conversation's beginning: its messages up to the first user message (any system
     prompt, and the first question), or the prompt's first 256 characters; None if the request
     has neither. The first turn already holds all of it, and every later turn repeats it.
     Anthropic's `system` and the Responses API's `instructions` stand beside the messages."""
-    messages = data.get("messages", data.get("input"))
-    system = data.get("system", data.get("instructions"))
-    if system is not None and isinstance(messages, list):
-        return [system, leading_part({"messages": messages})]
+    if path in (anthropic.MESSAGES, "/v1/responses"):
+        system = data.get("system", data.get("instructions"))
+        turns = data.get("messages", data.get("input"))
+        return [system, leading_part("/v1/chat/completions", {"messages": turns})]
+    messages = data.get("messages")
     if isinstance(messages, list) and messages:
         first_user = next(
             (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
@@ -184,7 +185,7 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
             or (dialect == "openai" and headers.get("X-Queue-Updates") == "1")
         ),
         session_id=headers.get("X-Session-Id", "").strip()[:128],
-        leading=leading_part(data),
+        leading=leading_part(path, data),
         material=prompt_material(path, data),
     )
 
