@@ -342,7 +342,10 @@ def _stream_in_background(url: str, opened: threading.Event, stop: threading.Eve
         stop.wait(30)
 
 
-def test_a_waiting_messages_stream_gets_pings(one_slot: tuple[str, SimServer]) -> None:
+@pytest.mark.parametrize("api", ["messages", "responses"])
+def test_a_waiting_agent_stream_is_told_it_waits(one_slot: tuple[str, SimServer], api: str) -> None:
+    """A streamed Messages request waiting for a slot gets Anthropic's `ping` events, a
+    Responses one SSE comments (both skipped by clients), until its answer begins."""
     url, _ = one_slot
     opened, stop = threading.Event(), threading.Event()
     holder = threading.Thread(target=_stream_in_background, args=(url, opened, stop))
@@ -350,17 +353,27 @@ def test_a_waiting_messages_stream_gets_pings(one_slot: tuple[str, SimServer]) -
     try:
         assert opened.wait(10)
         wait_for_gateway(url, lambda s: s["in_flight"] == 1)
-        body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi"), "stream": True}
-        with httpx.stream("POST", f"{url}/v1/messages", json=body, timeout=30) as answer:
+        if api == "messages":
+            body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi"), "stream": True}
+            told, first, last = (
+                ["event: ping", 'data: {"type":"ping"}'],
+                "message_start",
+                "message_stop",
+            )
+        else:
+            body = {"model": CHAT_MODEL, "input": "hi", "stream": True}
+            told, first, last = [": queued, position 1"], "response.created", "response.completed"
+        with httpx.stream("POST", f"{url}/v1/{api}", json=body, timeout=30) as answer:
             assert answer.status_code == 200
             lines = answer.iter_lines()
-            assert next(lines) == "event: ping"
-            assert next(lines) == 'data: {"type":"ping"}'
-            stop.set()  # the slot frees: the answer follows the pings
+            assert [next(lines) for _ in told] == told
+            stop.set()  # the slot frees: the answer follows
             rest = list(lines)
         events = [line for line in rest if line.startswith("event: ")]
-        assert set(events[: events.index("event: message_start")]) <= {"event: ping"}
-        assert events[-1] == "event: message_stop"
+        assert events[0] == f"event: {first}"
+        assert events[-1] == f"event: {last}"
+        before = rest[: rest.index(f"event: {first}")]
+        assert set(before) <= {*told, ""}
     finally:
         stop.set()
         holder.join(10)

@@ -46,7 +46,7 @@ class RequestInfo:
     client: str
     priority: int
     deadline: float | None = None  # X-Request-Deadline: seconds the client will wait at most
-    queue_updates: bool = False  # X-Queue-Updates: 1 on an OpenAI stream: its place while queued
+    queue_updates: bool = False  # told while queued: X-Queue-Updates: 1, or an agent's stream
     session_id: str = ""  # the X-Session-Id header
     leading: Any = None  # the conversation's beginning (see `leading_part`)
     material: Any = None  # what the prompt is made of (see `prompt_material`)
@@ -178,16 +178,20 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
         priority=parse_priority(headers),
         deadline=parse_deadline(headers),
         # Only SSE has comments, which every SSE client skips; NDJSON has nothing of the kind.
-        # Anthropic's streams have their own `ping`, which its clients skip: always sent.
-        queue_updates=stream
-        and (
-            dialect == "anthropic"
-            or (dialect == "openai" and headers.get("X-Queue-Updates") == "1")
-        ),
+        # The agents' streams always get them (Anthropic's as its own `ping`): their clients
+        # wait long for slots, and send no header of ours.
+        queue_updates=stream and (path in _ALWAYS_TOLD or _told(dialect, headers)),
         session_id=headers.get("X-Session-Id", "").strip()[:128],
         leading=leading_part(path, data),
         material=prompt_material(path, data),
     )
+
+
+_ALWAYS_TOLD = frozenset({anthropic.MESSAGES, "/v1/responses"})
+
+
+def _told(dialect: Dialect, headers: Mapping[str, str]) -> bool:
+    return dialect == "openai" and headers.get("X-Queue-Updates") == "1"
 
 
 def with_model(body: bytes, model: str) -> bytes:
