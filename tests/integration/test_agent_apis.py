@@ -379,6 +379,32 @@ def test_a_waiting_agent_stream_is_told_it_waits(one_slot: tuple[str, SimServer]
         holder.join(10)
 
 
+def test_a_stream_that_times_out_in_a_short_wait_gets_a_status_to_retry() -> None:
+    """Told nothing yet (its wait was under a second), a Messages stream that times out in the
+    queue is answered as any request: a status the SDKs retry on, not a 200 with an error."""
+    config = make_config(decode_tps=40.0, output_tokens=(80, 80))
+    with (
+        sim_servers(config) as servers,
+        gateway_for(servers, queue_timeout=0.3, health_interval=0.05) as gateway,
+    ):
+        url = gateway.url
+        wait_for_gateway(url, lambda s: s["backends"][0]["installed"])
+        opened, stop = threading.Event(), threading.Event()
+        holder = threading.Thread(target=_stream_in_background, args=(url, opened, stop))
+        holder.start()
+        try:
+            wait_for_gateway(url, lambda s: s["in_flight"] == 1)
+            body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi"), "stream": True}
+            refused = httpx.post(f"{url}/v1/messages", json=body, timeout=30)
+        finally:
+            stop.set()
+            holder.join(10)
+    assert refused.status_code in (503, 504)
+    assert refused.headers["x-should-retry"] == "true"
+    assert refused.json()["type"] == "error"
+    assert "waiting in the queue" in refused.json()["error"]["message"]
+
+
 def sdk_call(url: str, api: str) -> Any:
     """One call as a coding agent makes it, with the SDK's own retries (two, its default)."""
     if api == "messages":

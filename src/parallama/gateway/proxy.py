@@ -289,10 +289,18 @@ class Proxy:
         """Wait for a backend, telling the client it is still in the queue once a second: the
         stream's head goes out now, then SSE comments (`: queued, position 3`), or on the
         Anthropic route its own `ping` events, which clients skip, until the answer's first
-        event."""
+        event. An agent's stream (told without asking) says nothing of a wait shorter than a
+        second: bound or refused by then, it is answered as any request, its status one the
+        SDKs retry on."""
+        ticket = life.ticket
+        if path in _AGENT_ROUTES and not reply.started:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_UPDATE_SECONDS):
+                    await self._waiting.until_bound(ticket)
+            if not life.waiting:
+                return
         if not reply.started:
             reply.start(200, [(b"cache-control", b"no-cache")], _EVENT_STREAM)
-        ticket = life.ticket
         while life.waiting:
             if path == anthropic.MESSAGES:
                 await reply.write(anthropic.PING)
