@@ -14,6 +14,7 @@ import asyncio
 import base64
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -335,11 +336,29 @@ def one_slot() -> Iterator[tuple[str, SimServer]]:
             yield gateway.url, servers[0]
 
 
-def _stream_in_background(url: str, opened: threading.Event, stop: threading.Event) -> None:
-    body = {"model": CHAT_MODEL, "messages": ask("hold the slot"), "stream": True}
-    with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/api/chat", json=body):
-        opened.set()
-        stop.wait(30)
+@contextmanager
+def holding(url: str, streams: int) -> Iterator[threading.Event]:
+    """`streams` native chat streams held open through the gateway (each holds a slot, or waits
+    for one) until the event is set, or the block ends."""
+    release = threading.Event()
+
+    def hold() -> None:
+        body = {"model": CHAT_MODEL, "messages": ask("hold the slot"), "stream": True}
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("POST", f"{url}/api/chat", json=body),
+        ):
+            release.wait(30)
+
+    holders = [threading.Thread(target=hold) for _ in range(streams)]
+    for holder in holders:
+        holder.start()
+    try:
+        yield release
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(10)
 
 
 @pytest.mark.parametrize("api", ["messages", "responses"])
@@ -347,11 +366,7 @@ def test_a_waiting_agent_stream_is_told_it_waits(one_slot: tuple[str, SimServer]
     """A streamed Messages request waiting for a slot gets Anthropic's `ping` events, a
     Responses one SSE comments (both skipped by clients), until its answer begins."""
     url, _ = one_slot
-    opened, stop = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_stream_in_background, args=(url, opened, stop))
-    holder.start()
-    try:
-        assert opened.wait(10)
+    with holding(url, 1) as stop:
         wait_for_gateway(url, lambda s: s["in_flight"] == 1)
         if api == "messages":
             body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi"), "stream": True}
@@ -374,9 +389,6 @@ def test_a_waiting_agent_stream_is_told_it_waits(one_slot: tuple[str, SimServer]
         assert events[-1] == f"event: {last}"
         before = rest[: rest.index(f"event: {first}")]
         assert set(before) <= {*told, ""}
-    finally:
-        stop.set()
-        holder.join(10)
 
 
 def test_a_stream_that_times_out_in_a_short_wait_gets_a_status_to_retry() -> None:
@@ -389,16 +401,10 @@ def test_a_stream_that_times_out_in_a_short_wait_gets_a_status_to_retry() -> Non
     ):
         url = gateway.url
         wait_for_gateway(url, lambda s: s["backends"][0]["installed"])
-        opened, stop = threading.Event(), threading.Event()
-        holder = threading.Thread(target=_stream_in_background, args=(url, opened, stop))
-        holder.start()
-        try:
+        with holding(url, 1):
             wait_for_gateway(url, lambda s: s["in_flight"] == 1)
             body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi"), "stream": True}
             refused = httpx.post(f"{url}/v1/messages", json=body, timeout=30)
-        finally:
-            stop.set()
-            holder.join(10)
     assert refused.status_code in (503, 504)
     assert refused.headers["x-should-retry"] == "true"
     assert refused.json()["type"] == "error"
@@ -421,25 +427,15 @@ def test_a_full_queue_is_retried_by_the_sdks_and_then_answered(
     """The SDKs retry a 503 (x-should-retry: true) after its Retry-After: once the queue has
     room, the same call is answered."""
     url, _ = one_slot
-    opened, stop = threading.Event(), threading.Event()
-    holders = [
-        threading.Thread(target=_stream_in_background, args=(url, opened, stop)) for _ in range(2)
-    ]
-    for holder in holders:
-        holder.start()
     result: list[Any] = []
     caller = threading.Thread(target=lambda: result.append(sdk_call(url, api)))
-    try:
+    with holding(url, 2) as stop:
         wait_for_gateway(url, lambda s: s["in_flight"] == 1 and s["queued"] == 1)
         refused_before = gateway_status(url)["rejected"]
         caller.start()
         wait_for_gateway(url, lambda s: s["rejected"] > refused_before)
         stop.set()  # the queue empties: the SDK's next try gets in
         caller.join(60)
-    finally:
-        stop.set()
-        for holder in holders:
-            holder.join(10)
     assert len(result) == 1, "the SDK did not get its answer"
     status = gateway_status(url)
     assert status["rejected"] == refused_before + 1  # refused once, then answered
@@ -447,13 +443,7 @@ def test_a_full_queue_is_retried_by_the_sdks_and_then_answered(
 
 def test_a_503_says_the_sdks_should_retry(one_slot: tuple[str, SimServer]) -> None:
     url, _ = one_slot
-    opened, stop = threading.Event(), threading.Event()
-    holders = [
-        threading.Thread(target=_stream_in_background, args=(url, opened, stop)) for _ in range(2)
-    ]
-    for holder in holders:
-        holder.start()
-    try:
+    with holding(url, 2):
         wait_for_gateway(url, lambda s: s["in_flight"] == 1 and s["queued"] == 1)
         body = {"model": CHAT_MODEL, "max_tokens": 8, "messages": ask("hi")}
         refused = httpx.post(f"{url}/v1/messages", json=body, timeout=10)
@@ -466,10 +456,6 @@ def test_a_503_says_the_sdks_should_retry(one_slot: tuple[str, SimServer]) -> No
         )
         assert responses_refused.status_code == 503
         assert responses_refused.json()["error"]["type"] == "api_error"
-    finally:
-        stop.set()
-        for holder in holders:
-            holder.join(10)
 
 
 # -- keys and the ledger -------------------------------------------------------------------------

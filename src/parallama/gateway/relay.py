@@ -15,6 +15,7 @@ from typing import Any
 from parallama.gateway.http1 import Headers
 from parallama.protocol import anthropic, ollama, openai, responses
 from parallama.protocol.anthropic import MessagesAnswer
+from parallama.protocol.chat_events import AnswerWriter
 from parallama.protocol.responses import ResponsesAnswer
 from parallama.protocol.translate import (
     CHAT,
@@ -143,7 +144,7 @@ class ToChat:
         """`data`: the request, naming the model the engine runs (as a passed-through answer
         names it)."""
         model = str(data.get("model", ""))
-        self._answer: MessagesAnswer | ResponsesAnswer
+        self._answer: AnswerWriter
         if path == anthropic.MESSAGES:
             self.body, self._stream = anthropic.chat_request(data)
             self._answer = MessagesAnswer(model, stream=self._stream)

@@ -17,9 +17,8 @@ import orjson
 
 from parallama.errors import ApiError
 from parallama.protocol.chat_events import (
-    ChatReader,
+    AnswerWriter,
     Counted,
-    Failed,
     Finished,
     Piece,
     Text,
@@ -243,33 +242,27 @@ def message_id() -> str:
     return "msg_" + secrets.token_hex(12)
 
 
-class MessagesAnswer:
+class MessagesAnswer(AnswerWriter):
     """A chat-completions engine's answer to one translated request, as Anthropic's: one
     message object, or its event stream (`message_start`, each block's `content_block_start`,
     deltas and `content_block_stop`, `message_delta` with the stop reason and counts,
     `message_stop`)."""
 
     def __init__(self, model: str, *, stream: bool) -> None:
+        super().__init__(stream=stream)
         self.model = model
-        self.stream = stream
-        self._reader = ChatReader()
         self._id = message_id()
-        self._blocks: list[dict[str, Any]] = []  # whole: the content; a stream: each block's kind
+        self._blocks: list[dict[str, Any]] = []  # a stream's blocks so far, each its kind
         self._open: tuple[str, int] | None = None  # a stream's open block: its kind and key
-        self._arguments: dict[int, list[str]] = {}  # whole: each tool call's arguments
         self._stop = "end_turn"
         self._usage = {"input_tokens": 0, "output_tokens": 0}
-        self._started = False
-        self.done = False
 
     # -- whole ----------------------------------------------------------------------------------
 
-    def whole(self, body: bytes) -> bytes:
-        pieces = self._reader.whole(body)
-        if self.stream:  # asked for a stream, answered whole: the stream of that one answer
-            return self.feed_pieces(pieces) + self.end()
+    def written(self, pieces: list[Piece]) -> bytes:
         content: list[dict[str, Any]] = []
         calls: dict[int, dict[str, Any]] = {}
+        arguments: dict[int, list[str]] = {}
         for piece in pieces:
             if isinstance(piece, Text):
                 content.append({"type": "text", "text": piece.text})
@@ -278,14 +271,12 @@ class MessagesAnswer:
             elif isinstance(piece, ToolCall):
                 calls[piece.index] = {"type": "tool_use", "id": _tool_id(piece), "name": piece.name}
                 content.append(calls[piece.index])
-                self._arguments[piece.index] = []
             elif isinstance(piece, ToolArguments):
-                self._arguments.setdefault(piece.index, []).append(piece.fragment)
+                arguments.setdefault(piece.index, []).append(piece.fragment)
             else:
                 self._note(piece)
         for index, call in calls.items():
-            call["input"] = _arguments_object("".join(self._arguments.get(index, [])))
-        self.done = True
+            call["input"] = _arguments_object("".join(arguments.get(index, [])))
         return orjson.dumps(self._message(content))
 
     def _message(self, content: list[dict[str, Any]]) -> dict[str, Any]:
@@ -311,57 +302,36 @@ class MessagesAnswer:
 
     # -- a stream -------------------------------------------------------------------------------
 
-    def start(self) -> bytes:
-        """`message_start`: what a stream begins with, before the engine's first token."""
-        if self._started:
-            return b""
-        self._started = True
+    def opening(self) -> bytes:
+        """`message_start`, before the engine's first token."""
         started = {**self._message([]), "stop_reason": None}
         return named_event("message_start", {"type": "message_start", "message": started})
 
-    def feed(self, data: bytes) -> bytes:
-        return self.feed_pieces(self._reader.feed(data))
+    def event(self, piece: Piece) -> bytes:
+        if isinstance(piece, Text):
+            return self._delta("text", 0, {"type": "text_delta", "text": piece.text})
+        if isinstance(piece, Thinking):
+            return self._delta("thinking", 0, {"type": "thinking_delta", "thinking": piece.text})
+        if isinstance(piece, ToolCall):
+            block = {"type": "tool_use", "id": _tool_id(piece), "name": piece.name, "input": {}}
+            return self._close() + self._open_block("tool_use", piece.index, block)
+        if isinstance(piece, ToolArguments):
+            delta = {"type": "input_json_delta", "partial_json": piece.fragment}
+            return self._delta("tool_use", piece.index, delta)
+        self._note(piece)
+        return b""
 
-    def feed_pieces(self, pieces: list[Piece]) -> bytes:
-        """Events for the pieces; nothing before the first (a translated stream that told the
-        client nothing yet can still fail over to another backend)."""
-        if not pieces:
-            return b""
-        out = [self.start()]
-        for piece in pieces:
-            if isinstance(piece, Text):
-                out.append(self._delta("text", 0, {"type": "text_delta", "text": piece.text}))
-            elif isinstance(piece, Thinking):
-                delta = {"type": "thinking_delta", "thinking": piece.text}
-                out.append(self._delta("thinking", 0, delta))
-            elif isinstance(piece, ToolCall):
-                out.append(self._close())
-                block = {"type": "tool_use", "id": _tool_id(piece), "name": piece.name, "input": {}}
-                out.append(self._open_block("tool_use", piece.index, block))
-            elif isinstance(piece, ToolArguments):
-                delta = {"type": "input_json_delta", "partial_json": piece.fragment}
-                out.append(self._delta("tool_use", piece.index, delta))
-            elif isinstance(piece, Failed):
-                out.append(error_event(500, piece.message))
-                self.done = True
-                break
-            else:
-                self._note(piece)
-        return b"".join(out)
+    def failed(self, message: str) -> bytes:
+        return error_event(500, message)
 
-    def end(self) -> bytes:
-        """The engine's stream ended: the last block closed, the stop reason and counts."""
-        if self.done:
-            return b""
-        self.done = True
+    def closing(self) -> bytes:
+        """The last block closed, the stop reason and counts."""
         delta = {"stop_reason": self._stop, "stop_sequence": None}
+        finished = {"type": "message_delta", "delta": delta, "usage": self._usage}
         return b"".join(
             (
-                self.start(),
                 self._close(),
-                named_event(
-                    "message_delta", {"type": "message_delta", "delta": delta, "usage": self._usage}
-                ),
+                named_event("message_delta", finished),
                 named_event("message_stop", {"type": "message_stop"}),
             )
         )

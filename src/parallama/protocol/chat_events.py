@@ -3,12 +3,13 @@
 The Anthropic Messages API and OpenAI's Responses API, in front of an engine that serves only
 `/v1/chat/completions`, both need the same few facts from its answer, whole or streamed: text,
 reasoning, tool calls (a name, then the arguments in fragments), why it stopped, and the token
-counts. `ChatReader` turns the engine's bytes into those pieces; `protocol.anthropic` and
-`protocol.responses` each write them in their own format.
+counts. `ChatReader` turns the engine's bytes into those pieces; an `AnswerWriter` of
+`protocol.anthropic` or `protocol.responses` writes them in its API's format.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,73 @@ class ChatReader:
         if isinstance(arguments, str) and arguments:
             pieces.append(ToolArguments(index, arguments))
         return pieces
+
+
+class AnswerWriter(ABC):
+    """The engine's answer to one translated request, in another API: one object (`whole`), or
+    that API's event stream, fed the engine's bytes as they come and ended by `end`."""
+
+    def __init__(self, *, stream: bool) -> None:
+        self.stream = stream
+        self._reader = ChatReader()
+        self._started = False
+        self.done = False
+
+    def whole(self, body: bytes) -> bytes:
+        pieces = self._reader.whole(body)
+        if self.stream:  # asked for a stream, answered whole: the stream of that one answer
+            return self.feed_pieces(pieces) + self.end()
+        self.done = True
+        return self.written(pieces)
+
+    def feed(self, data: bytes) -> bytes:
+        return self.feed_pieces(self._reader.feed(data))
+
+    def feed_pieces(self, pieces: list[Piece]) -> bytes:
+        """Events for the pieces; nothing before the first (a translated stream that told the
+        client nothing yet can still fail over to another backend)."""
+        if not pieces or self.done:
+            return b""
+        out = [self.start()]
+        for piece in pieces:
+            if isinstance(piece, Failed):
+                out.append(self.failed(piece.message))
+                self.done = True
+                break
+            out.append(self.event(piece))
+        return b"".join(out)
+
+    def start(self) -> bytes:
+        """What a stream begins with, once."""
+        if self._started:
+            return b""
+        self._started = True
+        return self.opening()
+
+    def end(self) -> bytes:
+        """The engine's stream ended: what closes the client's."""
+        if self.done:
+            return b""
+        self.done = True
+        return self.start() + self.closing()
+
+    @abstractmethod
+    def written(self, pieces: list[Piece]) -> bytes:
+        """The whole answer."""
+
+    @abstractmethod
+    def opening(self) -> bytes: ...
+
+    @abstractmethod
+    def event(self, piece: Piece) -> bytes:
+        """A stream's events for one piece (none for what only the end tells)."""
+
+    @abstractmethod
+    def failed(self, message: str) -> bytes:
+        """How the stream says the engine failed in it."""
+
+    @abstractmethod
+    def closing(self) -> bytes: ...
 
 
 def _counted(usage: Any) -> Counted | None:

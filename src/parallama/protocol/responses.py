@@ -19,9 +19,8 @@ import orjson
 
 from parallama.errors import ApiError
 from parallama.protocol.chat_events import (
-    ChatReader,
+    AnswerWriter,
     Counted,
-    Failed,
     Finished,
     Piece,
     Text,
@@ -197,14 +196,13 @@ def failed_event(message: str, sequence_number: int = 0, code: str = "server_err
     return named_event("response.failed", event)
 
 
-class ResponsesAnswer:
+class ResponsesAnswer(AnswerWriter):
     """A chat-completions engine's answer to one translated request, as a Responses API
     response: whole, or as its events."""
 
     def __init__(self, model: str, request: dict[str, Any], *, stream: bool) -> None:
         """`request`: the client's request (a response repeats its settings)."""
-        self.stream = stream
-        self._reader = ChatReader()
+        super().__init__(stream=stream)
         self._response: dict[str, Any] = {
             "id": _new_id("resp_"),
             "object": "response",
@@ -234,18 +232,12 @@ class ResponsesAnswer:
         self._by_call: dict[int, dict[str, Any]] = {}
         self._finish = "stop"
         self._sequence = 0
-        self._started = False
-        self.done = False
 
     # -- whole ----------------------------------------------------------------------------------
 
-    def whole(self, body: bytes) -> bytes:
-        pieces = self._reader.whole(body)
-        if self.stream:
-            return self.feed_pieces(pieces) + self.end()
+    def written(self, pieces: list[Piece]) -> bytes:
         for piece in pieces:
             self._build(piece)
-        self.done = True
         return orjson.dumps(self._completed())
 
     def _build(self, piece: Piece) -> dict[str, Any] | None:
@@ -321,49 +313,30 @@ class ResponsesAnswer:
         self._sequence += 1
         return named_event(kind, event)
 
-    def start(self) -> bytes:
-        if self._started:
-            return b""
-        self._started = True
+    def opening(self) -> bytes:
         snapshot = {**self._response, "output": []}
-        return self._event("response.created", response=snapshot) + self._event(
-            "response.in_progress", response=snapshot
-        )
+        created = self._event("response.created", response=snapshot)
+        return created + self._event("response.in_progress", response=snapshot)
 
-    def feed(self, data: bytes) -> bytes:
-        return self.feed_pieces(self._reader.feed(data))
+    def event(self, piece: Piece) -> bytes:
+        """The piece's delta, after the events of the item it began (and of the one it ended)."""
+        before = self._items[-1] if self._items else None
+        began = self._build(piece)
+        out = b""
+        if began is not None:
+            if before is not None:
+                out += self._item_done(before)
+            out += self._item_added(began)
+        return out + self._delta(piece)
 
-    def feed_pieces(self, pieces: list[Piece]) -> bytes:
-        """Events for the pieces; nothing before the first (a translated stream that told the
-        client nothing yet can still fail over to another backend)."""
-        if not pieces:
-            return b""
-        out = [self.start()]
-        for piece in pieces:
-            if isinstance(piece, Failed):
-                out.append(failed_event(piece.message, self._sequence))
-                self.done = True
-                break
-            before = self._items[-1] if self._items else None
-            began = self._build(piece)
-            if began is not None:
-                if before is not None:
-                    out.append(self._item_done(before))
-                out.append(self._item_added(began))
-            out.append(self._delta(piece))
-        return b"".join(out)
+    def failed(self, message: str) -> bytes:
+        return failed_event(message, self._sequence)
 
-    def end(self) -> bytes:
-        if self.done:
-            return b""
-        self.done = True
-        out = [self.start()]
-        if self._items:
-            out.append(self._item_done(self._items[-1]))
+    def closing(self) -> bytes:
+        out = self._item_done(self._items[-1]) if self._items else b""
         response = self._completed()
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        out.append(self._event(kind, response=response))
-        return b"".join(out)
+        return out + self._event(kind, response=response)
 
     def _index(self, item: dict[str, Any]) -> int:
         return next(i for i, other in enumerate(self._items) if other is item)

@@ -11,13 +11,14 @@ import itertools
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from parallama.errors import ApiError
 from parallama.protocol import openai
+from parallama.protocol.chat_events import AnswerWriter
 from parallama.sim.answers import chat_prompt, generate_prompt, tool_call
 from parallama.sim.emulator import Emulator, Job, json_response
 from parallama.sim.engine import Generation
@@ -39,7 +40,7 @@ class OpenAIRoutes:
         return await self.chat(request, body)
 
     async def chat(
-        self, request: web.Request, body: Body, answer: AgentAnswer | None = None
+        self, request: web.Request, body: Body, answer: AnswerWriter | None = None
     ) -> web.StreamResponse:
         """A chat completion; with `answer`, written in another API (`agent_routes.py`), as
         Ollama's middleware turns its chat answers into Anthropic's or the Responses API's."""
@@ -101,7 +102,7 @@ class OpenAIRoutes:
         job: Job,
         chunk: Callable[[str, str | None], dict[str, Any]],
         whole: Callable[[], dict[str, Any]],
-        answer: AgentAnswer | None = None,
+        answer: AnswerWriter | None = None,
         *,
         quiet: bool = False,
     ) -> web.StreamResponse:
@@ -168,14 +169,6 @@ class OpenAIRoutes:
     async def retrieve_model(self, request: web.Request) -> web.Response:
         spec = self.emulator.find_model(request.match_info["model"])
         return json_response(openai.model_entry(spec.name, int(self.emulator.started_at)))
-
-
-class AgentAnswer(Protocol):
-    """A chat answer turned into another API's (`protocol.anthropic`, `protocol.responses`)."""
-
-    def whole(self, body: bytes) -> bytes: ...
-    def feed(self, data: bytes) -> bytes: ...
-    def end(self) -> bytes: ...
 
 
 def _json_bytes(body: bytes) -> web.Response:
