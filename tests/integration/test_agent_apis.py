@@ -600,15 +600,37 @@ def test_a_messages_request_fails_over_before_its_first_byte(*, stream: bool) ->
     assert (status["completed"], status["failed"]) == (1, 0)
 
 
-def test_a_client_that_leaves_a_messages_stream_cancels_it_at_the_engine() -> None:
+@pytest.mark.parametrize("route", ["/v1/messages", "/api/chat"])
+def test_a_client_that_leaves_a_stream_cancels_it_and_is_counted(
+    tmp_path: Path, route: str
+) -> None:
+    """The engine stops generating for it, and the ledger counts what was relayed till then:
+    an Anthropic stream's own counts so far are its `message_start`'s (0 generated), an
+    Ollama stream's none (they come at its end). (The server cancels the request's task when
+    its client leaves: before, that skipped the count, and a key's token limits with it.)"""
     config = make_config(decode_tps=20.0, output_tokens=(200, 200))
-    with sim_servers(config) as (engine,), gateway_for([engine], health_interval=0.05) as gateway:
+    database = str(tmp_path / "ledger.db")
+    with (
+        sim_servers(config) as (engine,),
+        gateway_for([engine], ledger="on", database=database, health_interval=0.05) as gateway,
+    ):
         wait_for_gateway(gateway.url, lambda s: s["backends"][0]["installed"])
         body = {"model": CHAT_MODEL, "max_tokens": 300, "messages": ask("hi"), "stream": True}
-        with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, timeout=30) as answer:
-            lines = answer.iter_lines()
-            assert next(lines) == "event: message_start"
-        # Closed after the first event: the engine stops generating for it.
+        with httpx.stream("POST", gateway.url + route, json=body, timeout=30) as answer:
+            tokens = 0
+            for line in answer.iter_lines():
+                tokens += line == "event: content_block_delta" or '"done":false' in line
+                if tokens == 3:
+                    break
+        # Closed after three tokens: the engine stops generating for it.
         wait_for_state(engine.url, lambda s: s["outcomes"].get("cancelled") == 1)
         status = wait_for_gateway(gateway.url, lambda s: s["in_flight"] == 0)
     assert status["cancelled"] == 1
+    store = open_store(database)
+    try:
+        [row] = store.usage(0.0, ["outcome"])
+    finally:
+        store.close()
+    assert row["outcome"] == "cancelled"
+    assert row["prompt_tokens"] > 0
+    assert row["generated_tokens"] >= 3

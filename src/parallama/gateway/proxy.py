@@ -356,8 +356,8 @@ class Proxy:
                 await _whole(reply, outbound.path, status, whole, headers)
             else:
                 await _stream(answer, relay, reply, life, relayed, status=status, headers=headers)
-        except ClientGone:
-            life.exchange.usage = relayed.usage(outbound.body)  # what it used until it left
+        except (ClientGone, asyncio.CancelledError):  # the client left (its handler cancelled)
+            life.exchange.usage = relayed.usage(outbound.body, cut=True)  # used till it left
             life.left()
             raise
         except (UpstreamError, BadAnswer) as exc:
@@ -368,7 +368,7 @@ class Proxy:
                 # It answered, however badly (BadAnswer), or may have been working on it.
                 worked_on = not isinstance(exc, UpstreamError) or exc.reached
                 raise _Failover(Failure(status, reason, worked_on=worked_on)) from None
-            life.exchange.usage = relayed.usage(outbound.body)
+            life.exchange.usage = relayed.usage(outbound.body, cut=True)
             life.broke(reason)
             last_words = stream_error(outbound.path, content_type_of(headers), status, reason)
             if last_words is not None:
@@ -427,7 +427,7 @@ class Proxy:
 @dataclass(slots=True)
 class _Relayed:
     """What of an answer reached the client: its last few kilobytes (the engine's counts are
-    at the end) and, for a stream, the pieces (lines) relayed."""
+    at the end) and, for a stream, the pieces relayed (NDJSON lines, or SSE `data:` lines)."""
 
     tail: bytes = b""
     head: bytes = b""  # an event stream's first bytes: Anthropic's say the prompt's tokens
@@ -435,13 +435,21 @@ class _Relayed:
     lines: int = 0
     event_stream: bool = False
 
-    def usage(self, body: bytes) -> Usage | None:
-        """The engine's counts, else (a stream that gave none) the gateway's estimate."""
+    def usage(self, body: bytes, *, cut: bool = False) -> Usage | None:
+        """The engine's counts, else (a stream that gave none) the gateway's estimate. A
+        stream `cut` before its end counts no fewer pieces than were relayed: the counts it
+        carried so far are its beginning's (Anthropic's `message_start` says 0 generated)."""
         said = usage_from_tail(self.head + self.tail if self.event_stream else self.tail)
-        if said is not None or not self.lines:
+        if not self.lines or (said is not None and not cut):
             return said
-        pieces = self.lines // 2 if self.event_stream else self.lines  # "data: ...\n\n"
-        return estimated_usage(len(body), pieces)
+        estimate = estimated_usage(len(body), self.lines)
+        if said is None:
+            return estimate
+        return Usage(
+            prompt_tokens=said.prompt_tokens or estimate.prompt_tokens,
+            generated_tokens=max(said.generated_tokens or 0, estimate.generated_tokens or 0),
+            estimated=True,
+        )
 
 
 async def _whole(
@@ -486,7 +494,7 @@ async def _stream(
             if relayed.event_stream and len(relayed.head) < TAIL_BYTES:
                 relayed.head += chunk[: TAIL_BYTES - len(relayed.head)]
             relayed.tail = keep_tail(relayed.tail, chunk)
-            relayed.lines += chunk.count(b"\n")
+            relayed.lines += chunk.count(b"data: " if relayed.event_stream else b"\n")
             reply.write_now(chunk)
         return not reply.behind
 
