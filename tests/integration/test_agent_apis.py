@@ -503,6 +503,32 @@ def test_anthropic_clients_key_in_x_api_key_and_the_ledger_counts_their_tokens(
     assert streamed["generated_tokens"] == final.usage.output_tokens
 
 
+def test_a_spent_budget_is_not_retried_and_a_model_out_of_bounds_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A limit that lasts past what the SDKs wait for (a day's budget) says
+    `x-should-retry: false`: the SDK raises at once, with no try refused again; a model the key
+    may not use is the SDK's PermissionDeniedError."""
+    database = str(tmp_path / "keys.db")
+    key = new_key(database, "bob", "--budget", "10/day", "--models", "qwen2.5*")
+    config = make_config(output_tokens=(10, 16))
+    with (
+        sim_servers(config) as servers,
+        gateway_for(servers, auth="keys", database=database) as gateway,
+    ):
+        claude = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=2)
+        claude.messages.create(model=CHAT_MODEL, max_tokens=16, messages=ask("hi"))  # spends it
+        with pytest.raises(anthropic.RateLimitError) as spent:
+            claude.messages.create(model=CHAT_MODEL, max_tokens=16, messages=ask("hi"))
+        assert spent.value.response.headers["x-should-retry"] == "false"
+        assert int(spent.value.response.headers["retry-after"]) > 60
+        assert gateway_status(gateway.url)["rejected"] == 1  # tried once, not three times
+        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+            claude.messages.create(model="llama3.2:3b", max_tokens=16, messages=ask("hi"))
+        denied_body: Any = denied.value.body
+        assert denied_body["error"]["type"] == "permission_error"
+
+
 def test_a_pattern_alias_serves_the_claude_names_agents_ask_for() -> None:
     """Claude Code asks for its small model by a Claude name: `[models."claude-*"]` maps every
     such name to a model the fleet has."""

@@ -72,8 +72,11 @@ _CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 # Routes an engine may lack, done by its /v1/chat/completions then.
 _AGENT_ROUTES = frozenset({anthropic.MESSAGES, responses.RESPONSES})
 # What the OpenAI and Anthropic SDKs retry: a refusal that another try may pass (a full
-# queue, a limit, no backend for now), never bad input (their `x-should-retry` header).
+# queue, a limit, no backend for now), never bad input (their `x-should-retry` header); nor a
+# limit that lasts longer than they wait (a spent budget: the Anthropic SDK would try again
+# after its own backoff, soon, and be refused again).
 _RETRIED = frozenset({408, 409, 429, 502, 503, 504})
+_LONGEST_RETRY = 60  # seconds: the longest Retry-After both SDKs wait for
 
 
 def stream_error(path: str, content_type: bytes, status: int, message: str) -> bytes | None:
@@ -103,10 +106,12 @@ async def refuse(
     """An error in the route's own format: the whole answer; or, for a stream whose head went
     out while it waited, its one event. On the OpenAI and Anthropic routes, whether the SDKs
     should try again."""
-    dialect = dialect_of(path)
+    dialect, headers = dialect_of(path), [*headers]
     if dialect != "ollama":
-        retry = b"true" if status in _RETRIED else b"false"
-        headers = [*headers, (b"x-should-retry", retry)]
+        headers = [
+            *headers,
+            (b"x-should-retry", b"true" if _retried(status, headers) else b"false"),
+        ]
     if reply.started:
         event = stream_error(path, _EVENT_STREAM, status, message)
         assert event is not None
@@ -114,6 +119,11 @@ async def refuse(
         reply.end()
         return
     reply.send(status, error_body(dialect, status, message, code), _JSON, headers)
+
+
+def _retried(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    wait = next((v for k, v in headers if k.lower() == b"retry-after"), b"0")
+    return status in _RETRIED and (not wait.isdigit() or int(wait) <= _LONGEST_RETRY)
 
 
 @dataclass(frozen=True, slots=True)
