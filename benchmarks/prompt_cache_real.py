@@ -1,6 +1,6 @@
-"""The emulator's prompt cache checked against a real engine once: SmolLM2-135M on llama.cpp
-(llama-cpp-python's server, one thread), whose single slot reuses the longest common prefix of
-the prompt it evaluated last.
+"""The emulator's prompt cache checked against a real engine once: SmolLM2-135M on llama.cpp's
+llama-server (one thread), whose slot reuses the longest common prefix of the prompt it
+evaluated last.
 
 For each of three long system prompts, in one run:
 - cold: the system prompt and a question, nothing of it cached;
@@ -84,7 +84,7 @@ def main() -> None:
         rows.extend(await measure())
 
     run(go())
-    print("Prompt cache, SmolLM2-135M on llama.cpp (llama-cpp-python, 1 thread): first token")
+    print("Prompt cache, SmolLM2-135M on llama.cpp's llama-server (1 thread): first token")
     print(
         "| system prompt | cold: tokens, seconds | next turn: tokens, seconds | emulator's rule |"
     )

@@ -1,7 +1,7 @@
 """The seed's multi-instance claim on a real model, in one run: one llama.cpp server used
 directly against two behind `parallama up`, same prompts, same concurrency.
 
-Setups (SmolLM2-135M-Instruct, llama-cpp-python's server, on this machine's CPU):
+Setups (SmolLM2-135M-Instruct, llama.cpp's llama-server with two slots, on this machine's CPU):
 - direct: one server with 2 threads, clients on its own `/v1/chat/completions`;
 - parallama up (OpenAI API): `parallama up --demo-real`, two servers with 1 thread each, the same
   requests sent to the gateway (passed through);
@@ -9,7 +9,7 @@ Setups (SmolLM2-135M-Instruct, llama-cpp-python's server, on this machine's CPU)
   the engine's dialect and back).
 
 Printed per setup: requests/s, generated tokens/s, p50 and p99 latency, and the ratio of each to
-direct. Needs the `llama` extra: pip install -e '.[llama]'.
+direct. llama-server and the model are found, or built and fetched once.
 
     python benchmarks/real_multi_instance.py [--requests 32] [--concurrency 4] [--max-tokens 48]
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from parallama.launch.engines import SMOLLM2_ALIAS, launch, smollm2_path, template
+from parallama.launch.engines import SMOLLM2_ALIAS, launch, template
+from parallama.launch.llama_build import ensure_llama_server, ensure_smollm2
 from parallama.launch.supervisor import Supervisor, free_port
 from parallama.runtime import run
 
@@ -130,12 +131,13 @@ async def load(url: str, path: str, requests: int, concurrency: int, max_tokens:
 
 @contextlib.asynccontextmanager
 async def one_server(threads: int, log_dir: Path) -> AsyncIterator[str]:
-    path = smollm2_path()
-    assert path is not None
     (instance,) = template(
-        "llama-cpp", 1, 0, model=str(path), alias=SMOLLM2_ALIAS, threads=threads, ctx=2048
-    )
-    supervisor = Supervisor([launch(instance, 0, free_port("127.0.0.1"), log_dir=log_dir)])
+        "llama-server", 1, 0, model=str(ensure_smollm2()), alias=SMOLLM2_ALIAS, threads=threads,
+        ctx=8192, parallel=2,
+    )  # fmt: skip
+    program = str(ensure_llama_server())
+    port = free_port("127.0.0.1")
+    supervisor = Supervisor([launch(instance, 0, port, log_dir=log_dir, llama_server=program)])
     await supervisor.start()
     try:
         yield supervisor.instances[0].launch.url
@@ -170,8 +172,6 @@ async def parallama_up(log_dir: Path) -> AsyncIterator[str]:
 
 
 async def main(requests: int, concurrency: int, max_tokens: int) -> None:
-    if smollm2_path() is None:
-        raise SystemExit("needs the llama extra: pip install -e '.[llama]'")
     with tempfile.TemporaryDirectory(prefix="parallama-bench-logs-") as logs:
         async with one_server(threads=2, log_dir=Path(logs)) as url:
             direct = await load(url, "/v1/chat/completions", requests, concurrency, max_tokens)

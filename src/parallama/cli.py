@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
         "settings are those of `parallama serve`.",
     )
     up_arguments(up)
+    llama = commands.add_parser(
+        "llama-server",
+        help="find llama.cpp's llama-server, or build it once from source; print its path",
+        description="The llama-server that `parallama up` runs: the one on PATH, else the build "
+        "cached in ~/.cache/parallama, else one built now (portable: no AVX-512 or AMX code) "
+        "from the llama.cpp that llama-cpp-python's sdist vendors, fetched with pip.",
+    )
+    llama.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="also fetch SmolLM2-135M-Instruct (the demo's model) and print its path",
+    )
     bench = commands.add_parser(
         "bench",
         help="measure P50/p99 latency, QPS, tokens/s and time to first token of servers",
@@ -144,6 +156,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         settings, launches = plan(args)
         logs.setup(settings.log_format, settings.log_level)
         run(run_up(settings, launches))
+    elif args.command == "llama-server":
+        from parallama.launch.llama_build import ensure_llama_server, ensure_smollm2
+
+        print(ensure_llama_server())
+        if args.smollm2:
+            print(ensure_smollm2())
     elif args.command == "bench":
         from parallama.bench.main import run_bench
 

@@ -622,7 +622,10 @@ def test_a_messages_request_fails_over_before_its_first_byte(*, stream: bool) ->
 
     message, sent, status = asyncio.run(scenario())
     assert message.stop_reason == "end_turn"
-    assert sent == [b"POST /v1/messages HTTP/1.1"]  # passed through: it is a current Ollama
+    # Passed through (it is a current Ollama); once more on a fresh connection if the first
+    # went out on a kept one (the keep-alive race, as far as the gateway can tell), then failed
+    # over.
+    assert set(sent) == {b"POST /v1/messages HTTP/1.1"} and len(sent) <= 2
     assert (status["completed"], status["failed"]) == (1, 0)
 
 

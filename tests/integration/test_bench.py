@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from parallama.bench.main import BenchError, bench
+from parallama.bench.main import BenchError, bench, plan_from
+from parallama.bench.runner import run_http
 from parallama.cli import build_parser
 from tests.launchhelpers import finished
 from tests.simhelpers import CHAT_MODEL, make_config, sim_servers, state
@@ -143,3 +144,37 @@ def test_slices_too_small_for_the_concurrency_are_refused() -> None:
         )
         with pytest.raises(BenchError, match="slices of 2, too few for 4 concurrent clients"):
             asyncio.run(bench(args))
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai", "anthropic", "responses"])
+def test_agent_sessions_grow_their_prompts_turn_by_turn_in_every_api(api: str) -> None:
+    """Each turn sends the whole history again: the system prompt and task, then per turn the
+    answer and a tool result; the API counts the prompt it was sent."""
+    config = make_config(num_parallel=4, prefill_tps=1e6, decode_tps=2000, models=(CHAT_MODEL,))
+    with sim_servers(config) as (server,):
+        args = build_parser().parse_args(
+            ["bench", server.url, "--api", api, "--sessions", "2", "--turns", "3", "--rate", "50",
+             "--system-tokens", "400", "--tool-tokens", "100", "--max-tokens", "8"]
+        )  # fmt: skip
+        result = asyncio.run(run_http(asyncio.run(plan_from(args))))
+    samples = result.samples
+    assert [s.error for s in samples] == [None] * 6
+    prompts = sorted(s.prompt_tokens or 0 for s in samples)
+    assert prompts[0] >= 400  # the shared system prompt, on the first turn already
+    for earlier, later in zip(prompts[::2], prompts[2::2], strict=False):  # a turn a step up
+        assert later >= earlier + 100
+    assert all(s.first_token is not None and s.tokens == 8 for s in samples)
+
+
+def test_agent_sessions_on_several_targets_are_interleaved_in_rounds(tmp_path: Path) -> None:
+    with sim_servers(make_config(ports=2, models=(CHAT_MODEL,))) as (a, b):
+        out = tmp_path / "report.json"
+        code = run_bench(
+            f"a={a.url}", f"b={b.url}", "--sessions", "4", "--turns", "2", "--rate", "20",
+            "--max-tokens", "4", "--json", str(out),
+        )  # fmt: skip
+    assert code == 0
+    report = json_report(out)
+    assert [s["setup"] for s in report["slices"]] == ["a", "b", "b", "a"]
+    assert [s["requests"] for s in report["slices"]] == [4] * 4  # 2 sessions of 2 turns each
+    assert [s["ok"] for s in report["summaries"]] == [8, 8]

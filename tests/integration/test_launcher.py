@@ -228,10 +228,10 @@ def test_a_missing_program_and_bad_settings_are_clear_errors(tmp_path: Path) -> 
     done = up_until_it_ends("--config", str(missing), log_dir=tmp_path)
     assert done.returncode == 1
     assert "cannot run 'no-such-ollama-binary'" in done.stderr
-    bad = write_config(tmp_path, '[[instances]]\nengine = "llama-cpp"\nport = 1\n')
+    bad = write_config(tmp_path, '[[instances]]\nengine = "llama-server"\nport = 1\n')
     done = up_until_it_ends("--config", str(bad), log_dir=tmp_path)
     assert done.returncode == 2
-    assert "instances.0: a llama-cpp instance needs model" in done.stderr
+    assert "instances.0: a llama-server instance needs model" in done.stderr
 
 
 def test_the_short_form_starts_n_alike_emulators(tmp_path: Path) -> None:

@@ -55,24 +55,62 @@ async def test_requests_reuse_one_connection_and_carry_host_length_and_base_path
     assert first.endswith(b'Content-Length: 7\r\n\r\n{"n":0}')
 
 
-async def test_a_request_the_backend_read_and_then_dropped_is_never_sent_to_it_again() -> None:
-    """The backend may have worked on it (an engine that crashed on this very prompt): sending
-    it again here would repeat the work, or the crash. Only the gateway may try elsewhere."""
+async def test_a_kept_connection_closed_as_a_request_went_out_is_sent_once_more() -> None:
+    """The keep-alive race, as llama-server plays it: it closes an idle connection after 5 s
+    without reading what arrives, so a request written just then gets no byte of answer. It is
+    no failure of the backend: the request goes once more, on a new connection."""
 
-    async def drop_the_second(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
-        if request.n == 1:  # answer, promise keep-alive, then read the next request and drop it
+    async def close_kept_ones(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if request.n == 1:  # answer, promise keep-alive, then close as the next request comes
             writer.write(OK + b'{"done":true}')
             return True
         return False
 
-    async with backend(drop_the_second) as server:
+    async with backend(close_kept_ones) as server:
+        up = upstream(server.url)
+        answers = [await fetch(up), await fetch(up)]
+        await up.close()
+    assert answers == [(200, b'{"done":true}')] * 2
+    assert server.connections == 2
+    assert [request.n for request in server.requests] == [1, 2, 1]
+
+
+async def test_a_request_dropped_on_a_fresh_connection_is_never_sent_to_it_again() -> None:
+    """The backend may have worked on it (an engine that crashed on this very prompt): sending
+    it again here would repeat the work, or the crash. Only the gateway may try elsewhere."""
+
+    async def answer_only_the_first(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        if server.connections == 1 and request.n == 1:
+            writer.write(OK + b'{"done":true}')
+            return True
+        return False
+
+    async with backend(answer_only_the_first) as server:
         up = upstream(server.url)
         assert await fetch(up) == (200, b'{"done":true}')
         with pytest.raises(UpstreamError, match=re.escape(DROPPED)) as dropped:
-            await fetch(up)
+            await fetch(up)  # dropped on the kept connection, then on a fresh one
         await up.close()
     assert dropped.value.reached
-    assert len(server.requests) == 2  # the dropped one arrived once, and only once
+    assert len(server.requests) == 3  # once on each connection, never twice on a fresh one
+
+
+async def test_a_short_keep_alive_announced_is_kept_to() -> None:
+    short = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 13\r\n\r\n"
+
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(short + b'{"done":true}')
+        return True
+
+    async with backend(answer) as server:
+        up = upstream(server.url)
+        await fetch(up)
+        await fetch(up)  # at once: the kept connection serves
+        await asyncio.sleep(0.9)  # idle longer than 0.8 of the second the backend keeps it
+        await fetch(up)
+        await up.close()
+    assert server.connections == 2
+    assert [request.n for request in server.requests] == [1, 2, 1]
 
 
 async def test_a_backend_that_resets_after_reading_the_request_is_reported_as_crashed() -> None:

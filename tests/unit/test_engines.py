@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import re
-import sys
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,9 @@ from parallama.errors import ConfigError
 from parallama.launch.autoscale import ScalePolicy
 from parallama.launch.engines import (
     InstanceSettings,
+    demo_real,
     has_amx,
     launch,
-    smollm2_path,
     template,
 )
 from parallama.launch.up import _instances, default_log_dir, plan
@@ -67,35 +67,47 @@ def test_a_command_stands_in_for_the_engine_with_placeholders_filled() -> None:
     assert started.name == "fake"
 
 
-def test_llama_cpp_python_serves_one_request_at_a_time_and_is_never_interrupted() -> None:
+def test_llama_server_gets_its_slots_cache_and_room_for_connections() -> None:
     started = launch(
-        instance(engine="llama-cpp", model="/m/SmolLM2.gguf", threads=1, ctx=2048),
+        instance(engine="llama-server", model="/m/SmolLM2.gguf", threads=1, ctx=8192, parallel=2,
+                 cache_ram=1024),
         1,
         8001,
         amx=False,
-    )
-    assert started.argv[:3] == (sys.executable, "-m", "llama_cpp.server")
+        llama_server="/opt/llama/llama-server",
+    )  # fmt: skip
+    assert started.argv[0] == "/opt/llama/llama-server"
     argv = " ".join(started.argv)
-    assert "--model /m/SmolLM2.gguf --model_alias SmolLM2" in argv
-    assert "--interrupt_requests False" in argv
-    assert "--n_threads 1 --n_threads_batch 1 --n_ctx 2048" in argv  # prompts too
+    assert "--model /m/SmolLM2.gguf --alias SmolLM2" in argv
+    assert "--host 127.0.0.1 --port 8001 --parallel 2" in argv
+    assert "--threads 1 --threads-batch 1 --ctx-size 8192 --cache-ram 1024" in argv  # prompts too
+    # Two connections a slot (one busy, one idle in the gateway's pool), and room for probes and
+    # outside clients: else a connection waits unread for one of its few HTTP threads.
+    assert "--threads-http 12 --metrics --slots --no-webui" in argv
     assert started.env == {}
-    assert (started.backend.kind, started.backend.slots) == ("openai", 1)
+    assert (started.backend.kind, started.backend.slots) == ("openai", 2)
+    assert (started.backend.prompt_cache, started.backend.prompt_cache_ram) == (
+        "llama-server",
+        1024,
+    )
     assert started.ready_path == b"/v1/models"
 
 
-def test_llama_server_slots_are_its_parallel_setting() -> None:
+def test_llama_server_has_its_own_default_slots_unless_told() -> None:
+    default = launch(instance(engine="llama-server", model="m.gguf"), 0, 8080)
+    assert default.argv[0] == "llama-server"
+    assert "--parallel 4" in " ".join(default.argv)  # its own `-np -1` means four
+    assert default.backend.slots == 4
+    assert default.backend.prompt_cache_ram == 8192  # llama-server's own default
     started = launch(
-        instance(engine="llama-server", model="m.gguf", alias="m:1b", parallel=4), 0, 8080
+        instance(engine="llama-server", model="m.gguf", alias="m:1b", parallel=8, threads_http=40),
+        0,
+        8080,
     )
-    assert started.argv[0] == "llama-server"
-    assert "--parallel 4" in " ".join(started.argv)
+    assert "--parallel 8" in " ".join(started.argv)
+    assert "--threads-http 40" in " ".join(started.argv)
     assert "--alias m:1b" in " ".join(started.argv)
-    assert started.backend.slots == 4
-
-
-LLAMA_CPP_PYTHON = (sys.executable, "-m", "llama_cpp.server")
-WITHOUT_REPACKING = (sys.executable, "-m", "parallama.launch.llama_cpp_engine", "--no-repack")
+    assert started.backend.slots == 8
 
 
 @pytest.mark.parametrize(
@@ -107,19 +119,12 @@ WITHOUT_REPACKING = (sys.executable, "-m", "parallama.launch.llama_cpp_engine", 
         (False, False, False),
     ],
 )
-def test_llama_cpp_repacks_weights_unless_the_cpu_has_amx_or_told_not_to(
+def test_llama_server_repacks_weights_unless_the_cpu_has_amx_or_told_not_to(
     amx: bool, repack: bool | None, repacks: bool
 ) -> None:
     settings = {"model": "m.gguf", "repack": repack}
-    python = launch(instance(engine="llama-cpp", **settings), 0, 8080, amx=amx).argv
     binary = launch(instance(engine="llama-server", **settings), 0, 8080, amx=amx).argv
-    if repacks:
-        assert python[:3] == LLAMA_CPP_PYTHON
-        assert "--no-repack" not in binary
-    else:
-        assert python[:4] == WITHOUT_REPACKING
-        assert python[4:6] == ("--model", "m.gguf")  # then llama_cpp.server's own arguments
-        assert binary[0] == "llama-server" and "--no-repack" in binary
+    assert ("--no-repack" not in binary) == repacks
 
 
 def test_amx_is_read_from_the_cpus_flags() -> None:
@@ -155,7 +160,8 @@ def test_a_command_instance_says_which_api_it_speaks() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"engine": "llama-cpp"}, "needs model"),
+        ({"engine": "llama-server"}, "needs model"),
+        ({"engine": "llama-cpp"}, "Input should be"),
         ({"engine": "command"}, "needs command"),
         ({"port": 70000}, "less than or equal to 65535"),
         ({"engine": "vllm"}, "Input should be"),
@@ -248,16 +254,21 @@ def test_engines_that_would_be_one_backend_are_refused(
         plan(build_parser().parse_args(["up", "--config", str(path)]), env={})
 
 
-@pytest.mark.skipif(
-    smollm2_path() is None or importlib.util.find_spec("llama_cpp") is None,
-    reason="--demo-real needs the llama extra",
-)
 def test_the_real_demo_takes_free_ports_unless_a_base_port_is_given() -> None:
     """`--port 0` is the gateway's; the demo's engines must not then sit on Ollama's port."""
-    parse = build_parser().parse_args
-    assert [i.port for i in _instances(parse(["up", "--demo-real"]), [], "")] == [0, 0]
-    given = _instances(parse(["up", "--demo-real", "--base-port", "9000"]), [], "")
-    assert [i.port for i in given] == [9000, 9001]
+    instances = demo_real(0, "/m/SmolLM2.gguf")
+    assert [(i.engine, i.port, i.parallel, i.threads) for i in instances] == [
+        ("llama-server", 0, 2, 1),
+        ("llama-server", 0, 2, 1),
+    ]
+    assert [i.port for i in demo_real(9000, "/m/SmolLM2.gguf")] == [9000, 9001]
+
+
+LLAMA_SERVER = shutil.which("true") or "/bin/true"  # found, not built: these only plan
+
+
+def up_args(*flags: str) -> argparse.Namespace:
+    return build_parser().parse_args(["up", "--llama-server", LLAMA_SERVER, *flags])
 
 
 def readme_block(first_line: str) -> str:
@@ -267,9 +278,9 @@ def readme_block(first_line: str) -> str:
 
 def test_the_readme_autoscaling_example_is_a_group_of_two(tmp_path: Path) -> None:
     path = tmp_path / "up.toml"
-    path.write_text(readme_block('[[instances]]\nengine = "llama-cpp"'))
-    _, launches = plan(build_parser().parse_args(["up", "--config", str(path)]), env={})
-    assert [item.name for item in launches] == ["llama-cpp-0.1", "llama-cpp-0.2"]
+    path.write_text(readme_block('[[instances]]\nengine = "llama-server"'))
+    _, launches = plan(up_args("--config", str(path)), env={})
+    assert [item.name for item in launches] == ["llama-server-0.1", "llama-server-0.2"]
     assert launches[0].autoscale == ScalePolicy(
         min=0, max=2, wait_up=2, sustain=3, idle_after=300, cooldown=10
     )
@@ -278,14 +289,13 @@ def test_the_readme_autoscaling_example_is_a_group_of_two(tmp_path: Path) -> Non
 def test_the_readme_example_plans_what_it_says(tmp_path: Path) -> None:
     path = tmp_path / "up.toml"
     path.write_text(readme_block("# up.toml"))
-    settings, launches = plan(build_parser().parse_args(["up", "--config", str(path)]), env={})
+    settings, launches = plan(up_args("--config", str(path)), env={})
     assert [(item.name, item.argv[0], item.dialect, item.backend.slots) for item in launches] == [
         ("gpu0", "ollama", "ollama", 4),
-        ("llama-cpp-1", sys.executable, "openai", 1),
-        ("llama-server-2", "llama-server", "openai", 4),
-        ("command-3", "vllm", "openai", 16),
+        ("llama-server-1", LLAMA_SERVER, "openai", 4),
+        ("command-2", "vllm", "openai", 16),
     ]
-    assert launches[3].argv[-1] == "8000"
+    assert launches[2].argv[-1] == "8000"
     assert [b.url for b in settings.backends] == [item.url for item in launches]
     assert settings.routing == "model-affinity"
 

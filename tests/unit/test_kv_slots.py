@@ -90,6 +90,22 @@ def test_a_slot_overwritten_is_saved_in_ram_and_restored_for_its_next_turn() -> 
     assert slots.saved == [stranger]
 
 
+def test_idle_slots_are_saved_in_ram_as_a_request_starts_so_a_takeover_loses_nothing() -> None:
+    """llama-server's `--cache-idle-slots`: a conversation sharing the system prompt takes over
+    a slot without saving it (it keeps over half of it), yet the slot's last conversation was
+    saved when the other slot's request started, and comes back from RAM for its next turn."""
+    slots = engine(2, budget=10_000)
+    ours = (*SYSTEM, "q1", "a1")
+    slot, _ = slots.take(ours[:-1])
+    slots.give_back(slot, ours)
+    elsewhere, _ = slots.take(tuple(f"x{i}" for i in range(60)))  # the other slot starts
+    assert slots.saved == [ours]
+    assert slots.take((*SYSTEM, "another question")) == (slot, len(SYSTEM))  # a takeover
+    slots.give_back(slot, (*SYSTEM, "another question"))
+    slots.give_back(elsewhere, tuple(f"x{i}" for i in range(60)))
+    assert slots.found((*ours, "q2")) == len(ours)
+
+
 def test_the_ram_cache_keeps_to_its_budget_oldest_out_and_drops_what_another_extends() -> None:
     slots = engine(1, budget=60)
 

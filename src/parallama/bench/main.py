@@ -25,11 +25,17 @@ from parallama.bench.runner import (
     fixed_tokens,
     run_http,
 )
+from parallama.bench.sessions import SessionShape
 from parallama.bench.trace import TraceError, read_trace
 from parallama.bench.workload import SEED_QUESTIONS, Api, Kind, PromptError, Workload, load_prompts
 from parallama.errors import ParallamaError
 
-LISTINGS = {"ollama": ("/api/tags", "models", "name"), "openai": ("/v1/models", "data", "id")}
+LISTINGS = {
+    "ollama": ("/api/tags", "models", "name"),
+    "openai": ("/v1/models", "data", "id"),
+    "anthropic": ("/v1/models", "data", "id"),  # the gateway's, llama-server's and vLLM's
+    "responses": ("/v1/models", "data", "id"),
+}
 
 
 class BenchError(ParallamaError):
@@ -152,8 +158,49 @@ async def replay_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Pl
     return replace(plan, workload=replace(workload, fixed_tokens=fixed))
 
 
+async def sessions_plan(args: argparse.Namespace, chosen: tuple[Setup, ...]) -> Plan:
+    """`--sessions N --turns K`: coding-agent sessions arriving at `--rate` per second (default
+    1), `N` per target over its rounds (default: 2 with several targets), no warm-up (an
+    agent's first turn finds nothing cached either)."""
+    if args.replay or args.concurrency or args.requests is not None or args.duration is not None:
+        raise BenchError(
+            "--sessions sets the requests: no --replay, --concurrency, --requests, --duration"
+        )
+    if args.kind != "chat" or args.compare_pooling or args.prompts:
+        raise BenchError("--sessions are chats: no --kind, --prompts or --compare-pooling")
+    for name in ("sessions", "turns", "system_tokens", "tool_tokens"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    rounds = args.rounds or (2 if len(chosen) > 1 and args.sessions >= 2 else 1)
+    if rounds > args.sessions:
+        raise BenchError("--rounds must be at most --sessions")
+    model = args.model or choose_model(
+        await listed_models(chosen[0], args.api, args.api_key), "chat", chosen[0]
+    )
+    shape = SessionShape(args.sessions, args.turns, args.system_tokens, args.tool_tokens)
+    workload = Workload(
+        args.api, "chat", model, stream=args.stream, max_tokens=args.max_tokens, sessions=shape
+    )
+    return Plan(
+        setups=chosen,
+        workload=workload,
+        mode="sessions",
+        levels=tuple(args.rate or [1.0]),
+        rounds=rounds,
+        arrivals=args.arrivals,
+        timeout=args.timeout,
+        seed=args.seed,
+        api_key=args.api_key,
+        salt=secrets.token_hex(3),
+    )
+
+
 async def plan_from(args: argparse.Namespace) -> Plan:
     chosen = setups(args.targets, args.compare_pooling)
+    if args.api in ("anthropic", "responses") and args.kind != "chat":
+        raise BenchError(f"--api {args.api} asks for chats only: no --kind {args.kind}")
+    if args.sessions is not None:
+        return await sessions_plan(args, chosen)
     if args.replay:
         return await replay_plan(args, chosen)
     distinct = {setup.url: setup for setup in chosen}  # --compare-pooling: one target, twice
@@ -203,7 +250,10 @@ async def measure(plan: Plan) -> Result:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     total: float | None = None
-    if plan.requests is not None and plan.duration is None:
+    if plan.workload.sessions is not None:
+        total = plan.workload.sessions.count * plan.workload.sessions.turns * len(plan.setups)
+        total *= len(plan.levels)
+    elif plan.requests is not None and plan.duration is None:
         total = (plan.requests * len(plan.levels) + plan.warmup) * len(plan.setups)
     with Progress(
         "[progress.description]{task.description}",

@@ -67,6 +67,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R[,R...]",
         help="open loop: R requests/s arrive whatever happens to earlier ones; a list sweeps",
     )
+    load.add_argument(
+        "--sessions",
+        type=int,
+        metavar="N",
+        help="coding-agent sessions per target: a shared system prompt with tools, each turn "
+        "the last answer and a tool result appended; they arrive at --rate per second "
+        "(default: 1)",
+    )
+    load.add_argument(
+        "--turns", type=int, default=5, help="--sessions: requests per session (default: 5)"
+    )
+    load.add_argument(
+        "--system-tokens",
+        type=int,
+        default=2000,
+        help="--sessions: the system prompt's length (default: 2000)",
+    )
+    load.add_argument(
+        "--tool-tokens",
+        type=int,
+        default=150,
+        help="--sessions: each tool result's length (default: 150)",
+    )
     mode.add_argument(
         "--replay",
         metavar="TRACE.jsonl",

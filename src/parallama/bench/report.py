@@ -20,7 +20,7 @@ def seconds(value: float) -> str:
 
 
 def _level(summary: Summary, mode: str) -> str:
-    return f"{summary.level:g}" + {"rate": "/s", "replay": "x"}.get(mode, "")
+    return f"{summary.level:g}" + {"rate": "/s", "replay": "x", "sessions": "/s"}.get(mode, "")
 
 
 def _errors(summary: Summary) -> str:
@@ -36,13 +36,22 @@ def markdown(result: Result, *, interleaved: bool = True) -> str:
     plan = result.plan
     w = plan.workload
     summaries = result.summaries()
-    level_name = {"concurrency": "concurrency", "rate": "rate", "replay": "speed"}[plan.mode]
+    level_name = {
+        "concurrency": "concurrency", "rate": "rate", "replay": "speed", "sessions": "sessions"
+    }[plan.mode]  # fmt: skip
     what = f"{w.kind} via the {w.api} API" + (", streamed" if w.streams else "")
     limit = f", up to {w.max_tokens} tokens" if w.max_tokens else ""
     if w.trace:
         models = sorted({t.model for t in w.trace})
         span = w.trace[-1].time
         title = f"a trace of {len(w.trace)} requests over {span:.0f} s ({', '.join(models)})"
+    elif w.sessions:
+        shape = w.sessions
+        title = (
+            f"{w.model}: {shape.count} agent sessions of {shape.turns} turns (a "
+            f"{shape.system_tokens}-token system prompt, {shape.tool_tokens}-token tool results) "
+            f"via the {w.api} API{limit}"
+        )
     else:
         title = f"{w.model}: {what}{limit}"
     waits = any(not math.isnan(s.queue_wait["p50"]) for s in summaries)

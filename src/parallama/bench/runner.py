@@ -3,7 +3,9 @@
 Closed loop (`concurrency`): N clients, each sending its next request when its answer is done.
 Open loop (`rate`): requests start on a schedule (Poisson or evenly spaced arrivals) whether or
 not earlier ones have finished, as real users arrive. Replay (`replay`): the workload's trace,
-each request at its time (divided by the level, the speed), answered or not.
+each request at its time (divided by the level, the speed), answered or not. Sessions
+(`sessions`): coding-agent conversations starting on the arrival schedule at the level's rate,
+each sending its next turn, its history grown, when the last is answered.
 
 Setups are never measured one after another: every level is split into rounds, and each round
 runs a slice of every setup in turn (the order reversed every other round), so that whatever the
@@ -21,10 +23,11 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
+from parallama.bench.sessions import Conversation, conversations
 from parallama.bench.stats import Sample, Summary, summarize
 from parallama.bench.workload import AnswerReader, Workload
 
-Mode = Literal["concurrency", "rate", "replay"]
+Mode = Literal["concurrency", "rate", "replay", "sessions"]
 Arrivals = Literal["poisson", "constant"]
 MAX_OUTSTANDING = 10_000  # an open loop past what the target can take stops adding more
 _JSON = {"Content-Type": "application/json"}
@@ -53,6 +56,7 @@ class Plan:
     warmup: int = 0  # requests per setup before measuring, not counted
     seed: int = 0
     api_key: str | None = field(default=None, repr=False)  # sent as a bearer; never reported
+    salt: str = ""  # sessions: starts every prompt of the run (no cache of an earlier run helps)
 
 
 @dataclass
@@ -99,9 +103,12 @@ def round_shares(total: int, rounds: int) -> list[int]:
 
 
 class Send(Protocol):
-    async def __call__(self, setup: Setup, n: int, sample: Sample) -> None:
-        """Send the workload's n-th request to `setup` and fill in `sample` from the answer
-        (errors, token times, counts); the runner times the whole."""
+    async def __call__(
+        self, setup: Setup, n: int, sample: Sample, conversation: Conversation | None = None
+    ) -> None:
+        """Send the workload's n-th request (or the conversation's next turn) to `setup` and
+        fill in `sample` from the answer (errors, token times, counts); the runner times the
+        whole."""
 
 
 class Runner:
@@ -144,6 +151,8 @@ class Runner:
             samples = await self._closed(setup, count, seconds, int(level), level)
         elif plan.mode == "replay":
             samples = await self._replay(setup, level)
+        elif plan.mode == "sessions":
+            samples = await self._sessions(setup, level, round_)
         else:
             samples = await self._open(setup, count, seconds, level)
         took = self._clock() - started
@@ -207,6 +216,33 @@ class Runner:
         await asyncio.gather(*tasks)
         return samples
 
+    async def _sessions(self, setup: Setup, rate: float, round_: int) -> list[Sample]:
+        """This slice's share of the sessions, starting on the arrival schedule at `rate` per
+        second, each turn sent when the last is answered; a session whose turn failed ends
+        there. Each slice's prompts are its own (its salt), its sessions' system prompt shared."""
+        shape = self.plan.workload.sessions
+        assert shape is not None
+        count = round_shares(shape.count, self.plan.rounds)[round_]
+        index = self.plan.setups.index(setup)
+        talks = conversations(shape, count, f"{self.plan.salt}s{index}r{round_}")
+        samples: list[Sample] = []
+        gaps = arrival_gaps(rate, self.plan.arrivals, self._rng)
+
+        async def session(conversation: Conversation, delay: float) -> None:
+            await asyncio.sleep(delay)
+            while not conversation.done:
+                sample = await self._request(setup, rate, conversation=conversation)
+                samples.append(sample)
+                if not sample.ok:
+                    return
+
+        delays, due = [], 0.0
+        for _ in talks:
+            delays.append(due)
+            due += next(gaps)
+        await asyncio.gather(*(session(c, d) for c, d in zip(talks, delays, strict=True)))
+        return samples
+
     def _start(
         self,
         setup: Setup,
@@ -230,14 +266,21 @@ class Runner:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _request(self, setup: Setup, level: float, n: int | None = None) -> Sample:
-        """One request (the n-th, else the setup's next), timed from the client's side."""
+    async def _request(
+        self,
+        setup: Setup,
+        level: float,
+        n: int | None = None,
+        conversation: Conversation | None = None,
+    ) -> Sample:
+        """One request (the n-th, else the setup's next; or a conversation's next turn), timed
+        from the client's side."""
         if n is None:
             n = self._next_prompt.get(setup.label, 0)
             self._next_prompt[setup.label] = n + 1
         started = self._clock()
         sample = Sample(setup.label, level, started - self._clock0)
-        await self._send(setup, n, sample)
+        await self._send(setup, n, sample, conversation)
         sample.latency = self._clock() - started
         self._on_request()
         return sample
@@ -253,17 +296,21 @@ class HttpClient:
         self._api_key = plan.api_key
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
-    async def send(self, setup: Setup, n: int, sample: Sample) -> None:
+    async def send(
+        self, setup: Setup, n: int, sample: Sample, conversation: Conversation | None = None
+    ) -> None:
         workload = self._workload
         session = self._sessions.get(setup.label)
         if session is None:
             session = self._sessions[setup.label] = _session(setup, self._timeout, self._api_key)
-        reader = AnswerReader(workload, sample)
+        reader = AnswerReader(workload, sample, keep_text=conversation is not None)
+        if conversation is None:
+            body = workload.body(n)
+        else:
+            body = workload.turn_body(**conversation.request())
         started = time.perf_counter()
         try:
-            async with session.post(
-                setup.url + workload.path, data=workload.body(n), headers=_JSON
-            ) as answer:
+            async with await self._post(session, setup.url + workload.path, body) as answer:
                 sample.queue_wait = _milliseconds(answer.headers.get("X-Queue-Wait-Ms"))
                 if answer.status != 200:
                     await answer.read()
@@ -277,6 +324,20 @@ class HttpClient:
             sample.error = "timeout"
         except (aiohttp.ClientError, OSError):
             sample.error = "connection"
+        if conversation is not None and sample.ok:
+            conversation.answered(reader.text)
+
+    @staticmethod
+    async def _post(
+        session: aiohttp.ClientSession, url: str, body: bytes
+    ) -> aiohttp.ClientResponse:
+        """The answer's head. A kept connection the server closed as the request went out
+        (llama-server closes one after every streamed answer, though it says `Keep-Alive`) is
+        no failure of the server: the request goes once more, on another connection."""
+        try:
+            return await session.post(url, data=body, headers=_JSON)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await session.post(url, data=body, headers=_JSON)
 
     async def close(self) -> None:
         for session in self._sessions.values():
@@ -320,8 +381,12 @@ def authorization(api_key: str | None) -> dict[str, str]:
 
 
 def _session(setup: Setup, timeout: float, api_key: str | None) -> aiohttp.ClientSession:
-    # limit=0: the benchmark's concurrency, not the pool, bounds the connections.
-    connector = aiohttp.TCPConnector(limit=0, force_close=setup.fresh_connections)
+    # limit=0: the benchmark's concurrency, not the pool, bounds the connections. Idle ones are
+    # kept 4 s, not aiohttp's 15: llama-server and uvicorn close them silently after 5 s.
+    if setup.fresh_connections:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    else:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
     return aiohttp.ClientSession(
         connector=connector,
         headers=authorization(api_key),

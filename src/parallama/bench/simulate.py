@@ -17,6 +17,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from parallama.bench.runner import Plan, Result, Runner, Setup
+from parallama.bench.sessions import Conversation
 from parallama.bench.stats import Sample
 from parallama.config import GatewaySettings
 from parallama.core.breaker import Breaker
@@ -134,7 +135,9 @@ class SimulatedFleet:
         """What the gateway's probes would find loaded on the engine."""
         self.scheduler.set_loaded(name, self._engines[name].scheduler.runners)
 
-    async def send(self, setup: Setup, n: int, sample: Sample) -> None:
+    async def send(
+        self, setup: Setup, n: int, sample: Sample, conversation: Conversation | None = None
+    ) -> None:
         """The n-th request through the gateway's queue to an engine, as `parallama serve`
         would send it: every decision (admission, "server busy" throttled and moved to another
         engine while one is left, the outcome) is the gateway's own `Lifecycle`'s."""
@@ -225,8 +228,10 @@ async def _simulate(
     if warm:
         await asyncio.gather(*(fleet.warm() for fleet in by_setup.values()))
 
-    async def send(setup: Setup, n: int, sample: Sample) -> None:
-        await by_setup[setup.label].send(setup, n, sample)
+    async def send(
+        setup: Setup, n: int, sample: Sample, conversation: Conversation | None = None
+    ) -> None:
+        await by_setup[setup.label].send(setup, n, sample, conversation)
 
     return await Runner(plan, send, clock=loop.time).run()
 

@@ -2,9 +2,11 @@
 
 Requests are built from a list of prompts (the seed's eight questions unless a file gives
 others), the k-th request of every setup using the same prompt, so that setups compared in one run
-do the same work. Answers are read as they arrive: each streamed chunk that carries text counts as
-one token at the moment it came (Ollama sends a chunk per token; so do OpenAI-compatible
-servers), and the final counts come from the API (`eval_count` or `usage`) when it gives them.
+do the same work; or, with `sessions`, from coding-agent conversations (`bench/sessions.py`).
+Four APIs: Ollama's, OpenAI's chat completions, Anthropic's Messages and OpenAI's Responses.
+Answers are read as they arrive: each streamed chunk that carries text counts as one token at the
+moment it came (Ollama sends a chunk per token; so do OpenAI-compatible servers), and the final
+counts come from the API (`eval_count` or `usage`) when it gives them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any, Literal
 
 import orjson
 
+from parallama.bench.sessions import SessionShape
 from parallama.bench.stats import Sample
 from parallama.bench.trace import FIXED_TOKENS, TracedRequest, replay_prompt
 
-Api = Literal["ollama", "openai"]
+Api = Literal["ollama", "openai", "anthropic", "responses"]
 Kind = Literal["chat", "generate", "embed"]
 
 # The seed document's load test asks these eight questions (in Chinese there).
@@ -39,7 +42,10 @@ _PATHS: dict[tuple[Api, Kind], str] = {
     ("openai", "chat"): "/v1/chat/completions",
     ("openai", "generate"): "/v1/completions",
     ("openai", "embed"): "/v1/embeddings",
+    ("anthropic", "chat"): "/v1/messages",
+    ("responses", "chat"): "/v1/responses",
 }
+MAX_TEXT = 64 * 1024  # characters of an answer kept, for a session's next turn
 
 
 class PromptError(ValueError):
@@ -86,10 +92,15 @@ class Workload:
     trace: tuple[TracedRequest, ...] = ()  # replayed: the n-th request is the trace's n-th
     salt: str = ""  # replayed: starts every prompt, one per run (engines keep prompts cached)
     fixed_tokens: int = FIXED_TOKENS  # replayed: what the target counts for a prompt of no words
+    sessions: SessionShape | None = None  # agent sessions: the turns' bodies are `turn_body`'s
 
     @property
     def path(self) -> str:
         return _PATHS[self.api, self.kind]
+
+    @property
+    def supported(self) -> bool:
+        return (self.api, self.kind) in _PATHS
 
     @property
     def streams(self) -> bool:
@@ -108,13 +119,39 @@ class Workload:
             )
         return self._body(self.model, self.prompts[n % len(self.prompts)], self.max_tokens)
 
-    def _body(self, model: str, prompt: str, max_tokens: int | None) -> bytes:
+    def turn_body(self, system: str, messages: list[dict[str, str]]) -> bytes:
+        """A session's next turn: its system prompt and history, in the API's shape."""
+        return self._body(self.model, "", self.max_tokens, system=system, messages=messages)
+
+    def _body(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int | None,
+        *,
+        system: str = "",
+        messages: list[dict[str, str]] | None = None,
+    ) -> bytes:
         body: dict[str, Any] = {"model": model}
         if self.kind == "embed":
             body["input"] = prompt
             return orjson.dumps(body)
+        messages = messages or [{"role": "user", "content": prompt}]
+        if self.api == "anthropic":
+            return orjson.dumps(
+                {**body, **({"system": system} if system else {}), "messages": messages,
+                 "max_tokens": max_tokens or 1024, "stream": self.streams}
+            )  # fmt: skip
+        if self.api == "responses":
+            body |= {"input": messages, "stream": self.streams, "store": False}
+            if system:
+                body["instructions"] = system
+            if max_tokens is not None:
+                body["max_output_tokens"] = max_tokens
+            return orjson.dumps(body)
         if self.kind == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
+            system_message = [{"role": "system", "content": system}] if system else []
+            body["messages"] = system_message + messages
         else:
             body["prompt"] = prompt
         body["stream"] = self.streams
@@ -134,9 +171,17 @@ class Workload:
 class AnswerReader:
     """Fills in a `Sample` from an answer's bytes: whole, or streamed line by line."""
 
-    def __init__(self, workload: Workload, sample: Sample) -> None:
+    def __init__(self, workload: Workload, sample: Sample, *, keep_text: bool = False) -> None:
         self._api = workload.api
         self._sample = sample
+        self._keep_text = keep_text
+        self._text: list[str] = []
+        self._kept = 0
+
+    @property
+    def text(self) -> str:
+        """The answer's text (with `keep_text`; up to `MAX_TEXT` characters)."""
+        return "".join(self._text)
 
     def whole(self, body: bytes) -> None:
         try:
@@ -146,12 +191,13 @@ class AnswerReader:
             return
         if isinstance(data, dict):
             self._counts(data)
+            self._keep(_whole_text(data))
 
     def line(self, raw: bytes, at: float) -> None:
         """One line of a stream (an NDJSON object, or an SSE `data:` line), `at` seconds after
         the request was sent."""
         raw = raw.strip()
-        if self._api == "openai":
+        if self._api != "ollama":  # server-sent events
             if not raw.startswith(b"data:"):
                 return  # blank separators, comments, other SSE fields
             raw = raw[5:].strip()
@@ -166,40 +212,91 @@ class AnswerReader:
             return
         if not isinstance(data, dict):
             return
-        if "error" in data:
+        if "error" in data or data.get("type") in ("error", "response.failed"):
             self._sample.error = "stream error"  # the answer broke off after it began
             return
-        if _text(data):
+        if piece := _piece(data):
             if self._sample.first_token is None:
                 self._sample.first_token = at
             self._sample.token_times.append(at)
+            self._keep(piece)
         self._counts(data)
+
+    def _keep(self, text: str) -> None:
+        if self._keep_text and self._kept < MAX_TEXT:
+            self._text.append(text[: MAX_TEXT - self._kept])
+            self._kept += len(self._text[-1])
 
     def _counts(self, data: dict[str, Any]) -> None:
         sample = self._sample
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            sample.prompt_tokens = _int(usage.get("prompt_tokens"), sample.prompt_tokens)
-            sample.output_tokens = _int(usage.get("completion_tokens"), sample.output_tokens)
+        for holder in (data, data.get("message"), data.get("response")):
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict):
+                self._usage(usage)
         sample.prompt_tokens = _int(data.get("prompt_eval_count"), sample.prompt_tokens)
         sample.output_tokens = _int(data.get("eval_count"), sample.output_tokens)
         duration = data.get("eval_duration")
         if isinstance(duration, int) and duration > 0:
             sample.server_decode_seconds = duration / 1e9
 
+    def _usage(self, usage: dict[str, Any]) -> None:
+        """OpenAI's counts (`prompt_tokens`, `completion_tokens`), or Anthropic's and the
+        Responses API's (`input_tokens`, `output_tokens`; Anthropic's leave out what was read
+        from or written to its cache)."""
+        sample = self._sample
+        sample.output_tokens = _int(usage.get("completion_tokens"), sample.output_tokens)
+        sample.output_tokens = _int(usage.get("output_tokens"), sample.output_tokens)
+        prompt = _int(usage.get("prompt_tokens"), None)
+        if prompt is None and isinstance(usage.get("input_tokens"), int):
+            prompt = usage["input_tokens"]
+            if self._api == "anthropic":
+                for cached in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                    prompt += _int(usage.get(cached), 0) or 0
+        if prompt:  # Anthropic's message_start may say 0 before the engine counted
+            sample.prompt_tokens = prompt
 
-def _text(data: dict[str, Any]) -> bool:
-    """Whether a chunk carries generated text (in either API's shape)."""
+
+def _piece(data: dict[str, Any]) -> str:
+    """The generated text a streamed chunk carries, in any of the four APIs' shapes."""
     message = data.get("message")
-    if isinstance(message, dict) and message.get("content"):
-        return True
-    if data.get("response"):
-        return True
+    if isinstance(message, dict) and isinstance(message.get("content"), str):
+        return str(message["content"])  # Ollama's chat
+    if isinstance(data.get("response"), str):
+        return str(data["response"])  # Ollama's generate
+    delta = data.get("delta")
+    if data.get("type") == "response.output_text.delta" and isinstance(delta, str):
+        return delta  # Responses
+    if data.get("type") == "content_block_delta" and isinstance(delta, dict):
+        return str(delta.get("text") or "")  # Anthropic's
     choices = data.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        delta = choices[0].get("delta")
-        return bool((isinstance(delta, dict) and delta.get("content")) or choices[0].get("text"))
-    return False
+        choice = choices[0]
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            return str(delta["content"])
+        return str(choice.get("text") or "")
+    return ""
+
+
+def _whole_text(data: dict[str, Any]) -> str:
+    """A whole answer's text, in any of the four APIs' shapes."""
+    if piece := _piece(data):
+        return piece  # Ollama's, and OpenAI's completions
+    choices = data.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            return str(message["content"])
+    blocks = data.get("content")  # Anthropic's
+    if data.get("object") == "response":
+        items = data.get("output")
+        blocks = [
+            part for item in items if isinstance(item, dict)
+            for part in item.get("content") or () if isinstance(part, dict)
+        ] if isinstance(items, list) else []  # fmt: skip
+    if isinstance(blocks, list):
+        return "".join(str(b.get("text") or "") for b in blocks if isinstance(b, dict))
+    return ""
 
 
 def _int(value: Any, otherwise: int | None) -> int | None:

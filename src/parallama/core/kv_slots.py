@@ -13,7 +13,9 @@ prompt that its slot holds as a common prefix is not evaluated again. Which slot
   (`--cache-ram`, 8 GiB by default: oldest dropped first, a sequence that another extends
   dropped as obsolete), and the saved sequence that serves the request best (keeping at least a
   quarter of it, and more of both it and the prompt than the slot's own) is restored into the
-  slot, and leaves the cache.
+  slot, and leaves the cache. And as each request starts, every idle slot's sequence is saved
+  there too (`--cache-idle-slots`, on by default), so that a slot another conversation takes
+  over later keeps its last one in RAM.
 - `ollama-legacy`: Ollama's own runners before v0.30 (`runner/ollamarunner/cache.go`,
   `findLongestCacheSlot`): the idle slot sharing the longest prefix with the prompt, the first
   of equals (so the first idle slot when none shares anything). No host-RAM cache.
@@ -110,6 +112,9 @@ class EngineSlots(Generic[S]):
         self._busy[slot] = True
         self._uses += 1
         self._used[slot] = self._uses
+        if self.rule == "llama-server" and self.budget > 0:
+            for other in self._idle():  # --cache-idle-slots
+                self._save(other)
         return slot, shared
 
     def _best_or_forked(self, idle: list[int], prompt: S) -> int:

