@@ -15,16 +15,15 @@ prompt tokens evaluated / cached. Engines: SmolLM2-135M-Instruct on the CPU, one
 two slots each (`-np 2 -c 16384 --cache-ram 1024`), found or built as `parallama llama-server`
 does. SMG: `pip install smg`.
 
-    python benchmarks/agents_real.py [--sessions 8] [--turns 5] [--rounds 2] [--rate 0.5]
+    python benchmarks/agents_real.py [--sessions 6] [--turns 4] [--rounds 2] [--rate 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import httpx
+from processes import started
 
 from parallama.bench.runner import Plan, Setup, run_http
 from parallama.bench.sessions import SessionShape
@@ -46,7 +47,13 @@ from parallama.runtime import run
 ENGINES = 3
 SLOTS = 2
 CACHE_RAM = 1024
-POLICIES = ("least-loaded", "round-robin", "prefix-affinity")
+# label, routing, prefix_wait (prefix affinity without waiting for a prefix being computed too)
+POLICIES = (
+    ("least-loaded", "least-loaded", 0.0),
+    ("round-robin", "round-robin", 0.0),
+    ("prefix-affinity", "prefix-affinity", 0.0),
+    ("prefix-affinity, prefix_wait = 0.25", "prefix-affinity", 0.25),
+)
 SMG_POLICIES = ("cache_aware", "round_robin")
 Counters = dict[str, tuple[float, float]]  # engine URL: prompt tokens evaluated, cached
 
@@ -70,59 +77,49 @@ async def engines(log_dir: Path) -> AsyncIterator[list[str]]:
         await supervisor.stop()
 
 
-def wait_until_serving(url: str, process: subprocess.Popen[bytes], path: str) -> None:
-    deadline = time.monotonic() + 60
-    host, port = url.removeprefix("http://").split(":")
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.2) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            if b'healthy_workers":%d' % ENGINES in s.recv(4096) or path != "/readiness":
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not serve within 60 s")
-
-
-@contextlib.contextmanager
-def started(argv: list[str], url: str, ready_path: str) -> Iterator[str]:
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_serving(url, process, ready_path)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def gateway(policy: str, backends: list[str], config_dir: Path) -> tuple[list[str], int]:
-    port = free_port("127.0.0.1")
-    config = config_dir / f"{policy}.toml"
+def gateway_config(policy: str, wait: float, backends: list[str], config: Path) -> str:
+    """A `parallama serve` settings file: the policy, the engines as llama-server backends."""
     config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\nrouting = "{policy}"\nlog_requests = false\n'
+        f'host = "127.0.0.1"\nport = 0\nrouting = "{policy}"\nprefix_wait = {wait}\n'
         + "".join(
             f'[[backends]]\nurl = "{url}"\nslots = {SLOTS}\nprompt_cache = "llama-server"\n'
             f"prompt_cache_ram = {CACHE_RAM}\n"
             for url in backends
         )
     )
-    return [sys.executable, "-m", "parallama", "serve", "--config", str(config)], port
+    return str(config)
 
 
-def smg(policy: str, backends: list[str]) -> tuple[list[str], int]:
-    program = shutil.which("smg") or str(Path(sys.executable).parent / "smg")
+@contextlib.contextmanager
+def smg(policy: str, backends: list[str]) -> Iterator[str]:
+    """SMG's router with `policy` in front of the engines, once it finds them all healthy."""
     port = free_port("127.0.0.1")
+    program = shutil.which("smg") or str(Path(sys.executable).parent / "smg")
     argv = [
         program, "launch", "--worker-urls", *backends, "--host", "127.0.0.1", "--port",
         str(port), "--policy", policy, "--prometheus-host", "127.0.0.1", "--prometheus-port",
         str(free_port("127.0.0.1")), "--worker-startup-check-interval", "1", "--log-level",
         "warn",
     ]  # fmt: skip
-    return argv, port
+    router = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not ready(url):
+            if router.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SMG ({policy}) did not find the engines healthy")
+            time.sleep(0.2)
+        yield url
+    finally:
+        router.terminate()
+        router.wait(30)
+
+
+def ready(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        readiness = httpx.get(f"{url}/readiness", timeout=2).json()
+        return bool(readiness["healthy_workers"] == ENGINES)
+    return False
 
 
 async def counters(backends: list[str]) -> Counters:
@@ -149,17 +146,17 @@ async def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="parallama-agents-real-") as scratch:
         async with engines(Path(scratch)) as backends, contextlib.AsyncExitStack() as stack:
             setups = []
-            for policy in POLICIES:
-                argv, port = gateway(policy, backends, Path(scratch))
-                url = f"http://127.0.0.1:{port}"
-                stack.enter_context(started(argv, url, "/api/version"))
-                setups.append(Setup(f"parallama {policy}", url))
+            for n, (label, policy, wait) in enumerate(POLICIES):
+                config = gateway_config(policy, wait, backends, Path(scratch) / f"{n}.toml")
+                urls = stack.enter_context(
+                    started("serve", "--config", config, "--no-log-requests")
+                )
+                setups.append(Setup(f"parallama {label}", urls[0]))
             if args.smg:
                 for policy in SMG_POLICIES:
-                    argv, port = smg(policy, backends)
-                    url = f"http://127.0.0.1:{port}"
-                    stack.enter_context(started(argv, url, "/readiness"))
-                    setups.append(Setup(f"SMG {policy}", url))
+                    setups.append(
+                        Setup(f"SMG {policy}", stack.enter_context(smg(policy, backends)))
+                    )
             samples: dict[str, list[Sample]] = {s.label: [] for s in setups}
             seconds = dict.fromkeys(samples, 0.0)
             work: dict[str, dict[str, list[float]]] = {
@@ -169,7 +166,7 @@ async def measure(args: argparse.Namespace) -> None:
                 for setup in setups if round_ % 2 == 0 else setups[::-1]:
                     plan = Plan(
                         (setup,), workload, "sessions", (args.rate,), rounds=1, timeout=900,
-                        seed=round_, salt=f"{setup.label.split()[-1]}{round_}x{time.time_ns()}",
+                        seed=round_, salt=f"{setups.index(setup)}r{round_}x{time.time_ns()}",
                     )  # fmt: skip
                     before = await counters(backends)
                     started_at = time.perf_counter()
@@ -198,8 +195,8 @@ def report(
         f"engines of {SLOTS} slots, SmolLM2-135M, CPU\n"
     )
     names = " | ".join(f"engine {i + 1} evaluated / cached" for i in range(len(backends)))
-    print(f"| router | errors | TTFT p50 | TTFT p99 | tokens/s | {names} |")
-    print("|---|---|---|---|---|" + "---|" * len(backends))
+    print(f"| router | errors | TTFT p50 | TTFT p99 | tokens/s | gateway wait p50 | {names} |")
+    print("|---|---|---|---|---|---|" + "---|" * len(backends))
     base = None
     for label, mine in samples.items():
         summary = summarize(label, args.rate, mine, seconds[label])
@@ -214,6 +211,8 @@ def report(
                 f"{p99:.1f} s ({p99 / base[1]:.2f}x)",
                 f"{tps:.1f} ({tps / base[2]:.2f}x)",
             ]
+        wait = summary.queue_wait["p50"]
+        cells.append("n/a" if math.isnan(wait) else f"{wait:.1f} s")  # SMG tells none
         engines_cells = [f"{work[label][u][0]:,.0f} / {work[label][u][1]:,.0f}" for u in backends]
         errors = sum(summary.errors.values())
         print(f"| {label} | {errors} | " + " | ".join(cells + engines_cells) + " |")
@@ -221,13 +220,13 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, default=8, help="per setup and round")
-    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=6, help="per setup and round")
+    parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=0.5, help="sessions arriving per second")
-    parser.add_argument("--system-tokens", type=int, default=2000)
+    parser.add_argument("--system-tokens", type=int, default=1500)
     parser.add_argument("--tool-tokens", type=int, default=150)
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--no-smg", dest="smg", action="store_false", help="parallama only")
     run(measure(parser.parse_args()))
 

@@ -257,6 +257,14 @@ class GatewaySettings(BaseModel):
         description="prefix-affinity: how much busier, as a share of its capacity, the backend "
         "that may hold a request's prompt prefix may be than the least loaded one",
     )
+    prefix_wait: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="prefix-affinity: the share of a request's prompt that a request running "
+        "on a backend must hold beyond any free slot for it to follow there: to a free slot, "
+        "or waiting for one (0: never)",
+    )
     health_interval: float = Field(
         5.0, gt=0, description="seconds between probes of each backend (health, models)"
     )
@@ -389,6 +397,7 @@ class GatewaySettings(BaseModel):
             },
             busy_seconds=self.busy_seconds,
             prefix_balance=self.prefix_balance,
+            prefix_wait=self.prefix_wait,
             shared_slots=self.state != "memory",
         )
 

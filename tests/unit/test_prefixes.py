@@ -8,7 +8,7 @@ from typing import Any
 from parallama.core.prefixes import PrefixMemory, prefix_blocks, shared_blocks
 from parallama.core.scheduler import LOOKAHEAD, Backend, Scheduler, Ticket
 from parallama.protocol.ollama import kv_bytes_per_token
-from tests.unit.schedulers import M, make
+from tests.unit.schedulers import M, adds_up, make
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}  # ~1,100 bytes
 
@@ -198,6 +198,30 @@ def test_a_freed_slot_goes_to_a_waiting_request_that_shares_its_prefix_but_not_f
     another = s.submit(M, prefix=(*ours, 5, 6))
     s.release(returning)
     assert stranger.backend is a and another.queued
+
+
+def test_a_burst_sharing_a_prefix_being_computed_follows_it_waits_then_spreads() -> None:
+    """Agent sessions sharing a long system prompt: while the first computes it on a, the next
+    takes a's other slot (which needs its own copy), the ones after wait for a's slots instead
+    of computing it on a backend that does not hold it, as many as a has slots; past that the
+    prefix spreads to one more backend. A prompt of its own waits for nobody."""
+    a, b, c = Backend("a", slots=2), Backend("b", slots=2), Backend("c", slots=2)
+    s = make(a, b, c, routing="prefix-affinity", prefix_wait=0.25)
+    for backend in (a, b, c):
+        s.set_loaded(backend.name, [M])
+    system = tuple(range(1, 33))  # 32 blocks: some 2,000 tokens
+    first = s.submit(M, prefix=(*system, 100))
+    second = s.submit(M, prefix=(*system, 200))
+    assert first.backend is a and second.backend is a
+    third, fourth = s.submit(M, prefix=(*system, 300)), s.submit(M, prefix=(*system, 400))
+    assert third.queued and fourth.queued
+    stranger = s.submit(M, prefix=(900, 901, 902, 903, 904))  # three wait, for two slots:
+    assert third.backend is b and fourth.backend is b  # the prefix spreads to b, then a prompt
+    assert stranger.backend is c  # of its own goes where it is least loaded
+    fifth = s.submit(M, prefix=(*system, 500))
+    assert fifth.queued
+    s.release(first)  # a's slot holds the system prompt: the waiting one takes it
+    assert fifth.backend is a and adds_up(s)
 
 
 def test_the_lookahead_never_sends_a_request_back_to_the_backend_it_failed_on() -> None:

@@ -55,6 +55,7 @@ class EngineSlots(Generic[S]):
         self._shared = shared
         self.rule = rule
         self.held: list[S | None] = [None] * max(slots, 1)
+        self.running: list[S | None] = [None] * max(slots, 1)  # a busy slot's whole prompt
         self._busy = [False] * max(slots, 1)
         self._used = [0] * max(slots, 1)
         self._uses = 0
@@ -77,10 +78,12 @@ class EngineSlots(Generic[S]):
         slots = max(slots, 1)
         while len(self.held) < slots:
             self.held.append(None)
+            self.running.append(None)
             self._busy.append(False)
             self._used.append(0)
         while len(self.held) > slots and not self._busy[-1]:
             self.held.pop()
+            self.running.pop()
             self._busy.pop()
             self._used.pop()
 
@@ -94,6 +97,12 @@ class EngineSlots(Generic[S]):
             if shared >= KEEP_SAVED * len(entry):
                 best = max(best, shared)
         return best
+
+    def found_running(self, prompt: S) -> int:
+        """How much of `prompt` the requests running now share with it: what a slot will hold
+        once one of them ends (no engine shares a prompt between slots while they run)."""
+        shared = (self._shared(p, prompt) for p in self.running if p is not None)
+        return max(shared, default=0)
 
     def take(self, prompt: S) -> tuple[int, int]:
         """The slot a request for `prompt` takes, and how much of the prompt it holds; slot -1
@@ -109,6 +118,7 @@ class EngineSlots(Generic[S]):
             slot = self._similar_or_oldest(idle, prompt)
         shared = self._of(slot, prompt)
         self.held[slot] = cast(S, prompt[:shared])
+        self.running[slot] = prompt
         self._busy[slot] = True
         self._uses += 1
         self._used[slot] = self._uses
@@ -148,6 +158,7 @@ class EngineSlots(Generic[S]):
         """The slot is idle again, holding `sequence`."""
         if 0 <= slot < len(self.held):
             self.held[slot] = sequence
+            self.running[slot] = None
             self._busy[slot] = False
 
     def _idle(self) -> list[int]:

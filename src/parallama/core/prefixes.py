@@ -89,6 +89,11 @@ class PrefixMemory:
         engine = self._models.get(model)
         return 0 if engine is None else engine.found(wanted)
 
+    def match_running(self, model: str, wanted: Blocks) -> int:
+        """Blocks of `wanted` that a request running there now shares."""
+        engine = self._models.get(model)
+        return 0 if engine is None else engine.found_running(wanted)
+
     def take(self, model: str, sent: Blocks, slots: int) -> int:
         """`sent` was given to the backend, which has `slots` slots for `model`: the slot it
         takes there (-1: more at once than its slots, nothing to tell)."""

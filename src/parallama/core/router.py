@@ -9,7 +9,13 @@ Prefix affinity sends a request to the free backend that may still hold the long
 prompt in its KV cache (`core.prefixes`), so that the engine skips that part's prefill, unless
 that backend is busier than the least loaded free one by more than a bound (a share of its
 capacity): a cache is worth a little imbalance, not a queue. With nothing cached, it is
-least-loaded.
+least-loaded. And it follows a prefix being computed: when a request running on a backend
+shares much more of the prompt (a quarter of it, `prefix_wait`) than any free slot holds (a
+system prompt shared by a burst of agent sessions), the request goes to that backend's free
+slot, which needs a copy of its own anyway (no engine shares a prompt between slots while they
+run), within `prefix_balance`; with none free, it waits for one of its slots rather than have
+the same prefix evaluated on a backend that does not hold it, as long as no more requests wait
+than those backends have slots: past that, the prefix spreads to another backend.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ def _affinity(session: str, backend: str) -> bytes:
 
 
 MAX_KV_MODELS = 4096  # models whose KV size is kept (backends name them, not clients)
+WAIT_BLOCKS = 4  # prefix affinity: waited for only if this much more (some 256 tokens)
 
 
 class Router:
@@ -65,37 +72,57 @@ class Router:
         ticket: Ticket,
         serving: Sequence[Backend],
         waiting: int,
+        *,
         prefix_balance: float = 0.5,
+        prefix_wait: float = 0.0,
     ) -> Backend | None:
         """`serving`: the healthy backends allowed to take the ticket's model, in configured
         order, busy or not; `waiting`: the model's queued requests, this one included;
-        `prefix_balance`: prefix affinity's bound (see above)."""
+        `prefix_balance`, `prefix_wait`: prefix affinity's bounds (see above)."""
         model = ticket.model
         free = [b for b in serving if b.has_free_slot(model)]
         if policy == "model-affinity":
             return self._warm_first(model, serving, free, waiting)
         if not free:
             return None
+        if policy == "prefix-affinity":
+            return self._cached_first(ticket, serving, free, (prefix_balance, prefix_wait), waiting)
         if policy == "round-robin":
             return self._round_robin(serving, free)
         if policy == "weighted":
             return self._weighted(free)
         if policy == "session-affinity":
             return max(free, key=lambda b: _affinity(ticket.session, b.name))
-        if policy == "prefix-affinity":
-            return self._cached_first(ticket, free, prefix_balance)
         return _least_loaded(model, free)
 
-    def _cached_first(self, ticket: Ticket, free: Sequence[Backend], balance: float) -> Backend:
+    def _cached_first(
+        self,
+        ticket: Ticket,
+        serving: Sequence[Backend],
+        free: Sequence[Backend],
+        bounds: tuple[float, float],
+        waiting: int,
+    ) -> Backend | None:
         model, prefix = ticket.model, ticket.prefix
+        balance, wait = bounds
         least = _least_loaded(model, free)
         if not prefix:
             return least
         cached = {b.name: self.prefixes(b).match(model, prefix) for b in free}
         best = max(free, key=lambda b: (cached[b.name], -b.load(), b.name))
-        if cached[best.name] and best.load() - least.load() <= balance:
-            return best
-        return least
+        chosen = best if cached[best.name] and best.load() - least.load() <= balance else least
+        if not wait:
+            return chosen
+        enough = cached[chosen.name] + max(WAIT_BLOCKS, wait * len(prefix))
+        computing = [b for b in serving if self.prefixes(b).match_running(model, prefix) >= enough]
+        if not computing:
+            return chosen
+        roomy = [b for b in computing if b in free and b.load() - least.load() <= balance]
+        if roomy:  # where the prefix is hot: its other slots will serve the next ones
+            return _least_loaded(model, roomy)
+        if waiting <= sum(b.capacity for b in computing):
+            return None  # a slot there will hold far more of the prompt: wait for it
+        return chosen
 
     def best_cached(self, backend: Backend, tickets: Sequence[Ticket]) -> Ticket:
         """Of `tickets` (in order), the first of those that may find most of their prompt

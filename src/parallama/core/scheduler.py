@@ -210,6 +210,8 @@ class SchedulerSettings:
     busy_seconds: float = 30.0  # how long a "server busy" answer halves a backend's slots
     prefix_balance: float = 0.5  # prefix affinity: how much busier (share of its capacity) a
     # backend holding the prefix may be than the least loaded one, and still be chosen
+    prefix_wait: float = 0.0  # prefix affinity: the share of a prompt running elsewhere, beyond
+    # what a free slot holds, worth following there, waiting if need be (0: never)
     # Slots shared with other gateways (`state = "redis://..."`): a request is bound only to a
     # slot this gateway holds a lease on; the driver acquires leases for what waits (`wanted`,
     # `grant`) and gives back those freed (`take_returned`).
@@ -786,9 +788,11 @@ class Scheduler:
         serving = [
             b for b in self.backends.values() if b.serves(model) and b.name not in ticket.avoid
         ]
+        settings = self.settings
         return self._router.choose(
-            self.policy(model), ticket, serving, waiting, self.settings.prefix_balance
-        )
+            self.policy(model), ticket, serving, waiting,
+            prefix_balance=settings.prefix_balance, prefix_wait=settings.prefix_wait,
+        )  # fmt: skip
 
     def _dispatch(self, model: str) -> None:
         queue = self._queues.get(model)
@@ -799,12 +803,32 @@ class Scheduler:
             head = queue.peek()
             backend = self._choose(head, waiting=len(queue))
             if backend is None:
-                return
+                if not cached_first or (placed := self._placed_behind(queue, head)) is None:
+                    return
+                self._bind(*placed)
+                continue
             if cached_first:
                 self._bind(self._take_cached(queue, head, backend), backend)
             else:
                 self._bind(queue.pop(), backend)
         del self._queues[model]
+
+    def _placed_behind(self, queue: _ModelQueue, head: Ticket) -> tuple[Ticket, Backend] | None:
+        """Prefix affinity: the head waits for a slot that will hold its prefix; the first of
+        the next requests (of its priority) that a free slot suits goes meanwhile, taken out of
+        the queue, so that a request of its own prompt does not wait behind it."""
+        window = queue.next_clients(LOOKAHEAD) if queue.fair else queue.firsts(LOOKAHEAD)
+        for ticket in window:
+            if ticket is head or ticket.priority != head.priority:
+                continue
+            backend = self._choose(ticket, waiting=len(queue))
+            if backend is not None:
+                if queue.fair:
+                    queue.preferred = ticket.client
+                    return queue.pop(), backend
+                queue.remove(ticket)
+                return ticket, backend
+        return None
 
     def _take_cached(self, queue: _ModelQueue, head: Ticket, backend: Backend) -> Ticket:
         """Prefix affinity: of the next requests in order (FIFO, or each client's next in
