@@ -86,7 +86,9 @@ class Router:
         if not free:
             return None
         if policy == "prefix-affinity":
-            return self._cached_first(ticket, serving, free, (prefix_balance, prefix_wait), waiting)
+            return self._cached_first(
+                ticket, serving, free, waiting, balance=prefix_balance, wait=prefix_wait
+            )
         if policy == "round-robin":
             return self._round_robin(serving, free)
         if policy == "weighted":
@@ -100,11 +102,12 @@ class Router:
         ticket: Ticket,
         serving: Sequence[Backend],
         free: Sequence[Backend],
-        bounds: tuple[float, float],
         waiting: int,
+        *,
+        balance: float,
+        wait: float,
     ) -> Backend | None:
         model, prefix = ticket.model, ticket.prefix
-        balance, wait = bounds
         least = _least_loaded(model, free)
         if not prefix:
             return least

@@ -799,11 +799,14 @@ class Scheduler:
         if queue is None:
             return
         cached_first = self.policy(model) == "prefix-affinity"
+        # Prefix affinity lets the head wait beside a free slot only with `prefix_wait`: then
+        # the requests behind it are looked at, else a head that waits means no slot is free.
+        look_behind = cached_first and self.settings.prefix_wait > 0
         while queue:
             head = queue.peek()
             backend = self._choose(head, waiting=len(queue))
             if backend is None:
-                if not cached_first or (placed := self._placed_behind(queue, head)) is None:
+                if not look_behind or (placed := self._placed_behind(queue, head)) is None:
                     return
                 self._bind(*placed)
                 continue

@@ -91,6 +91,7 @@ class AnswerReader:
         self.head_done = False
         self.complete = False
         self.keep_alive = False
+        self.keep_alive_timeout: int | None = None  # `Keep-Alive: timeout=N`, where told
         self._framed = False  # Content-Length or chunked: else the body ends when the socket does
         self._chunks: deque[bytes] = deque()
         self.buffered = 0  # body bytes received and not yet taken
@@ -142,6 +143,11 @@ class AnswerReader:
             lowered == b"transfer-encoding" and b"chunked" in value.lower()
         ):
             self._framed = True
+        elif lowered == b"keep-alive":  # RFC 9110's hint, which llama-server and Node send
+            for param in value.split(b","):
+                key, _, number = param.strip().partition(b"=")
+                if key.lower() == b"timeout" and number.isdigit():
+                    self.keep_alive_timeout = int(number)
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()

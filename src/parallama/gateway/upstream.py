@@ -244,7 +244,10 @@ class Connection(asyncio.Protocol):
         cleanly, else close it (mid-answer, that tells the backend to stop working)."""
         answer = self._answer
         if answer.complete and answer.keep_alive and not self.closed:
-            self.idle_limit = _idle_limit(answer.headers)
+            told = answer.keep_alive_timeout  # less than ours: kept to
+            self.idle_limit = (
+                _IDLE_SECONDS if told is None else min(_IDLE_SECONDS, _IDLE_SHARE * told)
+            )
             self._upstream.keep(self)
         else:
             self.close()
@@ -503,19 +506,6 @@ class Upstream:
             ) from None
         self._open.add(conn)
         return conn
-
-
-def _idle_limit(headers: Headers) -> float:
-    """How long a connection may sit idle: `_IDLE_SECONDS`, or less if the backend's
-    `Keep-Alive: timeout=N` (RFC 9110's hint, which llama-server and Node send) says it keeps
-    idle connections for less than that."""
-    for name, value in headers:
-        if name.lower() == b"keep-alive":
-            for param in value.split(b","):
-                key, _, number = param.strip().partition(b"=")
-                if key.lower() == b"timeout" and number.isdigit():
-                    return min(_IDLE_SECONDS, _IDLE_SHARE * int(number))
-    return _IDLE_SECONDS
 
 
 def _json(answer: tuple[int, bytes]) -> Any:
