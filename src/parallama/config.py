@@ -226,6 +226,13 @@ class GatewaySettings(BaseModel):
         gt=0,
         description="seconds a client may leave its answer unread before the connection closes",
     )
+    listen_backlog: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="connections the kernel completes and holds before the gateway accepts "
+        "them; a burst past it loses its SYNs to retries (0: the system's net.core.somaxconn)",
+    )
     max_connections: int = Field(
         4096,
         ge=1,

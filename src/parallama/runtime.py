@@ -1,11 +1,13 @@
-"""Running a command's servers: their address, and until Ctrl-C or SIGTERM."""
+"""Running a command's servers: their address, their listen queue, and until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -14,6 +16,15 @@ T = TypeVar("T")
 def http_url(host: str, port: int) -> str:
     """The base URL of a server listening on `host:port` (an IPv6 host goes in brackets)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def system_backlog() -> int:
+    """The longest listen queue the kernel grants (`net.core.somaxconn`; asyncio asks for 100,
+    nginx for 511): what a burst of connections arriving while the event loop is busy needs."""
+    try:
+        return max(int(Path("/proc/sys/net/core/somaxconn").read_text()), 1)
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 @contextlib.contextmanager

@@ -5,6 +5,10 @@ attacker sends (smuggling, huge heads, garbage)."""
 from __future__ import annotations
 
 import asyncio
+import selectors
+import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -264,3 +268,44 @@ def test_an_answer_given_before_the_body_came_says_the_connection_closes() -> No
     assert status.startswith(b"HTTP/1.1 413 ")
     assert b"\r\nConnection: close" in status
     assert b"\r\nDate: " in status
+
+
+def test_a_burst_of_connections_is_held_by_the_kernel_while_the_gateway_is_busy(
+    gateway: Gateway,
+) -> None:
+    """1,000 clients connecting at once must not lose their SYNs while the event loop is busy:
+    asyncio's own listen backlog is 100, so the 101st handshake waited for the client's SYN
+    retry (1 s, 3 s, ...). The gateway listens with the system's `somaxconn`."""
+    server = gateway._server
+    assert server is not None
+    busy, release = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:
+        busy.set()
+        release.wait(30)
+
+    server.get_loop().call_soon_threadsafe(hold_the_loop)
+    assert busy.wait(10)
+    clients = []
+    try:
+        for _ in range(300):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", gateway.port))
+            clients.append(client)
+        pending = set(clients)
+        with selectors.DefaultSelector() as waiting:
+            for client in clients:
+                waiting.register(client, selectors.EVENT_WRITE)
+            deadline = time.monotonic() + 5  # the kernel completes them at once, or never
+            while pending and (left := deadline - time.monotonic()) > 0:
+                for key, _ in waiting.select(left):
+                    waiting.unregister(key.fileobj)
+                    pending.discard(key.fileobj)  # type: ignore[arg-type]
+        connected = [c for c in clients if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0]
+        assert not pending
+        assert len(connected) == 300
+    finally:
+        release.set()
+        for client in clients:
+            client.close()

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
 _READ_AT_START = (
-    *("host", "port", "log_format", "log_level", "max_connections", "state", "workers"),
+    *("host", "port", "listen_backlog", "log_format", "log_level", "max_connections"),
+    *("state", "workers"),
     *("auth", "database", "ledger", "ledger_buffer", "otlp_endpoint", "trace_sample"),
 )
 log = logging.getLogger("parallama.gateway")
@@ -153,6 +154,7 @@ class Gateway:
             self.settings.host,
             self.settings.port,
             reuse_port=self.settings.workers > 1,  # the workers of `serve --workers N`
+            backlog=self.settings.listen_backlog,
         )
         self.port = server.sockets[0].getsockname()[1]  # the bound port, when 0 was asked for
 

@@ -41,6 +41,7 @@ from parallama.alarm import Alarm
 from parallama.errors import ApiError
 from parallama.gateway.guard import Connections
 from parallama.gateway.http1 import JOIN_BELOW, Headers, date_header, error_answer, status_line
+from parallama.runtime import system_backlog
 
 log = logging.getLogger("parallama.gateway")
 
@@ -729,11 +730,18 @@ class Refusal(asyncio.Protocol):
 
 
 async def start_server(
-    handler: Handler, connections: Connections, host: str, port: int, *, reuse_port: bool = False
+    handler: Handler,
+    connections: Connections,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    backlog: int = 0,
 ) -> asyncio.Server:
     """Listen on host:port; each connection is answered by `handler`, within `connections`'
     limits. The cap counts a connection when it is accepted: the kernel accepts a burst before
-    the event loop sees any of it, and the cap must hold for the whole burst."""
+    the event loop sees any of it, and the cap must hold for the whole burst. `backlog` 0: the
+    system's."""
     loop = asyncio.get_running_loop()
 
     def protocol() -> asyncio.Protocol:
@@ -744,7 +752,12 @@ async def start_server(
         return ServerConnection(handler, connections)
 
     return await loop.create_server(
-        protocol, host, port, reuse_address=True, reuse_port=reuse_port or None
+        protocol,
+        host,
+        port,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+        backlog=backlog or system_backlog(),
     )
 
 

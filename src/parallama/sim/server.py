@@ -21,7 +21,7 @@ from parallama.protocol import anthropic, ollama
 from parallama.protocol.hosts import host_allowed
 from parallama.protocol.inspect import dialect_of, error_body
 from parallama.protocol.responses import RESPONSES
-from parallama.runtime import http_url
+from parallama.runtime import http_url, system_backlog
 from parallama.sim.agent_routes import AgentRoutes
 from parallama.sim.config import SimConfig
 from parallama.sim.emulator import Emulator, json_response
@@ -110,7 +110,11 @@ class SimServer:
             return protocol_factory()
 
         self._server = await loop.create_server(
-            counting_factory, self.config.host, self.requested_port, reuse_address=True
+            counting_factory,
+            self.config.host,
+            self.requested_port,
+            reuse_address=True,
+            backlog=system_backlog(),
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
