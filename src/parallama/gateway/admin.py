@@ -69,7 +69,11 @@ class Admin:
 
     async def status(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """The seed's `get_stats` (total, completed, rejected, timeout, queue_size, active),
-        every outcome, and each backend's state."""
+        every outcome, and each backend's state. It names the backends' addresses (and, under
+        `parallama up`, the engines' process ids and log files): a client on the network gets
+        it under the admin rule; one on this machine, as it always did."""
+        if not _is_loopback(request.remote):
+            self.authorize(request)
         gateway = self._gateway
         s = gateway.scheduler
         counts = s.accounting()

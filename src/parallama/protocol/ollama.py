@@ -6,7 +6,6 @@ Shared by the emulator (which speaks it) and the gateway (which relays and somet
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from typing import Any
 
 import orjson
@@ -74,10 +73,10 @@ def name_parts(name: str) -> dict[str, str]:
     return {"host": "/".join(above), "namespace": namespace, "model": model, "tag": tag}
 
 
-@functools.lru_cache(maxsize=1024)  # the names a fleet's clients use, checked once each
 def name_too_long(name: str) -> str | None:
     """Why a model name cannot be one Ollama accepts for its length, or None. Only lengths are
-    checked: OpenAI-dialect engines name models more freely than Ollama (paths, capitals)."""
+    checked: OpenAI-dialect engines name models more freely than Ollama (paths, capitals).
+    Not cached: a cache keyed by the names clients send keeps megabytes of them."""
     for part, text in name_parts(name).items():
         size, limit = len(text.encode()), NAME_PART_LIMITS[part]
         if size > limit:
