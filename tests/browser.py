@@ -14,14 +14,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-_QUIET = [  # nothing but the page under test: no updates, sync, metrics or lookups
+_QUIET = [  # nothing but the page under test: no updates, sync, metrics or lookups (below)
     "--headless=new",
     "--no-sandbox",  # tests may run as root
     "--disable-gpu",
@@ -33,7 +33,6 @@ _QUIET = [  # nothing but the page under test: no updates, sync, metrics or look
     "--disable-extensions",
     "--disable-sync",
     "--metrics-recording-only",
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     "--window-size=1280,900",
 ]
 
@@ -123,14 +122,17 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def browser_page() -> AsyncIterator[Page]:
-    """A new page in a headless Chromium of its own."""
+async def browser_page(names: Sequence[str] = ()) -> AsyncIterator[Page]:
+    """A new page in a headless Chromium of its own; `names` resolve to 127.0.0.1 (a page
+    of another origin on this machine), every other name to nothing."""
+    rules = [*(f"MAP {name} 127.0.0.1" for name in names), "MAP * ~NOTFOUND", "EXCLUDE 127.0.0.1"]
     binary = chromium()
     if binary is None:
         raise RuntimeError("chromium is not installed: apt-get install chromium")
     profile = Path(tempfile.mkdtemp(prefix="parallama-chromium-"))
     process = await asyncio.create_subprocess_exec(
-        *[binary, *_QUIET, "--remote-debugging-port=0", f"--user-data-dir={profile}"],
+        *[binary, *_QUIET, f"--host-resolver-rules={' , '.join(rules)}"],
+        *["--remote-debugging-port=0", f"--user-data-dir={profile}"],
         "about:blank",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -243,6 +243,13 @@ class GatewaySettings(BaseModel):
         description="more Host names served when listening on loopback only: names, "
         ".domain for it and its subdomains, or * for any (comma-separated)",
     )
+    allowed_origins: tuple[str, ...] = Field(
+        (),
+        description="more origins whose web pages may call the gateway (Ollama's "
+        "OLLAMA_ORIGINS: a * matches anything, * alone any origin), beside Ollama's defaults: "
+        "localhost, 127.0.0.1 and 0.0.0.0 pages, app://, file://, tauri://, vscode-webview://, "
+        "vscode-file:// (comma-separated)",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as logfmt text or as JSON objects"
     )
@@ -350,7 +357,7 @@ class GatewaySettings(BaseModel):
             raise ValueError("memory, or a Redis URL: redis://host:port/db")
         return state
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _host_list(cls, hosts: Any) -> Any:
         """`a,b` from the environment or a flag; a list from the file."""

@@ -301,7 +301,7 @@ def test_a_burst_of_connections_is_held_by_the_kernel_while_the_gateway_is_busy(
             while pending and (left := deadline - time.monotonic()) > 0:
                 for key, _ in waiting.select(left):
                     waiting.unregister(key.fileobj)
-                    pending.discard(key.fileobj)  # type: ignore[arg-type]
+                    pending.discard(key.fileobj)
         connected = [c for c in clients if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0]
         assert not pending
         assert len(connected) == 300

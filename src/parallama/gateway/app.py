@@ -20,6 +20,7 @@ from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, ConfigError, excerpt
 from parallama.gateway.admin import Admin
+from parallama.gateway.cors import Origins
 from parallama.gateway.dashboard import Dashboard
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
@@ -114,6 +115,7 @@ class Gateway:
         # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
         self._check_host = loopback_only(settings.host)
         self._local_hosts: set[str] = set()  # Host headers found local: checked once
+        self.origins = Origins(settings.allowed_origins)
         # More of /parallama/status, e.g. the engine processes `parallama up` supervises.
         self.status_sections: dict[str, Callable[[], Any]] = {}
         self.status_sections["warm_models"] = self.fleet.warmer.status
@@ -188,6 +190,7 @@ class Gateway:
         running = self.connections.limits.max_connections
         self.connections.limits = self._connection_limits(settings, running)
         self._local_hosts.clear()  # allowed_hosts may have changed
+        self.origins = Origins(settings.allowed_origins)
         changes += [f"{k} needs a restart: kept" for k in ignored]
         log.info("reloaded", extra={"fields": {"changes": "; ".join(changes) or "none"}})
         return changes
@@ -209,6 +212,13 @@ class Gateway:
         try:
             try:
                 self._check_host_header(request)
+                origin = self.origins.decide(request.method, request.headers)
+                if origin.refused:
+                    raise ApiError(403, self._origin_refused(request))
+                reply.cross_origin = list(origin.headers)
+                if origin.preflight:
+                    reply.send(204, b"", None)
+                    return
                 route = self._route(request.method, path)
                 access = self.access
                 keyed = path in self._keyed or path.startswith(_MODEL_PREFIX)
@@ -240,6 +250,14 @@ class Gateway:
         if route is None:
             raise ApiError(405, f"method {excerpt(method)} not allowed on {excerpt(path)}")
         return route
+
+    @staticmethod
+    def _origin_refused(request: Request) -> str:
+        origin = excerpt(request.headers.get("Origin") or "")
+        return (
+            f"origin {origin!r} is not allowed: add it to allowed_origins "
+            "(as OLLAMA_ORIGINS admits it at Ollama)"
+        )
 
     def _check_host_header(self, request: Request) -> None:
         """Ollama's guard against DNS rebinding, kept for the Ollama behind the gateway: while

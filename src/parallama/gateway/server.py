@@ -228,6 +228,7 @@ class Reply:
         "_head_only",
         "_http11",
         "_request",
+        "cross_origin",
         "ended",
         "extra_headers",
         "keep_alive",
@@ -246,6 +247,7 @@ class Reply:
         self.ended = False
         self.status = 0
         self.extra_headers: Headers = []  # on whatever answer goes out (rate-limit headers)
+        self.cross_origin: Headers = []  # and `Access-Control-*` for a page on another origin
 
     def send(
         self,
@@ -324,6 +326,8 @@ class Reply:
         parts.extend(b"%s: %s\r\n" % pair for pair in headers)
         if self.extra_headers:
             parts.extend(b"%s: %s\r\n" % pair for pair in self.extra_headers)
+        if self.cross_origin:
+            parts.extend(b"%s: %s\r\n" % pair for pair in self.cross_origin)
         if not self.keep_alive:
             parts.append(b"Connection: close\r\n")
         elif not self._http11:
