@@ -114,11 +114,11 @@ def test_errors_come_back_in_ollamas_format() -> None:
         )
         assert bad.status_code == 400
         assert bad.json() == {"error": "each message needs a role"}
-        show = httpx.post(f"{gateway.url}/api/show", json={"model": CHAT_MODEL}, timeout=5)
-        assert show.status_code == 501
-        assert "not available" in show.json()["error"]
+        show = httpx.post(f"{gateway.url}/api/show", json={"model": "ghost"}, timeout=5)
+        assert show.status_code == 404
+        assert show.json() == {"error": "model 'ghost' not found"}
         status = httpx.get(f"{gateway.url}/parallama/status", timeout=5).json()
-        assert status["rejected"] == 2  # counted, not lost
+        assert status["rejected"] == 1  # counted, not lost
         assert status["in_flight"] == 0
 
 

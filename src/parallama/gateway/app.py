@@ -105,6 +105,7 @@ class Gateway:
             "/parallama/keys/revoke": {"POST": admin.revoke_key},
             "/parallama/usage": {"GET": admin.usage},
             **{path: {"POST": self._proxy} for path in STREAM_DEFAULTS},
+            "/api/show": {"POST": self._proxy.show},  # no generation: it takes no slot
             **{path: {method: fleet_models} for path, method in MANAGEMENT_ROUTES.items()},
         }
         # What needs an API key when keys are required: the models, not the gateway's own.
@@ -186,6 +187,7 @@ class Gateway:
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in fixed})
         changes = self.fleet.apply(settings)
         self.settings = self._proxy.settings = settings
+        self._proxy.cards.timeout = settings.connect_timeout
         self._listings.settings = settings
         running = self.connections.limits.max_connections
         self.connections.limits = self._connection_limits(settings, running)

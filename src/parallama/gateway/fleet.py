@@ -105,6 +105,10 @@ class Fleet:
         known, no: every engine serves `/v1/chat/completions`, which can do the route's work."""
         return self._prober is not None and route in self._prober.routes.get(url, ())
 
+    def digest(self, url: str, model: str) -> str | None:
+        """The model's digest at that Ollama as its last listing said; None if unknown."""
+        return None if self._prober is None else self._prober.digests.get(url, {}).get(model)
+
     def ollama_version(self) -> tuple[int, int, int] | None:
         """The lowest version among the healthy Ollama backends: what a client can count on
         whichever of them answers it. None when there are none."""

@@ -60,6 +60,8 @@ class Prober:
         self._shown: set[str] = set()  # models looked up with /api/show
         self.versions: dict[str, tuple[int, int, int]] = {}  # each Ollama's, as it says
         self.routes: dict[str, frozenset[str]] = {}  # of ROUTE_SINCE, what each serves
+        # Each Ollama's models' digests, from its /api/tags: what a cached /api/show is keyed by.
+        self.digests: dict[str, dict[str, str]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -89,7 +91,7 @@ class Prober:
         self._scheduler.report(name, alive)
         running: list[str] | None = None
         if alive:
-            installed, running = await self._models(upstream, self._dialect(name))
+            installed, running = await self._models(name, upstream, self._dialect(name))
             if name in self._scheduler.backends:
                 if installed is not None:
                     self._scheduler.set_inventory(name, installed)
@@ -105,7 +107,7 @@ class Prober:
             await asyncio.sleep(self.interval)
 
     async def _models(
-        self, upstream: Upstream, dialect: Dialect
+        self, name: str, upstream: Upstream, dialect: Dialect
     ) -> tuple[list[str] | None, list[str] | None]:
         """Installed and loaded models; None where the answer told nothing. An OpenAI-dialect
         engine lists only what it serves, and keeps it loaded."""
@@ -114,7 +116,17 @@ class Prober:
             return served, served
         tags = await upstream.get_json(b"/api/tags", self.timeout)
         loaded = await upstream.get_json(b"/api/ps", self.timeout)
-        return _names(tags, "models", "name"), _names(loaded, "models", "name")
+        installed = _names(tags, "models", "name")
+        if installed is not None:
+            rows = tags["models"]
+            self.digests[name] = {
+                normalize_name(row["name"]): row["digest"]
+                for row in rows
+                if isinstance(row, dict)
+                and isinstance(row.get("name"), str)
+                and isinstance(row.get("digest"), str)
+            }
+        return installed, _names(loaded, "models", "name")
 
     async def _look_up(self, upstream: Upstream, models: list[str]) -> None:
         """Each model not looked up yet: its KV cache per token, from its `model_info`; asked
@@ -136,6 +148,7 @@ class Prober:
         if version is None:
             self.versions.pop(name, None)
             self.routes.pop(name, None)
+            self.digests.pop(name, None)
             return
         if self._dialect(name) == "ollama":
             said = parse_version(_field(version, "version"))

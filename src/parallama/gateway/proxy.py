@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from parallama.config import GatewaySettings
@@ -35,6 +35,7 @@ from parallama.gateway.relay import (
     passable,
 )
 from parallama.gateway.server import ClientGone, Reply, Request
+from parallama.gateway.show import ModelCards
 from parallama.gateway.upstream import Connection, UpstreamError, UpstreamTimeout
 from parallama.gateway.waiting import Waiting
 from parallama.protocol import anthropic, ollama, openai, responses
@@ -159,6 +160,7 @@ class Proxy:
         self.settings = settings  # replaced on reload
         self._waiting = waiting
         self._access = access  # keys and their limits, when keys are required
+        self.cards = ModelCards(scheduler, fleet, settings.connect_timeout)
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         path = request.path
@@ -224,23 +226,42 @@ class Proxy:
     async def count_tokens(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """`POST /v1/messages/count_tokens`: asked of a backend that has the model and counts
         (llama.cpp's server does; Ollama does not), without waiting for a slot: counting
-        runs no generation. A 404 in Anthropic's format where none counts. A key's say on the
+        runs no generation. A 404 in Anthropic's format where none counts."""
+        unqueued = self._unqueued(request, reply, exchange, anthropic.MESSAGES)
+        async with unqueued as (body, model, _):
+            forwarded = passable(request.raw_headers)
+            if exchange.key is not None:
+                forwarded = [(k, v) for k, v in forwarded if k.lower() not in _CREDENTIALS]
+            status, whole, headers = await self._counted(request.target, forwarded, body, model)
+        reply.send(status, whole, _JSON, headers)
+
+    async def show(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """`POST /api/show`, without waiting for a slot (`show.ModelCards`)."""
+        async with self._unqueued(request, reply, exchange, "/api/show") as (body, model, info):
+            shown = await self.cards.answer(model, body)
+        if shown is None:  # as Ollama says it: the name the client gave
+            raise ApiError(404, ollama.model_not_found(excerpt(info.model.strip())))
+        reply.send(*shown)
+
+    @contextlib.asynccontextmanager
+    async def _unqueued(
+        self, request: Request, reply: Reply, exchange: Exchange, path: str
+    ) -> AsyncIterator[tuple[bytes, str, RequestInfo]]:
+        """A request that runs no generation, and so takes no slot: its body and model as the
+        backends are to get them, and what it asked, read as `path`'s; a key's say on the
         model and its limits apply, as to a generation."""
         body = request.body if request.body is not None else await request.read()
-        info = inspect_request(anthropic.MESSAGES, body, request.headers, request.remote)
-        body, model = self._as_served(anthropic.COUNT_TOKENS, body, info, exchange)
+        info = inspect_request(path, body, request.headers, request.remote)
+        body, model = self._as_served(path, body, info, exchange)
         exchange.model = model
-        forwarded = passable(request.raw_headers)
         key = exchange.key
         if key is not None:
             await self._admit(key, model, reply, exchange)
-            forwarded = [(k, v) for k, v in forwarded if k.lower() not in _CREDENTIALS]
         try:
-            status, whole, headers = await self._counted(request.target, forwarded, body, model)
+            yield body, model, info
         finally:
             if key is not None and self._access is not None:
                 self._access.finish(key, exchange)
-        reply.send(status, whole, _JSON, headers)
 
     async def _counted(
         self, target: bytes, headers: Headers, body: bytes, model: str

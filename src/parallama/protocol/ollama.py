@@ -208,3 +208,64 @@ def kv_bytes_per_token(model_info: Any) -> int | None:
         return None
     total = heads_kv * (key_dim + value_dim) * 2
     return total if 1024 <= total <= 2**24 else None
+
+
+# What `/api/show` says of a model an OpenAI-dialect engine serves: such an engine does not
+# tell its architecture, and clients read only `{architecture}.context_length` from it.
+UNKNOWN_ARCHITECTURE = "unknown"
+
+
+def shown_model(row: Any, props: Any) -> dict[str, Any]:
+    """`/api/show`'s answer for a model an OpenAI-dialect engine serves, from its `/v1/models`
+    row and (llama-server) its `/props`: the context a request may use (a slot's `n_ctx`,
+    vLLM's `max_model_len`, else the trained context), the chat template, and capabilities:
+    tools where the template takes them (or no template is told: vLLM), vision where the
+    engine has a projector. What Zed, Continue, Codex and Open WebUI read to size prompts and
+    to offer tools."""
+    row = row if isinstance(row, dict) else {}
+    props = props if isinstance(props, dict) else {}
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    settings = props.get("default_generation_settings")
+    settings = settings if isinstance(settings, dict) else {}
+
+    def count(value: Any) -> int | None:
+        positive = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return value if positive else None
+
+    context = (
+        count(settings.get("n_ctx"))
+        or count(row.get("max_model_len"))
+        or count(meta.get("n_ctx_train"))
+    )
+    template = props.get("chat_template")
+    template = template if isinstance(template, str) else None
+    modalities = props.get("modalities") if isinstance(props.get("modalities"), dict) else {}
+    capabilities = ["completion"]
+    if template is None or "tool" in template:
+        capabilities.append("tools")
+    if modalities.get("vision") is True:
+        capabilities.append("vision")
+    parameters = count(meta.get("n_params"))
+    info: dict[str, Any] = {"general.architecture": UNKNOWN_ARCHITECTURE}
+    if parameters is not None:
+        info["general.parameter_count"] = parameters
+    if context is not None:
+        info[f"{UNKNOWN_ARCHITECTURE}.context_length"] = context
+    size = _parameter_size(parameters) if parameters is not None else ""
+    return {
+        "modelfile": "",
+        "parameters": "",
+        "template": template or "",
+        "details": model_details(parameter_size=size, fmt="gguf" if props else ""),
+        "model_info": info,
+        "capabilities": capabilities,
+        "modified_at": GO_ZERO_TIME,
+    }
+
+
+def _parameter_size(parameters: int) -> str:
+    """Ollama's way of writing a parameter count: "135M", "7.6B"."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}".removesuffix(".0") + unit
+    return str(parameters)

@@ -37,6 +37,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 64 * 1024 * 1024
 STATE_PATH = "/_sim/state"
 
+_TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "<|im_end|>\n{%- endfor %}<|im_start|>assistant\n"
+)
+
 
 class SimServer:
     """One emulated Ollama server."""
@@ -164,7 +170,7 @@ class SimServer:
 
     def _occupancy_route(self) -> list[tuple[str, str, Handler]]:
         if self.config.occupancy == "slots":
-            return [("GET", "/slots", self.slots)]
+            return [("GET", "/slots", self.slots), ("GET", "/props", self.props)]
         if self.config.occupancy == "vllm":
             return [("GET", "/metrics", self.vllm_metrics)]
         return []
@@ -184,6 +190,22 @@ class SimServer:
                     }
                 )
         return json_response(rows)
+
+    async def props(self, request: web.Request) -> web.Response:
+        """llama.cpp server's `/props`, what of it clients read: a slot's context, the slots,
+        the chat template (one that takes tools, as llama-server's `--jinja` templates do),
+        and no vision."""
+        settings = self.config.scheduler
+        first = self.config.models[0].name if self.config.models else ""
+        return json_response(
+            {
+                "default_generation_settings": {"n_ctx": settings.default_num_ctx},
+                "total_slots": settings.num_parallel,
+                "model_path": f"/models/{first}.gguf",
+                "chat_template": _TOOL_TEMPLATE,
+                "modalities": {"vision": False, "audio": False},
+            }
+        )
 
     async def vllm_metrics(self, request: web.Request) -> web.Response:
         """vLLM's gauges of requests running and waiting, per model (installed: vLLM has its
