@@ -232,6 +232,33 @@ def test_a_chunked_bodys_trailers_are_not_headers(gateway: Gateway) -> None:
     assert status.startswith(b"HTTP/1.1 200 OK"), body
 
 
+def test_a_trailer_that_keeps_coming_is_refused_as_a_head_would_be(gateway: Gateway) -> None:
+    """The parser holds a header value whole, growing it by copies: a trailer of megabytes
+    grew the gateway's memory (and its CPU time) until the body timeout."""
+    head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = b"%x\r\n%s\r\n0\r\nX-Padding: " % (len(GENERATE), GENERATE)
+
+    async def send() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        answer = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))  # read as it comes
+        try:
+            writer.write(head + chunks)
+            async with asyncio.timeout(10):
+                for _ in range(64):  # 4 MiB, unless the gateway stops it first
+                    if answer.done():
+                        break
+                    writer.write(b"p" * 65536)
+                    await writer.drain()
+                return await answer
+        except ConnectionError:
+            return await answer
+        finally:
+            writer.close()
+
+    raw = asyncio.run(send())
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:200]
+
+
 def test_an_upgrade_request_is_answered_in_http11_and_the_connection_closed(
     gateway: Gateway,
 ) -> None:

@@ -265,8 +265,9 @@ def test_a_client_back_from_a_pause_gets_no_saved_up_turns() -> None:
     assert order == busy[:3]
     late = [s.submit(M, client="late") for _ in range(3)]
     order = serve_in_turn(s, order[-1], 4)
-    # The newcomer alternates with busy from now: it is not owed the turns it was away.
-    assert order == [late[0], busy[3], late[1], busy[4]]
+    # The newcomer alternates with busy from now: it is not owed the turns it was away, and
+    # takes none ahead of busy's, which was due.
+    assert order == [busy[3], late[0], busy[4], late[1]]
 
 
 def test_a_cancelled_clients_turn_goes_to_the_next() -> None:
@@ -287,6 +288,28 @@ def test_clients_that_come_and_go_are_not_remembered_without_bound() -> None:
         s.cancel(s.submit(M, client=f"passer-by {n}"))
     assert s._queues[M].clients <= 2 * 1 + 64 + 1
     assert serve_in_turn(s, running, 1) == [staying]
+
+
+def test_a_new_client_id_per_request_neither_starves_a_waiting_client_nor_grows_the_queue() -> None:
+    """Fresh clients all started at the turn last taken, and taking it moved no clock: one
+    that had been served once waited for as long as new ids came, and each id was kept."""
+    s = make(Backend("a"), discipline="fair")
+    running = s.submit(M, client="x")
+    served = s.submit(M, client="regular")
+    s.submit(M, client="id first")  # the queue is never empty from here on
+    (running,) = serve_in_turn(s, running, 1)
+    assert running is served
+    waiting = s.submit(M, client="regular")  # its next turn is one stride on
+    order = []
+    for n in range(2_000):  # a new X-Client-Id with every request
+        s.submit(M, client=f"id {n}")
+        s.release(running)
+        (running,) = s.take_dispatched()
+        order.append(running)
+        if running is waiting:
+            break
+    assert waiting in order[:3]
+    assert s._queues[M].clients <= 2 * 2 + 64 + 1
 
 
 def test_shared_slots_bind_only_on_a_lease_and_give_it_back_when_done() -> None:

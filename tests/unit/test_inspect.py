@@ -142,6 +142,8 @@ def test_names_past_ollamas_part_limits_are_refused_and_the_longest_valid_one_pa
         assert refused.value.status == 400
     assert name_too_long("/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf") is None  # a llama.cpp path
     assert name_too_long("https://" + longest) is None  # the scheme is no part of the host
+    assert name_too_long("a" * 100_000 + "://m") == "its scheme is 100000 bytes, more than 16"
+    assert info("/api/chat", {"model": " " * 100_000 + "qwen:7b\n"}).model == "qwen:7b"
 
 
 def test_pinned_options_and_keep_alive_replace_the_clients_and_keep_the_rest() -> None:

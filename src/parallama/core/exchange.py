@@ -89,6 +89,6 @@ class Exchange:
                 prompt_tokens=self.usage.prompt_tokens,
                 generated_tokens=self.usage.generated_tokens,
             )
-        if self.error is not None:
-            fields["error"] = self.error
+        if self.error is not None:  # bounded: an error may quote what the client sent
+            fields["error"] = excerpt(self.error, 300)
         return {k: v for k, v in fields.items() if v is not None}

@@ -234,8 +234,11 @@ class _ModelQueue:
     Fair turns are stride scheduling: each client's next turn falls `1 / weight` after its
     last, on a virtual clock that is the turn last taken. A client of weight 2 so gets two
     turns for each of a weight-1 client, however many requests either sends; a client that
-    comes back after a pause starts at the current turn, with no credit saved up; within one
-    client, X-Priority then arrival decide.
+    starts waiting (new, or back after a pause) is placed one stride after the turn last
+    taken, as if it had just had one: no credit saved up, and no turn ahead of those already
+    due. (Placed at the turn last taken, a new client id with every request kept that turn
+    from advancing: a client served once waited for as long as new ids came, and every id
+    stayed remembered.) Within one client, X-Priority then arrival decide.
     """
 
     def __init__(self, discipline: Discipline) -> None:
@@ -286,8 +289,8 @@ class _ModelQueue:
         client = self._clients.get(ticket.client)
         if client is None:
             client = self._clients[ticket.client] = _Client(self._now)
-        if not client.heap:  # it waits again: its turn, or now if that has passed
-            client.turn = max(client.turn, self._now)
+        if not client.heap:  # it waits again: its turn, or one stride on if that has passed
+            client.turn = max(client.turn, self._now + 1.0 / ticket.weight)
             heapq.heappush(self._turns, (client.turn, ticket.seq, ticket.client))
         heapq.heappush(client.heap, entry)
 
@@ -320,10 +323,13 @@ class _ModelQueue:
             self._heap.remove(entry)
             heapq.heapify(self._heap)
             return
-        heap = self._clients[ticket.client].heap
+        client = self._clients[ticket.client]
+        heap = client.heap
         heap.remove(entry)
         heapq.heapify(heap)
         if not heap:  # no turn while it has nothing waiting
+            # Nor one owed for what it gave up: it is placed anew when it waits again.
+            client.turn = min(client.turn, self._now)
             self._turns = [t for t in self._turns if t[2] != ticket.client]
             heapq.heapify(self._turns)
             self._forget_idle()

@@ -359,9 +359,12 @@ class ServerConnection(asyncio.Protocol):
         self._by_name: dict[bytes, bytes] = {}
         self._head_bytes = 0
         self._head_arriving = 0
+        self._past_chunks = False
+        self._trailer_arriving = 0
         self._pending: deque[Request] = deque()
         self._reading_paused = False
         self._upgraded = False  # an upgrade request came: nothing after it is HTTP/1.1
+        self._dropping = False  # a body was refused as it came: the rest is not read
         self._current: Request | None = None  # being answered
         self._task: asyncio.Task[None] | None = None
         # What the connection waits for from the client, and until when: one alarm serves
@@ -383,8 +386,8 @@ class ServerConnection(asyncio.Protocol):
         self._wait_for("head", self.connections.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiting == "linger" or self._upgraded:
-            return  # closing, or past an upgrade request: what the client sends is dropped
+        if self._waiting == "linger" or self._upgraded or self._dropping:
+            return  # closing, past an upgrade request or a refused body: dropped
         if self._in_head:
             # The parser holds a header value whole before it shows it (growing it by copies):
             # a head that keeps coming is bounded here, before it reaches the parser.
@@ -394,6 +397,14 @@ class ServerConnection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
+            if self._past_chunks:
+                # Reads after a chunk's size line that brought no body: the last chunk's
+                # trailer, which the parser holds as it holds a head. Bounded alike.
+                self._trailer_arriving += len(data)
+                if self._trailer_arriving > MAX_HEAD_BYTES:
+                    message = f"the request's trailer is larger than {MAX_HEAD_BYTES} bytes"
+                    self._refuse_body(431, message)
+                    return
         except httptools.HttpParserUpgrade:
             self._upgrade_refused()
             return
@@ -449,6 +460,8 @@ class ServerConnection(asyncio.Protocol):
         self._by_name = {}
         self._head_bytes = 0  # in the fields seen so far
         self._head_arriving = 0  # received after the read that began the head
+        self._past_chunks = False  # a chunk's size line came, and no body since
+        self._trailer_arriving = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -492,7 +505,12 @@ class ServerConnection(asyncio.Protocol):
         else:
             self._pending.append(request)
 
+    def on_chunk_header(self) -> None:
+        self._past_chunks = True  # the last chunk has no body: its trailer comes next
+
     def on_body(self, body: bytes) -> None:
+        self._past_chunks = False
+        self._trailer_arriving = 0
         request = self._parsing
         if request is None:
             return
@@ -501,6 +519,7 @@ class ServerConnection(asyncio.Protocol):
             self._pause_reading()  # pipelined ahead of its turn: no more until it is taken
 
     def on_message_complete(self) -> None:
+        self._past_chunks = False
         request = self._parsing
         self._parsing = None
         if request is not None:
@@ -660,6 +679,17 @@ class ServerConnection(asyncio.Protocol):
             self._linger()
         else:  # an answer is being written: only closing the connection can say it
             self._abort()
+
+    def _refuse_body(self, status: int, message: str) -> None:
+        """A fault in the body of the request being answered: its handler answers it (the
+        answer goes out, then the connection closes, lingering); nothing more is parsed."""
+        request = self._parsing
+        if request is None or request is not self._current:
+            self._refuse(status, message)
+            return
+        request._fail(ApiError(status, message))
+        self._parsing = None
+        self._dropping = True
 
     def _linger(self) -> None:
         """Close after an early answer without losing it: closing with the client's bytes

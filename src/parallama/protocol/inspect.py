@@ -161,9 +161,9 @@ def inspect_request(path: str, body: bytes, headers: Mapping[str, str], remote: 
     model = data.get("model")
     if path == "/api/show" and not model:
         model = data.get("name")  # /api/show still accepts the old field
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str) or not (model := model.strip()):
         raise ApiError(400, "model is required")
-    if (too_long := ollama.name_too_long(model.strip())) is not None:
+    if (too_long := ollama.name_too_long(model)) is not None:
         raise ApiError(400, f"invalid model name: {too_long}")
     stream = data.get("stream", stream_default)
     if stream is None:

@@ -58,6 +58,7 @@ def normalize_name(name: str) -> str:
 # Ollama's longest name parts, in bytes (types/model/name.go, `isValidLen`): host 350, namespace,
 # model and tag 80 each; so no valid name is longer than 593 bytes.
 NAME_PART_LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
+SCHEME_LIMIT = 16  # `https://` and the like, before the host
 
 
 def name_parts(name: str) -> dict[str, str]:
@@ -77,6 +78,9 @@ def name_too_long(name: str) -> str | None:
     """Why a model name cannot be one Ollama accepts for its length, or None. Only lengths are
     checked: OpenAI-dialect engines name models more freely than Ollama (paths, capitals).
     Not cached: a cache keyed by the names clients send keeps megabytes of them."""
+    scheme, cut, _ = name.partition("://")
+    if cut and len(scheme.encode()) > SCHEME_LIMIT:  # dropped by Ollama, but no name's part
+        return f"its scheme is {len(scheme.encode())} bytes, more than {SCHEME_LIMIT}"
     for part, text in name_parts(name).items():
         size, limit = len(text.encode()), NAME_PART_LIMITS[part]
         if size > limit:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from parallama.errors import ApiError
+from parallama.errors import ApiError, excerpt
 from parallama.protocol.chat_events import (
     AnswerWriter,
     Counted,
@@ -85,7 +85,8 @@ def _add_item(chat: list[dict[str, Any]], item: Any) -> None:
     if kind == "message":
         role = _ROLES.get(str(item.get("role")))
         if role is None:
-            raise ApiError(400, f"input: a message's role cannot be {item.get('role')!r}")
+            given = excerpt(repr(item.get("role")))
+            raise ApiError(400, f"input: a message's role cannot be {given}")
         chat.append({"role": role, "content": _content(item.get("content"))})
     elif kind == "function_call":
         call = {
@@ -108,7 +109,7 @@ def _add_item(chat: list[dict[str, Any]], item: Any) -> None:
     elif kind == "reasoning":
         return  # a stateless engine thinks again; an encrypted reasoning item is not its own
     else:
-        raise ApiError(400, f"input: an item of type {kind!r} is not supported here")
+        raise ApiError(400, f"input: an item of type {excerpt(repr(kind))} is not supported here")
 
 
 def _content(content: Any) -> str | list[dict[str, Any]]:
@@ -124,7 +125,8 @@ def _content(content: Any) -> str | list[dict[str, Any]]:
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
             parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
         else:
-            raise ApiError(400, f"input: a content part of type {kind!r} is not supported here")
+            given = excerpt(repr(kind))
+            raise ApiError(400, f"input: a content part of type {given} is not supported here")
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts

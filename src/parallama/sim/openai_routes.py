@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from parallama.errors import ApiError
+from parallama.errors import ApiError, excerpt
 from parallama.protocol import openai
 from parallama.protocol.chat_events import AnswerWriter
 from parallama.sim.answers import chat_prompt, generate_prompt, tool_call
@@ -152,7 +152,8 @@ class OpenAIRoutes:
             raise ApiError(400, "invalid input: expected a string or a non-empty array of strings")
         encoding = body.get("encoding_format", str, "float")
         if encoding not in ("float", "base64"):
-            raise ApiError(400, f"invalid encoding_format {encoding!r}: use 'float' or 'base64'")
+            given = excerpt(repr(encoding))
+            raise ApiError(400, f"invalid encoding_format {given}: use 'float' or 'base64'")
         vectors, prompt_tokens, _, _ = await self.emulator.embed_vectors(spec, body, inputs)
         data = [
             {"object": "embedding", "embedding": _encode(v, encoding), "index": i}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from parallama.errors import ApiError
+from parallama.errors import ApiError, excerpt
 from parallama.protocol.durations import DurationError, keep_alive_seconds
 from parallama.protocol.ollama import name_too_long
 
@@ -73,5 +73,5 @@ def option_int(options: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError(400, f"option {name!r} must be a number")
+        raise ApiError(400, f"option {excerpt(repr(name))} must be a number")
     return int(value)
