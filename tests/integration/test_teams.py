@@ -696,3 +696,55 @@ def test_a_paused_postgresql_shows_as_down_and_the_gateway_still_serves_and_stop
         finally:
             for pid in paused:
                 os.kill(pid, signal.SIGCONT)
+
+
+def test_a_key_with_the_manage_right_manages_models_and_others_may_not(
+    sim: SimServer, database: str
+) -> None:
+    """A team's Open WebUI, with its own key, pulls a model; a key without the right, or
+    none, is refused; the right shows in the key's listing."""
+    manager = new_key(database, "webui", "--manage", "yes")
+    user = new_key(database, "alice")
+    pull = {"model": "phi3:mini", "stream": False}
+    with keyed_gateway(sim, database, admin_token="s3cret") as url:
+        pulled = httpx.post(f"{url}/api/pull", json=pull, headers=bearer(manager), timeout=10)
+        refused = httpx.post(f"{url}/api/pull", json=pull, headers=bearer(user), timeout=10)
+        anonymous = httpx.post(f"{url}/api/pull", json=pull, timeout=10)
+    assert pulled.status_code == 200, pulled.text
+    assert pulled.json()["status"] == "success"
+    assert refused.status_code == 403
+    assert "manage" in refused.json()["error"]
+    assert anonymous.status_code == 401
+    listed = cli("keys", "list", "--json", "--database", database)
+    assert {k["name"]: k["manage"] for k in json.loads(listed)} == {
+        "webui": True,
+        "alice": False,
+    }
+
+
+def test_a_database_of_the_first_schema_is_brought_up_to_date_with_its_keys(
+    tmp_path: Path,
+) -> None:
+    """Keys made before the `manage` right keep working, without it."""
+    import sqlite3
+
+    from parallama.teams.store import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        for statement in _MIGRATIONS[0]:
+            old.execute(statement)
+        old.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        old.execute("INSERT INTO schema_version (version) VALUES (1)")
+        old.execute(
+            "INSERT INTO keys VALUES ('old', 'abc123', 'x', 0, '', NULL, NULL, NULL, NULL, "
+            "NULL, 1, NULL, NULL)"
+        )
+        old.commit()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        (key,) = store.keys()
+    finally:
+        store.close()
+    assert key.name == "old"
+    assert key.manage is False

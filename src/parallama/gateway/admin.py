@@ -22,6 +22,7 @@ from parallama.gateway.metrics import CONTENT_TYPE
 from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama
 from parallama.protocol.hosts import host_of, local_host
+from parallama.protocol.inspect import api_key_of
 from parallama.teams.access import Access, describe
 from parallama.teams.keys import LIMITS, parse_age
 from parallama.teams.store import GROUPS, KeyExists, UnknownKey
@@ -143,6 +144,23 @@ class Admin:
         if access is None:
             raise ApiError(404, 'no keys or ledger here: set auth = "keys" (or ledger = "on")')
         return access
+
+    def authorize_management(self, request: Request, exchange: Exchange) -> None:
+        """Model management (pull, push, create, copy, delete, blobs): the admin rule, or
+        where keys are required an API key given the `manage` right (a team's Open WebUI
+        pulling a model with its own key)."""
+        try:
+            self.authorize(request)
+            return
+        except ApiError:
+            access = self._gateway.access
+            given = api_key_of(request.headers)
+            if access is None or not access.keys_required or not given:
+                raise
+        key = access.authenticate(given, request.target)
+        if not key.manage:
+            raise ApiError(403, f"API key {key.name!r} may not manage models: give it --manage yes")
+        exchange.key = key.name
 
     def authorize(self, request: Request) -> None:
         """The admin token, or (none set) a loopback client naming a local host. Never a web

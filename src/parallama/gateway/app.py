@@ -20,6 +20,8 @@ from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, ConfigError, excerpt
 from parallama.gateway.admin import Admin
+from parallama.gateway.blobs import PREFIX as BLOB_PREFIX
+from parallama.gateway.blobs import FleetBlobs
 from parallama.gateway.cors import Origins
 from parallama.gateway.dashboard import Dashboard
 from parallama.gateway.fleet import Fleet
@@ -51,6 +53,7 @@ _READ_AT_START = (
 log = logging.getLogger("parallama.gateway")
 _MODEL_PREFIX = "/v1/models/"
 _MODEL_PATH = _MODEL_PREFIX + "{model}"  # one model: the OpenAI SDK's models.retrieve
+_BLOB_PATH = BLOB_PREFIX + "{digest}"
 
 
 class Gateway:
@@ -107,6 +110,7 @@ class Gateway:
             **{path: {"POST": self._proxy} for path in STREAM_DEFAULTS},
             "/api/show": {"POST": self._proxy.show},  # no generation: it takes no slot
             **{path: {method: fleet_models} for path, method in MANAGEMENT_ROUTES.items()},
+            _BLOB_PATH: dict.fromkeys(("HEAD", "POST"), FleetBlobs(self)),
         }
         # What needs an API key when keys are required: the models, not the gateway's own.
         self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}
@@ -141,6 +145,7 @@ class Gateway:
             body_timeout=settings.body_timeout,
             idle_timeout=settings.idle_timeout,
             max_body_bytes=settings.max_body_bytes,
+            streamed_prefixes=(BLOB_PREFIX.encode(),),
         )
 
     async def start(self) -> None:
@@ -245,10 +250,14 @@ class Gateway:
             self._record(exchange)
 
     def _route(self, method: str, path: str) -> Route:
-        by_method = self.routes.get(_MODEL_PATH if path.startswith(_MODEL_PREFIX) else path)
+        if path.startswith(_MODEL_PREFIX):
+            path = _MODEL_PATH
+        elif path.startswith(BLOB_PREFIX):
+            path = _BLOB_PATH
+        by_method = self.routes.get(path)
         if by_method is None:
             raise ApiError(404, f"no route {method} {excerpt(path)}")
-        route = by_method.get("GET" if method == "HEAD" else method)
+        route = by_method.get(method) or by_method.get("GET" if method == "HEAD" else method)
         if route is None:
             raise ApiError(405, f"method {excerpt(method)} not allowed on {excerpt(path)}")
         return route

@@ -31,6 +31,9 @@ class ConnectionLimits:
     body_timeout: float = 60.0  # seconds a client may pause while sending a body
     idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for its next request
     max_body_bytes: int = 16 * 1024 * 1024
+    # Targets whose bodies are streamed to their handler, never held, so not held to
+    # `max_body_bytes` (model blobs: gigabytes).
+    streamed_prefixes: tuple[bytes, ...] = ()
 
 
 def usable_connections(wanted: int) -> int:

@@ -27,6 +27,7 @@ from parallama.protocol.bodies import parse_json_object
 
 if TYPE_CHECKING:
     from parallama.gateway.app import Gateway
+    from parallama.gateway.fleet import Fleet
 
 ROUTES = {
     "/api/pull": "POST",
@@ -46,11 +47,11 @@ class FleetModels:
         self._gateway = gateway
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
-        self._gateway.admin.authorize(request)
+        self._gateway.admin.authorize_management(request, exchange)
         body = await request.read()
         data = parse_json_object(body)
         path = request.path
-        targets = self._targets(request.headers.get("X-Parallama-Backends"))
+        targets = ollama_targets(self._gateway.fleet, request.headers.get("X-Parallama-Backends"))
         if not targets:
             raise ApiError(503, "no Ollama backend to send it to")
         streamed = path in _STREAMED and data.get("stream", True) is not False
@@ -65,18 +66,6 @@ class FleetModels:
         finally:
             for url in targets:
                 self._gateway.fleet.probe_now(url)
-
-    def _targets(self, named: str | None) -> list[str]:
-        """The Ollama backends, or those named (each must be one)."""
-        fleet = self._gateway.fleet
-        ollama_backends = [url for url in fleet.upstreams if fleet.dialect(url) == "ollama"]
-        if not named:
-            return ollama_backends
-        wanted = [url.strip().rstrip("/") for url in named.split(",") if url.strip()]
-        unknown = [url for url in wanted if url not in ollama_backends]
-        if unknown:
-            raise ApiError(400, f"not an Ollama backend of this gateway: {excerpt(unknown[0])}")
-        return wanted
 
     async def _whole(self, url: str, path: str, body: bytes) -> str:
         """One backend's outcome: "success", or the reason it failed."""
@@ -93,7 +82,7 @@ class FleetModels:
             return f"backend {exc}"
         if answer.status == 200:
             return "success"
-        return _reason(text, answer.status)
+        return reason(text, answer.status)
 
     async def _streamed(self, path: str, body: bytes, targets: list[str], reply: Reply) -> None:
         lines: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
@@ -141,8 +130,20 @@ class FleetModels:
         finally:
             answer.release()
         if answer.status != 200:
-            return outcome or _reason(buffered, answer.status)
+            return outcome or reason(buffered, answer.status)
         return outcome or "no status"
+
+
+def ollama_targets(fleet: Fleet, named: str | None) -> list[str]:
+    """The Ollama backends, or those named in `X-Parallama-Backends` (each must be one)."""
+    ollama_backends = [url for url in fleet.upstreams if fleet.dialect(url) == "ollama"]
+    if not named:
+        return ollama_backends
+    wanted = [url.strip().rstrip("/") for url in named.split(",") if url.strip()]
+    unknown = [url for url in wanted if url not in ollama_backends]
+    if unknown:
+        raise ApiError(400, f"not an Ollama backend of this gateway: {excerpt(unknown[0])}")
+    return wanted
 
 
 def _tagged(line: bytes, url: str) -> tuple[bytes | None, str]:
@@ -159,7 +160,8 @@ def _tagged(line: bytes, url: str) -> tuple[bytes | None, str]:
     return orjson.dumps(said) + b"\n", "success" if said.get("status") == "success" else ""
 
 
-def _reason(text: bytes, status: int) -> str:
+def reason(text: bytes, status: int) -> str:
+    """What a backend's answer says went wrong: its error, or its status."""
     try:
         said: Any = orjson.loads(text)
     except orjson.JSONDecodeError:

@@ -30,7 +30,7 @@ import asyncio
 import functools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Literal, cast
 from urllib.parse import unquote
 
@@ -105,6 +105,7 @@ class Request:
         "method",
         "raw_headers",
         "remote",
+        "streamed",
         "target",
     )
 
@@ -132,6 +133,7 @@ class Request:
         # The body as it came: one piece (the usual case, taken as it is), or a bytearray that
         # pieces are added to (a chunked body of 2-byte chunks must not cost an object each).
         self._body: bytes | bytearray = b""
+        self.streamed = False  # taken piece by piece (`pieces`), never held whole
         self._complete = False
         self._error: ApiError | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -181,6 +183,32 @@ class Request:
             raise self._error
         return bytes(self._body) if isinstance(self._body, bytearray) else self._body
 
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body as it comes, for a target of `streamed_prefixes` (model blobs, gigabytes):
+        what has arrived, then the rest piece by piece, with no `max_body_bytes`; reading
+        pauses while a megabyte waits unread. 408 as `read`'s."""
+        limits = self._connection.connections.limits
+        while True:
+            if self._body:
+                piece, self._body = bytes(self._body), b""
+                self._connection.body_wanted(self)
+                yield piece
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return
+            self._waiter = asyncio.get_running_loop().create_future()
+            self._connection.body_wanted(self)
+            try:
+                async with asyncio.timeout(limits.body_timeout):
+                    await self._waiter
+            except TimeoutError:
+                pause = limits.body_timeout
+                self._error = ApiError(408, f"the request body stopped arriving for {pause:g} s")
+            finally:
+                self._waiter = None
+
     # -- fed by the connection ----------------------------------------------------------------
 
     @property
@@ -191,7 +219,7 @@ class Request:
         if self._error is not None:
             return  # refused already: the rest is dropped
         limit = self._connection.connections.limits.max_body_bytes
-        if len(self._body) + len(data) > limit:
+        if len(self._body) + len(data) > limit and not self.streamed:
             self._fail(ApiError(413, f"request body is larger than {limit} bytes"))
             self._body = b""
             return
@@ -496,9 +524,11 @@ class ServerConnection(asyncio.Protocol):
             http11=parser.get_http_version() == "1.1",
         )
         self._parsing = request
+        limits = self.connections.limits
+        request.streamed = self._url.startswith(limits.streamed_prefixes)
         length = by_name.get(b"content-length")
-        limit = self.connections.limits.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
+        limit = limits.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit and not request.streamed:
             request._fail(ApiError(413, f"request body is larger than {limit} bytes"))
         if self._current is None:
             self._begin(request)
@@ -515,8 +545,11 @@ class ServerConnection(asyncio.Protocol):
         if request is None:
             return
         request._feed(body)
-        if request.body_size > _BODY_HIGH_WATER and request is not self._current:
-            self._pause_reading()  # pipelined ahead of its turn: no more until it is taken
+        if request.body_size > _BODY_HIGH_WATER and (
+            request is not self._current or request.streamed
+        ):
+            # Pipelined ahead of its turn, or taken piece by piece: no more until it is taken.
+            self._pause_reading()
 
     def on_message_complete(self) -> None:
         self._past_chunks = False

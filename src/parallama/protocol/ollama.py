@@ -6,6 +6,7 @@ Shared by the emulator (which speaks it) and the gateway (which relays and somet
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import orjson
@@ -25,6 +26,11 @@ GO_ZERO_TIME = "0001-01-01T00:00:00Z"  # how Go marshals an unset time.Time
 CURRENT_VERSION = "0.32.6"
 # The first release with each route that an engine may lack (Ollama's server/routes.go).
 ROUTE_SINCE = {"/v1/responses": (0, 13, 3), "/v1/messages": (0, 14, 0)}
+
+
+# A blob's name in `/api/blobs/:digest` (Ollama's manifest.BlobsPath accepts `sha256-` too).
+BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
+INVALID_DIGEST = "invalid digest format"
 
 
 def parse_version(text: Any) -> tuple[int, int, int] | None:

@@ -59,6 +59,7 @@ class Emulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.models: dict[str, ModelSpec] = {m.name: m for m in config.models}
+        self.blobs: dict[str, int] = {}  # uploaded: digest to size (the bytes are not kept)
         self.started_at = time.time()
         self.outcomes: Counter[str] = Counter()
         self._engine: Engine | None = None

@@ -1,17 +1,20 @@
 """The emulator's model management, as Ollama answers it: `/api/pull` (a simulated download
-with progress lines, after which the model is installed), `/api/delete` and `/api/copy`. Any
+with progress lines, after which the model is installed), `/api/delete`, `/api/copy`, blobs
+(`HEAD`/`POST /api/blobs/:digest`: uploads checked against their digest as they stream, only
+the digest and size kept) and `/api/create` from blobs (`files`) or a model (`from`). Any
 well-formed name pulls: the emulated registry has every model (`catalog.spec_for` sizes it)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from parallama.errors import ApiError
+from parallama.errors import ApiError, excerpt
 from parallama.protocol import ollama
 from parallama.protocol.ollama import normalize_name
 from parallama.sim.catalog import spec_for
@@ -73,3 +76,65 @@ class ModelManagement:
             raise ApiError(400, "invalid destination name")
         self.emulator.models[destination] = replace(source, name=destination)
         return web.Response(status=200)
+
+    async def head_blob(self, request: web.Request) -> web.Response:
+        digest = _digest(request)
+        if digest not in self.emulator.blobs:
+            raise ApiError(404, f'blob "{digest}" not found')
+        return web.Response(status=200)
+
+    async def create_blob(self, request: web.Request) -> web.Response:
+        """201 once the body's SHA-256 is the digest named; 200 at once if it is here."""
+        digest = _digest(request)
+        if digest in self.emulator.blobs:
+            return web.Response(status=200)
+        hashed, size = hashlib.sha256(), 0
+        async for piece in request.content.iter_any():
+            hashed.update(piece)
+            size += len(piece)
+        got = f"sha256:{hashed.hexdigest()}"
+        if got != digest:
+            raise ApiError(400, f'digest mismatch, expected "{digest}", got "{got}"')
+        self.emulator.blobs[digest] = size
+        return web.Response(status=201)
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        body = await self.emulator.read_body(request, "CreateRequest")
+        name = normalize_name(body.model(old_field="name"))
+        if not name.strip(":") or ollama.name_too_long(name) is not None:
+            raise ApiError(400, "invalid model name")
+        files = body.get("files", dict, {})
+        source = body.get("from", str, "")
+        if not files and not source:
+            raise ApiError(400, "neither 'from' or 'files' was specified")
+        if files:
+            digests = [str(d).replace("-", ":", 1) for d in files.values()]
+            missing = [d for d in digests if d not in self.emulator.blobs]
+            if missing:
+                raise ApiError(400, f'blob "{excerpt(missing[0], 80)}" not found')
+            size = sum(self.emulator.blobs[d] for d in digests)
+            spec = replace(spec_for(name), size=size)
+            lines = [
+                {"status": "parsing GGUF"},
+                *({"status": f"using existing layer {d}"} for d in digests),
+            ]
+        else:
+            spec = replace(self.emulator.find_model(source), name=name)
+            lines = [{"status": "using existing layer sha256:" + spec.digest}]
+        lines.append({"status": "writing manifest"})
+        self.emulator.models[name] = spec
+        if not body.get("stream", bool, True):
+            return json_response({"status": "success"})
+        response = web.StreamResponse(headers={"Content-Type": ollama.NDJSON})
+        await response.prepare(request)
+        for line in [*lines, {"status": "success"}]:
+            await response.write(orjson.dumps(line) + b"\n")
+        await response.write_eof()
+        return response
+
+
+def _digest(request: web.Request) -> str:
+    digest = request.match_info["digest"]
+    if not ollama.BLOB_DIGEST.fullmatch(digest):
+        raise ApiError(400, ollama.INVALID_DIGEST)
+    return digest.replace("-", ":", 1)

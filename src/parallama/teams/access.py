@@ -415,4 +415,5 @@ def describe(key: ApiKey) -> dict[str, Any]:
         "created_at": key.created_at,
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
+        "manage": key.manage,
     }

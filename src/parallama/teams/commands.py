@@ -82,6 +82,9 @@ def _limit_arguments(parser: argparse.ArgumentParser, *, lifting: bool = False) 
     parser.add_argument("--budget", help=f"tokens per period: 1000000/day, /week, /month{lift}")
     parser.add_argument("--priority", help="its weight in fair shares, 1-100 (default: 1)")
     parser.add_argument("--expires", help=f"a date (2027-01-31: through that day, UTC){lift}")
+    parser.add_argument(
+        "--manage", help="yes: it may pull, push, create, copy and delete models (default: no)"
+    )
 
 
 def run_keys(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ class ApiKey:
     priority: int = 1  # its weight in fair shares
     expires_at: float | None = None
     revoked_at: float | None = None
+    manage: bool = False  # may pull, push, create, copy and delete models, and upload blobs
 
     def usable(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -157,7 +158,7 @@ def period_end(period: Period, now: float) -> float:
     return end.timestamp()
 
 
-LIMITS = ("models", "rpm", "tpm", "max_concurrent", "budget", "priority", "expires")
+LIMITS = ("models", "rpm", "tpm", "max_concurrent", "budget", "priority", "expires", "manage")
 
 
 def key_fields(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,7 +169,9 @@ def key_fields(given: Mapping[str, Any]) -> dict[str, Any]:
         value = given.get(name)
         if value is None:
             continue
-        if value == "none" and name != "priority":
+        if name == "manage":
+            found["manage"] = _yes_or_no(name, value)
+        elif value == "none" and name != "priority":
             lifted = {"expires": ("expires_at", None), "models": ("models", ())}
             field_name, nothing = lifted.get(name, (name, None))
             found[field_name] = nothing
@@ -186,6 +189,15 @@ def key_fields(given: Mapping[str, Any]) -> dict[str, Any]:
         else:
             found[name] = _whole(name, value, 100 if name == "priority" else None)
     return found
+
+
+def _yes_or_no(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("yes", "no", "true", "false"):
+        raise ConfigError(f"{name}: yes or no, not {text[:32]!r}")
+    return text in ("yes", "true")
 
 
 def _whole(name: str, value: Any, most: int | None) -> int:

@@ -57,10 +57,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX usage_at ON usage (at)",
         "CREATE INDEX usage_key_at ON usage (key_name, at)",
     ),
+    (  # 2: the right to manage models
+        "ALTER TABLE keys ADD COLUMN manage INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 _KEY_FIELDS = (
     *("name", "key_id", "key_hash", "created_at", "models", "rpm", "tpm", "max_concurrent"),
-    *("budget_tokens", "budget_period", "priority", "expires_at", "revoked_at"),
+    *("budget_tokens", "budget_period", "priority", "expires_at", "revoked_at", "manage"),
 )
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
 
@@ -425,12 +428,13 @@ def _row(key: ApiKey) -> tuple[Any, ...]:
         key.priority,
         key.expires_at,
         key.revoked_at,
+        int(key.manage),
     )
 
 
 def _key(row: Sequence[Any]) -> ApiKey:
     (name, key_id, key_hash, created, models, rpm, tpm, concurrent) = row[:8]
-    (budget_tokens, budget_period, priority, expires, revoked) = row[8:]
+    (budget_tokens, budget_period, priority, expires, revoked, manage) = row[8:]
     return ApiKey(
         name=name,
         key_id=key_id,
@@ -444,6 +448,7 @@ def _key(row: Sequence[Any]) -> ApiKey:
         priority=int(priority),
         expires_at=expires,
         revoked_at=revoked,
+        manage=bool(manage),
     )
 
 
