@@ -73,7 +73,8 @@ def test_ollama_client_chats_streaming_and_not_through_an_openai_engine() -> Non
         text = "".join(c.message.content or "" for c in chunks)
         assert text.strip()
 
-        generated = client.generate(model=CHAT_MODEL, prompt="Say hi", stream=False)
+        # `think` goes as the engine takes it (chat_template_kwargs), which it accepts.
+        generated = client.generate(model=CHAT_MODEL, prompt="Say hi", stream=False, think=False)
         assert generated.response and generated.done
         assert native_requests(engine) == 0  # all of it went to /v1
 

@@ -376,3 +376,38 @@ def test_engine_errors_become_ollama_messages(body: bytes, message: str) -> None
 
 def test_fastapis_422_is_ollamas_400() -> None:
     assert [ollama_status(s) for s in (200, 404, 422, 500)] == [200, 404, 400, 500]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+def test_think_reaches_an_openai_dialect_engine_as_llama_server_and_vllm_take_it(
+    path: str,
+) -> None:
+    asked = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
+    _, off = request(path, think=False, **asked)
+    _, on = request(path, think=True, **asked)
+    _, high = request(path, think="high", **asked)
+    _, unsaid = request(path, **asked)
+    assert off["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "reasoning_effort" not in off
+    assert on["chat_template_kwargs"] == {"enable_thinking": True}
+    assert high["reasoning_effort"] == "high"  # vLLM's and OpenAI's field (gpt-oss levels)
+    assert high["chat_template_kwargs"] == {"enable_thinking": True, "reasoning_effort": "high"}
+    assert "chat_template_kwargs" not in unsaid and "reasoning_effort" not in unsaid
+    with pytest.raises(ApiError, match="think") as refused:
+        request(path, think="extreme", **asked)
+    assert refused.value.status == 400
+
+
+def test_thinking_in_the_history_goes_back_as_reasoning_content() -> None:
+    history = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "thinking": "two and two make four"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
+    _, sent = request("/api/chat", messages=history)
+    assert sent["messages"][1] == {
+        "role": "assistant",
+        "content": "4",
+        "reasoning_content": "two and two make four",
+    }
+    assert "reasoning_content" not in sent["messages"][0]

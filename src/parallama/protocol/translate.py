@@ -157,10 +157,29 @@ def _completion(
     response_format = _response_format(data.get("format"))
     if response_format is not None:
         request["response_format"] = response_format
+    if target == CHAT:
+        request |= _thinking(data.get("think"))
     request["stream"] = stream
     if stream:
         request["stream_options"] = {"include_usage": True}
     return Translated(kind, model, stream, target, orjson.dumps(request))
+
+
+_THINK_LEVELS = ("high", "medium", "low")
+
+
+def _thinking(think: Any) -> dict[str, Any]:
+    """Ollama's `think` as the engines take it: `enable_thinking` for the chat template (Qwen3,
+    DeepSeek and the like, on llama-server and vLLM alike), and a level (gpt-oss) also as
+    OpenAI's `reasoning_effort`. Unsaid: the engine's default, as at Ollama."""
+    if think is None:
+        return {}
+    if isinstance(think, bool):
+        return {"chat_template_kwargs": {"enable_thinking": think}}
+    if think in _THINK_LEVELS:
+        kwargs = {"enable_thinking": True, "reasoning_effort": think}
+        return {"reasoning_effort": think, "chat_template_kwargs": kwargs}
+    raise ApiError(400, 'think must be true, false, "high", "medium" or "low"')
 
 
 def _response_format(given: Any) -> dict[str, Any] | None:
@@ -175,7 +194,7 @@ def _response_format(given: Any) -> dict[str, Any] | None:
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
     """One Ollama message as OpenAI's: images become data-URL parts, tool-call arguments a JSON
-    string, and `thinking` is left out (the engine thinks again)."""
+    string, `thinking` the `reasoning_content` llama-server's and vLLM's templates read."""
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise ApiError(400, "each message needs a role")
@@ -195,6 +214,8 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
         converted["name"] = message["tool_name"]
     if isinstance(message.get("tool_call_id"), str):
         converted["tool_call_id"] = message["tool_call_id"]
+    if isinstance(message.get("thinking"), str) and message["thinking"]:
+        converted["reasoning_content"] = message["thinking"]
     return converted
 
 
