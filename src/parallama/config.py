@@ -187,6 +187,12 @@ class GatewaySettings(BaseModel):
         1, ge=1, description="default slots per model for backends that do not set their own"
     )
     max_queue: int = Field(1024, ge=1, description="waiting requests, all models together")
+    max_queue_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="bytes of request bodies waiting, all models together, before 503 + "
+        "Retry-After (with max_body_bytes of 16 MiB, 1,024 waiting requests could hold 16 GiB)",
+    )
     max_queue_per_model: int = Field(
         512, ge=1, description="waiting requests per model before 503 + Retry-After"
     )
@@ -400,6 +406,7 @@ class GatewaySettings(BaseModel):
     def scheduler(self) -> SchedulerSettings:
         return SchedulerSettings(
             max_queue=self.max_queue,
+            max_queue_bytes=self.max_queue_bytes,
             max_queue_per_model=self.max_queue_per_model,
             queue_timeout=self.queue_timeout,
             discipline=self.discipline,

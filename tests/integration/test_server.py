@@ -18,7 +18,14 @@ import pytest
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
 from parallama.sim.server import SimServer
-from tests.simhelpers import CHAT_MODEL, gateway_status, gateway_with, sim_server
+from tests.simhelpers import (
+    CHAT_MODEL,
+    gateway_status,
+    gateway_with,
+    make_config,
+    sim_server,
+    sim_servers,
+)
 
 GENERATE = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi", "stream": False})
 STREAM = orjson.dumps({"model": CHAT_MODEL, "prompt": "hi"})
@@ -336,3 +343,26 @@ def test_a_burst_of_connections_is_held_by_the_kernel_while_the_gateway_is_busy(
         release.set()
         for client in clients:
             client.close()
+
+
+def test_bodies_pipelined_behind_a_long_answer_are_read_no_further_than_a_megabyte() -> None:
+    """Each pipelined body was held back only past a megabyte of its own: 64 of them just
+    under it were 64 MiB read ahead, per connection."""
+    config = make_config(decode_tps=20.0, output_tokens=(400, 400))
+    with sim_servers(config) as (slow,), gateway_with((BackendSettings(url=slow.url),)) as gw:
+        body = orjson.dumps({"model": CHAT_MODEL, "prompt": "x" * (512 * 1024 - 64)})
+        ahead = post("/api/generate", body) * 60  # 30 MiB, behind the stream
+        with socket.create_connection(("127.0.0.1", gw.port)) as client:
+            client.sendall(post("/api/generate", STREAM))
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")  # the stream is on
+            client.setblocking(False)
+            sent = 0
+            with selectors.DefaultSelector() as waiting:
+                waiting.register(client, selectors.EVENT_WRITE)
+                while sent < len(ahead) and waiting.select(timeout=2):  # until it stalls
+                    try:
+                        sent += client.send(ahead[sent : sent + 65536])
+                    except BlockingIOError:
+                        continue
+    # A megabyte read ahead, and what the kernel buffers on either side (a few MB here).
+    assert sent < 16 * 1024 * 1024, sent

@@ -415,3 +415,16 @@ def test_a_deadline_does_not_refuse_a_request_that_waits_for_an_engine_to_start(
     s = make(Backend("standby", online=False), queue_timeout=60)
     s.set_standby("standby", True)
     assert s.submit(M, deadline=5).queued
+
+
+def test_the_queue_holds_bodies_up_to_its_bytes_not_only_its_count() -> None:
+    """A thousand 16 MiB bodies waiting were 16 GiB held: the count alone bounded nothing."""
+    s = make(Backend("a"), max_queue_bytes=10_000)
+    running = s.submit(M, size=9_000)  # bound at once: it waits for nothing
+    waiting = s.submit(M, size=6_000)
+    with pytest.raises(QueueFullError, match="bytes"):
+        s.submit(M, size=6_000)
+    s.cancel(waiting)
+    again = s.submit(M, size=6_000)
+    assert again.queued and running.backend is not None
+    assert adds_up(s)

@@ -129,6 +129,7 @@ class Lifecycle:
         session: str = "",
         prefix: Blocks = (),
         deadline: float | None = None,
+        size: int = 0,
     ) -> None:
         """Into the gateway's queue, or bound at once to a backend with a free slot; else an
         `ApiError`: 503 with Retry-After (the queue is full, no backend is healthy, or the wait
@@ -145,6 +146,7 @@ class Lifecycle:
                 prefix=prefix,
                 weight=weight,
                 deadline=deadline,
+                size=size,
             )
         except (QueueFullError, UnavailableError, DeadlineError) as refused:
             exchange.outcome = Outcome.REJECTED.value

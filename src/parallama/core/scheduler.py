@@ -98,6 +98,7 @@ class Ticket:
     skipped: int = 0  # times a later request was bound before it (prefix affinity)
     concurrency: int = 0  # requests of its model on its backend once it was sent there
     prefix_slot: int = -1  # prefix affinity: its slot in its backend's memory, until released
+    size: int = 0  # bytes it holds while it waits: its body
 
     def __post_init__(self) -> None:
         self.queued_since = self.arrived_at
@@ -202,6 +203,7 @@ class Backend:
 @dataclass(frozen=True)
 class SchedulerSettings:
     max_queue: int = 1024  # all models together
+    max_queue_bytes: int = 256 * 2**20  # of the bodies waiting, all models together
     max_queue_per_model: int = 512
     queue_timeout: float = 60.0
     discipline: Discipline = "fifo"
@@ -528,15 +530,18 @@ class Scheduler:
         prefix: Blocks = (),
         weight: float = 1.0,
         deadline: float | None = None,
+        size: int = 0,
     ) -> Ticket:
         """Admit a request, or raise `QueueFullError`, `NoBackendError`, `UnavailableError`
         or `DeadlineError` (counted as rejected).
 
-        The queue bounds and the deadline apply only to requests that would have to wait."""
+        The queue bounds and the deadline apply only to requests that would have to wait; the
+        queue is bounded in requests and in the bytes (`size`) their bodies hold."""
         self.total += 1
         ticket = Ticket(
             model, client, priority, self._clock(), next(self._seq), session, prefix, weight
         )
+        ticket.size = size
         if self.queue_depth(model) == 0:
             backend = self._choose(ticket, waiting=1)
             if backend is not None:  # a free slot and nobody ahead: bind at once
@@ -557,6 +562,10 @@ class Scheduler:
         if self.queue_depth(model) >= self.settings.max_queue_per_model:
             self._end(ticket, Outcome.REJECTED)
             raise QueueFullError(f"model '{model}'", self.retry_after(model))
+        if self.queued_bytes() + size > self.settings.max_queue_bytes:
+            self._end(ticket, Outcome.REJECTED)
+            limit = self.settings.max_queue_bytes
+            raise QueueFullError(f"gateway ({limit} bytes of bodies)", self.retry_after(model))
         if deadline is not None and (expected := self.expected_wait(model)) > deadline:
             self._end(ticket, Outcome.REJECTED)
             raise DeadlineError(expected, deadline, self.retry_after(model))
@@ -565,6 +574,10 @@ class Scheduler:
         heapq.heappush(self._waiting, (ticket.queue_key, ticket.seq, ticket))
         self._dispatch(model)
         return ticket
+
+    def queued_bytes(self) -> int:
+        """What the waiting requests' bodies hold (counted only when one would wait)."""
+        return sum(t.size for queue in self._queues.values() for t in queue.tickets())
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: leave the queue, or free the backend slot it held."""

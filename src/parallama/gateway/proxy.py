@@ -199,6 +199,7 @@ class Proxy:
                 session=info.session if policy == "session-affinity" else "",
                 prefix=prefix_blocks(model, info.material) if policy == "prefix-affinity" else (),
                 deadline=info.deadline,
+                size=len(body),
             )
             outbound = _Outbound(path, request.target, forwarded, body, info)
             attempt = self._attempt if exchange.trace is None else self._traced_attempt

@@ -545,10 +545,11 @@ class ServerConnection(asyncio.Protocol):
         if request is None:
             return
         request._feed(body)
-        if request.body_size > _BODY_HIGH_WATER and (
-            request is not self._current or request.streamed
-        ):
-            # Pipelined ahead of its turn, or taken piece by piece: no more until it is taken.
+        if request is self._current:
+            if request.streamed and request.body_size > _BODY_HIGH_WATER:
+                self._pause_reading()  # taken piece by piece: no more until it is taken
+        elif sum(r.body_size for r in self._pending) > _BODY_HIGH_WATER:
+            # Pipelined ahead of their turn, all of them together: no more until one is taken.
             self._pause_reading()
 
     def on_message_complete(self) -> None:
