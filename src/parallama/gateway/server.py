@@ -166,19 +166,8 @@ class Request:
     async def read(self) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 if the client pauses longer than
         `body_timeout` while sending it (nginx's client_body_timeout)."""
-        limits = self._connection.connections.limits
         while not self._complete and self._error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            self._connection.body_wanted(self)
-            try:
-                async with asyncio.timeout(limits.body_timeout):
-                    await self._waiter
-            except TimeoutError:
-                pause = limits.body_timeout
-                message = f"the request body stopped arriving for {pause:g} s"
-                self._error = ApiError(408, message)
-            finally:
-                self._waiter = None
+            await self._more()
         if self._error is not None:
             raise self._error
         return bytes(self._body) if isinstance(self._body, bytearray) else self._body
@@ -187,7 +176,6 @@ class Request:
         """The body as it comes, for a target of `streamed_prefixes` (model blobs, gigabytes):
         what has arrived, then the rest piece by piece, with no `max_body_bytes`; reading
         pauses while a megabyte waits unread. 408 as `read`'s."""
-        limits = self._connection.connections.limits
         while True:
             if self._body:
                 piece, self._body = bytes(self._body), b""
@@ -198,16 +186,21 @@ class Request:
                 raise self._error
             if self._complete:
                 return
-            self._waiter = asyncio.get_running_loop().create_future()
-            self._connection.body_wanted(self)
-            try:
-                async with asyncio.timeout(limits.body_timeout):
-                    await self._waiter
-            except TimeoutError:
-                pause = limits.body_timeout
-                self._error = ApiError(408, f"the request body stopped arriving for {pause:g} s")
-            finally:
-                self._waiter = None
+            await self._more()
+
+    async def _more(self) -> None:
+        """Until more of the body came, it ended or failed; a pause past `body_timeout` is the
+        failure (408)."""
+        pause = self._connection.connections.limits.body_timeout
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._connection.body_wanted(self)
+        try:
+            async with asyncio.timeout(pause):
+                await self._waiter
+        except TimeoutError:
+            self._error = ApiError(408, f"the request body stopped arriving for {pause:g} s")
+        finally:
+            self._waiter = None
 
     # -- fed by the connection ----------------------------------------------------------------
 
