@@ -109,7 +109,7 @@ def main() -> None:
     print(profile.read_text())
     print(
         f"A trace of {args.requests} requests, {args.rate:g}/s (seed {args.seed}), replayed on "
-        "SmolLM2-135M, llama-cpp-python's server, one thread each:\n"
+        "SmolLM2-135M, llama.cpp's llama-server, one thread and one slot each:\n"
     )
     print("| engines | | " + " | ".join(name for _, name in COLUMNS) + " | errors |")
     print("|---|---|" + "---|" * (len(COLUMNS) + 1))
