@@ -222,7 +222,8 @@ class Gateway:
                 origin = self.origins.decide(request.method, request.headers)
                 if origin.refused:
                     raise ApiError(403, self._origin_refused(request))
-                reply.cross_origin = list(origin.headers)
+                if origin.headers:
+                    reply.cross_origin = list(origin.headers)
                 if origin.preflight:
                     reply.send(204, b"", None)
                     return
