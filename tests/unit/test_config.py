@@ -14,9 +14,8 @@ from parallama.config import GatewaySettings
 from parallama.errors import ConfigError
 from parallama.gateway.app import Gateway
 from parallama.sim.server import SimServer
+from tests.docs import documentation
 from tests.simhelpers import make_config
-
-README = Path(__file__).parents[2] / "README.md"
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -114,16 +113,16 @@ def test_every_setting_has_a_flag_an_environment_name_and_a_readme_entry() -> No
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     help_text = parser.format_help()
-    readme = README.read_text()
+    readme = documentation()
     for name in GatewaySettings.model_fields:
         if name not in ("backends", "models"):  # tables: in the file only
             assert f"--{name.replace('_', '-')}" in help_text
             assert config.env_name(name) in help_text
-        assert f"`{name}`" in readme, f"README does not document `{name}`"
+        assert f"`{name}`" in readme, f"the docs do not document `{name}`"
     for name in config.BackendSettings.model_fields:
-        assert f"`{name}`" in readme, f"README does not document backend `{name}`"
+        assert f"`{name}`" in readme, f"the docs do not document backend `{name}`"
     for name in config.ModelSettings.model_fields:
-        assert f"`{name}`" in readme, f"README does not document model `{name}`"
+        assert f"`{name}`" in readme, f"the docs do not document model `{name}`"
 
 
 def test_model_tables_make_aliases_and_per_model_routing(tmp_path: Path) -> None:

@@ -22,8 +22,7 @@ from parallama.launch.engines import (
     template,
 )
 from parallama.launch.up import _instances, default_log_dir, plan
-
-README = Path(__file__).parents[2] / "README.md"
+from tests.docs import documentation
 
 
 def instance(**fields: Any) -> InstanceSettings:
@@ -272,7 +271,7 @@ def up_args(*flags: str) -> argparse.Namespace:
 
 
 def readme_block(first_line: str) -> str:
-    blocks: list[str] = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
+    blocks: list[str] = re.findall(r"```toml\n(.*?)```", documentation(), re.S)
     return next(block for block in blocks if block.startswith(first_line))
 
 
@@ -301,6 +300,6 @@ def test_the_readme_example_plans_what_it_says(tmp_path: Path) -> None:
 
 
 def test_every_instance_setting_is_documented() -> None:
-    readme = README.read_text()
+    docs = documentation()
     for name in InstanceSettings.model_fields:
-        assert f"`{name}`" in readme, f"README does not document instance `{name}`"
+        assert f"`{name}`" in docs, f"the docs do not document instance `{name}`"
