@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+@pytest.mark.timeout(480)  # two minutes of load, and the servers' start and stop
 def test_two_minutes_of_mixed_and_hostile_load_leave_the_gateway_as_it_was(
     tmp_path: Path,
 ) -> None:

@@ -369,3 +369,22 @@ async def test_pumping_pauses_the_backend_while_the_consumer_is_behind() -> None
         await up.close()
     assert written.is_set()
     assert digest.digest() == hashlib.sha256(big).digest()
+
+
+async def test_no_more_connections_are_kept_idle_than_the_backend_serves_at_once() -> None:
+    """llama-server serves HTTP on a few threads (sized from its CPUs): connections kept idle
+    beyond its slots held them, and requests waited behind them."""
+
+    async def slow(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.05)  # the six overlap
+        writer.write(OK + b'{"done":true}')
+        return True
+
+    async with backend(slow) as server:
+        up = Upstream(server.url, connect_timeout=2.0, read_timeout=5.0, max_idle=2)
+        answers = await asyncio.gather(*(fetch(up) for _ in range(6)))
+        kept = up.open_connections
+        await up.close()
+    assert answers == [(200, b'{"done":true}')] * 6
+    assert server.connections == 6
+    assert kept == 2

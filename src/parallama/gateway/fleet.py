@@ -174,6 +174,7 @@ class Fleet:
             upstream = self.upstreams[url]
             upstream.connect_timeout = settings.connect_timeout
             upstream.read_timeout = settings.request_timeout
+            upstream.max_idle = self._idle_cap(url)
         if self._prober is not None:
             self._prober.interval = settings.health_interval
             self._prober.timeout = settings.health_timeout
@@ -207,4 +208,13 @@ class Fleet:
             url,
             connect_timeout=self._settings.connect_timeout,
             read_timeout=self._settings.request_timeout,
+            max_idle=self._idle_cap(url),
         )
+
+    def _idle_cap(self, url: str) -> int:
+        """Connections kept idle to a backend: what it serves at once (its slots, for each
+        model it may hold), and two for the probes. More would only hold an engine's few HTTP
+        threads (llama-server sizes them from its CPUs) for nothing."""
+        backend = self._scheduler.backends[url]
+        slots = backend.slots if backend.tuner is None else backend.tuner.high
+        return slots * (backend.room or 1) + 2

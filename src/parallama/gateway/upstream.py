@@ -50,7 +50,6 @@ _LOW_WATER = 64 * 1024
 # Idle connections kept per backend, and how long one may sit unused before it is closed: less
 # than the keep-alive of llama-server and uvicorn (5 s: vLLM) and Node, so that the backend
 # seldom closes a connection just as it is reused; less still if its `Keep-Alive` says so.
-_MAX_IDLE = 256
 _IDLE_SECONDS = 4.0
 _IDLE_SHARE = 0.8  # of the `Keep-Alive: timeout=` a backend announces
 # A kept connection closed this soon after a request was written on it, without a byte of
@@ -355,7 +354,9 @@ class Connection(asyncio.Protocol):
 class Upstream:
     """The connections to one backend, given by its base URL (http or https, optional path)."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, *, connect_timeout: float, read_timeout: float, max_idle: int = 256
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{base_url!r} is not an http:// or https:// URL")
@@ -363,6 +364,7 @@ class Upstream:
         self.base_url = base_url
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_idle = max_idle  # connections kept open with nothing to do
         self._hostname = parts.hostname
         self._port = parts.port or (443 if https else 80)
         self._ssl = ssl.create_default_context() if https else None
@@ -413,7 +415,7 @@ class Upstream:
         conn.idle_since = now
         self._idle.append(conn)
         idle = self._idle
-        while idle and (len(idle) > _MAX_IDLE or idle[0].idle_since < now - idle[0].idle_limit):
+        while idle and (len(idle) > self.max_idle or idle[0].idle_since < now - idle[0].idle_limit):
             idle.popleft().close()
 
     async def get(self, target: bytes, timeout: float) -> tuple[int, bytes]:  # noqa: ASYNC109
