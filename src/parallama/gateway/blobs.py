@@ -19,8 +19,6 @@ import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from parallama.core.exchange import Exchange
 from parallama.errors import ApiError
 from parallama.gateway.manage import ollama_targets, reason
@@ -28,6 +26,8 @@ from parallama.gateway.server import Reply, Request, send_json
 from parallama.protocol import ollama
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from parallama.gateway.app import Gateway
 
 PREFIX = "/api/blobs/"
@@ -47,6 +47,8 @@ class FleetBlobs:
         targets = ollama_targets(self._gateway.fleet, request.headers.get("X-Parallama-Backends"))
         if not targets:
             raise ApiError(503, "no Ollama backend to send it to")
+        import aiohttp  # here, not at start: rare work, and 10 MB in every gateway otherwise
+
         settings = self._gateway.settings
         timeout = aiohttp.ClientTimeout(
             sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
@@ -69,6 +71,8 @@ async def _ask(
     session: aiohttp.ClientSession, method: str, url: str, body: object = None
 ) -> tuple[int, str]:
     """One backend's status and what it said (0 and why, if it could not be asked)."""
+    import aiohttp
+
     try:
         async with session.request(method, url, data=body) as answer:
             text = await answer.content.read(_ANSWER_LIMIT)
