@@ -44,23 +44,20 @@ def _default(field: Any) -> str:
 
 
 def _table(model: type[BaseModel], *, flags: bool) -> list[str]:
-    head = (
-        "| setting | type | default | flag | environment | meaning |"
-        if flags
-        else ("| key | type | default | meaning |")
-    )
-    rows = [head, "|---|---|---|---|---|---|" if flags else "|---|---|---|---|"]
+    """A markdown table of the model's fields; with `flags`, each one's flag and environment
+    variable too (the top-level settings have them; the tables of the file have not)."""
+    columns = ["setting" if flags else "key", "type", "default"]
+    columns += ["flag", "environment", "meaning"] if flags else ["meaning"]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, field in model.model_fields.items():
-        about = _cell(field.description or "")
-        kind, default = _cell(_type(field)), _default(field)
+        cells = [f"`{name}`", _cell(_type(field)), _default(field)]
         if flags:
             flag = {"backends": "`--backend URL` (repeat)", "models": "(file only)"}.get(
                 name, f"`--{name.replace('_', '-')}`"
             )
-            env = "(file only)" if name == "models" else f"`{config.env_name(name)}`"
-            rows.append(f"| `{name}` | {kind} | {default} | {flag} | {env} | {about} |")
-        else:
-            rows.append(f"| `{name}` | {kind} | {default} | {about} |")
+            cells += [flag, "(file only)" if name == "models" else f"`{config.env_name(name)}`"]
+        cells.append(_cell(field.description or ""))
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 

@@ -18,7 +18,7 @@ import orjson
 
 from parallama.core.scheduler import Scheduler
 from parallama.gateway.fleet import Fleet
-from parallama.gateway.upstream import UpstreamError
+from parallama.gateway.upstream import Upstream
 from parallama.protocol import ollama
 from parallama.protocol.ollama import normalize_name
 
@@ -82,10 +82,13 @@ class ModelCards:
         having.sort(key=lambda name: fleet.dialect(name) != "ollama")
         refused: tuple[int, bytes] | None = None
         for name in having:
+            upstream = fleet.upstreams.get(name)
+            if upstream is None:  # removed meanwhile
+                continue
             if fleet.dialect(name) == "ollama":
-                status, whole = await self._from_ollama(name, model, verbose, asked)
+                status, whole = await self._from_ollama(upstream, name, model, verbose, asked)
             else:
-                status, whole = await self._built(name, model)
+                status, whole = await self._built(upstream, name, model)
             if status == 200:
                 return status, whole
             if status not in (0, 404):  # the backend's own say: a bad request stays one
@@ -93,31 +96,23 @@ class ModelCards:
         return refused
 
     async def _from_ollama(
-        self, name: str, model: str, verbose: bool, asked: object
+        self, upstream: Upstream, name: str, model: str, verbose: bool, asked: object
     ) -> tuple[int, bytes]:
         digest = self._fleet.digest(name, model)
         key = ("ollama", digest, verbose)
         now = time.monotonic()
         if digest is not None and (kept := self.cache.get(key, now)) is not None:
             return 200, kept
-        try:
-            upstream = self._fleet.upstream(name)
-        except UpstreamError:
-            return 0, b""
         status, whole = await upstream.post(b"/api/show", asked, self.timeout)
         if status == 200 and digest is not None:
             self.cache.put(key, whole)
         return status, whole
 
-    async def _built(self, name: str, model: str) -> tuple[int, bytes]:
+    async def _built(self, upstream: Upstream, name: str, model: str) -> tuple[int, bytes]:
         key = ("openai", name, model)
         now = time.monotonic()
         if (kept := self.cache.get(key, now)) is not None:
             return 200, kept
-        try:
-            upstream = self._fleet.upstream(name)
-        except UpstreamError:
-            return 0, b""
         listing = await upstream.get_json(b"/v1/models", self.timeout)
         rows = listing.get("data") if isinstance(listing, dict) else None
         row = next((r for r in rows or () if _row_id(r) == model), None)
