@@ -25,6 +25,7 @@ from parallama.config import BackendSettings, GatewaySettings, load
 from parallama.gateway.app import Gateway
 from parallama.gateway.run import running_gateway
 from parallama.protocol import ollama
+from parallama.runtime import new_event_loop
 from parallama.sim.catalog import spec_for
 from parallama.sim.config import SimConfig
 from parallama.sim.run import running_servers
@@ -78,7 +79,7 @@ def in_thread(start: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T
     ready = threading.Event()
     result: list[T] = []
     failure: list[BaseException] = []
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     stop = asyncio.Event()
 
     async def main() -> None:

@@ -57,6 +57,16 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A loop of the kind `run` runs on: uvloop's where it is installed (tests that run a
+    gateway in a thread must meet the loop the gateway meets in production)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 async def cancelled(task: asyncio.Task[Any] | None) -> None:
     """Cancel a background task (if it was started) and wait until it has ended."""
     if task is not None:

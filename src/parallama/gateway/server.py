@@ -41,6 +41,7 @@ from parallama.alarm import Alarm
 from parallama.errors import ApiError
 from parallama.gateway.guard import Connections
 from parallama.gateway.http1 import JOIN_BELOW, Headers, date_header, error_answer, status_line
+from parallama.gateway.listener import Listener, listening_sockets
 from parallama.runtime import system_backlog
 
 log = logging.getLogger("parallama.gateway")
@@ -798,12 +799,11 @@ async def start_server(
     *,
     reuse_port: bool = False,
     backlog: int = 0,
-) -> asyncio.Server:
+) -> Listener:
     """Listen on host:port; each connection is answered by `handler`, within `connections`'
     limits. The cap counts a connection when it is accepted: the kernel accepts a burst before
     the event loop sees any of it, and the cap must hold for the whole burst. `backlog` 0: the
     system's."""
-    loop = asyncio.get_running_loop()
 
     def protocol() -> asyncio.Protocol:
         if connections.accepted >= connections.limits.max_connections:
@@ -812,14 +812,10 @@ async def start_server(
         connections.accepted += 1
         return ServerConnection(handler, connections)
 
-    return await loop.create_server(
-        protocol,
-        host,
-        port,
-        reuse_address=True,
-        reuse_port=reuse_port or None,
-        backlog=backlog or system_backlog(),
+    sockets = listening_sockets(
+        host, port, reuse_port=reuse_port, backlog=backlog or system_backlog()
     )
+    return Listener(asyncio.get_running_loop(), sockets, protocol)
 
 
 def send_json(reply: Reply, payload: object, status: int = 200) -> None:
