@@ -49,6 +49,7 @@ class Admin:
         self._gateway = gateway
 
     async def root(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """"Ollama is running", as Ollama answers it: clients probe it before anything else."""
         reply.send(200, _ROOT, _TEXT)
 
     async def version(self, request: Request, reply: Reply, exchange: Exchange) -> None:
@@ -66,6 +67,7 @@ class Admin:
         send_json(reply, {"version": version})
 
     async def prometheus(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """Every metric in Prometheus' text format."""
         reply.send(200, self._gateway.metrics.render(), CONTENT_TYPE.encode())
 
     async def status(self, request: Request, reply: Reply, exchange: Exchange) -> None:

@@ -26,6 +26,7 @@ from parallama.gateway.cors import Origins
 from parallama.gateway.dashboard import Dashboard
 from parallama.gateway.fleet import Fleet
 from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
+from parallama.gateway.listener import Listener
 from parallama.gateway.listings import Listings
 from parallama.gateway.manage import ROUTES as MANAGEMENT_ROUTES
 from parallama.gateway.manage import FleetModels
@@ -115,7 +116,7 @@ class Gateway:
         # What needs an API key when keys are required: the models, not the gateway's own.
         self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}
         self._keyed |= {_MODEL_PATH, "/v1/messages/count_tokens"}
-        self._server: asyncio.Server | None = None
+        self._server: Listener | None = None
         self.port = settings.port
         # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
         self._check_host = loopback_only(settings.host)
@@ -229,8 +230,7 @@ class Gateway:
                     return
                 route = self._route(request.method, path)
                 access = self.access
-                keyed = path in self._keyed or path.startswith(_MODEL_PREFIX)
-                if access is not None and access.keys_required and keyed:
+                if access is not None and access.keys_required and self.needs_key(path):
                     given = api_key_of(request.headers)
                     exchange.key = name = access.authenticate(given, request.target).name
                     reply.extra_headers = access.headers(name)  # on whatever it is answered
@@ -249,6 +249,12 @@ class Gateway:
         finally:
             exchange.finished_at = time.monotonic()
             self._record(exchange)
+
+    def needs_key(self, path: str) -> bool:
+        """Whether the route needs an API key where keys are required: the models' routes
+        and listings, not the gateway's own (their own rules) nor model management (the
+        admin rule, or a key's `manage` right)."""
+        return path in self._keyed or path.startswith(_MODEL_PREFIX)
 
     def _route(self, method: str, path: str) -> Route:
         if path.startswith(_MODEL_PREFIX):

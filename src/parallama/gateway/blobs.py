@@ -40,6 +40,8 @@ class FleetBlobs:
         self._gateway = gateway
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """A model file: asked of (`HEAD`) or streamed to (`POST`) every Ollama backend, under
+        the admin rule or with a key given the `manage` right."""
         self._gateway.admin.authorize_management(request, exchange)
         digest = request.path.removeprefix(PREFIX)
         if not ollama.BLOB_DIGEST.fullmatch(digest):

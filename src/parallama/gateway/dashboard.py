@@ -147,9 +147,11 @@ class Dashboard:
         self._made, self._made_at = b"", -math.inf
 
     async def page(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """The live page, for a browser (it reads `/parallama/feed`)."""
         reply.send(200, _page(), _HTML, [(b"cache-control", b"no-store")])
 
     async def snapshot(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """What the live page shows, once, as JSON (under the admin rule)."""
         self._gateway.admin.authorize(request)
         send_json(reply, self.state())
 

@@ -58,6 +58,7 @@ class Listings:
         send_json(reply, {"models": rows})
 
     async def models(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """The models of the healthy backends, in OpenAI's list format."""
         answers = await self._ask_all("/v1/models", dialects=("ollama", "openai"))
         send_json(reply, {"object": "list", "data": union(answers, "data", "id")})
 

@@ -47,6 +47,8 @@ class FleetModels:
         self._gateway = gateway
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """Model management on every Ollama backend (or the ones named), progress merged: under
+        the admin rule, or with a key given the `manage` right."""
         self._gateway.admin.authorize_management(request, exchange)
         body = await request.read()
         data = parse_json_object(body)

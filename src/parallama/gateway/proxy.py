@@ -163,6 +163,9 @@ class Proxy:
         self.cards = ModelCards(scheduler, fleet, settings.connect_timeout)
 
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """A model route: the request read and inspected, queued for a slot, forwarded to a
+        backend that has the model, and its answer relayed (translated where the engine speaks
+        another API)."""
         path = request.path
         try:  # bad input (too big, too slow, malformed) is counted as rejected
             body = request.body
