@@ -14,8 +14,8 @@ from parallama.launch.options import add_arguments as up_arguments
 from parallama.runtime import run
 from parallama.sim import config as sim_config
 from parallama.sim.timing import PROFILES
-from parallama.teams.commands import add_keys_arguments as keys_arguments
-from parallama.teams.commands import add_usage_arguments as usage_arguments
+from parallama.teams_cli import add_keys_arguments as keys_arguments
+from parallama.teams_cli import add_usage_arguments as usage_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,11 +171,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
         return plan_command(args)
     elif args.command == "keys":
-        from parallama.teams.commands import run_keys
+        from parallama.teams_cli import run_keys
 
         return run_keys(args)
     elif args.command == "usage":
-        from parallama.teams.commands import run_usage
+        from parallama.teams_cli import run_usage
 
         return run_usage(args)
     elif args.command == "demo":

@@ -110,9 +110,9 @@ def _collectors() -> list[tuple[str, Collector]]:
     """Every collector a gateway's registry may hold, built idle (nothing is connected), with
     when it is there."""
     from parallama.core.scheduler import Scheduler, SchedulerSettings
-    from parallama.gateway.guard import ConnectionLimits, Connections
-    from parallama.gateway.metrics import GatewayMetrics
-    from parallama.gateway.shared import SharedSlots
+    from parallama.gateway.http.guard import ConnectionLimits, Connections
+    from parallama.gateway.observability.metrics import GatewayMetrics
+    from parallama.gateway.shared.slots import SharedSlots
     from parallama.launch.scaling import Scaling
     from parallama.launch.supervisor import InstanceCollector, Supervisor
     from parallama.teams.access import Access

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from parallama.config import BackendSettings
-from parallama.gateway.upstream import DROPPED
+from parallama.gateway.http.upstream import DROPPED
 from parallama.protocol.ollama import SERVER_BUSY
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (

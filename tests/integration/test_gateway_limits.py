@@ -22,8 +22,8 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from parallama.gateway.guard import ConnectionLimits, Connections
-from parallama.gateway.server import Reply, Request, start_server
+from parallama.gateway.http.guard import ConnectionLimits, Connections
+from parallama.gateway.http.server import Reply, Request, start_server
 from parallama.sim.server import SimServer
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import CHAT_MODEL, gateway_for, gateway_with, sim_server, wait_for_gateway

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parallama.config import BackendSettings
-from parallama.gateway.upstream import DROPPED
+from parallama.gateway.http.upstream import DROPPED
 from parallama.logs import JsonFormatter, LogfmtFormatter
 from tests.rawhelpers import RawRequest, raw_backend
 from tests.simhelpers import (

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from parallama.config import BackendSettings
-from parallama.gateway.probes import ENGINE_ROUTES
+from parallama.gateway.fleet.probes import ENGINE_ROUTES
 from tests.simhelpers import (
     CHAT_MODEL,
     gateway_with,

@@ -18,7 +18,7 @@ import pytest
 
 from parallama.config import BackendSettings
 from parallama.gateway.app import Gateway
-from parallama.gateway.shared import SharedSlots
+from parallama.gateway.shared.slots import SharedSlots
 from parallama.launch.supervisor import free_port
 from tests.launchhelpers import alive, sim_process
 from tests.rawhelpers import RawRequest, raw_backend

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from parallama.gateway.upstream import DROPPED, Upstream, UpstreamError, UpstreamTimeout
+from parallama.gateway.http.upstream import DROPPED, Upstream, UpstreamError, UpstreamTimeout
 from tests.rawhelpers import Answer, RawBackend, RawRequest, raw_backend
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"

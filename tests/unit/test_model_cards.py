@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from parallama.gateway.show import ENTRY_BYTES, ByteBoundedCache
+from parallama.gateway.models.show import ENTRY_BYTES, ByteBoundedCache
 from parallama.protocol.ollama import shown_model
 
 

@@ -7,7 +7,7 @@ import logging
 import orjson
 
 from parallama.core.exchange import Exchange
-from parallama.gateway.metrics import ModelLabels
+from parallama.gateway.observability.metrics import ModelLabels
 from parallama.logs import JsonFormatter, LogfmtFormatter
 from parallama.protocol.usage import TAIL_BYTES, Usage, keep_tail, usage_from_tail
 

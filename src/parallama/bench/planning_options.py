@@ -9,7 +9,7 @@ from typing import cast, get_args
 from parallama.bench.options import numbers
 from parallama.core.router import Policy
 from parallama.sim.timing import PROFILES
-from parallama.teams.commands import add_database_arguments
+from parallama.teams.options import add_database_arguments
 
 DEFAULT_MODEL = "qwen2.5:7b"
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from parallama.errors import excerpt
 from parallama.protocol.usage import Usage
-from parallama.teams.keys import redact_keys
+from parallama.redaction import redact_keys
 
 if TYPE_CHECKING:
     from parallama.core.trace import Trace

@@ -16,10 +16,10 @@ import orjson
 
 from parallama import __version__
 from parallama.core.exchange import Exchange
-from parallama.core.scheduler import Backend
 from parallama.errors import ApiError, ConfigError
-from parallama.gateway.metrics import CONTENT_TYPE
-from parallama.gateway.server import Reply, Request, send_json
+from parallama.gateway.http.server import Reply, Request, send_json
+from parallama.gateway.observability.metrics import CONTENT_TYPE
+from parallama.gateway.observability.status import backend_state
 from parallama.protocol import ollama
 from parallama.protocol.hosts import host_of, local_host
 from parallama.protocol.inspect import api_key_of
@@ -49,7 +49,7 @@ class Admin:
         self._gateway = gateway
 
     async def root(self, request: Request, reply: Reply, exchange: Exchange) -> None:
-        """"Ollama is running", as Ollama answers it: clients probe it before anything else."""
+        """ "Ollama is running", as Ollama answers it: clients probe it before anything else."""
         reply.send(200, _ROOT, _TEXT)
 
     async def version(self, request: Request, reply: Reply, exchange: Exchange) -> None:
@@ -183,28 +183,6 @@ class Admin:
         given = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError(401, "admin routes need Authorization: Bearer <admin_token>")
-
-
-def backend_state(b: Backend) -> dict[str, Any]:
-    """A backend as `/parallama/status` and the dashboard show it."""
-    return {
-        "url": b.name,
-        "healthy": b.healthy,
-        "breaker": b.breaker.state.value,
-        "draining": b.draining,
-        "online": b.online,
-        "standby": b.standby,
-        "slots": b.slots,
-        "slots_learned": None if b.tuner is None else {"min": b.tuner.low, "max": b.tuner.high},
-        "capacity": b.capacity,
-        "weight": b.weight,
-        "models": sorted(b.models) if b.models is not None else None,
-        "installed": sorted(b.inventory) if b.inventory is not None else None,
-        "loaded": sorted(b.loaded),
-        "active": b.active,
-        "outside": b.outside,
-        "in_flight": dict(b.in_flight),
-    }
 
 
 def _loopback_origin(origin: str) -> bool:

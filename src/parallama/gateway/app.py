@@ -3,7 +3,7 @@
 Each request gets one record (`Exchange`) from the moment its head arrived to its last byte,
 one answer in its route's own dialect (`{"error": ...}` on Ollama routes, the OpenAI error
 object on `/v1`) whatever goes wrong, and one line in the metrics and the access log. The
-routes themselves are elsewhere: the model routes in `proxy.py`, the listings in `listings.py`,
+routes themselves are elsewhere: the model routes in `proxy.py`, the listings in `models/`,
 the gateway's own routes in `admin.py`.
 """
 
@@ -20,19 +20,19 @@ from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, ConfigError, excerpt
 from parallama.gateway.admin import Admin
-from parallama.gateway.blobs import PREFIX as BLOB_PREFIX
-from parallama.gateway.blobs import FleetBlobs
-from parallama.gateway.cors import Origins
-from parallama.gateway.dashboard import Dashboard
-from parallama.gateway.fleet import Fleet
-from parallama.gateway.guard import ConnectionLimits, Connections, usable_connections
-from parallama.gateway.listener import Listener
-from parallama.gateway.listings import Listings
-from parallama.gateway.manage import ROUTES as MANAGEMENT_ROUTES
-from parallama.gateway.manage import FleetModels
-from parallama.gateway.metrics import GatewayMetrics
+from parallama.gateway.fleet.backends import Fleet
+from parallama.gateway.http.cors import Origins
+from parallama.gateway.http.guard import ConnectionLimits, Connections, usable_connections
+from parallama.gateway.http.listener import Listener
+from parallama.gateway.http.server import ClientGone, Reply, Request, start_server
+from parallama.gateway.models.blobs import PREFIX as BLOB_PREFIX
+from parallama.gateway.models.blobs import FleetBlobs
+from parallama.gateway.models.listings import Listings
+from parallama.gateway.models.manage import ROUTES as MANAGEMENT_ROUTES
+from parallama.gateway.models.manage import FleetModels
+from parallama.gateway.observability.dashboard import Dashboard
+from parallama.gateway.observability.metrics import GatewayMetrics
 from parallama.gateway.proxy import Proxy, refuse
-from parallama.gateway.server import ClientGone, Reply, Request, start_server
 from parallama.gateway.waiting import Waiting
 from parallama.protocol.hosts import host_of, local_host, loopback_only
 from parallama.protocol.inspect import STREAM_DEFAULTS, api_key_of
@@ -41,8 +41,8 @@ from parallama.teams.access import Access
 from parallama.teams.store import Store
 
 if TYPE_CHECKING:
-    from parallama.gateway.shared import SharedSlots
-    from parallama.gateway.tracing import Tracing
+    from parallama.gateway.observability.tracing import Tracing
+    from parallama.gateway.shared.slots import SharedSlots
 
 Route = Callable[[Request, Reply, Exchange], Awaitable[None]]
 access_log = logging.getLogger("parallama.access")
@@ -72,14 +72,14 @@ class Gateway:
         self.metrics = GatewayMetrics(self.scheduler, self.connections)
         self.shared: SharedSlots | None = None
         if settings.state != "memory":  # the Redis client (and hiredis) imported only for it
-            from parallama.gateway.shared import SharedSlots
+            from parallama.gateway.shared.slots import SharedSlots
 
             self.shared = SharedSlots(settings.state, self.scheduler, self._waiting.changed)
             self._waiting.also = self.shared.changed
             self.metrics.registry.register(self.shared.collector())
         self.tracing: Tracing | None = None
         if settings.otlp_endpoint is not None:
-            from parallama.gateway.tracing import Tracing
+            from parallama.gateway.observability.tracing import Tracing
 
             self.tracing = Tracing(settings.otlp_endpoint, settings.trace_sample)
         self.access = _access(settings)

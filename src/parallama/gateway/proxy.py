@@ -24,8 +24,11 @@ from parallama.core.lifecycle import Failure, Lifecycle, refuse_input
 from parallama.core.prefixes import prefix_blocks
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, excerpt
-from parallama.gateway.fleet import Fleet
-from parallama.gateway.http1 import Headers
+from parallama.gateway.fleet.backends import Fleet
+from parallama.gateway.http.http1 import Headers
+from parallama.gateway.http.server import ClientGone, Reply, Request
+from parallama.gateway.http.upstream import Connection, UpstreamError, UpstreamTimeout
+from parallama.gateway.models.show import ModelCards
 from parallama.gateway.relay import (
     PassThrough,
     Relay,
@@ -34,9 +37,6 @@ from parallama.gateway.relay import (
     content_type_of,
     passable,
 )
-from parallama.gateway.server import ClientGone, Reply, Request
-from parallama.gateway.show import ModelCards
-from parallama.gateway.upstream import Connection, UpstreamError, UpstreamTimeout
 from parallama.gateway.waiting import Waiting
 from parallama.protocol import anthropic, ollama, openai, responses
 from parallama.protocol.bodies import parse_json_object

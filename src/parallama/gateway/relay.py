@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from parallama.gateway.http1 import Headers
+from parallama.gateway.http.http1 import Headers
 from parallama.protocol import anthropic, ollama, openai, responses
 from parallama.protocol.anthropic import MessagesAnswer
 from parallama.protocol.chat_events import AnswerWriter

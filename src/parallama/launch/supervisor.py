@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from parallama.errors import ParallamaError
-from parallama.gateway.upstream import Upstream
+from parallama.gateway.http.upstream import Upstream
 from parallama.launch import ports
 from parallama.launch.engines import Launch
 from parallama.launch.output import EngineOutput

@@ -26,8 +26,8 @@ from prometheus_client.registry import Collector
 
 from parallama.core.exchange import Exchange
 from parallama.errors import ApiError, ParallamaError, StateUnavailable
+from parallama.redaction import KEY_SHAPE
 from parallama.teams.keys import (
-    KEY_SHAPE,
     PERIODS,
     ApiKey,
     key_id_of,

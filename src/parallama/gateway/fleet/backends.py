@@ -17,10 +17,10 @@ from parallama.config import BackendSettings, GatewaySettings
 from parallama.core.adaptive import SlotTuner
 from parallama.core.breaker import Breaker
 from parallama.core.scheduler import Backend, Scheduler
-from parallama.gateway.occupancy import OccupancyProbe
-from parallama.gateway.probes import Prober
-from parallama.gateway.upstream import Upstream, UpstreamError
-from parallama.gateway.warming import Warmer
+from parallama.gateway.fleet.occupancy import OccupancyProbe
+from parallama.gateway.fleet.probes import Prober
+from parallama.gateway.fleet.warming import Warmer
+from parallama.gateway.http.upstream import Upstream, UpstreamError
 from parallama.protocol.inspect import Dialect
 
 log = logging.getLogger("parallama.gateway")

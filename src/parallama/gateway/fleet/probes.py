@@ -23,7 +23,7 @@ import orjson
 
 from parallama.core.router import MAX_KV_MODELS
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.upstream import Upstream
+from parallama.gateway.http.upstream import Upstream
 from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import (
     ROUTE_SINCE,

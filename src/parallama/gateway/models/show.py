@@ -17,8 +17,8 @@ from collections.abc import Hashable
 import orjson
 
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.fleet import Fleet
-from parallama.gateway.upstream import Upstream
+from parallama.gateway.fleet.backends import Fleet
+from parallama.gateway.http.upstream import Upstream
 from parallama.protocol import ollama
 from parallama.protocol.ollama import normalize_name
 

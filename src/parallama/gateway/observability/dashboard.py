@@ -27,9 +27,9 @@ import orjson
 from parallama import __version__
 from parallama.core.exchange import Exchange
 from parallama.errors import excerpt
-from parallama.gateway.admin import backend_state
-from parallama.gateway.metrics import ModelLabels
-from parallama.gateway.server import ClientGone, Reply, Request, send_json
+from parallama.gateway.http.server import ClientGone, Reply, Request, send_json
+from parallama.gateway.observability.metrics import ModelLabels
+from parallama.gateway.observability.status import backend_state
 
 if TYPE_CHECKING:
     from parallama.gateway.app import Gateway
@@ -238,4 +238,8 @@ class Dashboard:
 
 @functools.cache
 def _page() -> bytes:
-    return importlib.resources.files("parallama.gateway").joinpath("dashboard.html").read_bytes()
+    return (
+        importlib.resources.files("parallama.gateway.observability")
+        .joinpath("dashboard.html")
+        .read_bytes()
+    )

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from parallama.core.exchange import Exchange
 from parallama.errors import ApiError
-from parallama.gateway.manage import ollama_targets, reason
-from parallama.gateway.server import Reply, Request, send_json
+from parallama.gateway.http.server import Reply, Request, send_json
+from parallama.gateway.models.manage import ollama_targets, reason
 from parallama.protocol import ollama
 
 if TYPE_CHECKING:

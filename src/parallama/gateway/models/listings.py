@@ -15,8 +15,8 @@ from parallama.config import GatewaySettings
 from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Scheduler
 from parallama.errors import ApiError, excerpt
-from parallama.gateway.fleet import Fleet
-from parallama.gateway.server import Reply, Request, send_json
+from parallama.gateway.fleet.backends import Fleet
+from parallama.gateway.http.server import Reply, Request, send_json
 from parallama.protocol import ollama
 from parallama.protocol.inspect import Dialect
 from parallama.protocol.ollama import normalize_name

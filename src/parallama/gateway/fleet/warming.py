@@ -15,7 +15,7 @@ import orjson
 from parallama.config import GatewaySettings
 from parallama.core.placement import Warm, kept_copies, loads_wanted, placement
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.upstream import Upstream, UpstreamError
+from parallama.gateway.http.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("parallama.warming")
 

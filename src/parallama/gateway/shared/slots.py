@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 
 from parallama.core.scheduler import Backend, Scheduler
 from parallama.errors import ConfigError
-from parallama.gateway.shared_scripts import ACQUIRE, GIVE_BACK, RENEW
+from parallama.gateway.shared.scripts import ACQUIRE, GIVE_BACK, RENEW
 from parallama.resp import UNAVAILABLE, Arg, Command, Redis, Script, owner_name
 
 log = logging.getLogger("parallama.shared")

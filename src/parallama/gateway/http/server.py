@@ -39,9 +39,9 @@ import orjson
 
 from parallama.alarm import Alarm
 from parallama.errors import ApiError
-from parallama.gateway.guard import Connections
-from parallama.gateway.http1 import JOIN_BELOW, Headers, date_header, error_answer, status_line
-from parallama.gateway.listener import Listener, listening_sockets
+from parallama.gateway.http.guard import Connections
+from parallama.gateway.http.http1 import JOIN_BELOW, Headers, date_header, error_answer, status_line
+from parallama.gateway.http.listener import Listener, listening_sockets
 from parallama.runtime import system_backlog
 
 log = logging.getLogger("parallama.gateway")

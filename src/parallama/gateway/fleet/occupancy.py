@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 from parallama.config import BackendSettings
 from parallama.core.scheduler import Scheduler
-from parallama.gateway.upstream import Upstream
+from parallama.gateway.http.upstream import Upstream
 from parallama.protocol import occupancy
 from parallama.protocol.occupancy import Source
 from parallama.runtime import cancelled

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from parallama.core.exchange import Exchange
 from parallama.core.scheduler import Backend, Scheduler
-from parallama.gateway.guard import Connections, Phase
+from parallama.gateway.http.guard import Connections, Phase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -12,7 +12,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from parallama import config
@@ -20,18 +19,8 @@ from parallama.bench.trace import MAX_REQUESTS, TraceError, from_ledger, trace_l
 from parallama.errors import ConfigError
 from parallama.teams.access import describe
 from parallama.teams.keys import LIMITS, ApiKey, key_fields, make_key, parse_age
+from parallama.teams.options import add_database_arguments
 from parallama.teams.store import GROUPS, Store, open_store
-
-
-def add_database_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, metavar="FILE", help="the gateway's TOML file, for its database"
-    )
-    parser.add_argument(
-        "--database",
-        metavar="URL",
-        help="a SQLite file or postgresql://... (default: the gateway's setting)",
-    )
 
 
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:

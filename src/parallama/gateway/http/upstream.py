@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from parallama.alarm import Alarm
-from parallama.gateway.http1 import (
+from parallama.gateway.http.http1 import (
     JOIN_BELOW,
     AnswerReader,
     Headers,

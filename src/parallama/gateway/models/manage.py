@@ -20,14 +20,14 @@ import orjson
 
 from parallama.core.exchange import Exchange
 from parallama.errors import ApiError, excerpt
-from parallama.gateway.server import Reply, Request, send_json
-from parallama.gateway.upstream import UpstreamError
+from parallama.gateway.http.server import Reply, Request, send_json
+from parallama.gateway.http.upstream import UpstreamError
 from parallama.protocol import ollama
 from parallama.protocol.bodies import parse_json_object
 
 if TYPE_CHECKING:
     from parallama.gateway.app import Gateway
-    from parallama.gateway.fleet import Fleet
+    from parallama.gateway.fleet.backends import Fleet
 
 ROUTES = {
     "/api/pull": "POST",
