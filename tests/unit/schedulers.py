@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from parallama.core.scheduler import Backend, Scheduler, SchedulerSettings, Ticket
+from parallama.core.backends import Backend
+from parallama.core.scheduler import Scheduler, SchedulerSettings
+from parallama.core.tickets import Ticket
 from tests.clock import FakeClock
 
 M = "qwen2.5:7b"

@@ -6,17 +6,11 @@ from collections import Counter
 
 import pytest
 
+from parallama.core.backends import Backend
 from parallama.core.breaker import Breaker, BreakerState
 from parallama.core.router import Policy
-from parallama.core.scheduler import (
-    Backend,
-    NoBackendError,
-    Outcome,
-    Scheduler,
-    SchedulerSettings,
-    Ticket,
-    UnavailableError,
-)
+from parallama.core.scheduler import Scheduler, SchedulerSettings
+from parallama.core.tickets import NoBackendError, Outcome, Ticket, UnavailableError
 from tests.clock import FakeClock
 from tests.unit.schedulers import M, adds_up, make
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from parallama.core.scheduler import (
-    Backend,
+from parallama.core.backends import Backend
+from parallama.core.scheduler import Scheduler
+from parallama.core.tickets import (
     DeadlineError,
     NoBackendError,
     Outcome,
     QueueFullError,
-    Scheduler,
     Ticket,
     UnavailableError,
 )

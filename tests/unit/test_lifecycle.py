@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from parallama.core.backends import Backend
 from parallama.core.breaker import Breaker
 from parallama.core.exchange import Exchange
 from parallama.core.lifecycle import Failure, GiveUp, Lifecycle, refuse_input
-from parallama.core.scheduler import Backend, Outcome, Scheduler
+from parallama.core.scheduler import Scheduler
+from parallama.core.tickets import Outcome
 from parallama.errors import ApiError
 from parallama.protocol.usage import Usage
 from tests.clock import FakeClock

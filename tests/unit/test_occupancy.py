@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from parallama.core.scheduler import Backend
+from parallama.core.backends import Backend
 from parallama.protocol.occupancy import busy_slots, vllm_busy
 from tests.unit.schedulers import M, make
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from parallama.core.backends import Backend
 from parallama.core.placement import Warm, kept_copies, loads_wanted
-from parallama.core.scheduler import Backend
 
 
 def fleet(*backends: Backend) -> dict[str, Backend]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from parallama.core.backends import Backend
 from parallama.core.prefixes import PrefixMemory, prefix_blocks, shared_blocks
-from parallama.core.scheduler import LOOKAHEAD, Backend, Scheduler, Ticket
+from parallama.core.scheduler import LOOKAHEAD, Scheduler
+from parallama.core.tickets import Ticket
 from parallama.protocol.ollama import kv_bytes_per_token
 from tests.unit.schedulers import M, adds_up, make
 

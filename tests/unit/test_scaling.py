@@ -3,7 +3,8 @@ instances' states are set as the supervisor would set them)."""
 
 from __future__ import annotations
 
-from parallama.core.scheduler import Backend, Scheduler, SchedulerSettings
+from parallama.core.backends import Backend
+from parallama.core.scheduler import Scheduler, SchedulerSettings
 from parallama.launch.engines import InstanceSettings, launch
 from parallama.launch.scaling import Scaling
 from parallama.launch.supervisor import Supervisor

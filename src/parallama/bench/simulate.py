@@ -20,12 +20,13 @@ from parallama.bench.runner import Plan, Result, Runner, Setup
 from parallama.bench.sessions import Conversation
 from parallama.bench.stats import Sample
 from parallama.config import GatewaySettings
+from parallama.core.backends import Backend
 from parallama.core.breaker import Breaker
 from parallama.core.exchange import Exchange
 from parallama.core.lifecycle import Lifecycle
 from parallama.core.placement import Warm, loads_wanted
 from parallama.core.router import Policy
-from parallama.core.scheduler import Backend, Scheduler, SchedulerSettings
+from parallama.core.scheduler import Scheduler, SchedulerSettings
 from parallama.errors import ApiError
 from parallama.gateway.waiting import Waiting
 from parallama.sim.answers import chat_prompt, generate_prompt, plan_answer

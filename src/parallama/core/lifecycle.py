@@ -36,12 +36,12 @@ from dataclasses import dataclass
 
 from parallama.core.exchange import Exchange
 from parallama.core.prefixes import Blocks
-from parallama.core.scheduler import (
+from parallama.core.scheduler import Scheduler
+from parallama.core.tickets import (
     DeadlineError,
     NoBackendError,
     Outcome,
     QueueFullError,
-    Scheduler,
     Ticket,
     UnavailableError,
 )

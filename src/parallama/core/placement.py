@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from parallama.core.scheduler import Backend
+from parallama.core.backends import Backend
 
 
 @dataclass(frozen=True, slots=True)

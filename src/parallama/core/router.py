@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Literal
 from parallama.core.prefixes import PrefixMemory
 
 if TYPE_CHECKING:
-    from parallama.core.scheduler import Backend, Ticket
+    from parallama.core.backends import Backend
+    from parallama.core.tickets import Ticket
 
 Policy = Literal[
     "least-loaded",

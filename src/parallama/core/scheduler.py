@@ -19,185 +19,29 @@ again at `next_wakeup()`.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
-from parallama.core.adaptive import SlotTuner
-from parallama.core.breaker import Breaker, BreakerState
-from parallama.core.kv_slots import CacheRule
+from parallama.core.backends import Backend
+from parallama.core.breaker import BreakerState
 from parallama.core.prefixes import Blocks
+from parallama.core.queues import Discipline, ModelQueue
 from parallama.core.router import Policy, Router
+from parallama.core.tickets import (
+    DeadlineError,
+    NoBackendError,
+    Outcome,
+    QueueFullError,
+    Ticket,
+    UnavailableError,
+)
 
 Clock = Callable[[], float]
-Discipline = Literal["fifo", "fair"]
 LOOKAHEAD = 8  # prefix affinity: waiting requests looked at for a freed slot
-
-
-class Outcome(enum.Enum):
-    COMPLETED = "completed"
-    REJECTED = "rejected"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-class QueueFullError(Exception):
-    """Admission refused: the queue (global or the model's) is full."""
-
-    def __init__(self, scope: str, retry_after: float) -> None:
-        super().__init__(f"{scope} queue is full")
-        self.scope = scope
-        self.retry_after = retry_after
-
-
-class DeadlineError(Exception):
-    """The wait expected for the request already exceeds the deadline it came with."""
-
-    def __init__(self, expected: float, deadline: float, retry_after: float) -> None:
-        wait = f"{expected:.1f} s"
-        super().__init__(
-            f"the expected wait of {wait} exceeds the request's deadline of {deadline:g} s"
-        )
-        self.retry_after = retry_after
-
-
-class NoBackendError(Exception):
-    """No backend has or may serve the model: waiting would never end."""
-
-
-class UnavailableError(Exception):
-    """Backends serve the model, but none is healthy and taking work now."""
-
-    def __init__(self, model: str, retry_after: float) -> None:
-        super().__init__(f"no healthy backend serves model '{model}'")
-        self.retry_after = retry_after
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    model: str
-    client: str
-    priority: int
-    arrived_at: float
-    seq: int
-    session: str = ""  # for session affinity
-    prefix: Blocks = ()  # its prompt's block hashes, for prefix affinity
-    weight: float = 1.0  # its client's share in the fair discipline (an API key's priority)
-    backend: Backend | None = None
-    dispatched_at: float | None = None
-    outcome: Outcome | None = None
-    avoid: frozenset[str] = frozenset()  # backends it failed on
-    waited: float = 0.0  # seconds in the queue before its latest wait, summed over requeues
-    queued_since: float | None = None  # when its current wait began; None while bound
-    skipped: int = 0  # times a later request was bound before it (prefix affinity)
-    concurrency: int = 0  # requests of its model on its backend once it was sent there
-    prefix_slot: int = -1  # prefix affinity: its slot in its backend's memory, until released
-    size: int = 0  # bytes it holds while it waits: its body
-
-    def __post_init__(self) -> None:
-        self.queued_since = self.arrived_at
-
-    @property
-    def queued(self) -> bool:
-        return self.backend is None and self.outcome is None
-
-    @property
-    def queue_key(self) -> float:
-        """When it would have arrived had it waited all its queue time in one go: its queue
-        timeout falls `queue_timeout` after this, whatever it spent on backends that failed."""
-        assert self.queued_since is not None
-        return self.queued_since - self.waited
-
-    def queue_seconds(self, now: float) -> float:
-        """Time spent waiting in the gateway's queue, over all its waits: not the time spent
-        on a backend that failed before it was requeued."""
-        current = 0.0 if self.queued_since is None else now - self.queued_since
-        return self.waited + current
-
-    def stop_waiting(self, now: float) -> None:
-        if self.queued_since is not None:
-            self.waited += now - self.queued_since
-            self.queued_since = None
-
-
-@dataclass(eq=False)
-class Backend:
-    """What the scheduler knows of one backend: capacity, health, load, models."""
-
-    name: str
-    slots: int = 1  # per model, like OLLAMA_NUM_PARALLEL
-    weight: float = 1.0
-    models: frozenset[str] | None = None  # configured: the only models sent here; None: any
-    room: int | None = None  # models it keeps loaded at once, if known (model affinity)
-    inventory: frozenset[str] | None = None  # installed, from its /api/tags; None: unknown
-    loaded: set[str] = field(default_factory=set)
-    loading: set[str] = field(default_factory=set)  # warm loads started, not yet seen loaded
-    kept: frozenset[str] = frozenset()  # warm models: kept loaded, never to make way for others
-    in_flight: Counter[str] = field(default_factory=Counter)
-    breaker: Breaker = field(default_factory=Breaker)
-    draining: bool = False
-    online: bool = True  # False while the engine process behind it is not serving (`up`)
-    standby: bool = False  # offline, but started when work waits (autoscaling): worth a wait
-    last_release: float = -math.inf  # when a request last left it (autoscaling's idle time)
-    outside: int = 0  # slots busy with requests that did not come through this gateway
-    cache_rule: CacheRule = "llama-server"  # whose rules its prompt cache follows (prefix affinity)
-    cache_ram: int = 8192  # MiB of host-RAM prompt cache (llama-server's rule)
-    tuner: SlotTuner | None = None  # slots learned (`slots = "auto"`): its limit is `slots`
-    cap: int | None = None  # fewer slots per model, for a while, after it said "server busy"
-    cap_until: float = 0.0
-    # Slots shared with other gateways: the leases this one holds per model (None: not shared).
-    leased: Counter[str] | None = None
-
-    @property
-    def healthy(self) -> bool:
-        return self.breaker.state is not BreakerState.OPEN
-
-    @property
-    def capacity(self) -> int:
-        return self.slots if self.cap is None else min(self.slots, self.cap)
-
-    @property
-    def active(self) -> int:
-        return sum(self.in_flight.values())
-
-    def offers(self, model: str) -> bool:
-        """Allowed and installed (as far as known), healthy or not."""
-        return (self.models is None or model in self.models) and (
-            self.inventory is None or model in self.inventory
-        )
-
-    def serves(self, model: str) -> bool:
-        return self.healthy and self.online and not self.draining and self.offers(model)
-
-    def awaits(self, model: str) -> bool:
-        """Serves the model, or will once its engine has started: a request may wait for it."""
-        return self.serves(model) or (self.standby and not self.draining and self.offers(model))
-
-    def held(self) -> set[str]:
-        """The models it has loaded, is loading, or runs."""
-        return self.loaded | self.loading | {m for m, n in self.in_flight.items() if n}
-
-    def idle(self) -> set[str]:
-        """The models it has loaded that run nothing and are not being loaded again: those a
-        load may evict without waiting."""
-        return {m for m in self.loaded if not self.in_flight[m]} - self.loading
-
-    def has_free_slot(self, model: str) -> bool:
-        if self.breaker.state is BreakerState.HALF_OPEN and self.active:
-            return False  # one trial request at a time
-        if self.leased is not None and self.in_flight[model] >= self.leased[model]:
-            return False  # shared: a slot of its own only with a lease on it
-        return self.in_flight[model] + self.outside < self.capacity
-
-    def load(self) -> float:
-        """Busy share of its capacity, scaled by weight: lower is better."""
-        return (self.active + self.outside) / (self.slots * self.weight)
 
 
 @dataclass(frozen=True)
@@ -220,137 +64,6 @@ class SchedulerSettings:
     shared_slots: bool = False
 
 
-class _Client:
-    """One client's waiting requests in a fair queue, and when its next turn falls."""
-
-    __slots__ = ("heap", "turn")
-
-    def __init__(self, turn: float) -> None:
-        self.heap: list[tuple[int, int, Ticket]] = []  # (-priority, seq, ticket)
-        self.turn = turn
-
-
-class _ModelQueue:
-    """One model's waiting requests: by priority, then FIFO; or, fair, in turns over clients.
-
-    Fair turns are stride scheduling: each client's next turn falls `1 / weight` after its
-    last, on a virtual clock that is the turn last taken. A client of weight 2 so gets two
-    turns for each of a weight-1 client, however many requests either sends; a client that
-    starts waiting (new, or back after a pause) is placed one stride after the turn last
-    taken, as if it had just had one: no credit saved up, and no turn ahead of those already
-    due. (Placed at the turn last taken, a new client id with every request kept that turn
-    from advancing: a client served once waited for as long as new ids came, and every id
-    stayed remembered.) Within one client, X-Priority then arrival decide.
-    """
-
-    def __init__(self, discipline: Discipline) -> None:
-        self.fair = discipline == "fair"
-        self._heap: list[tuple[int, int, Ticket]] = []  # fifo: (-priority, seq, ticket)
-        self._clients: dict[str, _Client] = {}  # fair: clients waiting, or owing turns
-        self._turns: list[tuple[float, int, str]] = []  # fair: (turn, seq, client) if waiting
-        self._now = 0.0  # fair: the turn last taken
-        self._len = 0
-        self.preferred = ""  # fair: the client whose turn it is by an order kept elsewhere
-
-    def __len__(self) -> int:
-        return self._len
-
-    def peek(self) -> Ticket:
-        """The ticket `pop` would return."""
-        if not self.fair:
-            return self._heap[0][2]
-        return self._clients[self._next_client()].heap[0][2]
-
-    def tickets(self) -> Iterator[Ticket]:
-        """Every request waiting, in no order."""
-        if not self.fair:
-            return (ticket for _, _, ticket in self._heap)
-        return (ticket for c in self._clients.values() for _, _, ticket in c.heap)
-
-    def firsts(self, count: int) -> list[Ticket]:
-        """FIFO: the first `count` in the order `pop` would return them."""
-        return [ticket for _, _, ticket in heapq.nsmallest(count, self._heap)]
-
-    def next_clients(self, count: int) -> list[Ticket]:
-        """Fair: the next request of each of the first `count` clients in turn."""
-        firsts = heapq.nsmallest(count, self._turns)
-        return [self._clients[name].heap[0][2] for _, _, name in firsts]
-
-    def _next_client(self) -> str:
-        preferred = self._clients.get(self.preferred)
-        if preferred is not None and preferred.heap:
-            return self.preferred
-        return self._turns[0][2]
-
-    def push(self, ticket: Ticket) -> None:
-        entry = (-ticket.priority, ticket.seq, ticket)
-        self._len += 1
-        if not self.fair:
-            heapq.heappush(self._heap, entry)
-            return
-        client = self._clients.get(ticket.client)
-        if client is None:
-            client = self._clients[ticket.client] = _Client(self._now)
-        if not client.heap:  # it waits again: its turn, or one stride on if that has passed
-            client.turn = max(client.turn, self._now + 1.0 / ticket.weight)
-            heapq.heappush(self._turns, (client.turn, ticket.seq, ticket.client))
-        heapq.heappush(client.heap, entry)
-
-    def pop(self) -> Ticket:
-        self._len -= 1
-        if not self.fair:
-            return heapq.heappop(self._heap)[2]
-        name = self._next_client()
-        if name == self._turns[0][2]:
-            turn = heapq.heappop(self._turns)[0]
-        else:  # its turn by the shared order: taken out of the local one
-            turn = max(self._clients[name].turn, self._now)
-            self._turns = [t for t in self._turns if t[2] != name]
-            heapq.heapify(self._turns)
-        self.preferred = ""
-        client = self._clients[name]
-        ticket = heapq.heappop(client.heap)[2]
-        self._now = turn
-        client.turn = turn + 1.0 / ticket.weight
-        if client.heap:
-            heapq.heappush(self._turns, (client.turn, client.heap[0][1], name))
-        else:
-            self._forget_idle()
-        return ticket
-
-    def remove(self, ticket: Ticket) -> None:
-        self._len -= 1
-        entry = (-ticket.priority, ticket.seq, ticket)
-        if not self.fair:
-            self._heap.remove(entry)
-            heapq.heapify(self._heap)
-            return
-        client = self._clients[ticket.client]
-        heap = client.heap
-        heap.remove(entry)
-        heapq.heapify(heap)
-        if not heap:  # no turn while it has nothing waiting
-            # Nor one owed for what it gave up: it is placed anew when it waits again.
-            client.turn = min(client.turn, self._now)
-            self._turns = [t for t in self._turns if t[2] != ticket.client]
-            heapq.heapify(self._turns)
-            self._forget_idle()
-
-    @property
-    def clients(self) -> int:
-        """Clients remembered: those waiting, and those whose next turn is still to come."""
-        return len(self._clients)
-
-    def _forget_idle(self) -> None:
-        """Clients with nothing waiting whose next turn has come: they would start at the
-        current turn anyway. Swept when they outnumber the waiting ones (two to one, past 64),
-        so that clients that come and go cannot grow the queue, at a cost spread thin."""
-        if len(self._clients) <= 2 * len(self._turns) + 64:
-            return
-        now = self._now
-        self._clients = {n: c for n, c in self._clients.items() if c.heap or c.turn > now}
-
-
 def _current(entry: tuple[float, int, Ticket]) -> bool:
     """Whether a timeout entry still stands for its ticket's wait."""
     key, _, ticket = entry
@@ -362,7 +75,7 @@ class Scheduler:
         self.settings = settings
         self._clock = clock
         self.backends: dict[str, Backend] = {}
-        self._queues: dict[str, _ModelQueue] = {}
+        self._queues: dict[str, ModelQueue] = {}
         # Waiting tickets by `queue_key`, for timeouts; an entry whose key is no longer its
         # ticket's (it was bound, or requeued with a later key) is stale and skipped.
         self._waiting: list[tuple[float, int, Ticket]] = []
@@ -569,7 +282,7 @@ class Scheduler:
         if deadline is not None and (expected := self.expected_wait(model)) > deadline:
             self._end(ticket, Outcome.REJECTED)
             raise DeadlineError(expected, deadline, self.retry_after(model))
-        queue = self._queues.setdefault(model, _ModelQueue(self.settings.discipline))
+        queue = self._queues.setdefault(model, ModelQueue(self.settings.discipline))
         queue.push(ticket)
         heapq.heappush(self._waiting, (ticket.queue_key, ticket.seq, ticket))
         self._dispatch(model)
@@ -634,7 +347,7 @@ class Scheduler:
             self._end(ticket, Outcome.FAILED)
             self._dispatch_freed(model, room_freed)
             return False
-        self._queues.setdefault(model, _ModelQueue(self.settings.discipline)).push(ticket)
+        self._queues.setdefault(model, ModelQueue(self.settings.discipline)).push(ticket)
         # Its time on the failed backend is no queue time: a later key (its first entry, if still
         # in the heap, is now stale), and a fresh tie-breaker.
         heapq.heappush(self._waiting, (ticket.queue_key, next(self._seq), ticket))
@@ -835,7 +548,7 @@ class Scheduler:
                 self._bind(queue.pop(), backend)
         del self._queues[model]
 
-    def _placed_behind(self, queue: _ModelQueue, head: Ticket) -> tuple[Ticket, Backend] | None:
+    def _placed_behind(self, queue: ModelQueue, head: Ticket) -> tuple[Ticket, Backend] | None:
         """Prefix affinity: the head waits for a slot that will hold its prefix; the first of
         the next requests (of its priority) that a free slot suits goes meanwhile, taken out of
         the queue, so that a request of its own prompt does not wait behind it."""
@@ -852,7 +565,7 @@ class Scheduler:
                 return ticket, backend
         return None
 
-    def _take_cached(self, queue: _ModelQueue, head: Ticket, backend: Backend) -> Ticket:
+    def _take_cached(self, queue: ModelQueue, head: Ticket, backend: Backend) -> Ticket:
         """Prefix affinity: of the next requests in order (FIFO, or each client's next in
         fair turns), of the head's priority, the one that may find most of its prompt cached
         on `backend`; those passed over count it, and one passed over `LOOKAHEAD` times goes

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 
 from parallama.alarm import Alarm
-from parallama.core.scheduler import Scheduler, Ticket
+from parallama.core.scheduler import Scheduler
+from parallama.core.tickets import Ticket
 
 
 class Waiting:

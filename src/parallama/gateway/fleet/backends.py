@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 from parallama.config import BackendSettings, GatewaySettings
 from parallama.core.adaptive import SlotTuner
+from parallama.core.backends import Backend
 from parallama.core.breaker import Breaker
-from parallama.core.scheduler import Backend, Scheduler
+from parallama.core.scheduler import Scheduler
 from parallama.gateway.fleet.occupancy import OccupancyProbe
 from parallama.gateway.fleet.probes import Prober
 from parallama.gateway.fleet.warming import Warmer

@@ -26,8 +26,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from parallama.core.backends import Backend
 from parallama.core.exchange import Exchange
-from parallama.core.scheduler import Backend, Scheduler
+from parallama.core.scheduler import Scheduler
 from parallama.gateway.http.guard import Connections, Phase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

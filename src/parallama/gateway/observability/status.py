@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from parallama.core.scheduler import Backend
+from parallama.core.backends import Backend
 
 
 def backend_state(b: Backend) -> dict[str, Any]:

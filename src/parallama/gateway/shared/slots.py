@@ -42,7 +42,8 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from parallama.core.scheduler import Backend, Scheduler
+from parallama.core.backends import Backend
+from parallama.core.scheduler import Scheduler
 from parallama.errors import ConfigError
 from parallama.gateway.shared.scripts import ACQUIRE, GIVE_BACK, RENEW
 from parallama.resp import UNAVAILABLE, Arg, Command, Redis, Script, owner_name
