@@ -37,7 +37,7 @@ import aiohttp
 import orjson
 from processes import started, started_process
 
-from parallama.core.scheduler import Outcome
+from parallama.core.tickets import Outcome
 
 MODEL = "qwen2.5:7b"
 MB = 1024 * 1024
