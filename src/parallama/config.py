@@ -232,6 +232,13 @@ class GatewaySettings(BaseModel):
         gt=0,
         description="seconds a client may leave its answer unread before the connection closes",
     )
+    drain_timeout: float = Field(
+        25.0,
+        ge=0,
+        description="seconds a stopping gateway (SIGTERM, Ctrl-C) lets the requests in flight "
+        "finish, no longer listening, before it cuts them; a second signal cuts them at once "
+        "(below Kubernetes' default 30 s grace)",
+    )
     listen_backlog: int = Field(
         0,
         ge=0,

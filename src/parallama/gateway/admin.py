@@ -66,6 +66,21 @@ class Admin:
         reply.extra_headers = [*reply.extra_headers, (b"x-parallama-version", _VERSION)]
         send_json(reply, {"version": version})
 
+    async def live(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """Liveness: 200 while the process answers at all (a Kubernetes liveness probe restarts
+        it otherwise). Says nothing of the backends: a fleet that is down is no reason to
+        restart the gateway."""
+        send_json(reply, {"status": "live"})
+
+    async def ready(self, request: Request, reply: Reply, exchange: Exchange) -> None:
+        """Readiness: 200 when the gateway can take traffic, else 503 with the reasons (no
+        addresses in them: anyone may ask)."""
+        reasons = self._gateway.readiness()
+        if reasons:
+            send_json(reply, {"ready": False, "reasons": reasons}, 503)
+        else:
+            send_json(reply, {"ready": True})
+
     async def prometheus(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """Every metric in Prometheus' text format."""
         reply.send(200, self._gateway.metrics.render(), CONTENT_TYPE.encode())

@@ -10,6 +10,7 @@ the gateway's own routes in `admin.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -100,6 +101,8 @@ class Gateway:
             "/v1/messages/count_tokens": {"POST": self._proxy.count_tokens},
             "/metrics": {"GET": admin.prometheus},
             "/parallama/status": {"GET": admin.status},
+            "/parallama/live": {"GET": admin.live},
+            "/parallama/ready": {"GET": admin.ready},
             "/parallama": {"GET": dashboard.page},
             "/parallama/": {"GET": dashboard.page},
             "/parallama/feed": {"GET": dashboard.feed},
@@ -117,6 +120,7 @@ class Gateway:
         self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}
         self._keyed |= {_MODEL_PATH, "/v1/messages/count_tokens"}
         self._server: Listener | None = None
+        self.draining = False  # stopping: `drain` has begun
         self.port = settings.port
         # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
         self._check_host = loopback_only(settings.host)
@@ -166,6 +170,34 @@ class Gateway:
             backlog=self.settings.listen_backlog,
         )
         self.port = server.sockets[0].getsockname()[1]  # the bound port, when 0 was asked for
+
+    def readiness(self) -> list[str]:
+        """Why the gateway should take no traffic now; none: it can. A load balancer or a
+        Kubernetes readiness probe sends elsewhere while there is a reason: stopping, no
+        backend that can take work (all down, drained or offline), or, with shared state,
+        Redis not answering (each gateway then has only its share of every backend's slots)."""
+        reasons = []
+        if self.draining:
+            reasons.append("stopping: the requests in flight are finishing")
+        backends = self.scheduler.backends.values()
+        if not any(b.healthy and not b.draining and (b.online or b.standby) for b in backends):
+            reasons.append("no backend can take work: each is down, draining or offline")
+        if self.shared is not None and not self.shared.up:
+            reasons.append("the shared state (Redis) does not answer")
+        return reasons
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Take no more work and let what is in flight finish, for at most `timeout` seconds
+        (what is left then is cut by `stop`): the listening sockets close, so a balancer's
+        next connection goes to another replica; idle keep-alive connections close; each
+        answer still going out says `Connection: close` and its connection closes once it is
+        written; requests waiting for a slot keep their place."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.connections.drain()
 
     async def stop(self) -> None:
         """Stop listening, end the open connections (their requests are cancelled), and close

@@ -13,7 +13,7 @@ from parallama.config import GatewaySettings
 from parallama.errors import ConfigError
 from parallama.gateway.app import Gateway
 from parallama.gateway.workers import worker_index
-from parallama.runtime import stop_requested
+from parallama.runtime import stop_signals
 
 log = logging.getLogger("parallama.gateway")
 
@@ -59,4 +59,22 @@ async def serve(settings: GatewaySettings, reload: Callable[[], GatewaySettings]
         _reload_on_sighup(gateway)
         if (worker_index() or 0) == 0:  # one banner, not one per worker
             print(f"{describe(gateway)}\nCtrl-C to stop, SIGHUP to reload the settings", flush=True)
-        await stop_requested()
+        with stop_signals() as stop:  # one handler throughout: a second signal is seen too
+            await stop.wait()
+            stop.clear()
+            await _drain(gateway, stop)
+
+
+async def _drain(gateway: Gateway, stop: asyncio.Event) -> None:
+    """Let the requests in flight finish (within `drain_timeout`), unless `stop` is set again
+    (a second signal: stop now)."""
+    timeout = gateway.settings.drain_timeout
+    log.info("stopping: requests in flight finish first", extra={"fields": {"within": timeout}})
+    drained = asyncio.ensure_future(gateway.drain(timeout))
+    again = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({drained, again}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (drained, again):
+            task.cancel()
+        await asyncio.gather(drained, again, return_exceptions=True)

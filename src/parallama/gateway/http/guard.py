@@ -15,7 +15,7 @@ import logging
 import resource
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 Phase = Literal["head", "send"]
 log = logging.getLogger("parallama.gateway")
@@ -60,17 +60,39 @@ def usable_connections(wanted: int) -> int:
     return wanted
 
 
+class Closable(Protocol):
+    """A client connection, which can be asked to close once its answer is written."""
+
+    def close_when_answered(self) -> None: ...
+
+
 class Connections:
     """The open client connections, their limits, and what the limits did (for `/metrics`)."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
-        self.open: dict[asyncio.BaseTransport, asyncio.Protocol] = {}
+        self.open: dict[asyncio.BaseTransport, Closable] = {}
         self.accepted = 0  # made, not yet lost: counted when made, as a burst is accepted at once
         self.refusing = 0  # refusals not yet closed (they hold descriptors too)
         self.refused = 0
         self.timeouts: Counter[Phase] = Counter()
+        # Stopping: each connection closes once its answer is written, and this is told when
+        # none is left.
+        self.draining = False
+        self._none_open: asyncio.Future[None] | None = None
 
     def closed(self) -> None:
         """An accepted connection is gone."""
         self.accepted -= 1
+        if self._none_open is not None and not self.open and not self._none_open.done():
+            self._none_open.set_result(None)
+
+    async def drain(self) -> None:
+        """Close every connection once its answer is written (idle ones now); return when none
+        is open. New answers say `Connection: close`."""
+        self.draining = True
+        self._none_open = asyncio.get_running_loop().create_future()
+        for connection in list(self.open.values()):
+            connection.close_when_answered()
+        if self.open:
+            await self._none_open

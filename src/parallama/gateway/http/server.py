@@ -340,8 +340,8 @@ class Reply:
             raise ClientGone("the client closed the connection")
         self.started = True
         self.status = status
-        if not self._request.body_complete:
-            self.keep_alive = False  # answered before its body came: the connection closes
+        if not self._request.body_complete or self._connection.connections.draining:
+            self.keep_alive = False  # answered before its body came, or stopping: it closes
         parts = [status_line(status), date_header()]
         if content_type is not None:
             parts.append(b"Content-Type: %s\r\n" % content_type)
@@ -442,6 +442,12 @@ class ServerConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # the client closed its side: as Go's net/http, take it as gone
+
+    def close_when_answered(self) -> None:
+        """The gateway is stopping: close now if no request is being answered or has begun
+        to arrive, else once the answer is written (it says `Connection: close`)."""
+        if self._current is None and not self._pending and not self._in_head:
+            self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
@@ -592,7 +598,7 @@ class ServerConnection(asyncio.Protocol):
         if not request.body_complete:  # answered early, the body still coming: no next request
             self._linger()
             return
-        if not keep_alive:
+        if not keep_alive or self.connections.draining:
             self._close()
             return
         if self._reading_paused:
