@@ -50,15 +50,12 @@ async def stop_requested() -> None:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop where it is installed (it is on Linux and macOS), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A loop of the kind `run` runs on: uvloop's where it is installed (tests that run a
+    """The loop `run` runs on: uvloop's where it is installed, else asyncio's (tests that run a
     gateway in a thread must meet the loop the gateway meets in production)."""
     try:
         import uvloop

@@ -49,7 +49,7 @@ class Admin:
         self._gateway = gateway
 
     async def root(self, request: Request, reply: Reply, exchange: Exchange) -> None:
-        """ "Ollama is running", as Ollama answers it: clients probe it before anything else."""
+        """Ollama's own answer, "Ollama is running": clients probe it before anything else."""
         reply.send(200, _ROOT, _TEXT)
 
     async def version(self, request: Request, reply: Reply, exchange: Exchange) -> None:

@@ -120,7 +120,6 @@ class Gateway:
         self._keyed = {"/api/tags", "/api/ps", "/v1/models", *STREAM_DEFAULTS}
         self._keyed |= {_MODEL_PATH, "/v1/messages/count_tokens"}
         self._server: Listener | None = None
-        self.draining = False  # stopping: `drain` has begun
         self.port = settings.port
         # The DNS-rebinding guard applies when only this machine can connect (as Ollama's).
         self._check_host = loopback_only(settings.host)
@@ -177,7 +176,7 @@ class Gateway:
         backend that can take work (all down, drained or offline), or, with shared state,
         Redis not answering (each gateway then has only its share of every backend's slots)."""
         reasons = []
-        if self.draining:
+        if self.connections.draining:
             reasons.append("stopping: the requests in flight are finishing")
         backends = self.scheduler.backends.values()
         if not any(b.healthy and not b.draining and (b.online or b.standby) for b in backends):
@@ -192,12 +191,11 @@ class Gateway:
         next connection goes to another replica; idle keep-alive connections close; each
         answer still going out says `Connection: close` and its connection closes once it is
         written; requests waiting for a slot keep their place."""
-        self.draining = True
         if self._server is not None:
             self._server.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self.connections.drain()
+                await self.connections.drain()  # says `draining` at once
 
     async def stop(self) -> None:
         """Stop listening, end the open connections (their requests are cancelled), and close

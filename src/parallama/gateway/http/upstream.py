@@ -47,7 +47,7 @@ from parallama.gateway.http.http1 import (
 # Reading from the backend pauses above this many unread body bytes and resumes below the low mark.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
-# Idle connections kept per backend, and how long one may sit unused before it is closed: less
+# How long an idle connection to a backend may sit unused before it is closed: less
 # than the keep-alive of llama-server and uvicorn (5 s: vLLM) and Node, so that the backend
 # seldom closes a connection just as it is reused; less still if its `Keep-Alive` says so.
 _IDLE_SECONDS = 4.0
