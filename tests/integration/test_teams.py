@@ -377,6 +377,25 @@ def test_two_gateways_on_one_sqlite_file_share_keys_and_ledger(
     assert ledger_count(database) == 40 + served_since
 
 
+def test_a_key_made_on_one_gateway_works_at_once_on_another(sim: SimServer, tmp_path: Any) -> None:
+    """Replicas behind one front: a key made through it (on either replica) is used by the next
+    request, which may reach the other replica before that one's next poll of the keys."""
+    database = str(tmp_path / "shared.db")
+    with (
+        keyed_gateway(sim, database, admin_token="s3cret") as first,
+        keyed_gateway(sim, database, admin_token="s3cret") as second,
+    ):
+        admin = {"Authorization": "Bearer s3cret"}
+        for n in range(5):
+            made = httpx.post(f"{first}/parallama/keys", json={"name": f"k{n}"}, headers=admin)
+            assert made.status_code == 201
+            assert generate(second, made.json()["key"]).status_code == 200
+        # Keys of the right shape that no gateway knows are still refused.
+        key = made.json()["key"]
+        for stranger in (key[:-4] + "abcd", "pk-zzzzzzzz-" + key.split("-", 2)[2]):
+            assert generate(second, stranger).json()["error"] == "invalid API key"
+
+
 def test_gateways_sharing_redis_count_a_keys_limits_together(
     sim: SimServer, tmp_path: Any, redis: RedisServer
 ) -> None:
@@ -660,6 +679,26 @@ def test_a_model_name_postgresql_cannot_store_does_not_stop_the_ledger(
         assert generate(url, key).status_code == 200
         eventually(lambda: ledger_count(database), lambda n: n == 2)
         assert "parallama_ledger_up 1.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_keys_work_on_a_postgresql_database_made_with_sql_ascii(
+    sim: SimServer, postgres: Postgres
+) -> None:
+    """A cluster made by initdb where no UTF-8 locale is set (a minimal container) has
+    SQL_ASCII databases, whose text psycopg hands over as bytes unless told the encoding."""
+    import psycopg
+
+    name = f"ascii_{os.getpid()}"
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'"
+            " TEMPLATE template0"
+        )
+    database = postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    key = new_key(database, "ascii", "--models", "qwen2.5:*")
+    with keyed_gateway(sim, database) as url:
+        assert generate(url, key).status_code == 200
+        eventually(lambda: ledger_count(database), lambda n: n == 1)
 
 
 def test_gateways_starting_together_on_a_new_postgresql_database_all_start(

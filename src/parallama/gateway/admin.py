@@ -162,7 +162,7 @@ class Admin:
             raise ApiError(404, 'no keys or ledger here: set auth = "keys" (or ledger = "on")')
         return access
 
-    def authorize_management(self, request: Request, exchange: Exchange) -> None:
+    async def authorize_management(self, request: Request, exchange: Exchange) -> None:
         """Model management (pull, push, create, copy, delete, blobs): the admin rule, or
         where keys are required an API key given the `manage` right (a team's Open WebUI
         pulling a model with its own key)."""
@@ -174,7 +174,7 @@ class Admin:
             given = api_key_of(request.headers)
             if access is None or not access.keys_required or not given:
                 raise
-        key = access.authenticate(given, request.target)
+        key = await access.authenticate(given, request.target)
         if not key.manage:
             raise ApiError(403, f"API key {key.name!r} may not manage models: give it --manage yes")
         exchange.key = key.name

@@ -262,7 +262,7 @@ class Gateway:
                 access = self.access
                 if access is not None and access.keys_required and self.needs_key(path):
                     given = api_key_of(request.headers)
-                    exchange.key = name = access.authenticate(given, request.target).name
+                    exchange.key = name = (await access.authenticate(given, request.target)).name
                     reply.extra_headers = access.headers(name)  # on whatever it is answered
                 await route(request, reply, exchange)
             except ApiError as exc:

@@ -3,9 +3,10 @@ it within its limits; and, at the end, what it used (the limits and the ledger a
 
 Nothing here waits on the database. Keys are held in memory, reloaded by a task of its own when
 the database's key revision moves (it is polled twice a second, so a revoked key stops working
-within a second); the budgets' usage is read again every few seconds (other gateways may share
-the database). While the database cannot be reached, the keys known last keep working, and the
-ledger keeps its rows in memory.
+within a second, and a request with a key this gateway does not know yet waits for the next
+poll: a key made on another gateway works at once); the budgets' usage is read again every few
+seconds (other gateways may share the database). While the database cannot be reached, the keys
+known last keep working, and the ledger keeps its rows in memory.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger("parallama.teams")
 T = TypeVar("T")
 
 _KEY_POLL_SECONDS = 0.5
+_NEW_KEY_WAIT = 3 * _KEY_POLL_SECONDS  # for the next poll, of a key not known (yet)
 _BUDGET_POLL_SECONDS = 5.0
 _POLL_TIMEOUT = 2.0  # a database slower than this to answer a poll counts as down
 _STOP_SECONDS = 3.0  # for writing out the ledger at stop
@@ -79,6 +81,7 @@ class Access:
         self._by_id: dict[str, ApiKey] = {}
         self._by_name: dict[str, ApiKey] = {}
         self._revision = -1
+        self._polled = asyncio.Event()  # set (and replaced) at the end of each poll
         self._budgets_read = 0.0
         self._task: asyncio.Task[None] | None = None
         self.database_up = True
@@ -118,8 +121,12 @@ class Access:
 
     # -- every request --------------------------------------------------------------------------
 
-    def authenticate(self, given: str | None, target: bytes) -> ApiKey:
-        """The request's key (`inspect.api_key_of`: a Bearer token or `x-api-key`), or a 401."""
+    async def authenticate(self, given: str | None, target: bytes) -> ApiKey:
+        """The request's key (`inspect.api_key_of`: a Bearer token or `x-api-key`), or a 401.
+
+        A key of our shape whose id is not known waits for the next poll of the keys (a
+        bounded wait, costing the database nothing more): it may have been made a moment ago
+        on another gateway sharing the database."""
         if b"?" in target and _key_in_url(target):
             raise _unauthorized("API keys go in the Authorization header, never in the URL")
         if not given:
@@ -127,6 +134,10 @@ class Access:
                 "an API key is required: send Authorization: Bearer <key> (or x-api-key: <key>)"
             )
         key_id = key_id_of(given)
+        if key_id is not None and key_id not in self._by_id and self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_NEW_KEY_WAIT):
+                    await self._polled.wait()
         key = None if key_id is None else self._by_id.get(key_id)
         if key is None or not matches(given, key):
             raise _unauthorized("invalid API key")
@@ -238,6 +249,9 @@ class Access:
                 if not self.database_up:
                     log.info("database reachable again")
                 self.database_up = True
+            finally:
+                self._polled.set()  # for the requests waiting for it, whatever it found
+                self._polled = asyncio.Event()
 
     async def _refresh(self, *, force_budgets: bool = False) -> None:
         revision = await self._in_thread(self.store.revision)

@@ -175,6 +175,9 @@ class _Postgres:
             keepalives_count=2,
             tcp_user_timeout=10_000,
             options="-c statement_timeout=10000",
+            # Text as str on a SQL_ASCII database too (initdb where no UTF-8 locale was set,
+            # as in minimal containers), whose text psycopg would otherwise hand over as bytes.
+            client_encoding="utf8",
         )
         return conn
 

@@ -42,7 +42,7 @@ class FleetBlobs:
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """A model file: asked of (`HEAD`) or streamed to (`POST`) every Ollama backend, under
         the admin rule or with a key given the `manage` right."""
-        self._gateway.admin.authorize_management(request, exchange)
+        await self._gateway.admin.authorize_management(request, exchange)
         digest = request.path.removeprefix(PREFIX)
         if not ollama.BLOB_DIGEST.fullmatch(digest):
             raise ApiError(400, ollama.INVALID_DIGEST)

@@ -49,7 +49,7 @@ class FleetModels:
     async def __call__(self, request: Request, reply: Reply, exchange: Exchange) -> None:
         """Model management on every Ollama backend (or the ones named), progress merged: under
         the admin rule, or with a key given the `manage` right."""
-        self._gateway.admin.authorize_management(request, exchange)
+        await self._gateway.admin.authorize_management(request, exchange)
         body = await request.read()
         data = parse_json_object(body)
         path = request.path
